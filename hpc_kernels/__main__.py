@@ -1,0 +1,5 @@
+"""``python -m hpc_kernels`` runs the command-line interface."""
+
+from hpc_kernels.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,254 @@
+"""Incremental, atomic, locked image builds.
+
+An image is rebuilt only when its *inputs* change: the recipe, the files its ``%files`` section
+copies, a ``localimage`` base, and the build options. Their digest is recorded beside the image
+(``<image>.hpck.json``); a no-op build reads files and runs no external process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import hashlib
+import json
+import os
+import shlex
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from hpc_kernels import paths
+from hpc_kernels.errors import BuildBusyError, BuildError, HpcKernelsError
+from hpc_kernels.fsutil import atomic_write, locked
+from hpc_kernels.registry import KernelEntry
+from hpc_kernels.runtimes.base import Builder
+
+DIGEST_FORMAT = "hpck-build-1"
+STAMP_SUFFIX = ".hpck.json"
+
+EventSink = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class ImageState:
+    """Where an image stands against its inputs."""
+
+    status: str  # built | stale | missing | external | external-missing
+    digest: str  # digest of the current inputs ("" for external images)
+    recorded: str | None  # digest recorded with the image, if any
+    built_at: float | None = None
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    """What :func:`build` did for one kernel."""
+
+    kernel: str
+    action: str  # built | up-to-date
+    image: Path
+    log_path: Path | None
+    seconds: float
+
+
+def stamp_path(image: Path) -> Path:
+    """The record of what an image was built from."""
+    return image.with_name(image.name + STAMP_SUFFIX)
+
+
+def build_options(entry: KernelEntry) -> list[str]:
+    """The runtime build flags implied by the registry (part of the input digest)."""
+    opts: list[str] = []
+    if entry.fakeroot:
+        opts.append("--fakeroot")
+    if entry.compression != "gzip":
+        opts += ["--mksquashfs-args", f"-comp {entry.compression}"]
+    return opts
+
+
+def recipe_inputs(recipe: Path) -> tuple[list[Path], Path | None]:
+    """Host files a recipe copies in (``%files``, not ``%files from <stage>``) and a localimage base."""
+    sources: list[Path] = []
+    base: Path | None = None
+    section = ""
+    bootstrap = ""
+    for raw in recipe.read_text(encoding="utf-8", errors="replace").splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("%"):
+            section = line.split()[0].lower() if line.split()[1:2] != ["from"] else "%files-from"
+            continue
+        if not section:
+            key, _, value = line.partition(":")
+            if key.strip().lower() == "bootstrap":
+                bootstrap = value.strip().lower()
+            elif key.strip().lower() == "from" and bootstrap == "localimage":
+                base = _resolve(recipe.parent, value.strip())
+            continue
+        if section == "%files":
+            try:
+                src = shlex.split(line)[0]
+            except (ValueError, IndexError):
+                continue
+            matches = sorted(glob.glob(str(_resolve(recipe.parent, src))))
+            sources += [Path(m) for m in matches] or [_resolve(recipe.parent, src)]
+    return sources, base
+
+
+def _resolve(base: Path, value: str) -> Path:
+    p = Path(os.path.expandvars(value)).expanduser()
+    return p if p.is_absolute() else base / p
+
+
+def input_digest(entry: KernelEntry) -> str:
+    """sha256 over the recipe, its %files sources, a localimage base (size+mtime) and the options."""
+    if entry.recipe is None:
+        return ""
+    h = hashlib.sha256()
+    h.update(DIGEST_FORMAT.encode())
+    h.update(entry.runtime.encode())
+    h.update(json.dumps(build_options(entry)).encode())
+    h.update(entry.recipe.read_bytes())
+    sources, base = recipe_inputs(entry.recipe)
+    for src in sources:
+        _hash_tree(h, src, entry.recipe.parent)
+    if base is not None:
+        try:
+            st = base.stat()
+            h.update(f"base:{base}:{st.st_size}:{st.st_mtime_ns}".encode())
+        except OSError:
+            h.update(f"base:{base}:missing".encode())
+    return h.hexdigest()
+
+
+def _hash_tree(h: hashlib._Hash, path: Path, root: Path) -> None:
+    rel = os.path.relpath(path, root)
+    if path.is_dir():
+        for child in sorted(path.iterdir()):
+            _hash_tree(h, child, root)
+    elif path.is_file():
+        h.update(f"file:{rel}:".encode())
+        with path.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    else:
+        h.update(f"missing:{rel}".encode())
+
+
+def read_stamp(image: Path) -> dict[str, object] | None:
+    """The build record beside ``image``, or None."""
+    try:
+        data = json.loads(stamp_path(image).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def image_state(entry: KernelEntry) -> ImageState:
+    """Compare the image on disk with the digest of its current inputs (no external process)."""
+    if entry.recipe is None:
+        return ImageState("external" if entry.image.exists() else "external-missing", "", None)
+    digest = input_digest(entry)
+    if not entry.image.exists():
+        return ImageState("missing", digest, None)
+    stamp = read_stamp(entry.image)
+    recorded = str(stamp.get("digest")) if stamp else None
+    built_at = stamp.get("built_at") if stamp else None
+    status = "built" if recorded == digest else "stale"
+    return ImageState(status, digest, recorded, float(built_at) if isinstance(built_at, (int, float)) else None)
+
+
+@contextlib.contextmanager
+def build_environment() -> Iterator[None]:
+    """DRAC's advice for builds, for this process only: no APPTAINER_BIND, cache/tmp on node-local disk."""
+    saved = dict(os.environ)
+    for var in ("APPTAINER_BIND", "SINGULARITY_BIND", "APPTAINER_BINDPATH", "SINGULARITY_BINDPATH"):
+        os.environ.pop(var, None)
+    tmp = os.environ.get("SLURM_TMPDIR")
+    if tmp:
+        for var, sub in (("APPTAINER_CACHEDIR", "apptainer-cache"), ("APPTAINER_TMPDIR", "apptainer-tmp")):
+            if var not in saved:
+                os.environ[var] = str(Path(tmp) / sub)
+                Path(os.environ[var]).mkdir(parents=True, exist_ok=True)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def default_builder(entry: KernelEntry) -> Builder:
+    """The adapter that builds images for ``entry.runtime``."""
+    if entry.runtime == "apptainer":
+        from hpc_kernels.runtimes.apptainer import Apptainer
+
+        return Apptainer()
+    raise HpcKernelsError(f"kernel '{entry.name}': building images for runtime '{entry.runtime}' is not supported yet.")
+
+
+def build(
+    entry: KernelEntry,
+    *,
+    force: bool = False,
+    wait: bool = True,
+    builder: Builder | None = None,
+    on_line: EventSink = lambda _line: None,
+    on_event: EventSink = lambda _msg: None,
+) -> BuildResult:
+    """Build ``entry``'s image if its inputs changed (or ``force``); atomically; one builder at a time."""
+    if entry.recipe is None:
+        raise BuildError(entry.name, "it has no 'def' recipe in the registry (its image is used as is)")
+    start = time.monotonic()
+    if not force and image_state(entry).status == "built":
+        return BuildResult(entry.name, "up-to-date", entry.image, None, time.monotonic() - start)
+    image = entry.image
+    lock = image.parent / f".{image.name}.lock"
+    with locked(lock, blocking=False) as held:
+        if not held:
+            if not wait:
+                raise BuildBusyError(f"another process is building '{entry.name}' ({image}); try again when it is done.")
+            on_event(f"waiting for another build of '{entry.name}' to finish")
+    with locked(lock, blocking=True):
+        # The build we waited for may have produced exactly what we want.
+        if not force and image_state(entry).status == "built":
+            return BuildResult(entry.name, "up-to-date", image, None, time.monotonic() - start)
+        digest = input_digest(entry)
+        _remove_stale_temporaries(image)
+        tmp = image.parent / f".{image.name}.tmp-{os.getpid()}"
+        log_path = paths.log_dir() / f"build-{entry.name}-{time.strftime('%Y%m%d-%H%M%S')}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        adapter = builder or default_builder(entry)
+        try:
+            with log_path.open("w", encoding="utf-8") as log, build_environment():
+                log.write(f"# hpc-kernels build of '{entry.name}' from {entry.recipe}\n")
+
+                def line_out(line: str) -> None:
+                    log.write(line + "\n")
+                    log.flush()
+                    on_line(line)
+
+                try:
+                    adapter.build(entry.recipe, tmp, build_options(entry), line_out)
+                except BuildError as exc:
+                    raise BuildError(entry.name, str(exc).split(": ", 1)[-1].split("\n", 1)[0], exc.log_tail, str(log_path)) from None
+            os.replace(tmp, image)
+            record = {"digest": digest, "built_at": time.time(), "recipe": str(entry.recipe),
+                      "options": build_options(entry), "log": str(log_path), "generator": "hpc-kernels"}
+            atomic_write(stamp_path(image), json.dumps(record, indent=1) + "\n")
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+    return BuildResult(entry.name, "built", image, log_path, time.monotonic() - start)
+
+
+def _remove_stale_temporaries(image: Path) -> None:
+    # Called under the image lock: any temporary left is from a killed build.
+    for stale in image.parent.glob(f".{image.name}.tmp-*"):
+        with contextlib.suppress(OSError):
+            if stale.is_dir():
+                import shutil
+
+                shutil.rmtree(stale)
+            else:
+                stale.unlink()

@@ -1,0 +1,72 @@
+"""``hpc-kernels build``: build images from their recipes, only when their inputs changed."""
+
+from __future__ import annotations
+
+import argparse
+
+from hpc_kernels import ui
+
+HELP = "build kernel images from their .def recipes (only when the inputs changed)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``build``."""
+    ui.add_selection(parser, "build")
+    parser.add_argument("--force", action="store_true", help="rebuild even if the image is up to date")
+    parser.add_argument("--no-wait", action="store_true",
+                        help="fail instead of waiting when another process is building the same image")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Build each selected kernel; keep going after a failure and report all of them."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from hpc_kernels import build, registry
+    from hpc_kernels.errors import BuildError, HpcKernelsError
+
+    reg = registry.load(args.registry)
+    entries = ui.selected(reg, args)
+    err = ui.console(stderr=True)
+    results: list[dict[str, object]] = []
+    failures: list[str] = []
+    for entry in entries:
+        with Progress(SpinnerColumn(), TextColumn("[bold]{task.fields[kernel]}[/]"),
+                      TextColumn("{task.description}"), TimeElapsedColumn(),
+                      console=err, transient=True, disable=args.json) as progress:
+            task = progress.add_task("checking inputs", kernel=entry.name)
+
+            def on_line(line: str, task: object = task) -> None:
+                progress.update(task, description=line.strip()[-80:])  # type: ignore[arg-type]
+
+            def on_event(msg: str, task: object = task) -> None:
+                progress.update(task, description=msg)  # type: ignore[arg-type]
+
+            try:
+                result = build.build(entry, force=args.force, wait=not args.no_wait,
+                                     on_line=on_line, on_event=on_event)
+            except BuildError as exc:
+                failures.append(str(exc))
+                results.append({"kernel": entry.name, "action": "failed", "error": str(exc),
+                                "log": exc.log_path})
+                continue
+            except HpcKernelsError as exc:
+                failures.append(str(exc))
+                results.append({"kernel": entry.name, "action": "failed", "error": str(exc)})
+                continue
+        results.append({"kernel": result.kernel, "action": result.action, "image": str(result.image),
+                        "log": str(result.log_path) if result.log_path else None,
+                        "seconds": round(result.seconds, 3)})
+        if not args.json:
+            if result.action == "up-to-date":
+                err.print(f"[green]✓[/] {entry.name}: up to date ({result.image})")
+            else:
+                err.print(f"[green]✓[/] {entry.name}: built {result.image} in {result.seconds:.1f} s "
+                          f"(log: {result.log_path})")
+    if args.json:
+        ui.print_json(results)
+    if failures:
+        if len(failures) == 1:
+            raise HpcKernelsError(failures[0])
+        raise HpcKernelsError(f"{len(failures)} of {len(entries)} builds failed:\n" + "\n".join(failures))
+    return 0

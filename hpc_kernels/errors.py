@@ -1,0 +1,74 @@
+"""The one error family of hpc-kernels: the library raises these, the CLI prints them."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+class HpcKernelsError(Exception):
+    """Base class: ``str(err)`` is one clear sentence for the user (with a fix where we know one)."""
+
+
+class UsageError(HpcKernelsError):
+    """The command line itself is wrong (exit code 2)."""
+
+
+class RegistryError(HpcKernelsError):
+    """``kernels.yaml`` is missing or invalid; carries every problem found, each with file:line."""
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        self.problems = tuple(problems)
+        if len(self.problems) == 1:
+            message = self.problems[0]
+        else:
+            message = f"{len(self.problems)} problems in the registry:\n" + "\n".join(
+                f"  {p}" for p in self.problems
+            )
+        super().__init__(message)
+
+
+class UnknownKernelError(HpcKernelsError):
+    """A kernel name that is not in the registry."""
+
+
+class RuntimeNotFoundError(HpcKernelsError):
+    """No container runtime (apptainer/singularity, podman/docker) could be found."""
+
+
+class ToolError(HpcKernelsError):
+    """An external program failed: carries its command, exit code and the tail of its output."""
+
+    def __init__(self, argv: Sequence[str], returncode: int, output_tail: str, message: str = "") -> None:
+        self.argv = tuple(argv)
+        self.returncode = returncode
+        self.output_tail = output_tail
+        head = message or f"{self.argv[0]} failed (exit code {returncode})"
+        detail = f":\n{_indent(output_tail)}" if output_tail.strip() else "."
+        super().__init__(head + detail)
+
+
+class BuildError(HpcKernelsError):
+    """An image build failed; the previous image (if any) is untouched."""
+
+    def __init__(self, kernel: str, reason: str, log_tail: str = "", log_path: str | None = None) -> None:
+        self.kernel = kernel
+        self.log_tail = log_tail
+        self.log_path = log_path
+        text = f"building kernel '{kernel}' failed: {reason}"
+        if log_tail.strip():
+            text += f"\n{_indent(log_tail)}"
+        if log_path:
+            text += f"\nfull build log: {log_path}"
+        super().__init__(text)
+
+
+class BuildBusyError(HpcKernelsError):
+    """Another process is building the same image right now."""
+
+
+class NotOursError(HpcKernelsError):
+    """Refusing to overwrite or remove a file hpc-kernels did not write."""
+
+
+def _indent(text: str, prefix: str = "    ") -> str:
+    return "\n".join(prefix + line for line in text.rstrip().splitlines())

@@ -1,0 +1,152 @@
+"""Jupyter kernelspecs as data, installed and removed through jupyter_client.
+
+Our kernel.json carries ``metadata.hpc_kernels`` (the launch spec): that is both the launcher's
+input and the marker that lets us refuse to touch kernelspecs we did not write.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hpc_kernels import __version__
+from hpc_kernels.errors import HpcKernelsError, NotOursError
+from hpc_kernels.launchspec import MARKER, LaunchSpec
+from hpc_kernels.registry import KernelEntry
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where to install: the user's Jupyter data dir, a ``--prefix``, or ``sys.prefix``."""
+
+    user: bool = True
+    prefix: str | None = None
+
+    @classmethod
+    def from_flags(cls, prefix: str | None, sys_prefix: bool) -> Target:
+        """Map the CLI's ``--prefix``/``--sys-prefix`` onto a target."""
+        if prefix:
+            return cls(user=False, prefix=str(Path(prefix).expanduser().absolute()))
+        if sys_prefix:
+            return cls(user=False, prefix=sys.prefix)
+        return cls(user=True)
+
+    def kernels_dir(self) -> Path:
+        """The ``kernels`` directory jupyter_client installs into for this target."""
+        if self.prefix:
+            return Path(self.prefix) / "share" / "jupyter" / "kernels"
+        from jupyter_core.paths import jupyter_data_dir
+
+        return Path(jupyter_data_dir()) / "kernels"
+
+
+def launch_spec(entry: KernelEntry, registry: Path | None = None) -> LaunchSpec:
+    """The launcher's input for ``entry``."""
+    return LaunchSpec(
+        kernel=entry.name,
+        runtime=entry.runtime,
+        mode=entry.mode,
+        image=str(entry.image),
+        command=entry.command,
+        binds=entry.binds,
+        env=entry.env,
+        pass_env=entry.pass_env,
+        gpu=entry.gpu,
+        runtime_args=entry.runtime_args,
+        idle_timeout=entry.idle_timeout,
+        container_image=entry.container_image,
+        registry=str(registry) if registry else "",
+    )
+
+
+def kernel_json(entry: KernelEntry, spec_file: Path, registry: Path | None = None,
+                python: str = sys.executable) -> dict[str, Any]:
+    """kernel.json for ``entry``, whose own path will be ``spec_file``.
+
+    The launcher gets ``{connection_file}`` as an argument of its own (some clients do not
+    substitute it inside ``src:dst``) and the path of this very file to read its spec from.
+    """
+    meta = launch_spec(entry, registry).to_json()
+    meta["installed_by"] = f"hpc-kernels {__version__}"
+    return {
+        "argv": [python, "-m", "hpc_kernels.launch", str(spec_file), "{connection_file}"],
+        "display_name": entry.display_name,
+        "language": entry.language,
+        "interrupt_mode": entry.interrupt_mode,
+        "metadata": {MARKER: meta, "debugger": False},
+    }
+
+
+def is_ours(kernel_dir: Path) -> bool:
+    """True when ``kernel_dir/kernel.json`` was written by hpc-kernels."""
+    try:
+        data = json.loads((kernel_dir / "kernel.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and isinstance(data.get("metadata", {}).get(MARKER), dict)
+
+
+def install(entry: KernelEntry, target: Target, registry: Path | None = None) -> Path:
+    """Install ``entry``'s kernelspec through ``KernelSpecManager.install_kernel_spec``."""
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    dest = target.kernels_dir() / entry.name
+    if dest.exists() and not is_ours(dest):
+        raise NotOursError(
+            f"a kernelspec named '{entry.name}' already exists at {dest} and was not written by "
+            "hpc-kernels; remove it yourself or rename the kernel in the registry."
+        )
+    data = kernel_json(entry, dest / "kernel.json", registry)
+    with tempfile.TemporaryDirectory(prefix="hpck-spec-") as src:
+        (Path(src) / "kernel.json").write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+        installed = KernelSpecManager().install_kernel_spec(
+            src, kernel_name=entry.name, user=target.user, prefix=target.prefix
+        )
+    return Path(installed)
+
+
+def uninstall(name: str, target: Target) -> Path:
+    """Remove our kernelspec ``name`` from ``target``; refuse one we did not write."""
+    import shutil
+
+    dest = target.kernels_dir() / name
+    if not dest.exists():
+        raise HpcKernelsError(f"no kernelspec named '{name}' in {dest.parent}.")
+    if not is_ours(dest):
+        raise NotOursError(f"the kernelspec at {dest} was not written by hpc-kernels; leaving it alone.")
+    shutil.rmtree(dest)
+    return dest
+
+
+def search_dirs() -> list[Path]:
+    """The ``kernels`` directories Jupyter searches, in its order (JUPYTER_PATH first)."""
+    from jupyter_core.paths import jupyter_path
+
+    return [Path(p) for p in jupyter_path("kernels")]
+
+
+def installed_ours() -> dict[str, Path]:
+    """Our kernelspecs visible to Jupyter: name → directory (the first one Jupyter would use)."""
+    found: dict[str, Path] = {}
+    for kdir in search_dirs():
+        if not kdir.is_dir():
+            continue
+        for child in sorted(kdir.iterdir()):
+            if child.name not in found and is_ours(child):
+                found[child.name] = child
+    return found
+
+
+def visible(name: str) -> Path | None:
+    """The kernelspec directory Jupyter would use for ``name`` (ours or not)."""
+    for kdir in search_dirs():
+        if (kdir / name / "kernel.json").is_file():
+            return kdir / name
+    return None
+
+

@@ -1,0 +1,65 @@
+"""The program a kernelspec's argv runs: ``python -m hpc_kernels.launch KERNEL_JSON CONNECTION_FILE``.
+
+It reads the launch spec from kernel.json, resolves the runtime *on this node, now* (apptainer,
+else singularity), picks GPU flags for the devices present, cleans the environment, and
+``exec``s the runtime, so jupyter_client's signals and kills reach it directly.
+Imports stay minimal: this runs on every kernel start.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+
+from hpc_kernels.errors import HpcKernelsError
+from hpc_kernels.launchspec import LaunchSpec, read_kernel_json
+
+
+def plan(spec: LaunchSpec, connection_file: str) -> tuple[list[str], dict[str, str], list[str]]:
+    """The command, environment and warnings that launching ``spec`` would use (exec modes)."""
+    if spec.runtime == "apptainer":
+        from hpc_kernels.runtimes import apptainer
+
+        binary = apptainer.find_binary()
+        return apptainer.exec_command(spec, connection_file, binary, os.environ)
+    raise HpcKernelsError(f"runtime '{spec.runtime}' cannot be launched by this version of hpc-kernels.")
+
+
+def launch(spec: LaunchSpec, connection_file: str) -> int:
+    """Start the kernel for ``spec``; returns only on error (or for supervised modes)."""
+    if spec.runtime == "apptainer" and not os.path.exists(spec.image):
+        raise HpcKernelsError(
+            f"the image of kernel '{spec.kernel}' is missing ({spec.image}); build it with "
+            f"'hpc-kernels build {spec.kernel}'."
+        )
+    if spec.mode == "instance":
+        from hpc_kernels import instances  # type: ignore[attr-defined]
+
+        return int(instances.launch(spec, connection_file))
+    argv, env, warnings = plan(spec, connection_file)
+    for warning in warnings:
+        print(f"hpc-kernels: warning: {warning}", file=sys.stderr)
+    os.execve(argv[0], argv, env)
+    return 1  # pragma: no cover - execve does not return
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; errors go to stderr (Jupyter's log) with a non-zero exit."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) != 2:
+        print("usage: python -m hpc_kernels.launch KERNEL_JSON CONNECTION_FILE", file=sys.stderr)
+        return 2
+    spec_file, connection_file = args
+    try:
+        _data, spec = read_kernel_json(spec_file)
+        return launch(spec, connection_file)
+    except (OSError, ValueError) as exc:
+        print(f"hpc-kernels: cannot read the kernel spec {spec_file}: {exc}", file=sys.stderr)
+    except HpcKernelsError as exc:
+        print(f"hpc-kernels: {exc}", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,57 @@
+"""Where hpc-kernels keeps its files. Every location honours an environment override (tests use them)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+APP = "hpc-kernels"
+
+
+def _xdg(var: str, fallback: str) -> Path:
+    value = os.environ.get(var)
+    return Path(value) if value else Path.home() / fallback
+
+
+def config_dir() -> Path:
+    """``$XDG_CONFIG_HOME/hpc-kernels``: the user's default registry lives here."""
+    return _xdg("XDG_CONFIG_HOME", ".config") / APP
+
+
+def data_dir() -> Path:
+    """``$HPC_KERNELS_DATA`` or ``$XDG_DATA_HOME/hpc-kernels``: default home of built images."""
+    override = os.environ.get("HPC_KERNELS_DATA")
+    return Path(override) if override else _xdg("XDG_DATA_HOME", ".local/share") / APP
+
+
+def state_dir() -> Path:
+    """``$HPC_KERNELS_STATE`` or ``$XDG_STATE_HOME/hpc-kernels``: logs, locks, instance records."""
+    override = os.environ.get("HPC_KERNELS_STATE")
+    return Path(override) if override else _xdg("XDG_STATE_HOME", ".local/state") / APP
+
+
+def cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/hpc-kernels``: throw-away helpers (the ``singularity`` shim for spython)."""
+    return _xdg("XDG_CACHE_HOME", ".cache") / APP
+
+
+def log_dir() -> Path:
+    """Directory of build logs."""
+    return state_dir() / "logs"
+
+
+def host_state_dir() -> Path:
+    """Per-host state (instances live on one node only, like Apptainer's own instance records)."""
+    return state_dir() / "hosts" / hostname()
+
+
+def hostname() -> str:
+    """The short host name (what Slurm and Apptainer call the node)."""
+    return socket.gethostname().split(".")[0]
+
+
+def default_images_dir() -> Path:
+    """``$HPC_KERNELS_IMAGES`` or ``<data dir>/images``."""
+    override = os.environ.get("HPC_KERNELS_IMAGES")
+    return Path(override) if override else data_dir() / "images"

@@ -1,0 +1,403 @@
+"""``kernels.yaml`` → validated, frozen :class:`KernelEntry` objects.
+
+Data is checked once, here, where it enters; everything downstream trusts it. Every problem is
+reported with ``file:line``, all of them at once.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from hpc_kernels import paths
+from hpc_kernels.errors import RegistryError, UnknownKernelError
+
+#: Jupyter's own rule for kernel names (jupyter_client.kernelspec._kernel_name_pat).
+KERNEL_NAME_RE = re.compile(r"^[a-z0-9._-]+$")
+ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+PASS_ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\*?$")
+
+MODES = ("exec", "instance")
+RUNTIMES = ("apptainer", "docker", "podman")
+GPU_CHOICES = ("auto", "nvidia", "rocm", "none")
+INTERRUPT_MODES = ("signal", "message")
+COMPRESSIONS = ("gzip", "lz4", "zstd", "xz", "lzo")
+DEFAULT_COMMAND = ("python", "-m", "ipykernel_launcher", "-f", "{connection_file}")
+DEFAULT_IDLE_TIMEOUT = 300.0
+DEFAULT_COMPRESSION = "gzip"
+
+SEARCH_ORDER = "--registry PATH, $HPC_KERNELS_REGISTRY, ./kernels.yaml, then the user config dir"
+
+
+@dataclass(frozen=True)
+class KernelEntry:
+    """One kernel of the registry, fully resolved (absolute paths, defaults applied)."""
+
+    name: str
+    display_name: str
+    language: str
+    recipe: Path | None
+    image: Path
+    runtime: str
+    mode: str
+    command: tuple[str, ...]
+    binds: tuple[str, ...]
+    env: tuple[tuple[str, str], ...]
+    pass_env: tuple[str, ...]
+    gpu: str
+    interrupt_mode: str
+    runtime_args: tuple[str, ...]
+    fakeroot: bool
+    compression: str
+    idle_timeout: float
+    container_image: str | None
+    line: int
+
+    @property
+    def env_dict(self) -> dict[str, str]:
+        """``env`` as a dict (kept as sorted pairs so the dataclass stays hashable)."""
+        return dict(self.env)
+
+
+@dataclass(frozen=True)
+class Registry:
+    """A loaded registry: where it came from and its kernels, in file order."""
+
+    path: Path
+    source: str
+    kernels: tuple[KernelEntry, ...] = field(default=())
+
+    def get(self, name: str) -> KernelEntry:
+        """The kernel called ``name``; :class:`UnknownKernelError` names the known ones."""
+        for entry in self.kernels:
+            if entry.name == name:
+                return entry
+        known = ", ".join(e.name for e in self.kernels) or "none"
+        raise UnknownKernelError(f"no kernel named '{name}' in {self.path} (known: {known}).")
+
+    def select(self, names: list[str], all_: bool) -> list[KernelEntry]:
+        """The entries named (in the order given), or all of them with ``all_``."""
+        if all_:
+            return list(self.kernels)
+        return [self.get(n) for n in names]
+
+
+# ----------------------------------------------------------------------------- locating
+
+
+def locate(explicit: str | os.PathLike[str] | None = None) -> tuple[Path, str]:
+    """Find the registry file and say which rule found it (see :data:`SEARCH_ORDER`)."""
+    if explicit:
+        return Path(explicit).expanduser().absolute(), "--registry"
+    env = os.environ.get("HPC_KERNELS_REGISTRY")
+    if env:
+        return Path(env).expanduser().absolute(), "$HPC_KERNELS_REGISTRY"
+    here = Path.cwd() / "kernels.yaml"
+    if here.is_file():
+        return here, "./kernels.yaml"
+    user = paths.config_dir() / "kernels.yaml"
+    if user.is_file():
+        return user, "user config"
+    raise RegistryError(
+        [
+            "no registry found: looked for ./kernels.yaml and "
+            f"{user}; pass --registry PATH or set HPC_KERNELS_REGISTRY "
+            "(see the example kernels.yaml in the hpc-kernels repository)."
+        ]
+    )
+
+
+def load(explicit: str | os.PathLike[str] | None = None) -> Registry:
+    """Locate, parse and validate the registry."""
+    path, source = locate(explicit)
+    return load_file(path, source)
+
+
+# ----------------------------------------------------------------------------- parsing
+
+
+class _Map(dict[str, Any]):
+    """A YAML mapping that remembers the line of each key (1-based)."""
+
+    line: int = 0
+    lines: dict[str, int]
+    duplicates: list[tuple[Any, int]]
+
+
+class _Loader(yaml.SafeLoader):
+    pass
+
+
+def _construct_map(loader: _Loader, node: yaml.MappingNode) -> _Map:
+    loader.flatten_mapping(node)
+    result = _Map()
+    result.line = node.start_mark.line + 1
+    result.lines = {}
+    result.duplicates = []
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        line = key_node.start_mark.line + 1
+        if key in result:
+            result.duplicates.append((key, line))
+        result[key] = loader.construct_object(value_node, deep=True)
+        result.lines[str(key)] = line
+    return result
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_map)  # type: ignore[arg-type]
+
+
+def load_file(path: Path, source: str = "--registry") -> Registry:
+    """Parse and validate one registry file; raise :class:`RegistryError` with every problem."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RegistryError([f"{path}: registry file not found (found via {source})."]) from None
+    except OSError as exc:
+        raise RegistryError([f"{path}: cannot read the registry: {exc.strerror}."]) from None
+    try:
+        doc = yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise RegistryError([f"{where}: not valid YAML: {exc.problem}."]) from None
+    except yaml.YAMLError as exc:
+        raise RegistryError([f"{path}: not valid YAML: {exc}."]) from None
+    return _Validator(path, source).registry(doc)
+
+
+_TOP_KEYS = {"defaults", "kernels"}
+# Keys allowed both under `defaults:` and in each kernel.
+_SHARED_KEYS = {
+    "runtime", "mode", "binds", "env", "pass_env", "gpu", "interrupt_mode", "runtime_args",
+    "fakeroot", "compression", "idle_timeout", "language", "command",
+}
+_DEFAULT_ONLY = {"images_dir"}
+_KERNEL_ONLY = {"def", "image", "display_name"}
+
+
+class _Validator:
+    def __init__(self, path: Path, source: str) -> None:
+        self.path = path
+        self.source = source
+        self.base = path.parent
+        self.problems: list[str] = []
+
+    def err(self, line: int, text: str) -> None:
+        self.problems.append(f"{self.path}:{line}: {text}")
+
+    def registry(self, doc: Any) -> Registry:
+        if doc is None:
+            doc = _Map()
+            doc.line, doc.lines, doc.duplicates = 1, {}, []
+        if not isinstance(doc, _Map):
+            raise RegistryError([f"{self.path}:1: the registry must be a mapping with 'kernels:' (and optionally 'defaults:')."])
+        self._dupes(doc, "top-level key")
+        for key in doc:
+            if key not in _TOP_KEYS:
+                self.err(doc.lines.get(str(key), doc.line), f"unknown top-level key '{key}' (expected: defaults, kernels).")
+        defaults = doc.get("defaults") or _empty()
+        if not isinstance(defaults, _Map):
+            self.err(doc.lines.get("defaults", 1), "'defaults' must be a mapping.")
+            defaults = _empty()
+        self._dupes(defaults, "key in defaults")
+        for key in defaults:
+            if key not in _SHARED_KEYS | _DEFAULT_ONLY:
+                self.err(defaults.lines[str(key)], f"unknown key '{key}' in defaults{_hint(key, _SHARED_KEYS | _DEFAULT_ONLY)}.")
+        images_dir = paths.default_images_dir()
+        if "images_dir" in defaults:
+            value = defaults["images_dir"]
+            if isinstance(value, str) and value:
+                images_dir = self._path(value)
+            else:
+                self.err(defaults.lines["images_dir"], "'images_dir' must be a path string.")
+        kernels_doc = doc.get("kernels")
+        if kernels_doc is None:
+            kernels_doc = _empty()
+        if not isinstance(kernels_doc, _Map):
+            self.err(doc.lines.get("kernels", 1), "'kernels' must be a mapping of kernel name to settings.")
+            kernels_doc = _empty()
+        self._dupes(kernels_doc, "kernel name")
+        entries: list[KernelEntry] = []
+        for name, body in kernels_doc.items():
+            line = kernels_doc.lines[str(name)]
+            entry = self.kernel(name, body, line, defaults, images_dir)
+            if entry is not None:
+                entries.append(entry)
+        if self.problems:
+            # A bad value under `defaults:` is seen once per kernel: report it once, in file order.
+            unique = list(dict.fromkeys(self.problems))
+            unique.sort(key=lambda p: int(p[len(str(self.path)) + 1 :].split(":", 1)[0]))
+            raise RegistryError(unique)
+        return Registry(self.path, self.source, tuple(entries))
+
+    def _dupes(self, mapping: _Map, what: str) -> None:
+        for key, line in mapping.duplicates:
+            self.err(line, f"duplicate {what} '{key}'.")
+
+    def _path(self, value: str) -> Path:
+        p = Path(os.path.expandvars(value)).expanduser()
+        return p if p.is_absolute() else (self.base / p)
+
+    def kernel(self, name: Any, body: Any, line: int, defaults: _Map, images_dir: Path) -> KernelEntry | None:
+        before = len(self.problems)
+        if not isinstance(name, str) or not KERNEL_NAME_RE.match(name):
+            self.err(
+                line,
+                f"kernel name {name!r} is not valid: Jupyter kernel names use only lowercase letters, "
+                "digits, '.', '_' and '-'.",
+            )
+            name = str(name)
+        if body is None:
+            body = _empty(line)
+        if not isinstance(body, _Map):
+            self.err(line, f"kernel '{name}' must be a mapping of settings.")
+            return None
+        self._dupes(body, f"key in kernel '{name}'")
+        for key in body:
+            if key not in _SHARED_KEYS | _KERNEL_ONLY:
+                self.err(body.lines[str(key)], f"unknown key '{key}' in kernel '{name}'{_hint(key, _SHARED_KEYS | _KERNEL_ONLY)}.")
+
+        def get(key: str, check: Callable[[Any], bool], expected: str, default: Any) -> Any:
+            for source in (body, defaults):
+                if key in source:
+                    value = source[key]
+                    if check(value):
+                        return value
+                    where = f"kernel '{name}'" if source is body else "defaults"
+                    self.err(source.lines[key], f"'{key}' in {where} must be {expected}, not {_describe(value)}.")
+                    return default
+            return default
+
+        runtime = get("runtime", lambda v: v in RUNTIMES, f"one of {', '.join(RUNTIMES)}", "apptainer")
+        mode = get("mode", lambda v: v in MODES, f"one of {', '.join(MODES)}", "exec")
+        gpu = get("gpu", lambda v: v in GPU_CHOICES, f"one of {', '.join(GPU_CHOICES)}", "auto")
+        # Shared instances/containers are entered with `exec`, which does not forward signals the way
+        # jupyter_client expects (a signal interrupt kills the kernel): message mode is the default there.
+        interrupt = get(
+            "interrupt_mode", lambda v: v in INTERRUPT_MODES, "signal or message",
+            "message" if mode == "instance" else "signal",
+        )
+        language = get("language", _nonempty_str, "a non-empty string", "python")
+        command = tuple(get("command", _str_list, "a non-empty list of strings", list(DEFAULT_COMMAND)))
+        if command and "{connection_file}" not in command:
+            self.err(_line(body, defaults, "command"), f"'command' of kernel '{name}' must contain the argument '{{connection_file}}'.")
+        binds = tuple(get("binds", _str_list_or_empty, "a list of bind specs (src[:dst[:ro]])", []))
+        for bind in binds:
+            if not bind or bind.count(":") > 2:
+                self.err(_line(body, defaults, "binds"), f"bind {bind!r} of kernel '{name}' is not of the form src[:dst[:opts]].")
+        env_value = get("env", _str_map, "a mapping of variable name to string", {})
+        env: dict[str, str] = {}
+        for key, value in (env_value or {}).items():
+            if not ENV_NAME_RE.match(str(key)):
+                self.err(_line(body, defaults, "env"), f"environment variable name {key!r} of kernel '{name}' is not valid.")
+            env[str(key)] = str(value)
+        pass_env = tuple(get("pass_env", _str_list_or_empty, "a list of variable names (NAME or PREFIX*)", []))
+        for var in pass_env:
+            if not PASS_ENV_RE.match(var):
+                self.err(_line(body, defaults, "pass_env"), f"pass_env entry {var!r} of kernel '{name}' must be NAME or PREFIX*.")
+        runtime_args = tuple(get("runtime_args", _str_list_or_empty, "a list of strings", []))
+        fakeroot = get("fakeroot", lambda v: isinstance(v, bool), "true or false", False)
+        compression = get("compression", lambda v: v in COMPRESSIONS, f"one of {', '.join(COMPRESSIONS)}", DEFAULT_COMPRESSION)
+        idle = get(
+            "idle_timeout", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0,
+            "a number of seconds (>= 0)", DEFAULT_IDLE_TIMEOUT,
+        )
+        display = body.get("display_name", f"{'Python' if language == 'python' else language.title()} ({name})")
+        if not _nonempty_str(display):
+            self.err(body.lines.get("display_name", line), f"'display_name' of kernel '{name}' must be a non-empty string.")
+
+        recipe: Path | None = None
+        container_image: str | None = None
+        if "def" in body:
+            value = body["def"]
+            if not _nonempty_str(value):
+                self.err(body.lines["def"], f"'def' of kernel '{name}' must be a path to an Apptainer .def recipe.")
+            else:
+                recipe = self._path(value)
+                if not recipe.is_file():
+                    self.err(body.lines["def"], f"recipe '{value}' of kernel '{name}' not found (looked for {recipe}).")
+        image_value = body.get("image")
+        if image_value is not None and not _nonempty_str(image_value):
+            self.err(body.lines["image"], f"'image' of kernel '{name}' must be a string.")
+            image_value = None
+        if runtime == "apptainer":
+            image = self._path(image_value) if image_value else images_dir / f"{name}.sif"
+            if recipe is None and not image_value:
+                self.err(line, f"kernel '{name}' needs 'def' (a recipe to build) or 'image' (an existing .sif).")
+        else:
+            # docker/podman: `image` names a container image (name:tag); built images get a local tag.
+            container_image = image_value or f"localhost/hpc-kernels/{name}:latest"
+            image = images_dir / f"{name}.{runtime}"
+            if recipe is None and not image_value:
+                self.err(line, f"kernel '{name}' needs 'def' (a recipe to build) or 'image' (an existing container image).")
+        if len(self.problems) > before:
+            return None
+        return KernelEntry(
+            name=name,
+            display_name=display,
+            language=language,
+            recipe=recipe,
+            image=image,
+            runtime=runtime,
+            mode=mode,
+            command=command,
+            binds=binds,
+            env=tuple(sorted(env.items())),
+            pass_env=pass_env,
+            gpu=gpu,
+            interrupt_mode=interrupt,
+            runtime_args=runtime_args,
+            fakeroot=fakeroot,
+            compression=compression,
+            idle_timeout=float(idle),
+            container_image=container_image,
+            line=line,
+        )
+
+
+def _empty(line: int = 1) -> _Map:
+    m = _Map()
+    m.line, m.lines, m.duplicates = line, {}, []
+    return m
+
+
+def _line(body: _Map, defaults: _Map, key: str) -> int:
+    return body.lines.get(key) or defaults.lines.get(key) or body.line
+
+
+def _nonempty_str(v: Any) -> bool:
+    return isinstance(v, str) and bool(v.strip())
+
+
+def _str_list(v: Any) -> bool:
+    return isinstance(v, list) and bool(v) and all(isinstance(x, str) for x in v)
+
+
+def _str_list_or_empty(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+def _str_map(v: Any) -> bool:
+    return isinstance(v, Mapping) and all(isinstance(x, (str, int, float, bool)) for x in v.values())
+
+
+def _describe(v: Any) -> str:
+    if isinstance(v, Mapping):
+        return "a mapping"
+    if isinstance(v, list):
+        return "a list"
+    return repr(v)
+
+
+def _hint(key: Any, known: set[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(str(key), sorted(known), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""

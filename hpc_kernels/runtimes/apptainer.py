@@ -1,0 +1,210 @@
+"""The Apptainer/Singularity adapter: binary resolution, builds through spython, exec argv.
+
+Import-light on purpose: the kernel launcher uses :func:`exec_command` on every kernel start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import os
+import shlex
+import shutil
+import subprocess
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+from hpc_kernels.errors import BuildError, RuntimeNotFoundError
+from hpc_kernels.launchspec import LaunchSpec
+from hpc_kernels.runtimes.base import LineSink
+
+#: Where the connection file appears inside the container. Not under /tmp: Apptainer binds the
+#: host's /tmp, and a bind target there would be created on the (shared) host /tmp.
+CONNECTION_DST = "/run/hpc-kernels/connection.json"
+
+#: Host variables a kernel sees (besides the kernel's own env/pass_env); the rest is cleaned away
+#: so that module environments (PYTHONPATH, LD_LIBRARY_PATH, LD_PRELOAD…) do not leak in.
+ENV_ALLOWLIST = (
+    "SLURM_*", "SLURMD_NODENAME", "CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES",
+    "ROCR_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "GPU_DEVICE_ORDINAL",
+    "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS",
+    "LANG", "LANGUAGE", "LC_*", "TZ", "USER", "LOGNAME", "JPY_SESSION_NAME",
+)
+
+NOT_FOUND_HINT = (
+    "neither 'apptainer' nor 'singularity' was found on PATH; load it first "
+    "(on DRAC clusters: 'module load apptainer'), or set HPC_KERNELS_APPTAINER to its path."
+)
+
+
+def find_binary(environ: Mapping[str, str] | None = None) -> str:
+    """The runtime to use: ``$HPC_KERNELS_APPTAINER``, else ``apptainer``, else ``singularity`` on PATH."""
+    env = os.environ if environ is None else environ
+    override = env.get("HPC_KERNELS_APPTAINER")
+    if override:
+        found = shutil.which(override, path=env.get("PATH"))
+        if found:
+            return found
+        raise RuntimeNotFoundError(f"HPC_KERNELS_APPTAINER={override} is not an executable program.")
+    for name in ("apptainer", "singularity"):
+        found = shutil.which(name, path=env.get("PATH"))
+        if found:
+            return found
+    raise RuntimeNotFoundError(NOT_FOUND_HINT)
+
+
+def env_prefix(binary: str) -> str:
+    """``APPTAINERENV_`` or ``SINGULARITYENV_``, as the runtime expects."""
+    return "SINGULARITYENV_" if os.path.basename(binary).startswith("singularity") else "APPTAINERENV_"
+
+
+def gpu_flag(gpu: str, exists: object = os.path.exists) -> tuple[str | None, str | None]:
+    """The GPU flag for this node (decided at launch) and a warning when the request cannot be met."""
+    check = exists if callable(exists) else os.path.exists
+    nvidia = bool(check("/dev/nvidiactl") or check("/dev/nvidia0"))
+    amd = bool(check("/dev/kfd"))
+    if gpu == "none":
+        return None, None
+    if gpu == "nvidia":
+        return ("--nv", None) if nvidia else (None, "gpu: nvidia requested but this node has no NVIDIA device")
+    if gpu == "rocm":
+        return ("--rocm", None) if amd else (None, "gpu: rocm requested but this node has no AMD GPU (/dev/kfd)")
+    if nvidia:
+        return "--nv", None
+    if amd:
+        return "--rocm", None
+    return None, None
+
+
+def container_env(spec: LaunchSpec, environ: Mapping[str, str]) -> dict[str, str]:
+    """The variables the kernel sees inside the container: the allowlist, pass_env, env, and fixes."""
+    wanted = ENV_ALLOWLIST + spec.pass_env
+    result: dict[str, str] = {}
+    for key, value in environ.items():
+        if any(fnmatch.fnmatchcase(key, pat) for pat in wanted):
+            result[key] = value
+    result.update(spec.env)
+    # $HOME is bound: without this, ~/.local site-packages of the host Python leak into the kernel.
+    result["PYTHONNOUSERSITE"] = "1"
+    return result
+
+
+def exec_command(
+    spec: LaunchSpec,
+    connection_file: str,
+    binary: str,
+    environ: Mapping[str, str],
+    exists: object = os.path.exists,
+) -> tuple[list[str], dict[str, str], list[str]]:
+    """The argv and environment of ``apptainer exec`` for ``spec``, plus warnings for the kernel log.
+
+    The returned environment is the *runtime's* own (the host's, minus stray ``*ENV_`` injections,
+    plus ours); ``--cleanenv`` keeps the container's environment to exactly :func:`container_env`.
+    """
+    warnings: list[str] = []
+    argv = [binary, "exec", "--cleanenv"]
+    flag, warning = gpu_flag(spec.gpu, exists)
+    if flag:
+        argv.append(flag)
+    if warning:
+        warnings.append(warning)
+    tmpdir = environ.get("SLURM_TMPDIR")
+    if tmpdir:
+        argv += ["-W", tmpdir]
+    argv += ["--bind", f"{connection_file}:{CONNECTION_DST}:rw"]
+    for bind in spec.binds:
+        argv += ["--bind", os.path.expandvars(bind)]
+    argv += list(spec.runtime_args)
+    argv.append(spec.image)
+    argv += [CONNECTION_DST if a == "{connection_file}" else a for a in spec.command]
+    prefix = env_prefix(binary)
+    env = {k: v for k, v in environ.items() if not k.startswith(("APPTAINERENV_", "SINGULARITYENV_"))}
+    for key, value in container_env(spec, environ).items():
+        env[prefix + key] = value
+    return argv, env, warnings
+
+
+# ----------------------------------------------------------------------------- builds
+
+
+class Apptainer:
+    """Builds images with spython, which we point at the resolved runtime through a shim."""
+
+    name = "apptainer"
+
+    def __init__(self, binary: str | None = None) -> None:
+        self.binary = binary or find_binary()
+
+    def version(self) -> str:
+        """``apptainer --version`` (e.g. ``apptainer version 1.4.5``)."""
+        from hpc_kernels.proc import run
+
+        return run([self.binary, "--version"]).stdout.strip()
+
+    def build(self, recipe: Path, dest: Path, options: list[str], on_line: LineSink) -> None:
+        """Build ``recipe`` into ``dest`` through spython; every failure becomes a BuildError."""
+        try:
+            from spython.main import Client
+        except ImportError as exc:  # pragma: no cover - a dependency of the package
+            raise BuildError(recipe.stem, f"spython is not importable ({exc}); reinstall hpc-kernels.") from None
+        lines: list[str] = []
+
+        def sink(line: str) -> None:
+            lines.append(line)
+            on_line(line)
+
+        with _spython_sees(self.binary), _cwd(recipe.parent):
+            try:
+                result = Client.build(
+                    recipe=str(recipe), image=str(dest), sudo=False, stream=True,
+                    options=list(options), quiet=True, force=True,
+                )
+                if not result:
+                    raise BuildError(recipe.stem, "spython did not start a build", "")
+                _image, stream = result
+                for line in stream:
+                    sink(line.rstrip("\n"))
+            except subprocess.CalledProcessError as exc:
+                raise BuildError(recipe.stem, f"apptainer build exited with code {exc.returncode}", _tail(lines)) from None
+            except SystemExit as exc:
+                # spython calls sys.exit() from inside the library on some errors.
+                raise BuildError(recipe.stem, f"spython gave up (exit {exc.code})", _tail(lines)) from None
+            except OSError as exc:
+                raise BuildError(recipe.stem, f"could not run the build: {exc}", _tail(lines)) from None
+        if not dest.exists():
+            raise BuildError(recipe.stem, "the build reported success but wrote no image", _tail(lines))
+
+
+def _tail(lines: list[str], n: int = 25) -> str:
+    kept = [ln for ln in lines if ln.strip()]
+    return "\n".join(kept[-n:])
+
+
+@contextlib.contextmanager
+def _cwd(path: Path) -> Iterator[None]:
+    # %files sources are relative paths; run the build beside the recipe so they resolve there.
+    old = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(old)
+
+
+@contextlib.contextmanager
+def _spython_sees(binary: str) -> Iterator[None]:
+    """Put a private ``singularity`` shim first on PATH for this process only, during the build."""
+    from hpc_kernels import paths, templates
+    from hpc_kernels.fsutil import atomic_write
+
+    shim_dir = paths.cache_dir() / "spython-bin"
+    shim = shim_dir / "singularity"
+    text = templates.render("singularity-shim.sh.tmpl", runtime=shlex.quote(binary))
+    if not shim.exists() or shim.read_text() != text:
+        atomic_write(shim, text, mode=0o755)
+    old = os.environ.get("PATH", "")
+    os.environ["PATH"] = f"{shim_dir}{os.pathsep}{old}"
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = old
