@@ -207,7 +207,9 @@ def build(
     with locked(lock, blocking=False) as held:
         if not held:
             if not wait:
-                raise BuildBusyError(f"another process is building '{entry.name}' ({image}); try again when it is done.")
+                raise BuildBusyError(
+                    f"another process is building '{entry.name}' ({image}); try again when it is done."
+                )
             on_event(f"waiting for another build of '{entry.name}' to finish")
     with locked(lock, blocking=True):
         # The build we waited for may have produced exactly what we want.
@@ -231,7 +233,7 @@ def build(
                 try:
                     adapter.build(entry.recipe, tmp, build_options(entry), line_out)
                 except BuildError as exc:
-                    raise BuildError(entry.name, str(exc).split(": ", 1)[-1].split("\n", 1)[0], exc.log_tail, str(log_path)) from None
+                    raise BuildError(entry.name, exc.reason, exc.log_tail, str(log_path)) from None
             os.replace(tmp, image)
             record = {"digest": digest, "built_at": time.time(), "recipe": str(entry.recipe),
                       "options": build_options(entry), "log": str(log_path), "generator": "hpc-kernels"}

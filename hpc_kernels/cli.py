@@ -21,7 +21,8 @@ def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--registry", metavar="PATH",
-        help="the kernels.yaml to use (default: $HPC_KERNELS_REGISTRY, ./kernels.yaml, ~/.config/hpc-kernels/kernels.yaml)",
+        help="the kernels.yaml to use (default: $HPC_KERNELS_REGISTRY, ./kernels.yaml, "
+        "~/.config/hpc-kernels/kernels.yaml)",
     )
     parser = argparse.ArgumentParser(
         prog="hpc-kernels",

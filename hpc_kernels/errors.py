@@ -52,6 +52,7 @@ class BuildError(HpcKernelsError):
 
     def __init__(self, kernel: str, reason: str, log_tail: str = "", log_path: str | None = None) -> None:
         self.kernel = kernel
+        self.reason = reason
         self.log_tail = log_tail
         self.log_path = log_path
         text = f"building kernel '{kernel}' failed: {reason}"

@@ -7,7 +7,6 @@ input and the marker that lets us refuse to touch kernelspecs we did not write.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import tempfile
 from dataclasses import dataclass

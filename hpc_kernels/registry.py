@@ -127,7 +127,7 @@ class _Map(dict[str, Any]):
 
     line: int = 0
     lines: dict[str, int]
-    duplicates: list[tuple[Any, int]]
+    duplicates: list[tuple[Any, int, Any]]  # key, line, the value kept (the first)
 
 
 class _Loader(yaml.SafeLoader):
@@ -143,14 +143,17 @@ def _construct_map(loader: _Loader, node: yaml.MappingNode) -> _Map:
     for key_node, value_node in node.value:
         key = loader.construct_object(key_node, deep=True)
         line = key_node.start_mark.line + 1
+        value = loader.construct_object(value_node, deep=True)
         if key in result:
-            result.duplicates.append((key, line))
-        result[key] = loader.construct_object(value_node, deep=True)
+            result.duplicates.append((key, line, result[key]))
+            # Keep the first definition in place so its own problems are reported at its own lines.
+            continue
+        result[key] = value
         result.lines[str(key)] = line
     return result
 
 
-_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_map)  # type: ignore[arg-type]
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_map)
 
 
 def load_file(path: Path, source: str = "--registry") -> Registry:
@@ -162,7 +165,7 @@ def load_file(path: Path, source: str = "--registry") -> Registry:
     except OSError as exc:
         raise RegistryError([f"{path}: cannot read the registry: {exc.strerror}."]) from None
     try:
-        doc = yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+        doc = yaml.load(text, Loader=_Loader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         where = f"{path}:{mark.line + 1}" if mark else str(path)
@@ -197,11 +200,14 @@ class _Validator:
             doc = _Map()
             doc.line, doc.lines, doc.duplicates = 1, {}, []
         if not isinstance(doc, _Map):
-            raise RegistryError([f"{self.path}:1: the registry must be a mapping with 'kernels:' (and optionally 'defaults:')."])
+            raise RegistryError(
+                [f"{self.path}:1: the registry must be a mapping with 'kernels:' (and optionally 'defaults:')."]
+            )
         self._dupes(doc, "top-level key")
         for key in doc:
             if key not in _TOP_KEYS:
-                self.err(doc.lines.get(str(key), doc.line), f"unknown top-level key '{key}' (expected: defaults, kernels).")
+                self.err(doc.lines.get(str(key), doc.line),
+                         f"unknown top-level key '{key}' (expected: defaults, kernels).")
         defaults = doc.get("defaults") or _empty()
         if not isinstance(defaults, _Map):
             self.err(doc.lines.get("defaults", 1), "'defaults' must be a mapping.")
@@ -209,7 +215,8 @@ class _Validator:
         self._dupes(defaults, "key in defaults")
         for key in defaults:
             if key not in _SHARED_KEYS | _DEFAULT_ONLY:
-                self.err(defaults.lines[str(key)], f"unknown key '{key}' in defaults{_hint(key, _SHARED_KEYS | _DEFAULT_ONLY)}.")
+                hint = _hint(key, _SHARED_KEYS | _DEFAULT_ONLY)
+                self.err(defaults.lines[str(key)], f"unknown key '{key}' in defaults{hint}.")
         images_dir = paths.default_images_dir()
         if "images_dir" in defaults:
             value = defaults["images_dir"]
@@ -238,7 +245,7 @@ class _Validator:
         return Registry(self.path, self.source, tuple(entries))
 
     def _dupes(self, mapping: _Map, what: str) -> None:
-        for key, line in mapping.duplicates:
+        for key, line, _first in mapping.duplicates:
             self.err(line, f"duplicate {what} '{key}'.")
 
     def _path(self, value: str) -> Path:
@@ -262,7 +269,8 @@ class _Validator:
         self._dupes(body, f"key in kernel '{name}'")
         for key in body:
             if key not in _SHARED_KEYS | _KERNEL_ONLY:
-                self.err(body.lines[str(key)], f"unknown key '{key}' in kernel '{name}'{_hint(key, _SHARED_KEYS | _KERNEL_ONLY)}.")
+                hint = _hint(key, _SHARED_KEYS | _KERNEL_ONLY)
+                self.err(body.lines[str(key)], f"unknown key '{key}' in kernel '{name}'{hint}.")
 
         def get(key: str, check: Callable[[Any], bool], expected: str, default: Any) -> Any:
             for source in (body, defaults):
@@ -287,31 +295,37 @@ class _Validator:
         language = get("language", _nonempty_str, "a non-empty string", "python")
         command = tuple(get("command", _str_list, "a non-empty list of strings", list(DEFAULT_COMMAND)))
         if command and "{connection_file}" not in command:
-            self.err(_line(body, defaults, "command"), f"'command' of kernel '{name}' must contain the argument '{{connection_file}}'.")
+            self.err(_line(body, defaults, "command"),
+                     f"'command' of kernel '{name}' must contain the argument '{{connection_file}}'.")
         binds = tuple(get("binds", _str_list_or_empty, "a list of bind specs (src[:dst[:ro]])", []))
         for bind in binds:
             if not bind or bind.count(":") > 2:
-                self.err(_line(body, defaults, "binds"), f"bind {bind!r} of kernel '{name}' is not of the form src[:dst[:opts]].")
+                self.err(_line(body, defaults, "binds"),
+                         f"bind {bind!r} of kernel '{name}' is not of the form src[:dst[:opts]].")
         env_value = get("env", _str_map, "a mapping of variable name to string", {})
         env: dict[str, str] = {}
         for key, value in (env_value or {}).items():
             if not ENV_NAME_RE.match(str(key)):
-                self.err(_line(body, defaults, "env"), f"environment variable name {key!r} of kernel '{name}' is not valid.")
+                self.err(_line(body, defaults, "env"),
+                         f"environment variable name {key!r} of kernel '{name}' is not valid.")
             env[str(key)] = str(value)
         pass_env = tuple(get("pass_env", _str_list_or_empty, "a list of variable names (NAME or PREFIX*)", []))
         for var in pass_env:
             if not PASS_ENV_RE.match(var):
-                self.err(_line(body, defaults, "pass_env"), f"pass_env entry {var!r} of kernel '{name}' must be NAME or PREFIX*.")
+                self.err(_line(body, defaults, "pass_env"),
+                         f"pass_env entry {var!r} of kernel '{name}' must be NAME or PREFIX*.")
         runtime_args = tuple(get("runtime_args", _str_list_or_empty, "a list of strings", []))
         fakeroot = get("fakeroot", lambda v: isinstance(v, bool), "true or false", False)
-        compression = get("compression", lambda v: v in COMPRESSIONS, f"one of {', '.join(COMPRESSIONS)}", DEFAULT_COMPRESSION)
+        compression = get("compression", lambda v: v in COMPRESSIONS, f"one of {', '.join(COMPRESSIONS)}",
+                          DEFAULT_COMPRESSION)
         idle = get(
             "idle_timeout", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0,
             "a number of seconds (>= 0)", DEFAULT_IDLE_TIMEOUT,
         )
         display = body.get("display_name", f"{'Python' if language == 'python' else language.title()} ({name})")
         if not _nonempty_str(display):
-            self.err(body.lines.get("display_name", line), f"'display_name' of kernel '{name}' must be a non-empty string.")
+            self.err(body.lines.get("display_name", line),
+                     f"'display_name' of kernel '{name}' must be a non-empty string.")
 
         recipe: Path | None = None
         container_image: str | None = None
@@ -336,7 +350,8 @@ class _Validator:
             container_image = image_value or f"localhost/hpc-kernels/{name}:latest"
             image = images_dir / f"{name}.{runtime}"
             if recipe is None and not image_value:
-                self.err(line, f"kernel '{name}' needs 'def' (a recipe to build) or 'image' (an existing container image).")
+                self.err(line,
+                         f"kernel '{name}' needs 'def' (a recipe to build) or 'image' (an existing container image).")
         if len(self.problems) > before:
             return None
         return KernelEntry(

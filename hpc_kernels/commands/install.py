@@ -43,7 +43,8 @@ def run(args: argparse.Namespace) -> int:
                 err.print(f"  [yellow]note:[/] its image {entry.image} does not exist yet: "
                           f"run 'hpc-kernels build {entry.name}'")
             elif state == "stale":
-                err.print(f"  [yellow]note:[/] its image is older than its recipe: run 'hpc-kernels build {entry.name}'")
+                err.print("  [yellow]note:[/] its image is older than its recipe: "
+                          f"run 'hpc-kernels build {entry.name}'")
     if args.json:
         ui.print_json(done)
     elif done:

@@ -43,7 +43,8 @@ def run(args: argparse.Namespace) -> int:
                        "warnings": warnings})
         return 0
     out = ui.console()
-    out.print(f"[bold]kernel.json[/] ({installed / 'kernel.json' if installed else 'not installed; would be written by install'}):")
+    where = installed / "kernel.json" if installed else "not installed; would be written by install"
+    out.print(f"[bold]kernel.json[/] ({where}):")
     out.print(json.dumps(data, indent=1), markup=False)
     out.print("[bold]launcher runs[/] (on this node, now):")
     out.print(command if command else f"(cannot resolve: {problem})", markup=False)

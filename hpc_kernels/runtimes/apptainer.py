@@ -165,7 +165,8 @@ class Apptainer:
                 for line in stream:
                     sink(line.rstrip("\n"))
             except subprocess.CalledProcessError as exc:
-                raise BuildError(recipe.stem, f"apptainer build exited with code {exc.returncode}", _tail(lines)) from None
+                reason = f"apptainer build exited with code {exc.returncode}"
+                raise BuildError(recipe.stem, reason, _tail(lines)) from None
             except SystemExit as exc:
                 # spython calls sys.exit() from inside the library on some errors.
                 raise BuildError(recipe.stem, f"spython gave up (exit {exc.code})", _tail(lines)) from None

@@ -1,0 +1,179 @@
+"""Incremental, atomic and locked builds, with a recording fake builder (the real one is in test_e2e)."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hpc_kernels import build, registry
+from hpc_kernels.errors import BuildBusyError, BuildError
+from hpc_kernels.runtimes.base import LineSink
+
+DEF = """\
+Bootstrap: localimage
+From: base.sif
+
+%files
+    data/*.txt /opt/data/
+    env.yml
+
+%files from builder
+    /ignored /ignored
+
+%post
+    echo hi
+"""
+
+
+class FakeBuilder:
+    """Writes the recipe into the image, or fails, and records each call."""
+
+    name = "fake"
+
+    def __init__(self, fail: bool = False, delay: float = 0.0) -> None:
+        self.calls: list[list[str]] = []
+        self.fail = fail
+        self.delay = delay
+
+    def version(self) -> str:
+        return "fake 1"
+
+    def build(self, recipe: Path, dest: Path, options: list[str], on_line: LineSink) -> None:
+        self.calls.append(options)
+        on_line("step 1/2")
+        time.sleep(self.delay)
+        if self.fail:
+            on_line("FATAL: %post failed")
+            raise BuildError(recipe.stem, "apptainer build exited with code 255", "FATAL: %post failed")
+        dest.write_text("image from " + recipe.read_text())
+
+
+@pytest.fixture
+def entry(make_registry: Any) -> registry.KernelEntry:
+    path = make_registry(
+        "defaults:\n  images_dir: images\nkernels:\n  sci:\n    def: sci.def\n",
+        {"sci.def": DEF, "data/a.txt": "a", "data/b.txt": "b", "env.yml": "x", "base.sif": "base"},
+    )
+    return registry.load_file(path).kernels[0]
+
+
+def with_changes(entry: registry.KernelEntry, **changes: Any) -> registry.KernelEntry:
+    from dataclasses import replace
+
+    return replace(entry, **changes)
+
+
+def test_recipe_inputs_follow_files_section(entry: registry.KernelEntry) -> None:
+    assert entry.recipe is not None
+    sources, base = build.recipe_inputs(entry.recipe)
+    root = entry.recipe.parent
+    assert sources == [root / "data/a.txt", root / "data/b.txt", root / "env.yml"]
+    assert base == root / "base.sif"
+
+
+def test_incremental(entry: registry.KernelEntry) -> None:
+    fake = FakeBuilder()
+    assert build.image_state(entry).status == "missing"
+    assert build.build(entry, builder=fake).action == "built"
+    assert build.image_state(entry).status == "built"
+    assert build.build(entry, builder=fake).action == "up-to-date"
+    assert len(fake.calls) == 1
+    assert entry.recipe is not None
+    # a file copied by %files changes -> stale -> rebuilt
+    (entry.recipe.parent / "data" / "b.txt").write_text("changed")
+    assert build.image_state(entry).status == "stale"
+    assert build.build(entry, builder=fake).action == "built"
+    # a new file matching the glob counts too
+    (entry.recipe.parent / "data" / "c.txt").write_text("new")
+    assert build.image_state(entry).status == "stale"
+    build.build(entry, builder=fake)
+    # build options are inputs
+    zstd = with_changes(entry, compression="zstd")
+    assert build.image_state(zstd).status == "stale"
+    build.build(zstd, builder=fake)
+    assert fake.calls[-1] == ["--mksquashfs-args", "-comp zstd"]
+    # --force rebuilds an up-to-date image
+    assert build.build(zstd, builder=fake, force=True).action == "built"
+    assert len(fake.calls) == 5
+
+
+def test_failed_build_keeps_the_good_image(entry: registry.KernelEntry) -> None:
+    build.build(entry, builder=FakeBuilder())
+    good = entry.image.read_text()
+    assert entry.recipe is not None
+    entry.recipe.write_text(DEF + "\n# edited\n")
+    with pytest.raises(BuildError) as info:
+        build.build(entry, builder=FakeBuilder(fail=True))
+    assert "FATAL: %post failed" in str(info.value)
+    assert info.value.log_path and Path(info.value.log_path).read_text().count("FATAL") == 1
+    assert entry.image.read_text() == good
+    assert not list(entry.image.parent.glob(".sci.sif.tmp-*"))
+    assert build.image_state(entry).status == "stale"
+
+
+def test_leftover_temporary_of_a_killed_build_is_removed(entry: registry.KernelEntry) -> None:
+    entry.image.parent.mkdir(parents=True, exist_ok=True)
+    stale = entry.image.parent / ".sci.sif.tmp-999999"
+    stale.write_text("half an image")
+    build.build(entry, builder=FakeBuilder())
+    assert not stale.exists()
+
+
+def _build_in_child(entry: registry.KernelEntry, wait: bool, queue: Any) -> None:
+    try:
+        result = build.build(entry, builder=FakeBuilder(delay=1.5), wait=wait)
+        queue.put(result.action)
+    except BuildBusyError:
+        queue.put("busy")
+
+
+def test_concurrent_builds_one_builds_the_other_waits(entry: registry.KernelEntry) -> None:
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_build_in_child, args=(entry, True, queue)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(30)
+    assert sorted([queue.get(timeout=5), queue.get(timeout=5)]) == ["built", "up-to-date"]
+    assert entry.image.read_text().startswith("image from")
+
+
+def test_concurrent_build_without_wait_reports_busy(entry: registry.KernelEntry) -> None:
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    first = ctx.Process(target=_build_in_child, args=(entry, True, queue))
+    first.start()
+    lock = entry.image.parent / ".sci.sif.lock"
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not (lock.exists() and lock.read_text().strip()):
+        time.sleep(0.05)
+    second = ctx.Process(target=_build_in_child, args=(entry, False, queue))
+    second.start()
+    second.join(30)
+    first.join(30)
+    assert sorted([queue.get(timeout=5), queue.get(timeout=5)]) == ["built", "busy"]
+
+
+def test_build_environment_follows_drac_advice(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("APPTAINER_BIND", "/project,/scratch")
+    monkeypatch.setenv("SLURM_TMPDIR", str(tmp_path))
+    monkeypatch.delenv("APPTAINER_CACHEDIR", raising=False)
+    with build.build_environment():
+        assert "APPTAINER_BIND" not in os.environ
+        assert os.environ["APPTAINER_CACHEDIR"] == str(tmp_path / "apptainer-cache")
+        assert os.environ["APPTAINER_TMPDIR"] == str(tmp_path / "apptainer-tmp")
+    assert os.environ["APPTAINER_BIND"] == "/project,/scratch"
+    assert "APPTAINER_CACHEDIR" not in os.environ
+
+
+def test_entry_without_recipe_is_not_buildable(make_registry: Any) -> None:
+    reg = registry.load_file(make_registry("kernels:\n  ext:\n    image: /nowhere/ext.sif\n"))
+    assert build.image_state(reg.kernels[0]).status == "external-missing"
+    with pytest.raises(BuildError, match="no 'def' recipe"):
+        build.build(reg.kernels[0], builder=FakeBuilder())

@@ -1,0 +1,200 @@
+"""End to end with the real programs: spython → apptainer build → kernelspec → jupyter_client kernel."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import leftover_processes
+
+pytestmark = pytest.mark.apptainer
+
+DEF = """\
+Bootstrap: localimage
+From: {base}
+
+%files
+    hello.txt /opt/hello.txt
+
+%post
+    echo built-by-hpc-kernels > /etc/hpck-built
+"""
+
+PROBE = (
+    "import os, sys; print(open('/etc/hpck-built').read().strip(), open('/opt/hello.txt').read().strip(), "
+    "os.environ.get('SLURM_JOB_ID'), os.environ.get('PYTHONPATH'), os.environ.get('PYTHONNOUSERSITE'), "
+    "os.path.exists('/etc/hpck-test-image'))"
+)
+
+
+@pytest.fixture
+def only_apptainer(tmp_path: Path, apptainer_bin: str, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A PATH with `apptainer` (a wrapper that logs each run) and no `singularity`: spython must cope."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    log = tmp_path / "apptainer-calls.log"
+    wrapper = bindir / "apptainer"
+    wrapper.write_text(f'#!/bin/sh\necho "$*" >> {log}\nexec {os.path.realpath(apptainer_bin)} "$@"\n')
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bindir}:/usr/local/bin:/usr/bin:/bin")
+    return log
+
+
+def hk(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "hpc_kernels", *args], capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture
+def project(make_registry: Any, base_sif: Path) -> Path:
+    return make_registry(  # type: ignore[no-any-return]
+        """\
+        defaults:
+          images_dir: images
+          command: [python3, -m, ipykernel_launcher, -f, "{connection_file}"]
+        kernels:
+          sci:
+            def: sci.def
+            display_name: Science (test)
+            pass_env: [PASS_ME]
+          broken:
+            def: broken.def
+        """,
+        {"sci.def": DEF.format(base=base_sif), "hello.txt": "hello from the host",
+         "broken.def": f"Bootstrap: localimage\nFrom: {base_sif}\n\n%post\n    echo about to fail\n    exit 3\n"},
+    )
+
+
+def run_cell(kc: Any, code: str, timeout: float = 60) -> tuple[dict[str, Any], str]:
+    out: list[str] = []
+
+    def hook(msg: dict[str, Any]) -> None:
+        if msg["msg_type"] == "stream":
+            out.append(msg["content"]["text"])
+
+    reply = kc.execute_interactive(code, timeout=timeout, output_hook=hook)
+    return reply["content"], "".join(out)
+
+
+@pytest.fixture
+def kernel_manager(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    from jupyter_client import KernelManager
+
+    managers: list[Any] = []
+
+    def make(name: str) -> Any:
+        km = KernelManager(kernel_name=name)
+        managers.append(km)
+        return km
+
+    yield make
+    for km in managers:
+        if km.has_kernel:
+            km.shutdown_kernel(now=True)
+
+
+def test_build_install_and_run_a_real_kernel(project: Path, only_apptainer: Path, kernel_manager: Any,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    image = project.parent / "images" / "sci.sif"
+    done = hk("build", "sci", "--registry", str(project))
+    assert done.returncode == 0, done.stderr
+    assert image.is_file() and "built" in done.stderr and "log:" in done.stderr
+    calls = only_apptainer.read_text().splitlines()
+    assert [c.split()[0] for c in calls] == ["--version", "build"]  # spython ran `singularity` → our shim → apptainer
+
+    # A no-op build runs no apptainer process at all.
+    before = only_apptainer.read_text()
+    done = hk("build", "sci", "--registry", str(project))
+    assert done.returncode == 0 and "up to date" in done.stderr
+    assert only_apptainer.read_text() == before
+
+    # A failing recipe: exit 1, the log tail in the message, the good image untouched, no temporaries.
+    good = image.stat().st_mtime_ns
+    done = hk("build", "broken", "--registry", str(project))
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert "building kernel 'broken' failed" in done.stderr and "about to fail" in done.stderr
+    assert "full build log:" in done.stderr
+    assert image.stat().st_mtime_ns == good
+    assert not list(image.parent.glob(".*.tmp-*"))
+
+    assert hk("install", "sci", "--registry", str(project)).returncode == 0
+    shown = hk("show", "sci", "--registry", str(project)).stdout
+    assert "exec --cleanenv --bind" in shown and str(image) in shown
+
+    # The kernel runs in the container, with a clean environment plus the allowlist.
+    monkeypatch.setenv("PYTHONPATH", "/leaky/host/path")
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    km = kernel_manager("sci")
+    km.start_kernel()
+    kc = km.client()
+    kc.start_channels()
+    try:
+        kc.wait_for_ready(timeout=90)
+        reply, out = run_cell(kc, PROBE)
+        assert reply["status"] == "ok"
+        assert out.split() == ["built-by-hpc-kernels", "hello", "from", "the", "host", "4242", "None", "1", "True"]
+
+        # Interrupt during time.sleep: the cell stops with KeyboardInterrupt, the kernel lives on.
+        msg_id = kc.execute("import time; time.sleep(30)")
+        time.sleep(2)
+        started = time.monotonic()
+        km.interrupt_kernel()
+        while True:
+            msg = kc.get_shell_msg(timeout=20)
+            if msg["parent_header"].get("msg_id") == msg_id:
+                break
+        assert msg["content"]["status"] == "error" and msg["content"]["ename"] == "KeyboardInterrupt"
+        assert time.monotonic() - started < 15
+        time.sleep(1)  # ipykernel 6.17 aborts requests that arrive right after an error
+        reply, out = run_cell(kc, "print('still alive', 6 * 7)")
+        assert out.strip() == "still alive 42"
+
+        # Restart: a new kernel process in a new container.
+        pid_before = run_cell(kc, "import os; print(os.getpid())")[1]
+        km.restart_kernel(now=False)
+        kc.wait_for_ready(timeout=90)
+        reply, out = run_cell(kc, "import os; print(os.getpid()); print('x' in dir())")
+        assert reply["status"] == "ok" and out.split()[1] == "False" and out.split()[0] != pid_before.strip()
+        pids = [int(pid_before), int(out.split()[0]), km.provisioner.pid]
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=False)
+    # Nothing is left: neither kernel process, nor the launcher/apptainer process.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(os.path.exists(f"/proc/{p}") for p in pids):
+        time.sleep(0.2)
+    assert [p for p in pids if os.path.exists(f"/proc/{p}")] == []
+    assert leftover_processes(str(image)) == []
+
+
+def test_kill_of_the_kernel_takes_the_container_down(project: Path, only_apptainer: Path, base_sif: Path,
+                                                     make_registry: Any, kernel_manager: Any) -> None:
+    reg = make_registry(
+        f"kernels:\n  ext:\n    image: {base_sif}\n"
+        "    command: [python3, -m, ipykernel_launcher, -f, '{connection_file}']\n"
+    )
+    assert hk("install", "ext", "--registry", str(reg)).returncode == 0
+    km = kernel_manager("ext")
+    km.start_kernel()
+    kc = km.client()
+    kc.start_channels()
+    kc.wait_for_ready(timeout=90)
+    pid = int(run_cell(kc, "import os; print(os.getpid())")[1])
+    kc.stop_channels()
+    km.shutdown_kernel(now=True)  # SIGKILL of the launcher (= apptainer) process group
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and os.path.exists(f"/proc/{pid}"):
+        time.sleep(0.1)
+    assert not os.path.exists(f"/proc/{pid}")
+
+
+def test_list_shows_image_states(project: Path, only_apptainer: Path) -> None:
+    listing = json.loads(hk("list", "--json", "--registry", str(project)).stdout)
+    assert {r["kernel"]: r["image_state"] for r in listing["kernels"]} == {"sci": "missing", "broken": "missing"}

@@ -1,0 +1,126 @@
+"""The launcher's apptainer command line: exact argv, clean environment, GPU flags, runtime resolution."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hpc_kernels.launchspec import LaunchSpec
+from hpc_kernels.runtimes import apptainer
+
+SPEC = LaunchSpec(
+    kernel="sci", runtime="apptainer", mode="exec", image="/img/sci.sif",
+    command=("python", "-m", "ipykernel_launcher", "-f", "{connection_file}"),
+    binds=("/project", "/scratch:/scratch:ro"), env=(("OMP_NUM_THREADS", "4"),), pass_env=("MY_*",),
+    gpu="auto", runtime_args=("--contain",),
+)
+
+
+def no_devices(_path: str) -> bool:
+    return False
+
+
+def test_exact_argv() -> None:
+    argv, _env, warnings = apptainer.exec_command(SPEC, "/run/user/1/kernel-1.json", "/usr/bin/apptainer", {}, no_devices)
+    assert argv == [
+        "/usr/bin/apptainer", "exec", "--cleanenv",
+        "--bind", f"/run/user/1/kernel-1.json:{apptainer.CONNECTION_DST}:rw",
+        "--bind", "/project", "--bind", "/scratch:/scratch:ro",
+        "--contain", "/img/sci.sif",
+        "python", "-m", "ipykernel_launcher", "-f", apptainer.CONNECTION_DST,
+    ]
+    assert warnings == []
+
+
+def test_connection_file_with_spaces_stays_one_argument() -> None:
+    argv, _, _ = apptainer.exec_command(SPEC, "/home/a b/kernel 1.json", "apptainer", {}, no_devices)
+    assert f"/home/a b/kernel 1.json:{apptainer.CONNECTION_DST}:rw" in argv
+
+
+def test_clean_environment_allowlist() -> None:
+    host = {
+        "PATH": "/usr/bin", "PYTHONPATH": "/leak", "LD_LIBRARY_PATH": "/leak", "LD_PRELOAD": "x.so",
+        "SLURM_JOB_ID": "42", "CUDA_VISIBLE_DEVICES": "0", "MY_VAR": "yes", "OTHER": "no",
+        "APPTAINERENV_SNEAKY": "1", "APPTAINER_BIND": "/project", "SLURM_TMPDIR": "/localscratch/j42",
+    }
+    argv, env, _ = apptainer.exec_command(SPEC, "/c.json", "/opt/bin/apptainer", host, no_devices)
+    inside = {k[len("APPTAINERENV_"):]: v for k, v in env.items() if k.startswith("APPTAINERENV_")}
+    assert inside == {
+        "SLURM_JOB_ID": "42", "SLURM_TMPDIR": "/localscratch/j42", "CUDA_VISIBLE_DEVICES": "0",
+        "MY_VAR": "yes", "OMP_NUM_THREADS": "4", "PYTHONNOUSERSITE": "1",
+    }
+    # the runtime itself keeps the host environment (and DRAC's APPTAINER_BIND) to find its own files
+    assert env["PATH"] == "/usr/bin" and env["APPTAINER_BIND"] == "/project"
+    assert argv[3:5] == ["-W", "/localscratch/j42"]
+
+
+def test_singularity_gets_its_own_prefix() -> None:
+    _, env, _ = apptainer.exec_command(SPEC, "/c.json", "/usr/bin/singularity", {}, no_devices)
+    assert env["SINGULARITYENV_PYTHONNOUSERSITE"] == "1"
+
+
+@pytest.mark.parametrize(
+    ("gpu", "devices", "flag", "warns"),
+    [
+        ("auto", set(), None, False),
+        ("auto", {"/dev/nvidiactl"}, "--nv", False),
+        ("auto", {"/dev/kfd"}, "--rocm", False),
+        ("nvidia", set(), None, True),
+        ("nvidia", {"/dev/nvidia0"}, "--nv", False),
+        ("rocm", {"/dev/nvidia0"}, None, True),
+        ("none", {"/dev/nvidiactl"}, None, False),
+    ],
+)
+def test_gpu_flags_decided_on_the_node(gpu: str, devices: set[str], flag: str | None, warns: bool) -> None:
+    got_flag, warning = apptainer.gpu_flag(gpu, devices.__contains__)
+    assert got_flag == flag
+    assert bool(warning) == warns
+
+
+def test_find_binary_prefers_apptainer_then_singularity(tmp_path: Path) -> None:
+    for name in ("apptainer", "singularity"):
+        (tmp_path / name).write_text("#!/bin/sh\n")
+        (tmp_path / name).chmod(0o755)
+    assert apptainer.find_binary({"PATH": str(tmp_path)}) == str(tmp_path / "apptainer")
+    (tmp_path / "apptainer").unlink()
+    assert apptainer.find_binary({"PATH": str(tmp_path)}) == str(tmp_path / "singularity")
+    (tmp_path / "singularity").unlink()
+    with pytest.raises(Exception, match="module load apptainer"):
+        apptainer.find_binary({"PATH": str(tmp_path)})
+
+
+def test_launcher_without_runtime_explains_the_fix(tmp_path: Path) -> None:
+    image = tmp_path / "x.sif"
+    image.write_text("")
+    spec_file = tmp_path / "kernel.json"
+    spec = LaunchSpec(kernel="x", runtime="apptainer", mode="exec", image=str(image), command=SPEC.command)
+    spec_file.write_text(json.dumps({"argv": [], "metadata": {"hpc_kernels": spec.to_json()}}))
+    env = {**os.environ, "PATH": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-m", "hpc_kernels.launch", str(spec_file), "/c.json"],
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert "module load apptainer" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_launcher_with_missing_image_says_build_it(tmp_path: Path) -> None:
+    spec = LaunchSpec(kernel="x", runtime="apptainer", mode="exec", image=str(tmp_path / "gone.sif"),
+                      command=SPEC.command)
+    spec_file = tmp_path / "kernel.json"
+    spec_file.write_text(json.dumps({"metadata": {"hpc_kernels": spec.to_json()}}))
+    done = subprocess.run([sys.executable, "-m", "hpc_kernels.launch", str(spec_file), "/c.json"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert "hpc-kernels build x" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_launcher_rejects_a_foreign_kernel_json(tmp_path: Path) -> None:
+    spec_file = tmp_path / "kernel.json"
+    spec_file.write_text(json.dumps({"argv": ["python"], "metadata": {}}))
+    done = subprocess.run([sys.executable, "-m", "hpc_kernels.launch", str(spec_file), "/c.json"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "cannot read the kernel spec" in done.stderr
