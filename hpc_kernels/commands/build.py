@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 from hpc_kernels import ui
 
@@ -15,6 +16,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="rebuild even if the image is up to date")
     parser.add_argument("--no-wait", action="store_true",
                         help="fail instead of waiting when another process is building the same image")
+    parser.add_argument("--fakeroot", action="store_true",
+                        help="build with --fakeroot (for recipes that need root; no sudo is ever used)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
 
 
@@ -27,6 +30,8 @@ def run(args: argparse.Namespace) -> int:
 
     reg = registry.load(args.registry)
     entries = ui.selected(reg, args)
+    if args.fakeroot:
+        entries = [dataclasses.replace(e, fakeroot=True) for e in entries]
     err = ui.console(stderr=True)
     results: list[dict[str, object]] = []
     failures: list[str] = []
