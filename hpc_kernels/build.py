@@ -216,11 +216,11 @@ def build(
         if not force and image_state(entry).status == "built":
             return BuildResult(entry.name, "up-to-date", image, None, time.monotonic() - start)
         digest = input_digest(entry)
+        adapter = builder or default_builder(entry)  # a missing runtime fails here, before any file is written
         _remove_stale_temporaries(image)
         tmp = image.parent / f".{image.name}.tmp-{os.getpid()}"
         log_path = paths.log_dir() / f"build-{entry.name}-{time.strftime('%Y%m%d-%H%M%S')}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        adapter = builder or default_builder(entry)
         try:
             with log_path.open("w", encoding="utf-8") as log, build_environment():
                 log.write(f"# hpc-kernels build of '{entry.name}' from {entry.recipe}\n")
