@@ -59,6 +59,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:  # `hpc-kernels list | head`
         return 0
+    except OSError as exc:
+        # A filesystem problem (permissions, quota, read-only /project...): one sentence, no traceback.
+        where = f" ({exc.filename})" if exc.filename else ""
+        _error(f"{exc.strerror or exc}{where}.")
+        return 1
 
 
 def _error(message: str) -> None:

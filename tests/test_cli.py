@@ -110,3 +110,11 @@ def test_keyboard_interrupt_exits_130(monkeypatch: pytest.MonkeyPatch, make_regi
 
     monkeypatch.setattr(list_cmd, "run", boom)
     assert cli.main(["list"]) == 130
+
+
+def test_unwritable_images_dir_is_one_sentence(make_registry: Any, tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the images directory should be")
+    path = make_registry(f"defaults:\n  images_dir: {blocker}/images\nkernels:\n  sci:\n    def: sci.def\n", RECIPE)
+    done = run_cli("build", "sci", "--registry", str(path))
+    assert_clean_error(done, 1, "Not a directory")
