@@ -108,7 +108,8 @@ def run_build(args: argparse.Namespace) -> int:
     if not args.slurm:
         given = [f"--{n.replace('_', '-')}" for n in SLURM_ONLY
                  if getattr(args, n, None) not in (None, False)]
-        raise UsageError(f"{', '.join(given)} only apply with --slurm.")
+        verb = "only applies" if len(given) == 1 else "only apply"
+        raise UsageError(f"{', '.join(given)} {verb} with --slurm (build in a Slurm job).")
     if args.cpus is not None and args.cpus < 1:
         raise UsageError("--cpus must be at least 1.")
     options = _options(args)
