@@ -83,7 +83,9 @@ def test_build_script_follows_drac_advice(make_registry: Any) -> None:
     assert slurm.dependency_args("41") == ["--dependency=afterok:41", "--kill-on-invalid-dep=yes"]
 
 
-def test_dry_run_prints_scripts_and_submits_nothing(make_registry: Any, capsys: pytest.CaptureFixture[str]) -> None:
+def test_dry_run_prints_scripts_and_submits_nothing(
+    make_registry: Any, capsys: pytest.CaptureFixture[str],
+) -> None:
     path = make_registry(REG, DEF)
     rc = cli.main(["build", "one", "--slurm", "--dry-run", "--then-install", "--registry", str(path)])
     out = capsys.readouterr().out
@@ -99,7 +101,8 @@ def test_slurm_flags_without_slurm_are_a_usage_error(make_registry: Any) -> None
     done = subprocess.run([sys.executable, "-m", "hpc_kernels", "build", "one", "--time", "10",
                            "--registry", str(path)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
-    assert done.stderr.strip().endswith("hpc-kernels: error: --time only applies with --slurm (build in a Slurm job).")
+    assert done.stderr.strip().endswith(
+        "hpc-kernels: error: --time only applies with --slurm (build in a Slurm job).")
 
 
 def test_jobs_without_records(capsys: pytest.CaptureFixture[str]) -> None:
@@ -126,7 +129,8 @@ def test_states_from_our_records_when_slurm_forgot(tmp_path: Path) -> None:
     log.write_text("hpc-kernels: building kernel 'b'\nFATAL: cp: cannot stat 'missing.txt'\n")
     for rec in (
         {"job_id": "5", "kind": "build", "submitted_at": 1.0, "tasks": [
-            {"task_id": "5_0", "kernel": "a", "log": "x"}, {"task_id": "5_1", "kernel": "b", "log": str(log)}]},
+            {"task_id": "5_0", "kernel": "a", "log": "x"},
+            {"task_id": "5_1", "kernel": "b", "log": str(log)}]},
         {"job_id": "6", "kind": "install", "depends_on": "5", "submitted_at": 2.0,
          "tasks": [{"task_id": "6", "kernel": "a, b", "log": "y"}]},
     ):
@@ -137,3 +141,16 @@ def test_states_from_our_records_when_slurm_forgot(tmp_path: Path) -> None:
     assert rows["5_0"].state == "COMPLETED"
     assert rows["5_1"].state == "FAILED" and "cannot stat 'missing.txt'" in rows["5_1"].log_tail
     assert rows["6"].state == "CANCELLED" and rows["6"].reason == "its build job 5 failed"
+
+
+def test_scripts_are_valid_bash(make_registry: Any, tmp_path: Path) -> None:
+    reg = registry.load(make_registry(REG, DEF))
+    opts = slurm.JobOptions()
+    scripts = {"build.sh": slurm.plan_build(list(reg.kernels), reg.path, opts, apptainer_dir="").script,
+               "install.sh": slurm.plan_install(["one"], reg.path, opts).script}
+    for name, text in scripts.items():
+        (tmp_path / name).write_text(text)
+    example = Path(__file__).resolve().parent.parent / "slurm" / "build-kernel-images.sbatch"
+    for path in [tmp_path / "build.sh", tmp_path / "install.sh", example]:
+        done = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0, f"{path}: {done.stderr}"

@@ -15,10 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import leftover_processes
 
 from hpc_kernels import slurm
-
-from conftest import leftover_processes
 
 LMOD_INIT = Path("/usr/share/lmod/lmod/init/bash")
 #: Small jobs: the CI node has 2 CPUs, and a 3-task array should run 2 tasks at once.
@@ -33,7 +32,8 @@ def cluster(monkeypatch: pytest.MonkeyPatch, apptainer_bin: str) -> Iterator[Non
         pytest.skip("Slurm is not installed (bash .ci/lmod-slurm-setup.sh installs and starts it)")
     ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=30)
     if "UP" not in ping.stdout:
-        pytest.skip(f"slurmctld does not answer (scontrol ping: {ping.stdout.strip() or ping.stderr.strip()})")
+        said = ping.stdout.strip() or ping.stderr.strip()
+        pytest.skip(f"slurmctld does not answer (scontrol ping: {said})")
     monkeypatch.setenv("PATH", f"{Path(apptainer_bin).parent}{os.pathsep}{os.environ['PATH']}")
     yield
     ids = [str(r["job_id"]) for r in slurm.load_records()]
@@ -82,7 +82,8 @@ def test_prebuild_job_builds_image_then_installs_and_kernel_starts(
                 echo built-in-a-slurm-job > /etc/hpck-slurm-marker
             """},
     )
-    done = hpck("build", "sci", "--slurm", "--then-install", "--wait", "--json", *SMALL, "--registry", str(reg))
+    done = hpck("build", "sci", "--slurm", "--then-install", "--wait", "--json", *SMALL,
+                "--registry", str(reg))
     assert done.returncode == 0, done.stderr
     rows = {r["kind"]: r for r in json.loads(done.stdout)}
     assert rows["build"]["state"] == "COMPLETED" and rows["install"]["state"] == "COMPLETED"
@@ -158,7 +159,8 @@ def test_failing_recipe_fails_the_job_and_jobs_shows_the_log_tail(cluster: None,
     )
     done = hpck("build", "broken", "--slurm", "--then-install", "--wait", *SMALL, "--registry", str(reg))
     assert done.returncode == 1
-    assert "hpc-kernels: error: 2 of 2 job(s) did not succeed" in done.stderr
+    assert "hpc-kernels: error: 2 of 2 job(s) did not succeed (job " in done.stderr
+    assert ", build of broken: FAILED); see 'hpc-kernels jobs'." in done.stderr
     assert "Traceback" not in done.stderr
     assert not (reg.parent / "images" / "broken.sif").exists()
     assert not kernelspec_dir("broken").exists()  # afterok: the install job never ran

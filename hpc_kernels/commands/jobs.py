@@ -63,13 +63,16 @@ def _print_table(rows: list[TaskStatus]) -> None:
     ui.console().print(table)
 
 
-def _print_failure(row: TaskStatus) -> None:
-    out = ui.console()
-    out.print(f"[red]job {row.task_id}[/] ({row.kind} of {row.kernel}) ended {row.state}"
-              + (f", exit code {row.exit_code}" if row.exit_code else "")
-              + (f": last lines of {row.log}:" if row.log_tail else f" (no output in {row.log})."))
+def _print_failure(row: TaskStatus, out: Any = None) -> None:
+    out = out or ui.console()
+    code = f", exit code {row.exit_code}" if row.exit_code not in ("", "0", "0:0") else ""
     if row.log_tail:
+        out.print(f"[red]job {row.task_id}[/] ({row.kind} of {row.kernel}) ended {row.state}{code}; "
+                  f"last lines of {row.log}:")
         out.print("\n".join("    " + line for line in row.log_tail.splitlines()), markup=False)
+    else:
+        why = f" ({row.reason})" if row.reason else ""
+        out.print(f"[red]job {row.task_id}[/] ({row.kind} of {row.kernel}) ended {row.state}{why}{code}.")
 
 
 # ----------------------------------------------------------------------------- build --slurm
@@ -206,10 +209,11 @@ def _wait(submitted: list[SubmittedJob], as_json: bool) -> int:
         raise
     if as_json:
         ui.print_json([r.to_json() for r in rows])
-    failed = [r for r in rows if r.failed]
+    # The build's failure explains a cancelled install job: report builds first.
+    failed = sorted((r for r in rows if r.failed), key=lambda r: r.kind != "build")
     for row in failed:
         if not as_json:
-            _print_failure(row)
+            _print_failure(row, err)
     if failed:
         first = failed[0]
         raise HpcKernelsError(
