@@ -18,13 +18,15 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hpc_kernels import __version__, paths, templates
 from hpc_kernels.errors import HpcKernelsError, RuntimeNotFoundError
 from hpc_kernels.fsutil import atomic_write
-from hpc_kernels.registry import KernelEntry
 from hpc_kernels.runtimes.slurm import FINAL_STATES, JobInfo, Slurm
+
+if TYPE_CHECKING:  # the registry (PyYAML) is not needed to parse build's flags
+    from hpc_kernels.registry import KernelEntry
 
 #: Defaults that fit DRAC's clusters for one image build; each is overridable (CLI flags, or
 #: SBATCH_TIMELIMIT / SBATCH_MEM_PER_NODE, which sbatch prefers to the script's #SBATCH lines).
@@ -175,16 +177,21 @@ def submit_time_apptainer_dir() -> str:
         return ""
 
 
-def plan_build(entries: Sequence[KernelEntry], registry: Path, options: JobOptions, *, force: bool = False,
-               python: str = sys.executable, apptainer_dir: str | None = None) -> PlannedJob:
-    """The batch script that builds ``entries`` (one array task per kernel when there are several)."""
+def plan_build(entries: Sequence[KernelEntry], registry: Path, options: JobOptions, *,
+               build_args: Sequence[str] = (), python: str = sys.executable,
+               apptainer_dir: str | None = None) -> PlannedJob:
+    """The batch script that builds ``entries`` (one array task per kernel when there are several).
+
+    ``build_args`` are extra flags of the ``hpc-kernels build`` run in the job (``--force``...).
+    """
     if not entries:
         raise HpcKernelsError("no kernel to build in a job.")
     names = tuple(e.name for e in entries)
     array = len(names) > 1
     output = str(logs_dir() / ("build-%A_%a.out" if array else "build-%j.out"))
     command = " ".join(shlex.quote(a) for a in (python, "-m", "hpc_kernels", "build"))
-    command += f' "$kernel" --registry {shlex.quote(str(registry))}' + (" --force" if force else "")
+    command += f' "$kernel" --registry {shlex.quote(str(registry))}'
+    command += "".join(" " + shlex.quote(a) for a in build_args)
     script = templates.render(
         "build.sbatch.tmpl",
         version=__version__,
@@ -267,7 +274,7 @@ def _tasks(job_id: str, plan: PlannedJob) -> tuple[Task, ...]:
 
 
 def submit_builds(entries: Sequence[KernelEntry], registry: Path, options: JobOptions, *,
-                  force: bool = False, install: Sequence[str] = (),
+                  build_args: Sequence[str] = (), install: Sequence[str] = (),
                   slurm: Slurm | None = None) -> list[SubmittedJob]:
     """One build job (an array for several kernels), then the install job of ``install`` (afterok).
 
@@ -277,7 +284,7 @@ def submit_builds(entries: Sequence[KernelEntry], registry: Path, options: JobOp
     submitted: list[SubmittedJob] = []
     build_job: str | None = None
     if entries:
-        job = submit(plan_build(entries, registry, options, force=force), registry, slurm=client)
+        job = submit(plan_build(entries, registry, options, build_args=build_args), registry, slurm=client)
         submitted.append(job)
         build_job = job.job_id
     if install:

@@ -87,11 +87,12 @@ def test_dry_run_prints_scripts_and_submits_nothing(
     make_registry: Any, capsys: pytest.CaptureFixture[str],
 ) -> None:
     path = make_registry(REG, DEF)
-    rc = cli.main(["build", "one", "--slurm", "--dry-run", "--then-install", "--registry", str(path)])
+    rc = cli.main(["build", "one", "--slurm", "--dry-run", "--then-install", "--force",
+                   "--registry", str(path)])
     out = capsys.readouterr().out
     assert rc == 0
     assert out.count("#!/bin/bash") == 2 and "--dependency=afterok:<build job id>" in out
-    assert f"-m hpc_kernels build \"$kernel\" --registry {path}" in out
+    assert f"-m hpc_kernels build \"$kernel\" --registry {path} --force\n" in out
     assert f"#SBATCH --time={slurm.DEFAULT_TIME}" in out
     assert not slurm.jobs_dir().exists()
 
@@ -108,6 +109,8 @@ def test_slurm_flags_without_slurm_are_a_usage_error(make_registry: Any) -> None
 def test_jobs_without_records(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["jobs", "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == []
+    assert cli.main(["jobs"]) == 0
+    assert "no Slurm jobs submitted by hpc-kernels" in capsys.readouterr().err
 
 
 def test_states_from_our_records_when_slurm_forgot(tmp_path: Path) -> None:

@@ -148,6 +148,10 @@ def test_three_kernels_build_in_one_job_array(cluster: None, make_registry: Any)
     states = {r["task_id"]: (r["kernel"], r["state"]) for r in json.loads(listed.stdout)}
     assert states == {f"{job}_0": ("k1", "COMPLETED"), f"{job}_1": ("k2", "COMPLETED"),
                       f"{job}_2": ("k3", "COMPLETED")}
+    # Incremental: up-to-date images get no job at all.
+    again = hpck("build", "k1", "k2", "k3", "--slurm", "--json", *SMALL, "--registry", str(reg), timeout=60)
+    assert again.returncode == 0 and json.loads(again.stdout) == []
+    assert again.stderr.count("up to date") == 3 and len(slurm.load_records()) == 1
 
 
 @pytest.mark.slurm

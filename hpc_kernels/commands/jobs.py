@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from typing import TYPE_CHECKING, Any
@@ -118,6 +119,11 @@ def run_build(args: argparse.Namespace) -> int:
     options = _options(args)
     reg = registry.load(args.registry)
     entries = ui.selected(reg, args)
+    # Flags of the local build travel into the job's `hpc-kernels build` (--fakeroot where it exists).
+    fakeroot = bool(getattr(args, "fakeroot", False))
+    if fakeroot:
+        entries = [dataclasses.replace(e, fakeroot=True) for e in entries]
+    build_args = (["--force"] if args.force else []) + (["--fakeroot"] if fakeroot else [])
     err = ui.console(stderr=True)
     unbuildable = [e.name for e in entries if e.recipe is None]
     if unbuildable:
@@ -130,9 +136,9 @@ def run_build(args: argparse.Namespace) -> int:
             err.print(f"[green]✓[/] {entry.name}: up to date ({entry.image}); no build job needed")
     install = [e.name for e in entries] if args.then_install else []
     if args.dry_run:
-        _print_scripts(to_build, install, reg.path, options, args.force)
+        _print_scripts(to_build, install, reg.path, options, build_args)
         return 0
-    submitted = slurm.submit_builds(to_build, reg.path, options, force=args.force, install=install)
+    submitted = slurm.submit_builds(to_build, reg.path, options, build_args=build_args, install=install)
     for job in submitted:
         _announce(job, err)
     if not args.wait:
@@ -156,11 +162,12 @@ def _options(args: argparse.Namespace) -> Any:
     )
 
 
-def _print_scripts(to_build: list[Any], install: list[str], registry: Any, options: Any, force: bool) -> None:
+def _print_scripts(to_build: list[Any], install: list[str], registry: Any, options: Any,
+                   build_args: list[str]) -> None:
     from hpc_kernels import slurm
 
     if to_build:
-        plan = slurm.plan_build(to_build, registry, options, force=force)
+        plan = slurm.plan_build(to_build, registry, options, build_args=build_args)
         sys.stdout.write(f"# submit with: {_sbatch_line(plan.sbatch_args)}\n{plan.script}")
     if install:
         plan = slurm.plan_install(install, registry, options)

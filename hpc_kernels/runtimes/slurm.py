@@ -68,7 +68,7 @@ class Slurm:
     def queue(self, job_ids: Iterable[str]) -> dict[str, JobInfo]:
         """Live jobs (pending, running, completing) among ``job_ids``; array tasks one by one."""
         ids = sorted(set(job_ids))
-        if not ids:
+        if not ids or shutil.which("squeue") is None:
             return {}
         result = run(["squeue", "-h", "-r", "-j", ",".join(ids), "-o", "%i|%T|%r"],
                      check=False, timeout=QUERY_TIMEOUT)
@@ -77,6 +77,8 @@ class Slurm:
 
     def control(self, job_id: str) -> dict[str, JobInfo]:
         """``scontrol show job``: also finished jobs, for a few minutes (MinJobAge) after they end."""
+        if shutil.which("scontrol") is None:
+            return {}
         result = run(["scontrol", "show", "job", "-o", job_id], check=False, timeout=QUERY_TIMEOUT)
         return parse_scontrol(result.stdout) if result.returncode == 0 else {}
 
@@ -94,7 +96,7 @@ class Slurm:
     def cancel(self, job_ids: Iterable[str]) -> None:
         """``scancel`` the given jobs (unknown or finished ones are ignored)."""
         ids = sorted(set(job_ids))
-        if ids:
+        if ids and shutil.which("scancel") is not None:
             run(["scancel", *ids], check=False, timeout=QUERY_TIMEOUT)
 
 
