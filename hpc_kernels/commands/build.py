@@ -19,6 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fakeroot", action="store_true",
                         help="build with --fakeroot (for recipes that need root; no sudo is ever used)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    from hpc_kernels.commands import jobs
+
+    jobs.add_build_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -26,7 +29,11 @@ def run(args: argparse.Namespace) -> int:
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from hpc_kernels import build, registry
+    from hpc_kernels.commands import jobs
     from hpc_kernels.errors import BuildError, HpcKernelsError
+
+    if jobs.slurm_requested(args):
+        return jobs.run_build(args)
 
     reg = registry.load(args.registry)
     entries = ui.selected(reg, args)

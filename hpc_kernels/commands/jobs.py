@@ -1,0 +1,230 @@
+"""``hpc-kernels jobs``: our Slurm build jobs and how they stand; also ``build --slurm``'s CLI side."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from typing import TYPE_CHECKING, Any
+
+from hpc_kernels import ui
+
+if TYPE_CHECKING:
+    from hpc_kernels.slurm import SubmittedJob, TaskStatus
+
+HELP = "show the Slurm jobs of 'build --slurm', their state, and the log tail of failed ones"
+
+#: ``build`` flags that only mean something with ``--slurm``.
+SLURM_ONLY = ("account", "time", "mem", "cpus", "partition", "wait", "then_install", "dry_run")
+
+_COLOURS = {"COMPLETED": "green", "RUNNING": "cyan", "PENDING": "yellow", "COMPLETING": "cyan"}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``jobs``."""
+    parser.add_argument("--limit", type=int, default=20, metavar="N",
+                        help="show the N most recent jobs (default 20; 0 = all)")
+    parser.add_argument("--json", action="store_true", help="print the jobs as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    """List our jobs (newest first) with their state; failed ones with the tail of their log."""
+    from hpc_kernels import slurm
+
+    records = slurm.load_records()
+    if args.limit > 0:
+        records = records[: args.limit]
+    rows = slurm.statuses(records) if records else []
+    if args.json:
+        ui.print_json([r.to_json() for r in rows])
+        return 0
+    if not rows:
+        ui.note(f"no Slurm jobs submitted by hpc-kernels (records live in {slurm.jobs_dir()}).")
+        return 0
+    _print_table(rows)
+    for row in rows:
+        if row.failed:
+            _print_failure(row)
+    return 0
+
+
+def _print_table(rows: list[TaskStatus]) -> None:
+    from rich.table import Table
+
+    table = Table(title_justify="left")
+    for col in ("job", "kind", "kernel", "state", "submitted", "log"):
+        table.add_column(col)
+    for row in rows:
+        colour = _COLOURS.get(row.state, "red")
+        state = row.state + (f" ({row.reason})" if row.reason and row.state != "COMPLETED" else "")
+        submitted = time.strftime("%Y-%m-%d %H:%M", time.localtime(row.submitted_at)) \
+            if row.submitted_at else ""
+        table.add_row(row.task_id, row.kind, row.kernel, f"[{colour}]{state}[/]", submitted, row.log)
+    ui.console().print(table)
+
+
+def _print_failure(row: TaskStatus, out: Any = None) -> None:
+    out = out or ui.console()
+    code = f", exit code {row.exit_code}" if row.exit_code not in ("", "0", "0:0") else ""
+    if row.log_tail:
+        out.print(f"[red]job {row.task_id}[/] ({row.kind} of {row.kernel}) ended {row.state}{code}; "
+                  f"last lines of {row.log}:")
+        out.print("\n".join("    " + line for line in row.log_tail.splitlines()), markup=False)
+    else:
+        why = f" ({row.reason})" if row.reason else ""
+        out.print(f"[red]job {row.task_id}[/] ({row.kind} of {row.kernel}) ended {row.state}{why}{code}.")
+
+
+# ----------------------------------------------------------------------------- build --slurm
+
+
+def add_build_arguments(parser: argparse.ArgumentParser) -> None:
+    """``build``'s Slurm flags (defaults fit DRAC; sbatch also reads SBATCH_ACCOUNT etc. itself)."""
+    from hpc_kernels.slurm import DEFAULT_CPUS, DEFAULT_MEM, DEFAULT_TIME
+
+    group = parser.add_argument_group("building in a Slurm job (DRAC: never build on a login node)")
+    group.add_argument("--slurm", action="store_true",
+                       help="build in a Slurm batch job (several kernels: one job array) instead of here")
+    group.add_argument("--account", metavar="A", help="Slurm account, e.g. def-pi (default: $SBATCH_ACCOUNT)")
+    group.add_argument("--time", metavar="T", help=f"time limit (default {DEFAULT_TIME})")
+    group.add_argument("--mem", metavar="M", help=f"memory (default {DEFAULT_MEM})")
+    group.add_argument("--cpus", metavar="N", type=int, help=f"CPUs per task (default {DEFAULT_CPUS})")
+    group.add_argument("--partition", metavar="P", help="Slurm partition (default: the cluster's)")
+    group.add_argument("--wait", action="store_true", help="wait for the job(s) to end; exit 1 if one failed")
+    group.add_argument("--then-install", action="store_true",
+                       help="install the kernelspecs in a job that runs after a successful build (afterok)")
+    group.add_argument("--dry-run", action="store_true", help="print the batch script(s); submit nothing")
+
+
+def slurm_requested(args: argparse.Namespace) -> bool:
+    """True when ``build`` was given --slurm or any flag that only makes sense with it."""
+    return bool(getattr(args, "slurm", False)) or any(
+        getattr(args, name, None) not in (None, False) for name in SLURM_ONLY
+    )
+
+
+def run_build(args: argparse.Namespace) -> int:
+    """``build --slurm``: submit the build job (array), optionally the install job; print ids and logs."""
+    from hpc_kernels import build, registry, slurm
+    from hpc_kernels.errors import UsageError
+
+    if not args.slurm:
+        given = [f"--{n.replace('_', '-')}" for n in SLURM_ONLY
+                 if getattr(args, n, None) not in (None, False)]
+        verb = "only applies" if len(given) == 1 else "only apply"
+        raise UsageError(f"{', '.join(given)} {verb} with --slurm (build in a Slurm job).")
+    if args.cpus is not None and args.cpus < 1:
+        raise UsageError("--cpus must be at least 1.")
+    options = _options(args)
+    reg = registry.load(args.registry)
+    entries = ui.selected(reg, args)
+    # Flags of the local build travel into the job's `hpc-kernels build` (--fakeroot where it exists).
+    fakeroot = bool(getattr(args, "fakeroot", False))
+    if fakeroot:
+        entries = [dataclasses.replace(e, fakeroot=True) for e in entries]
+    build_args = (["--force"] if args.force else []) + (["--fakeroot"] if fakeroot else [])
+    err = ui.console(stderr=True)
+    unbuildable = [e.name for e in entries if e.recipe is None]
+    if unbuildable:
+        raise UsageError(f"nothing to build for {', '.join(unbuildable)}: no 'def' recipe in {reg.path}.")
+    to_build = entries if args.force or args.dry_run else [
+        e for e in entries if build.image_state(e).status != "built"
+    ]
+    for entry in entries:
+        if entry not in to_build:
+            err.print(f"[green]✓[/] {entry.name}: up to date ({entry.image}); no build job needed")
+    install = [e.name for e in entries] if args.then_install else []
+    if args.dry_run:
+        _print_scripts(to_build, install, reg.path, options, build_args)
+        return 0
+    submitted = slurm.submit_builds(to_build, reg.path, options, build_args=build_args, install=install)
+    for job in submitted:
+        _announce(job, err)
+    if not args.wait:
+        if args.json:
+            ui.print_json([_job_json(j) for j in submitted])
+        return 0
+    return _wait(submitted, args.json)
+
+
+def _options(args: argparse.Namespace) -> Any:
+    from hpc_kernels.slurm import JobOptions
+
+    given = {"time": args.time, "mem": args.mem, "cpus-per-task": args.cpus,
+             "account": args.account, "partition": args.partition}
+    explicit = tuple(k for k, v in given.items() if v is not None)
+    defaults = JobOptions()
+    return JobOptions(
+        time=args.time or defaults.time, mem=args.mem or defaults.mem,
+        cpus=args.cpus if args.cpus is not None else defaults.cpus,
+        account=args.account, partition=args.partition, explicit=explicit,
+    )
+
+
+def _print_scripts(to_build: list[Any], install: list[str], registry: Any, options: Any,
+                   build_args: list[str]) -> None:
+    from hpc_kernels import slurm
+
+    if to_build:
+        plan = slurm.plan_build(to_build, registry, options, build_args=build_args)
+        sys.stdout.write(f"# submit with: {_sbatch_line(plan.sbatch_args)}\n{plan.script}")
+    if install:
+        plan = slurm.plan_install(install, registry, options)
+        dep = slurm.dependency_args("<build job id>") if to_build else []
+        sys.stdout.write(f"\n# then: {_sbatch_line([*dep, *plan.sbatch_args])}\n{plan.script}")
+
+
+def _sbatch_line(args: Any) -> str:
+    return " ".join(["sbatch", "--parsable", *args, "<this script>"])
+
+
+def _announce(job: SubmittedJob, err: Any) -> None:
+    what = ", ".join(job.kernels)
+    after = f" (runs after job {job.depends_on} succeeds)" if job.depends_on else ""
+    kind = "build job array" if len(job.tasks) > 1 else f"{job.kind} job"
+    err.print(f"[green]✓[/] submitted {kind} [bold]{job.job_id}[/] for {what}{after}")
+    for task in job.tasks:
+        label = f"  {task.task_id} ({task.kernel})" if len(job.tasks) > 1 else " "
+        err.print(f"{label} log: {task.log}", markup=False)
+
+
+def _job_json(job: SubmittedJob) -> dict[str, Any]:
+    return {"job_id": job.job_id, "kind": job.kind, "kernels": list(job.kernels),
+            "depends_on": job.depends_on, "record": str(job.record),
+            "tasks": [{"task_id": t.task_id, "kernel": t.kernel, "log": str(t.log)} for t in job.tasks]}
+
+
+def _wait(submitted: list[SubmittedJob], as_json: bool) -> int:
+    from hpc_kernels import slurm
+    from hpc_kernels.errors import HpcKernelsError
+
+    err = ui.console(stderr=True)
+    ids = [j.job_id for j in submitted]
+    seen: dict[str, str] = {}
+
+    def on_poll(rows: list[TaskStatus]) -> None:
+        for row in rows:
+            if seen.get(row.task_id) != row.state:
+                seen[row.task_id] = row.state
+                err.print(f"  job {row.task_id} ({row.kernel}): {row.state}", markup=False)
+
+    try:
+        rows = slurm.wait(ids, on_poll=on_poll)
+    except KeyboardInterrupt:
+        err.print(f"stopped waiting; the job(s) {', '.join(ids)} keep going: see 'hpc-kernels jobs'.")
+        raise
+    if as_json:
+        ui.print_json([r.to_json() for r in rows])
+    # The build's failure explains a cancelled install job: report builds first.
+    failed = sorted((r for r in rows if r.failed), key=lambda r: r.kind != "build")
+    for row in failed:
+        if not as_json:
+            _print_failure(row, err)
+    if failed:
+        first = failed[0]
+        raise HpcKernelsError(
+            f"{len(failed)} of {len(rows)} job(s) did not succeed (job {first.task_id}, "
+            f"{first.kind} of {first.kernel}: {first.state}); see 'hpc-kernels jobs'."
+        )
+    return 0

@@ -1,0 +1,181 @@
+"""The Slurm adapter: ``sbatch``, ``squeue``, ``scontrol``, ``sacct`` and ``scancel``, all through proc.run.
+
+It only talks to Slurm and parses its answers; what to submit and what to remember about it lives
+in :mod:`hpc_kernels.slurm`.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from hpc_kernels.errors import HpcKernelsError, RuntimeNotFoundError
+from hpc_kernels.proc import run
+
+#: Every Slurm query is bounded: a wedged controller must not hang the CLI.
+QUERY_TIMEOUT = 30.0
+
+#: States after which a job never runs again (squeue/scontrol/sacct spelling).
+FINAL_STATES = frozenset({
+    "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL",
+    "DEADLINE", "PREEMPTED", "REVOKED", "SPECIAL_EXIT", "UNKNOWN",
+})
+
+NOT_FOUND_HINT = (
+    "'sbatch' was not found on PATH: submit from a login node of a Slurm cluster, "
+    "or build here without --slurm."
+)
+
+
+class SlurmError(HpcKernelsError):
+    """Slurm refused a request (a rejected submission, an unreachable controller)."""
+
+
+@dataclass(frozen=True)
+class JobInfo:
+    """What Slurm says about one job or array task (``123`` or ``123_4``)."""
+
+    job_id: str
+    state: str
+    reason: str = ""
+    exit_code: str = ""
+    source: str = ""  # squeue | scontrol | sacct
+
+
+class Slurm:
+    """The Slurm client programs, as found on PATH."""
+
+    name = "slurm"
+
+    def available(self) -> bool:
+        """True when ``sbatch`` is on PATH."""
+        return shutil.which("sbatch") is not None
+
+    def submit(self, script: str, args: Sequence[str] = ()) -> str:
+        """Submit ``script`` (given on stdin) with ``sbatch --parsable``; returns the job id.
+
+        A rejection (bad time, unknown partition, impossible resources) becomes one sentence.
+        """
+        if not self.available():
+            raise RuntimeNotFoundError(NOT_FOUND_HINT)
+        result = run(["sbatch", "--parsable", *args], check=False, input_text=script, timeout=QUERY_TIMEOUT)
+        if result.returncode != 0:
+            raise SlurmError(rejection_sentence(result.stderr or result.stdout))
+        return parse_parsable(result.stdout)
+
+    def queue(self, job_ids: Iterable[str]) -> dict[str, JobInfo]:
+        """Live jobs (pending, running, completing) among ``job_ids``; array tasks one by one."""
+        ids = sorted(set(job_ids))
+        if not ids or shutil.which("squeue") is None:
+            return {}
+        result = run(["squeue", "-h", "-r", "-j", ",".join(ids), "-o", "%i|%T|%r"],
+                     check=False, timeout=QUERY_TIMEOUT)
+        # squeue exits 1 ("Invalid job id specified") when none of the ids is known any more.
+        return parse_squeue(result.stdout) if result.returncode == 0 else {}
+
+    def control(self, job_id: str) -> dict[str, JobInfo]:
+        """``scontrol show job``: also finished jobs, for a few minutes (MinJobAge) after they end."""
+        if shutil.which("scontrol") is None:
+            return {}
+        result = run(["scontrol", "show", "job", "-o", job_id], check=False, timeout=QUERY_TIMEOUT)
+        return parse_scontrol(result.stdout) if result.returncode == 0 else {}
+
+    def accounting(self, job_ids: Iterable[str]) -> dict[str, JobInfo] | None:
+        """``sacct`` states, or None when the cluster has no accounting (it then exits non-zero)."""
+        ids = sorted(set(job_ids))
+        if not ids or shutil.which("sacct") is None:
+            return None
+        result = run(["sacct", "-n", "-P", "-X", "-j", ",".join(ids), "-o", "JobID,State,ExitCode,Reason"],
+                     check=False, timeout=QUERY_TIMEOUT)
+        if result.returncode != 0:
+            return None
+        return parse_sacct(result.stdout)
+
+    def cancel(self, job_ids: Iterable[str]) -> None:
+        """``scancel`` the given jobs (unknown or finished ones are ignored)."""
+        ids = sorted(set(job_ids))
+        if ids and shutil.which("scancel") is not None:
+            run(["scancel", *ids], check=False, timeout=QUERY_TIMEOUT)
+
+
+# ----------------------------------------------------------------------------- parsing
+
+
+def parse_parsable(stdout: str) -> str:
+    """The job id of ``sbatch --parsable`` output (``123`` or ``123;cluster``)."""
+    first = stdout.strip().splitlines()[0] if stdout.strip() else ""
+    job_id = first.split(";", 1)[0].strip()
+    if not job_id.isdigit():
+        raise SlurmError(f"sbatch printed no job id (it said: {stdout.strip()[:200]!r}).")
+    return job_id
+
+
+def parse_squeue(stdout: str) -> dict[str, JobInfo]:
+    """Lines of ``%i|%T|%r``."""
+    jobs: dict[str, JobInfo] = {}
+    for line in stdout.splitlines():
+        parts = line.strip().split("|")
+        if len(parts) >= 2 and parts[0]:
+            reason = parts[2] if len(parts) > 2 and parts[2] != "None" else ""
+            jobs[parts[0]] = JobInfo(parts[0], parts[1].upper(), reason, "", "squeue")
+    return jobs
+
+
+def parse_scontrol(stdout: str) -> dict[str, JobInfo]:
+    """``scontrol show job -o`` lines; array tasks are keyed ``<array job>_<task>``."""
+    jobs: dict[str, JobInfo] = {}
+    for line in stdout.splitlines():
+        fields: dict[str, str] = {}
+        for token in line.split():
+            key, sep, value = token.partition("=")
+            if sep and key not in fields:
+                fields[key] = value
+        if "JobId" not in fields or "JobState" not in fields:
+            continue
+        task = fields.get("ArrayTaskId", "")
+        if task and not task.isdigit():
+            continue  # a pending range like 0-2: squeue lists those tasks one by one
+        key = f"{fields.get('ArrayJobId', fields['JobId'])}_{task}" if task else fields["JobId"]
+        reason = fields.get("Reason", "")
+        jobs[key] = JobInfo(key, fields["JobState"].upper(), "" if reason == "None" else reason,
+                            fields.get("ExitCode", ""), "scontrol")
+    return jobs
+
+
+def parse_sacct(stdout: str) -> dict[str, JobInfo]:
+    """``sacct -n -P -o JobID,State,ExitCode,Reason`` lines (``CANCELLED by 0`` → ``CANCELLED``)."""
+    jobs: dict[str, JobInfo] = {}
+    for line in stdout.splitlines():
+        parts = line.strip().split("|")
+        if len(parts) >= 3 and parts[0] and parts[1]:
+            reason = parts[3] if len(parts) > 3 and parts[3] != "None" else ""
+            jobs[parts[0]] = JobInfo(parts[0], parts[1].split()[0].upper(), reason, parts[2], "sacct")
+    return jobs
+
+
+_HINTS = (
+    (re.compile(r"time", re.I), "give --time as minutes or [D-]HH:MM:SS, e.g. --time 1:00:00"),
+    (re.compile(r"partition", re.I), "list the partitions with 'sinfo -s', or drop --partition"),
+    (re.compile(r"account|allocation", re.I), "pass --account def-<pi> or set SBATCH_ACCOUNT"),
+    (re.compile(r"processors|memory|node configuration|cpu", re.I),
+     "ask for less with --cpus and --mem"),
+)
+
+
+def rejection_sentence(output: str) -> str:
+    """sbatch's complaint as one sentence with the fix we know (first, most specific error line)."""
+    messages: list[str] = []
+    for raw in output.splitlines():
+        line = raw.strip()
+        if not line:
+            continue
+        match = re.match(r"^sbatch:\s*error:\s*(.*)$", line)
+        text = match.group(1) if match else ("" if messages else line)
+        text = re.sub(r"^Batch job submission failed:\s*", "", text).strip().rstrip(".")
+        if text and text not in messages:
+            messages.append(text)
+    reason = messages[0] if messages else "no reason given"
+    hint = next((h for pattern, h in _HINTS if pattern.search(reason)), "")
+    return f"sbatch rejected the job: {reason}" + (f" ({hint})." if hint else ".")
