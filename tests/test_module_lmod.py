@@ -133,6 +133,28 @@ def test_load_lists_kernels_and_unload_restores_exactly(lmod_tool: lmod.Lmod, ma
     assert "demo" not in sh.kernelspecs()
 
 
+def test_module_function_in_a_real_bash(lmod_tool: lmod.Lmod, make_group: Callable[..., Path]) -> None:
+    """The same through Lmod's own shell function (init/bash), as a user's terminal does it."""
+    grp = make_group()
+    script = f"""
+set -eu
+source {lmod_tool.init_bash}
+before="$PATH|${{JUPYTER_PATH-unset}}"
+module use {grp}/modulefiles
+module load container-kernels
+{sys.executable} -m jupyter_client.kernelspecapp list | grep -q "demo *{grp}/share/jupyter/kernels/demo"
+command -v hpc-kernels
+module unload container-kernels
+test "$PATH|${{JUPYTER_PATH-unset}}" = "$before" && echo restored
+"""
+    env = {k: os.environ[k] for k in KEEP if k in os.environ}
+    env.update(PATH="/usr/bin:/bin", LANG="C.UTF-8")
+    done = subprocess.run(["bash", "--noprofile", "--norc", "-c", script], env=env, capture_output=True,
+                          text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [f"{grp}/bin/hpc-kernels", "restored"]
+
+
 def test_generated_tree_passes_check_module_tree_syntax(lmod_tool: lmod.Lmod, make_group: Callable[..., Path],
                                                         tmp_path: Path) -> None:
     grp = make_group()
@@ -197,15 +219,20 @@ def test_missing_apptainer_module_loads_with_a_clear_message(lmod_tool: lmod.Lmo
     assert "no 'apptainer' module" not in sh.module("load", "container-kernels")
 
 
-def test_sticky_under_jupyterhub(lmod_tool: lmod.Lmod, make_group: Callable[..., Path]) -> None:
+def test_sticky_under_jupyterhub(lmod_tool: lmod.Lmod, make_group: Callable[..., Path],
+                                 tmp_path: Path) -> None:
     grp = make_group()
+    site = fake_site_module(tmp_path / "site", "apptainer/1.4.5", 'setenv("FAKE_APPTAINER", "1.4.5")\n')
     sh = Shell(lmod_tool, JUPYTERHUB_API_TOKEN="t0ken")
+    sh.module("use", str(site))
     sh.module("use", str(grp / "modulefiles"))
     sh.module("load", "container-kernels")
     sh.module("purge")
-    assert sh.env["JUPYTER_PATH"] == f"{grp}/share/jupyter"  # still there after `module purge`
+    # Still there after `module purge`, and so is the Apptainer module new kernels need.
+    assert sh.env["JUPYTER_PATH"] == f"{grp}/share/jupyter"
+    assert sh.env["LOADEDMODULES"] == "apptainer/1.4.5:container-kernels/0.1.0"
     sh.module("--force", "purge")
-    assert "JUPYTER_PATH" not in sh.env
+    assert "JUPYTER_PATH" not in sh.env and "FAKE_APPTAINER" not in sh.env
     plain = Shell(lmod_tool)
     plain.module("use", str(grp / "modulefiles"))
     plain.module("load", "container-kernels")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -107,7 +108,6 @@ def _show(config: ModuleConfig, as_json: bool) -> int:
         data["kernels"] = modulefile.our_kernelspecs(config)
         ui.print_json(data)
         return 0
-    out = ui.console()
     err = ui.console(stderr=True)
     for f in module_plan.files:
         if f.exists:
@@ -115,7 +115,9 @@ def _show(config: ModuleConfig, as_json: bool) -> int:
         else:
             state = "new"
         err.print(f"[bold]# {f.kind}: {f.path}[/] ({state})")
-        out.print(f.text, markup=False, end="")
+        # Raw, not through rich: Lua text must come out byte for byte (no emoji/markup parsing).
+        sys.stdout.write(f.text)
+        sys.stdout.flush()
     return 0
 
 
