@@ -246,7 +246,7 @@ def _help_text(config: ModuleConfig) -> str:
 def _root_block(config: ModuleConfig, relative: bool) -> str:
     if not any_relative(config, relative):
         return "-- Paths below are absolute (they do not lie in the tree's parent group directory)."
-    depth = len(Path(config.modulefile).relative_to(tree_root(config)).parts)
+    depth = len(Path(os.path.normpath(config.modulefile)).relative_to(tree_root(config)).parts)
     pattern = "^(.*)" + "/[^/]+" * depth + "$"
     return (
         "-- The group directory, from this file's own location "
@@ -345,7 +345,8 @@ def _refuse_foreign(files: tuple[PlannedFile, ...], verb: str) -> None:
 
 def write(module_plan: ModulePlan) -> list[Path]:
     """Write every planned file atomically; refuse (before writing anything) to replace a file not ours."""
-    _refuse_foreign(module_plan.files, "overwrite")
+    # Look again now rather than trusting the plan: a file may have appeared since it was made.
+    _refuse_foreign(tuple(_planned(f.path, f.kind, f.text, f.mode) for f in module_plan.files), "overwrite")
     for f in module_plan.files:
         atomic_write(f.path, f.text, f.mode)
     return [f.path for f in module_plan.files]

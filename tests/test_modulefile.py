@@ -88,10 +88,11 @@ def test_wrapper_runs_the_program(tmp_path: Path) -> None:
 
 def test_write_refuses_foreign_files_and_writes_nothing(tmp_path: Path) -> None:
     cfg = config(tmp_path)
+    stale_plan = modulefile.plan(cfg)  # made before the file appeared: write() must look again
     cfg.modulefile.parent.mkdir(parents=True)
     cfg.modulefile.write_text('setenv("MINE", "1")\n')
     with pytest.raises(NotOursError, match="not written by hpc-kernels"):
-        modulefile.write(modulefile.plan(cfg))
+        modulefile.write(stale_plan)
     assert cfg.modulefile.read_text() == 'setenv("MINE", "1")\n'
     assert not cfg.wrapper.exists()
     with pytest.raises(NotOursError):
