@@ -8,6 +8,7 @@ a dict): each test holds a shell-like environment and runs real programs in it.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import secrets
@@ -282,16 +283,16 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def jupyter_server(tmp_path: Path) -> Iterator[Callable[[dict[str, str]], str]]:
+def jupyter_server(tmp_path: Path) -> Iterator[Callable[..., str]]:
     """Start ``jupyter server`` (127.0.0.1, random port, token) in a given environment; killed afterwards."""
     procs: list[subprocess.Popen[bytes]] = []
 
-    def start(env: dict[str, str]) -> str:
+    def start(env: dict[str, str], *extra: str) -> str:
         port, token = _free_port(), secrets.token_hex(16)
         log = (tmp_path / "server.log").open("wb")
         procs.append(subprocess.Popen(
-            [sys.executable, "-m", "jupyter_server", "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}",
-             "--ServerApp.port_retries=0", f"--IdentityProvider.token={token}",
+            [sys.executable, "-m", "jupyter_server", *extra, "--ServerApp.ip=127.0.0.1",
+             f"--ServerApp.port={port}", "--ServerApp.port_retries=0", f"--IdentityProvider.token={token}",
              "--ServerApp.open_browser=False", "--ServerApp.allow_root=True",
              f"--ServerApp.root_dir={tmp_path}"],
             env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
@@ -324,7 +325,7 @@ def _get_json(url: str, deadline: float, server_log: Path) -> dict[str, Any]:
 
 def test_jupyter_server_started_after_load_lists_our_kernels(lmod_tool: lmod.Lmod,
                                                              make_group: Callable[..., Path],
-                                                             jupyter_server: Callable[[dict[str, str]], str],
+                                                             jupyter_server: Callable[..., str],
                                                              tmp_path: Path) -> None:
     pytest.importorskip("jupyter_server", reason="jupyter_server is in the 'test' extra")
     grp = make_group()
@@ -335,3 +336,71 @@ def test_jupyter_server_started_after_load_lists_our_kernels(lmod_tool: lmod.Lmo
     data = _get_json(url, time.monotonic() + 60, tmp_path / "server.log")
     assert data["kernelspecs"]["demo"]["spec"]["display_name"] == "Demo (container)"
     assert data["kernelspecs"]["demo"]["spec"]["metadata"]["hpc_kernels"]["kernel"] == "demo"
+
+
+def _rest(url: str, method: str = "GET", body: Any = None) -> Any:
+    """One Jupyter REST call (``url`` carries ``?token=``); the JSON answer, or None."""
+    base, _, query = url.partition("?")
+    token = query.removeprefix("token=")
+    request = urllib.request.Request(
+        base, method=method, data=None if body is None else json.dumps(body).encode(),
+        headers={"Authorization": f"token {token}", "Content-Type": "application/json"},
+    )
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(request, timeout=30) as response:
+        text = response.read()
+    return json.loads(text) if text else None
+
+
+@pytest.mark.apptainer
+def test_jupyterlab_software_modules_panel_loads_our_kernels(lmod_tool: lmod.Lmod,
+                                                             make_group: Callable[..., Path],
+                                                             base_sif: Path, apptainer_bin: str,
+                                                             jupyter_server: Callable[..., str],
+                                                             tmp_path: Path) -> None:
+    """DRAC's flow: a running server with jupyter-lmod (the "Software Modules" panel's server side) loads
+    the module, our kernels appear in /api/kernelspecs, one started from the menu runs in Apptainer
+    (which the site's apptainer module put on PATH), and unloading removes them again."""
+    if importlib.util.find_spec("jupyterlmod") is None:
+        pytest.skip("jupyterlmod (jupyter-lmod) is not installed: it is in the 'test' extra")
+    from jupyter_client import BlockingKernelClient
+
+    grp = make_group(str(base_sif))
+    site = fake_site_module(tmp_path / "site", "apptainer/1.4.5",
+                            f'prepend_path("PATH", "{Path(apptainer_bin).parent}")\n')
+    sh = Shell(lmod_tool, LMOD_CMD=str(lmod_tool.command))
+    sh.module("use", str(site))
+    sh.module("use", str(grp / "modulefiles"))
+    config = tmp_path / "server-config.json"
+    config.write_text(json.dumps({"ServerApp": {"jpserver_extensions": {"jupyterlmod": True}}}))
+    url = jupyter_server(sh.env, f"--config={config}")
+    specs = _get_json(url, time.monotonic() + 60, tmp_path / "server.log")["kernelspecs"]
+    assert "demo" not in specs
+    root = url.split("/api/", 1)[0]
+    token = url.partition("?")[2]
+
+    _rest(f"{root}/module?{token}", "POST", {"modules": ["container-kernels"]})
+    assert _rest(f"{root}/module?{token}") == ["apptainer/1.4.5", "container-kernels/0.1.0"]
+    assert "demo" in _rest(f"{root}/api/kernelspecs?{token}")["kernelspecs"]
+
+    kernel = _rest(f"{root}/api/kernels?{token}", "POST", {"name": "demo"})
+    client = BlockingKernelClient(
+        connection_file=f"{sh.env['JUPYTER_RUNTIME_DIR']}/kernel-{kernel['id']}.json")
+    client.load_connection_file()
+    # No heartbeat channel: without a manager, one missed beat while the container starts reads as
+    # "died"; kernel_info's bounded wait is the readiness check.
+    client.start_channels(hb=False)
+    try:
+        client.wait_for_ready(timeout=90)
+        out: list[str] = []
+        reply = client.execute_interactive(
+            "print(open('/etc/hpck-test-image').read())", timeout=60,
+            output_hook=lambda m: out.append(m["content"]["text"]) if m["msg_type"] == "stream" else None)
+    finally:
+        client.stop_channels()
+        _rest(f"{root}/api/kernels/{kernel['id']}?{token}", "DELETE")
+    assert reply["content"]["status"] == "ok" and out == ["hpc-kernels test image (debian bookworm)\n\n"]
+    assert leftover_processes(f"kernel-{kernel['id']}") == []
+
+    _rest(f"{root}/module?{token}", "DELETE", {"modules": ["container-kernels"]})
+    assert "demo" not in _rest(f"{root}/api/kernelspecs?{token}")["kernelspecs"]
