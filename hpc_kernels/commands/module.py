@@ -26,7 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     install.add_argument("names", nargs="*", metavar="NAME", help="kernels to install under --prefix too")
     install.add_argument("--all", action="store_true", help="install every kernel under --prefix too")
     show = actions.add_parser("show", help="print what 'module install' would write (nothing is written)")
-    uninstall = actions.add_parser("uninstall", help="remove what 'module install' wrote")
+    uninstall = actions.add_parser(
+        "uninstall", help="remove the modulefile and wrapper (kernelspecs: 'hpc-kernels uninstall --prefix')")
     for sub in (install, show, uninstall):
         _add_common(sub)
 
