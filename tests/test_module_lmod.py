@@ -50,7 +50,8 @@ class Shell:
         self.tool = tool
         # No apptainer on this PATH: only a (fake) site module provides one.
         self.env = {k: os.environ[k] for k in KEEP if k in os.environ}
-        self.env.update(PATH="/usr/bin:/bin", MODULEPATH="", LANG="C.UTF-8", **extra)
+        self.env.update(PATH="/usr/bin:/bin", MODULEPATH="", LANG="C.UTF-8")
+        self.env.update(extra)
 
     def module(self, *args: str) -> str:
         """Run ``module ARGS``; fail the test on an Lmod error; return Lmod's messages."""
@@ -204,7 +205,9 @@ def test_missing_apptainer_module_loads_with_a_clear_message(lmod_tool: lmod.Lmo
                                                               make_group: Callable[..., Path],
                                                               tmp_path: Path) -> None:
     grp = make_group()
-    sh = Shell(lmod_tool)
+    empty = tmp_path / "empty-bin"  # a PATH surely without apptainer (even where /usr/bin has one)
+    empty.mkdir()
+    sh = Shell(lmod_tool, PATH=str(empty))
     sh.module("use", str(grp / "modulefiles"))
     messages = sh.module("load", "container-kernels")
     flat = " ".join(messages.split())

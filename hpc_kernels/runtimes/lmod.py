@@ -12,6 +12,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from hpc_kernels import proc
 from hpc_kernels.errors import HpcKernelsError, RuntimeNotFoundError, ToolError
@@ -85,6 +86,16 @@ def _environ_key(node: ast.expr) -> str | None:
             and isinstance(node.slice.value, str)):
         return node.slice.value
     return None
+
+
+class ModuleSystem(Protocol):
+    """What callers (tests, a doctor) need from a module system; :class:`Lmod` is the real one."""
+
+    def evaluate(self, args: Sequence[str], environ: Mapping[str, str]) -> Evaluation:
+        """The environment changes ``module ARGS`` asks for in ``environ``."""
+
+    def check_tree(self, tree: Path, environ: Mapping[str, str] | None = None) -> list[str]:
+        """Problems in the modulefiles under ``tree`` (empty: none)."""
 
 
 @dataclass(frozen=True)
