@@ -14,7 +14,15 @@ from collections.abc import Sequence
 from hpc_kernels import __version__
 
 #: Subcommands, each a module in hpc_kernels.commands with HELP, add_arguments() and run().
-COMMANDS = ("build", "install", "uninstall", "list", "show", "jobs")
+COMMANDS = (
+    "build",
+    "install",
+    "uninstall",
+    "list",
+    "show",
+    "module",
+    "jobs",
+)
 
 
 def _parser() -> argparse.ArgumentParser:

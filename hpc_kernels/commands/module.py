@@ -1,0 +1,175 @@
+"""``hpc-kernels module install|show|uninstall``: an Lmod module that lists our kernels in Jupyter."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from hpc_kernels.modulefile import ModuleConfig
+
+HELP = "write an Lmod modulefile ('module load container-kernels') that lists our kernels in Jupyter"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``module`` has sub-actions; each takes the same location flags."""
+    actions = parser.add_subparsers(dest="action", metavar="ACTION")
+    actions.required = True
+    install = actions.add_parser(
+        "install", help="write the modulefile tree (and, given kernel names, their kernelspecs)",
+        description="Write <dir>/<name>/<version>.lua and <prefix>/bin/hpc-kernels. Given NAME... or --all, "
+                    "first install those kernelspecs under --prefix (like 'hpc-kernels install --prefix').",
+    )
+    install.add_argument("names", nargs="*", metavar="NAME", help="kernels to install under --prefix too")
+    install.add_argument("--all", action="store_true", help="install every kernel under --prefix too")
+    show = actions.add_parser("show", help="print what 'module install' would write (nothing is written)")
+    uninstall = actions.add_parser(
+        "uninstall", help="remove the modulefile and wrapper (kernelspecs: 'hpc-kernels uninstall --prefix')")
+    for sub in (install, show, uninstall):
+        _add_common(sub)
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    from hpc_kernels import modulefile
+
+    # Also accepted after the action (`module install --registry X`); SUPPRESS keeps an earlier value.
+    parser.add_argument("--registry", metavar="PATH", default=argparse.SUPPRESS,
+                        help="the kernels.yaml the module points HPC_KERNELS_REGISTRY at")
+    parser.add_argument("--dir", metavar="DIR", help="the modulefile tree (default: ~/modulefiles)")
+    parser.add_argument("--prefix", metavar="PREFIX",
+                        help="the Jupyter prefix whose share/jupyter goes on JUPYTER_PATH, as given to "
+                             "'hpc-kernels install --prefix' (default: ~/.local/share/hpc-kernels/prefix)")
+    parser.add_argument("--name", default=modulefile.DEFAULT_NAME, help="module name (default: %(default)s)")
+    parser.add_argument("--module-version", metavar="VERSION",
+                        help="module version (default: hpc-kernels' own)")
+    dep = parser.add_mutually_exclusive_group()
+    dep.add_argument("--apptainer-module", metavar="NAME", default=modulefile.DEFAULT_APPTAINER_MODULE,
+                     help="the site's Apptainer module, loaded when it exists (default: %(default)s)")
+    dep.add_argument("--no-apptainer-module", action="store_true", help="do not load any Apptainer module")
+    parser.add_argument("--paths", choices=modulefile.PATH_STYLES, default="auto",
+                        help="paths relative to the modulefile (a relocatable group tree) or absolute "
+                             "(default: auto = relative when everything lies in the tree's parent directory)")
+    parser.add_argument("--json", action="store_true", help="print JSON for scripts")
+
+
+def _abs(path: str) -> Path:
+    # abspath, not resolve(): keep the path the user gave (a /project symlink stays /project).
+    return Path(os.path.abspath(os.path.expanduser(path)))
+
+
+def _registry_path(explicit: str | None) -> Path | None:
+    from hpc_kernels import registry
+    from hpc_kernels.errors import HpcKernelsError, RegistryError
+
+    try:
+        path, _source = registry.locate(explicit)
+    except RegistryError:
+        return None
+    if not path.is_file():
+        raise HpcKernelsError(
+            f"the registry {path} does not exist; pass --registry PATH to an existing kernels.yaml.")
+    return path
+
+
+def config_from_args(args: argparse.Namespace) -> ModuleConfig:
+    """The module configuration the flags describe."""
+    from hpc_kernels import __version__, modulefile
+
+    return modulefile.ModuleConfig(
+        tree=_abs(args.dir) if args.dir else modulefile.default_tree(),
+        prefix=_abs(args.prefix) if args.prefix else modulefile.default_prefix(),
+        program=modulefile.current_program(),
+        registry=_registry_path(getattr(args, "registry", None)),
+        name=args.name,
+        version=args.module_version or __version__,
+        apptainer_module=None if args.no_apptainer_module else args.apptainer_module,
+        path_style=args.paths,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Dispatch to the action."""
+    config = config_from_args(args)
+    if args.action == "show":
+        return _show(config, args.json)
+    if args.action == "uninstall":
+        return _uninstall(config, args.json)
+    return _install(config, args)
+
+
+def _show(config: ModuleConfig, as_json: bool) -> int:
+    from hpc_kernels import modulefile, ui
+
+    module_plan = modulefile.plan(config)
+    if as_json:
+        data = module_plan.to_json()
+        data["kernels"] = modulefile.our_kernelspecs(config)
+        ui.print_json(data)
+        return 0
+    err = ui.console(stderr=True)
+    for f in module_plan.files:
+        if f.exists:
+            state = "replaces our earlier file" if f.ours else "EXISTS, NOT OURS: install will refuse"
+        else:
+            state = "new"
+        err.print(f"[bold]# {f.kind}: {f.path}[/] ({state})")
+        # Raw, not through rich: Lua text must come out byte for byte (no emoji/markup parsing).
+        sys.stdout.write(f.text)
+        sys.stdout.flush()
+    return 0
+
+
+def _install(config: ModuleConfig, args: argparse.Namespace) -> int:
+    from hpc_kernels import kernelspec, modulefile, registry, ui
+    from hpc_kernels.errors import UsageError
+
+    if args.names and args.all:
+        raise UsageError("give kernel names or --all, not both.")
+    module_plan = modulefile.plan(config)
+    installed: list[str] = []
+    if args.names or args.all:
+        reg = registry.load(getattr(args, "registry", None))
+        target = kernelspec.Target(user=False, prefix=str(config.prefix))
+        for entry in reg.select(args.names, args.all):
+            kernelspec.install(entry, target, reg.path)
+            installed.append(entry.name)
+    written = modulefile.write(module_plan)
+    kernels = modulefile.our_kernelspecs(config)
+    if args.json:
+        data = module_plan.to_json()
+        data.pop("files")
+        data.update(written=[str(p) for p in written], kernels=kernels, installed_kernelspecs=installed)
+        ui.print_json(data)
+        return 0
+    err = ui.console(stderr=True)
+    for name in installed:
+        err.print(f"[green]✓[/] installed kernelspec '{name}' under {config.jupyter_path / 'kernels'}")
+    for path in written:
+        err.print(f"[green]✓[/] wrote {path}")
+    if kernels:
+        err.print(f"Loading the module lists these kernels: {', '.join(kernels)}")
+    else:
+        err.print(f"[yellow]note:[/] no hpc-kernels kernelspecs under {config.jupyter_path} yet: run "
+                  f"'hpc-kernels install --prefix {config.prefix} NAME' (or 'module install NAME').")
+    err.print(f"Use it: module use {config.tree} && module load {config.name}")
+    err.print("In JupyterHub, put the 'module use' line in ~/.bashrc so the Software Modules panel "
+              "sees the tree in new sessions.")
+    return 0
+
+
+def _uninstall(config: ModuleConfig, as_json: bool) -> int:
+    from hpc_kernels import modulefile, ui
+
+    removed = modulefile.remove(config)
+    if as_json:
+        ui.print_json({"removed": [str(p) for p in removed]})
+        return 0
+    err = ui.console(stderr=True)
+    for path in removed:
+        err.print(f"[green]✓[/] removed {path}")
+    if not removed:
+        err.print(f"nothing to remove: no {config.modulefile} and no {config.wrapper}")
+    return 0

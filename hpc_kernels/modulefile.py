@@ -1,0 +1,377 @@
+"""Lmod modulefiles that put our kernels in the JupyterHub kernel menu.
+
+``hpc-kernels module install`` writes a small tree::
+
+    <dir>/<name>/<version>.lua      the modulefile (Lua, from templates/container-kernels.lua.tmpl)
+    <prefix>/bin/hpc-kernels        a wrapper that runs this environment's hpc-kernels
+
+Loading the module prepends ``<prefix>/share/jupyter`` to ``JUPYTER_PATH`` (where
+``hpc-kernels install --prefix <prefix>`` put the kernelspecs), so Jupyter — and jupyter-lmod's
+"Software Modules" panel in JupyterLab — finds the kernels. ``PATH`` gets ``<prefix>/bin``, a
+directory holding only the wrapper: prepending the venv's own ``bin`` would shadow the user's
+``python``/``pip``/``jupyter`` (and relative kernelspec argv like DRAC's ``python``) with ours.
+
+Paths in the modulefile are relative to the modulefile's own location (``myFileName()``) when
+they lie under the tree's parent directory (a group directory such as ``/project/def-pi/kernels``
+holding ``modulefiles/``, ``share/jupyter``, ``bin``): the module then stays right when that
+directory is reached through another path (DRAC's ``/project/def-pi`` is a symlink into Lustre).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hpc_kernels import __version__, paths, templates
+from hpc_kernels.errors import HpcKernelsError, NotOursError, UsageError
+from hpc_kernels.fsutil import atomic_write
+
+DEFAULT_NAME = "container-kernels"
+DEFAULT_APPTAINER_MODULE = "apptainer"
+PATH_STYLES = ("auto", "relative", "absolute")
+TEMPLATE = "container-kernels.lua.tmpl"
+WRAPPER_TEMPLATE = "hpc-kernels-wrapper.sh.tmpl"
+
+#: Module names and versions become path components and Lua strings: keep them plain.
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+#: Lmod module names may have one slash (``apptainer/1.4``).
+_MODULE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*(/[A-Za-z0-9._+-]+)?$")
+_ALLOWED = "letters, digits, '.', '_', '+' or '-' (starting with a letter or digit)"
+#: How many lines from the top of a file we look at for the generated marker.
+_MARKER_LINES = 3
+
+
+def default_tree() -> Path:
+    """``~/modulefiles``: where ``module install`` writes when no ``--dir`` is given."""
+    return Path.home() / "modulefiles"
+
+
+def default_prefix() -> Path:
+    """``<data dir>/prefix``: the module's Jupyter prefix when no ``--prefix`` is given."""
+    return paths.data_dir() / "prefix"
+
+
+def current_program() -> Path:
+    """The ``hpc-kernels`` console script of the running environment (venv ``bin``, next to python)."""
+    beside = Path(sys.executable).parent / "hpc-kernels"
+    if beside.is_file():
+        return beside.absolute()
+    found = shutil.which("hpc-kernels")
+    if found:
+        return Path(found).absolute()
+    raise HpcKernelsError(
+        f"cannot find the 'hpc-kernels' program next to {sys.executable} or on PATH; "
+        "install hpc-kernels into this environment (pip install hpc-kernels) and run it from there."
+    )
+
+
+@dataclass(frozen=True)
+class ModuleConfig:
+    """What ``module install`` was asked to write (absolute, unresolved paths)."""
+
+    tree: Path
+    prefix: Path
+    program: Path
+    registry: Path | None = None
+    name: str = DEFAULT_NAME
+    version: str = __version__
+    apptainer_module: str | None = DEFAULT_APPTAINER_MODULE
+    path_style: str = "auto"
+
+    def __post_init__(self) -> None:
+        if not _NAME_RE.match(self.name):
+            raise UsageError(f"module name '{self.name}' must be {_ALLOWED}.")
+        if not _NAME_RE.match(self.version):
+            raise UsageError(f"module version '{self.version}' must be {_ALLOWED}.")
+        if self.apptainer_module is not None and not _MODULE_RE.match(self.apptainer_module):
+            raise UsageError(
+                f"'{self.apptainer_module}' is not a module name (like 'apptainer' or 'apptainer/1.4').")
+        if self.path_style not in PATH_STYLES:
+            raise UsageError(f"path style must be one of {', '.join(PATH_STYLES)}, not '{self.path_style}'.")
+
+    @property
+    def modulefile(self) -> Path:
+        """``<tree>/<name>/<version>.lua``."""
+        return self.tree / self.name / f"{self.version}.lua"
+
+    @property
+    def jupyter_path(self) -> Path:
+        """The directory the module prepends to ``JUPYTER_PATH``."""
+        return self.prefix / "share" / "jupyter"
+
+    @property
+    def bin_dir(self) -> Path:
+        """The directory the module prepends to ``PATH`` (holds only our wrapper)."""
+        return self.prefix / "bin"
+
+    @property
+    def wrapper(self) -> Path:
+        """``<prefix>/bin/hpc-kernels``."""
+        return self.bin_dir / "hpc-kernels"
+
+
+@dataclass(frozen=True)
+class PlannedFile:
+    """One file ``module install`` writes: where, what, and whether a file is already there."""
+
+    path: Path
+    kind: str
+    text: str
+    mode: int
+    exists: bool
+    ours: bool
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready description (``module show --json``)."""
+        return {"path": str(self.path), "kind": self.kind, "mode": oct(self.mode), "exists": self.exists,
+                "ours": self.ours, "text": self.text}
+
+
+@dataclass(frozen=True)
+class ModulePlan:
+    """Everything ``module install`` would write, and the settings it derived."""
+
+    config: ModuleConfig
+    relative: bool
+    files: tuple[PlannedFile, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready description (``module show --json``)."""
+        cfg = self.config
+        return {
+            "module": f"{cfg.name}/{cfg.version}",
+            "modulefile": str(cfg.modulefile),
+            "tree": str(cfg.tree),
+            "prefix": str(cfg.prefix),
+            "jupyter_path": str(cfg.jupyter_path),
+            "bin_dir": str(cfg.bin_dir),
+            "program": str(cfg.program),
+            "registry": str(cfg.registry) if cfg.registry else None,
+            "apptainer_module": cfg.apptainer_module,
+            "relative_paths": any_relative(cfg, self.relative),
+            "use": f"module use {cfg.tree} && module load {cfg.name}",
+            "files": [f.to_json() for f in self.files],
+        }
+
+
+# ----------------------------------------------------------------------------- rendering
+
+
+def lua_string(text: str) -> str:
+    """``text`` as a double-quoted Lua string literal."""
+    escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\r", "\\r")
+    return f'"{escaped}"'
+
+
+def lua_long_string(text: str) -> str:
+    """``text`` as a Lua long string ``[==[...]==]`` whose level cannot clash with its content."""
+    level = 0
+    while f"]{'=' * level}]" in text:
+        level += 1
+    eq = "=" * level
+    return f"[{eq}[\n{text}\n]{eq}]"
+
+
+def tree_root(config: ModuleConfig) -> Path:
+    """The directory relative paths are computed from: the parent of the modulefile tree."""
+    return Path(os.path.normpath(config.tree)).parent
+
+
+def use_relative(config: ModuleConfig) -> bool:
+    """Whether the modulefile may express paths relative to its own location.
+
+    ``auto``: yes unless the tree's parent directory is ``$HOME`` or ``/`` (not a group directory that
+    moves; and a symlinked ``~/modulefiles`` would make ``myFileName()`` point elsewhere). Each path
+    is then relative only when it lies under that directory (see :func:`lua_path`).
+    """
+    if config.path_style != "auto":
+        return config.path_style == "relative"
+    root = tree_root(config)
+    return root not in (Path("/"), Path(os.path.normpath(Path.home())))
+
+
+def _module_paths(config: ModuleConfig) -> list[Path]:
+    found = [config.jupyter_path, config.bin_dir]
+    if config.registry is not None:
+        found.append(config.registry)
+    return found
+
+
+def _is_under(path: Path, root: Path) -> bool:
+    norm = os.path.normpath(path)
+    return os.path.commonpath([norm, os.path.normpath(root)]) == os.path.normpath(root)
+
+
+def lua_path(target: Path, config: ModuleConfig, relative: bool) -> str:
+    """A Lua expression for ``target``: ``pathJoin(root, "rel")`` when relative, else a literal."""
+    if not relative or not _is_under(target, tree_root(config)):
+        if relative and config.path_style == "relative":
+            raise UsageError(
+                f"{target} is not under {tree_root(config)}, so it cannot be relative to the modulefile; "
+                "use --paths absolute or auto, or put it inside the tree's parent directory."
+            )
+        return lua_string(os.path.normpath(target))
+    rel = os.path.relpath(os.path.normpath(target), tree_root(config))
+    return f"pathJoin(root, {lua_string(rel)})"
+
+
+def any_relative(config: ModuleConfig, relative: bool) -> bool:
+    """Whether at least one path of the modulefile is written relative to it."""
+    return relative and any(_is_under(p, tree_root(config)) for p in _module_paths(config))
+
+
+def _help_text(config: ModuleConfig) -> str:
+    lines = [
+        f"{config.name} {config.version}: Jupyter kernels running in Apptainer containers (hpc-kernels).",
+        "",
+        "Loading this module makes the kernels installed under",
+        f"  {config.jupyter_path}",
+        "appear in Jupyter's kernel list (JupyterLab: load it from the 'Software Modules' panel,",
+        "the kernel menu refreshes), and puts the 'hpc-kernels' command on PATH.",
+        "Under JupyterHub the module is sticky: 'module purge' keeps it, so the kernels stay in the menu.",
+    ]
+    if config.apptainer_module:
+        lines.append(f"It also loads the '{config.apptainer_module}' module when this system has one.")
+    lines += ["", "Kernels already running do not see later module loads: restart them to pick up changes.",
+              f"Written by 'hpc-kernels module install' (hpc-kernels {__version__})."]
+    return "\n".join(lines)
+
+
+def _root_block(config: ModuleConfig, relative: bool) -> str:
+    if not any_relative(config, relative):
+        return "-- Paths below are absolute (they do not lie in the tree's parent group directory)."
+    depth = len(Path(os.path.normpath(config.modulefile)).relative_to(tree_root(config)).parts)
+    pattern = "^(.*)" + "/[^/]+" * depth + "$"
+    return (
+        "-- The group directory, from this file's own location "
+        f"(<root>/{config.tree.name}/{config.name}/{config.version}.lua):\n"
+        "-- the paths below stay right when that directory is reached through another path or moved.\n"
+        f"local root = myFileName():match({lua_string(pattern)})"
+    )
+
+
+def _apptainer_block(config: ModuleConfig) -> str:
+    if not config.apptainer_module:
+        return "-- No Apptainer module: kernels use the apptainer (or singularity) on PATH when they start."
+    name = config.apptainer_module
+    missing = (
+        f"{config.name}: there is no '{name}' module here and no apptainer or singularity on PATH; "
+        "the kernels will appear in Jupyter but cannot start until one is available "
+        "(ask your site, or set HPC_KERNELS_APPTAINER to its path)."
+    )
+    return templates.render(
+        "apptainer-dependency.lua.tmpl", module=lua_string(name), missing=lua_string(missing)
+    ).rstrip("\n")
+
+
+def render_modulefile(config: ModuleConfig, relative: bool) -> str:
+    """The Lua text of ``<name>/<version>.lua``."""
+    registry = (
+        f"setenv(\"HPC_KERNELS_REGISTRY\", {lua_path(config.registry, config, relative)})"
+        if config.registry is not None
+        else "-- No registry was known when this module was written: HPC_KERNELS_REGISTRY is left alone."
+    )
+    return templates.render(
+        TEMPLATE,
+        marker=templates.GENERATED_MARKER,
+        hpck_version=__version__,
+        module_name=config.name,
+        module_version=config.version,
+        help=lua_long_string(_help_text(config)),
+        whatis_name=lua_string(f"Name: {config.name}"),
+        whatis_version=lua_string(f"Version: {config.version}"),
+        whatis_description=lua_string(
+            "Description: Jupyter kernels in Apptainer containers, listed in the JupyterLab kernel menu"
+        ),
+        root_block=_root_block(config, relative),
+        apptainer_block=_apptainer_block(config),
+        jupyter_path=lua_path(config.jupyter_path, config, relative),
+        bin_dir=lua_path(config.bin_dir, config, relative),
+        registry_block=registry,
+    )
+
+
+def render_wrapper(config: ModuleConfig) -> str:
+    """The ``<prefix>/bin/hpc-kernels`` shell wrapper."""
+    return templates.render(
+        WRAPPER_TEMPLATE, marker=templates.GENERATED_MARKER, hpck_version=__version__,
+        program=shlex.quote(str(config.program)),
+    )
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def is_ours(path: Path) -> bool:
+    """True when ``path`` is a file whose first lines carry our generated marker."""
+    try:
+        with path.open(encoding="utf-8", errors="replace") as fh:
+            head = [fh.readline() for _ in range(_MARKER_LINES)]
+    except OSError:
+        return False
+    return any(templates.GENERATED_MARKER in line for line in head)
+
+
+def _planned(path: Path, kind: str, text: str, mode: int) -> PlannedFile:
+    exists = path.exists() or path.is_symlink()
+    return PlannedFile(path, kind, text, mode, exists, exists and not path.is_symlink() and is_ours(path))
+
+
+def plan(config: ModuleConfig) -> ModulePlan:
+    """What ``module install`` would write for ``config`` (nothing is written)."""
+    relative = use_relative(config)
+    files = (
+        _planned(config.modulefile, "modulefile", render_modulefile(config, relative), 0o644),
+        _planned(config.wrapper, "wrapper", render_wrapper(config), 0o755),
+    )
+    return ModulePlan(config, relative, files)
+
+
+def _refuse_foreign(files: tuple[PlannedFile, ...], verb: str) -> None:
+    foreign = [f for f in files if f.exists and not f.ours]
+    if foreign:
+        listing = ", ".join(str(f.path) for f in foreign)
+        raise NotOursError(
+            f"refusing to {verb} {listing}: not written by hpc-kernels (no '{templates.GENERATED_MARKER}' "
+            "line); move it away, or choose another --dir, --prefix, --name or --module-version."
+        )
+
+
+def write(module_plan: ModulePlan) -> list[Path]:
+    """Write every planned file atomically; refuse (before writing anything) to replace a file not ours."""
+    # Look again now rather than trusting the plan: a file may have appeared since it was made.
+    _refuse_foreign(tuple(_planned(f.path, f.kind, f.text, f.mode) for f in module_plan.files), "overwrite")
+    for f in module_plan.files:
+        atomic_write(f.path, f.text, f.mode)
+    return [f.path for f in module_plan.files]
+
+
+def remove(config: ModuleConfig) -> list[Path]:
+    """Remove the modulefile and the wrapper we wrote; refuse files we did not write."""
+    files = plan(config).files
+    _refuse_foreign(files, "remove")
+    removed = []
+    for f in files:
+        if f.exists:
+            f.path.unlink()
+            removed.append(f.path)
+    module_dir = config.modulefile.parent
+    if module_dir.is_dir() and not any(module_dir.iterdir()):
+        module_dir.rmdir()
+    return removed
+
+
+def our_kernelspecs(config: ModuleConfig) -> list[str]:
+    """Names of our kernelspecs under the module's prefix (what loading the module will show)."""
+    from hpc_kernels import kernelspec
+
+    kdir = config.jupyter_path / "kernels"
+    if not kdir.is_dir():
+        return []
+    return sorted(child.name for child in kdir.iterdir() if kernelspec.is_ours(child))
