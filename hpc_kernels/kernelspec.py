@@ -73,7 +73,9 @@ def kernel_json(entry: KernelEntry, spec_file: Path, registry: Path | None = Non
     meta = launch_spec(entry, registry).to_json()
     meta["installed_by"] = f"hpc-kernels {__version__}"
     return {
-        "argv": [python, "-m", "hpc_kernels.launch", str(spec_file), "{connection_file}"],
+        # -I: the launcher ignores PYTHONPATH/PYTHONHOME and user site-packages of the server's environment,
+        # so a module-loaded Python stack cannot shadow or break it.
+        "argv": [python, "-I", "-m", "hpc_kernels.launch", str(spec_file), "{connection_file}"],
         "display_name": entry.display_name,
         "language": entry.language,
         "interrupt_mode": entry.interrupt_mode,

@@ -72,7 +72,7 @@ def test_install_list_show_uninstall(make_registry: Any, isolated_home: Path) ->
     assert done.returncode == 0, done.stderr
     spec_dir = isolated_home / ".local/share/jupyter/kernels/sci"
     data = json.loads((spec_dir / "kernel.json").read_text())
-    assert data["argv"] == [sys.executable, "-m", "hpc_kernels.launch", str(spec_dir / "kernel.json"), "{connection_file}"]
+    assert data["argv"] == [sys.executable, "-I", "-m", "hpc_kernels.launch", str(spec_dir / "kernel.json"), "{connection_file}"]
     assert data["display_name"] == "Science"
     assert data["metadata"]["hpc_kernels"]["image"] == str(path.parent / "images/sci.sif")
     assert "does not exist yet" in done.stderr

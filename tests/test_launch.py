@@ -124,3 +124,18 @@ def test_launcher_rejects_a_foreign_kernel_json(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-m", "hpc_kernels.launch", str(spec_file), "/c.json"],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 1 and "cannot read the kernel spec" in done.stderr
+
+
+def test_launcher_argv_is_immune_to_pythonpath(tmp_path: Path) -> None:
+    """A PYTHONPATH from the server's environment cannot shadow the launcher (kernel.json uses -I)."""
+    shadow = tmp_path / "shadow" / "hpc_kernels"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('shadowed')\n")
+    spec = LaunchSpec(kernel="x", runtime="apptainer", mode="exec", image=str(tmp_path / "gone.sif"),
+                      command=SPEC.command)
+    spec_file = tmp_path / "kernel.json"
+    spec_file.write_text(json.dumps({"metadata": {"hpc_kernels": spec.to_json()}}))
+    env = {**os.environ, "PYTHONPATH": str(shadow.parent)}
+    done = subprocess.run([sys.executable, "-I", "-m", "hpc_kernels.launch", str(spec_file), "/c.json"],
+                          env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert "shadowed" not in done.stderr and "hpc-kernels build x" in done.stderr
