@@ -175,7 +175,7 @@ def check_runtime_version(binary: str, ctx: Context) -> Finding:
 
 
 def check_build_namespaces(ctx: Context, entries: Iterable[KernelEntry]) -> Finding | None:
-    """Can this user build images here? Unprivileged builds need user namespaces (and subuids for --fakeroot)."""
+    """Can this user build here? Unprivileged builds need user namespaces (and subuids for --fakeroot)."""
     buildable = [e for e in entries if e.recipe is not None and e.runtime == "apptainer"]
     if not buildable:
         return None
@@ -223,8 +223,8 @@ def check_login_node(ctx: Context) -> Finding:
         return Finding("login-node", OK, f"inside Slurm job {job} on {ctx.hostname}.")
     if LOGIN_RE.match(ctx.hostname):
         return Finding("login-node", WARN,
-                       f"{ctx.hostname} looks like a login node (no SLURM_JOB_ID): kernels started here share "
-                       "the login node with everyone, and DRAC asks not to run Apptainer there.",
+                       f"{ctx.hostname} looks like a login node (no SLURM_JOB_ID): kernels started here "
+                       "share the login node with everyone, and DRAC asks not to run Apptainer there.",
                        "use JupyterHub / Open OnDemand (their sessions are Slurm jobs), or 'salloc' first; "
                        "build images with 'hpc-kernels build NAME --slurm'.")
     return Finding("login-node", OK, f"{ctx.hostname} is not a login node by name (no Slurm job either).")
@@ -340,7 +340,8 @@ def check_gpu(entry: KernelEntry, ctx: Context) -> Finding | None:
     in_job = bool(ctx.environ.get("SLURM_JOB_ID"))
     return Finding(
         "gpu", FAIL if in_job else WARN,
-        f"{warning} ({ctx.hostname}{', in a Slurm job' if in_job else ''}): the kernel would start without it.",
+        f"{warning} ({ctx.hostname}{', in a Slurm job' if in_job else ''}): "
+        "the kernel would start without it.",
         "start the session on a GPU node (e.g. JupyterHub's GPU option, or 'salloc --gpus=1'); "
         "'gpu: auto' uses a GPU only when the node has one.", entry.name)
 
@@ -392,7 +393,8 @@ def check_kernelspec(entry: KernelEntry, ctx: Context) -> Finding:
                        "restart your JupyterLab session.", entry.name)
     if not kernelspec.is_ours(found):
         return Finding("kernelspec", FAIL,
-                       f"the kernelspec Jupyter uses for '{entry.name}' ({found}) was not written by hpc-kernels.",
+                       f"the kernelspec Jupyter uses for '{entry.name}' ({found}) was not written by "
+                       "hpc-kernels.",
                        f"rename the kernel in the registry, or remove {found} yourself.", entry.name)
     hub = disable_user_config_source(ctx)
     if hub and _under(found, ctx.home):
@@ -400,8 +402,8 @@ def check_kernelspec(entry: KernelEntry, ctx: Context) -> Finding:
                        f"kernelspec {found} is under your home, which JupyterHub hides "
                        f"(disable_user_config is on: {hub}).",
                        f"install it outside $HOME ('hpc-kernels install {entry.name} --prefix /project/...') "
-                       "and put that prefix's share/jupyter on JUPYTER_PATH ('module load container-kernels'), "
-                       "then restart your JupyterLab session.", entry.name)
+                       "and put that prefix's share/jupyter on JUPYTER_PATH "
+                       "('module load container-kernels'), then restart your JupyterLab session.", entry.name)
     return Finding("kernelspec", OK,
                    f"installed at {found} (if JupyterLab was already open, restart your session to see it).",
                    kernel=entry.name)
@@ -459,7 +461,8 @@ def check_installed(name: str, kdir: Path, entry: KernelEntry | None, ctx: Conte
                  if getattr(spec, f) != getattr(wanted, f)]
         if drift:
             findings.append(Finding("launcher", WARN,
-                                    f"the installed kernelspec differs from the registry ({', '.join(drift)}).",
+                                    f"the installed kernelspec differs from the registry "
+                                    f"({', '.join(drift)}).",
                                     f"hpc-kernels install {name}", name))
     return findings
 

@@ -10,7 +10,7 @@ HELP = "check everything a kernel needs to appear in Jupyter and start; print a 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``doctor``."""
     parser.add_argument("names", nargs="*", metavar="NAME",
-                        help="kernels to check (default: every kernel of the registry and every installed one)")
+                        help="kernels to check (default: all of the registry and every installed one)")
     parser.add_argument("--json", action="store_true", help="print the findings as JSON")
 
 
