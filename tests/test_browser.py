@@ -25,15 +25,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import leftover_processes
 
 from hpc_kernels import cli
-from conftest import leftover_processes
 
 pytestmark = [pytest.mark.browser, pytest.mark.apptainer]
 
 CHROMIUM = Path(os.environ.get("HPCK_CHROMIUM", "/usr/bin/chromium"))
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run", "--disable-quic"]
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
 DOCS_IMAGES = Path(__file__).resolve().parent.parent / "docs" / "images"
 MARKER_TEXT = "hpc-kernels test image"
 USER_KERNEL = ("hpck-browser", "Python (container, user dir)")
@@ -52,10 +52,9 @@ def _wait_http(url: str, proc: subprocess.Popen[bytes], deadline: float) -> None
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise AssertionError(f"JupyterLab exited early with code {proc.returncode}")
-        with contextlib.suppress(OSError):
-            with urllib.request.urlopen(url, timeout=5) as resp:
-                if resp.status == 200:
-                    return
+        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=5) as resp:
+            if resp.status == 200:
+                return
         time.sleep(0.5)
     raise AssertionError(f"JupyterLab did not answer {url} within {SERVER_START_TIMEOUT:g} s")
 
