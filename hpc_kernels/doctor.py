@@ -44,6 +44,10 @@ LOGIN_RE = re.compile(
 
 PROBE_TIMEOUT = 60.0
 
+#: Every check's id, in the order a report lists them (docs/troubleshooting.md explains each).
+CHECKS = ("registry", "runtime", "runtime-version", "build-namespaces", "login-node", "environment",
+          "image", "ipykernel", "gpu", "kernel-env", "kernelspec", "launcher")
+
 
 @dataclass(frozen=True)
 class Finding:
