@@ -114,7 +114,8 @@ def test_documented_flags_are_real(page: str, line: str) -> None:
     pending_on, pending = PENDING_FLAGS.get(command, ("", set()))
     if pending_on and pending_on not in cli.COMMANDS:
         missing -= pending
-    assert not missing, f"{page}: `hpc-kernels{line}`: {sorted(missing)} not in `hpc-kernels {command} --help`"
+    assert not missing, (f"{page}: `hpc-kernels{line}`: {sorted(missing)} "
+                         f"not in `hpc-kernels {command} --help`")
 
 
 def test_every_command_is_documented() -> None:
