@@ -46,7 +46,7 @@ PROBE_TIMEOUT = 60.0
 
 #: Every check's id, in the order a report lists them (docs/troubleshooting.md explains each).
 CHECKS = ("registry", "runtime", "runtime-version", "build-namespaces", "login-node", "environment",
-          "image", "ipykernel", "gpu", "kernel-env", "kernelspec", "launcher")
+          "image", "binds", "ipykernel", "gpu", "kernel-env", "kernelspec", "launcher")
 
 
 @dataclass(frozen=True)
@@ -283,6 +283,30 @@ def check_image(entry: KernelEntry) -> Finding:
     return Finding("image", OK, f"image {entry.image} ({state.status}).", kernel=entry.name)
 
 
+def check_binds(entry: KernelEntry, ctx: Context) -> Finding | None:
+    """Apptainer refuses to start a container whose bind source does not exist on this node."""
+    if entry.runtime != "apptainer" or not entry.binds:
+        return None
+    missing = []
+    for bind in entry.binds:
+        # Expanded like the launcher does, but with this check's environment.
+        source = _expandvars(bind, ctx.environ).split(":", 1)[0]
+        if not source or not ctx.exists(source):
+            missing.append(f"{bind} ({source or 'empty'})" if source != bind.split(":", 1)[0] else bind)
+    if not missing:
+        return Finding("binds", OK, f"bind sources exist: {', '.join(entry.binds)}.", kernel=entry.name)
+    return Finding("binds", FAIL,
+                   f"bind source(s) missing on {ctx.hostname}: {', '.join(missing)}; Apptainer will refuse "
+                   "to start the kernel ('mount source doesn't exist').",
+                   f"create them, or remove them from 'binds' of kernel '{entry.name}' (a variable in a "
+                   "bind, like $SLURM_TMPDIR, must be set where the kernel starts).", entry.name)
+
+
+def _expandvars(text: str, environ: Mapping[str, str]) -> str:
+    return re.sub(r"\$(\w+)|\$\{(\w+)\}",
+                  lambda m: environ.get(m.group(1) or m.group(2), m.group(0)), text)
+
+
 def _command_module(command: tuple[str, ...]) -> str | None:
     """The module a ``python -m MODULE`` command runs."""
     for i, arg in enumerate(command[:-1]):
@@ -516,7 +540,10 @@ def run_checks(registry: Registry | None, names: list[str] | None = None, ctx: C
     installed = kernelspec.installed_ours()
     for entry in entries:
         findings.append(check_image(entry))
-        if apptainer_bin:
+        binds = check_binds(entry, ctx)
+        if binds:
+            findings.append(binds)
+        if apptainer_bin and (binds is None or binds.status == OK):
             for maybe in (check_ipykernel(entry, apptainer_bin, ctx),):
                 if maybe:
                     findings.append(maybe)

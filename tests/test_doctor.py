@@ -212,6 +212,36 @@ def test_ipykernel_missing_in_image(on_path: str, base_sif: Path, make_registry:
     assert "%post" in finding["fix"]
 
 
+@pytest.mark.apptainer
+def test_missing_bind_source(on_path: str, base_sif: Path, make_registry: MakeRegistry, tmp_path: Path,
+                             monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    data = tmp_path / "data"
+    path = make_registry(f"""
+        kernels:
+          base:
+            image: {base_sif}
+            command: {PY3_COMMAND}
+            binds: ["{data}:/data", "$HPCK_TEST_SCRATCH:/scratch"]
+        """)
+    monkeypatch.delenv("HPCK_TEST_SCRATCH", raising=False)
+    rc, report = run_doctor(capsys, "--registry", str(path), "base")
+    finding = one(report, "binds", "base")
+    assert rc == 1 and finding["status"] == "fail"
+    assert str(data) in finding["message"] and "$HPCK_TEST_SCRATCH" in finding["message"]
+    assert findings(report, "ipykernel", "base") == []  # the probe would only fail for the same reason
+    # What Apptainer itself says about such a bind: the kernel could not start.
+    done = subprocess.run([on_path, "exec", "--bind", f"{data}:/data", str(base_sif), "true"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "doesn't exist" in done.stderr
+    data.mkdir()
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setenv("HPCK_TEST_SCRATCH", str(scratch))
+    rc, report = run_doctor(capsys, "--registry", str(path), "base")
+    assert one(report, "binds", "base")["status"] == "ok"
+    assert one(report, "ipykernel", "base")["status"] == "ok"
+
+
 # ----------------------------------------------------------------------------- kernelspecs
 
 
