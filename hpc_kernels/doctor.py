@@ -507,6 +507,21 @@ def _last_line(text: str) -> str:
 # ----------------------------------------------------------------------------- all of it
 
 
+def kernel_findings(entry: KernelEntry, apptainer_bin: str | None, installed: Path | None,
+                    ctx: Context) -> list[Finding]:
+    """Every per-kernel check, in report order; checks that do not apply return nothing."""
+    binds = check_binds(entry, ctx)
+    # A missing bind source makes the probe fail for that reason only: skip it then.
+    probe = check_ipykernel(entry, apptainer_bin, ctx) if apptainer_bin and (
+        binds is None or binds.status == OK) else None
+    found = [check_image(entry), binds, probe, check_gpu(entry, ctx), check_kernel_env(entry),
+             check_kernelspec(entry, ctx)]
+    result = [f for f in found if f is not None]
+    if installed is not None:
+        result += check_installed(entry.name, installed, entry, ctx)
+    return result
+
+
 def run_checks(registry: Registry | None, names: list[str] | None = None, ctx: Context | None = None,
                registry_problem: str | None = None) -> Report:
     """Run every check for the named kernels (default: the whole registry and every kernelspec of ours)."""
@@ -539,20 +554,7 @@ def run_checks(registry: Registry | None, names: list[str] | None = None, ctx: C
     findings += check_environment(ctx)
     installed = kernelspec.installed_ours()
     for entry in entries:
-        findings.append(check_image(entry))
-        binds = check_binds(entry, ctx)
-        if binds:
-            findings.append(binds)
-        if apptainer_bin and (binds is None or binds.status == OK):
-            for maybe in (check_ipykernel(entry, apptainer_bin, ctx),):
-                if maybe:
-                    findings.append(maybe)
-        for maybe in (check_gpu(entry, ctx), check_kernel_env(entry)):
-            if maybe:
-                findings.append(maybe)
-        findings.append(check_kernelspec(entry, ctx))
-        if entry.name in installed:
-            findings += check_installed(entry.name, installed[entry.name], entry, ctx)
+        findings += kernel_findings(entry, apptainer_bin, installed.get(entry.name), ctx)
     if not names:
         known = {e.name for e in entries}
         for name, kdir in installed.items():
