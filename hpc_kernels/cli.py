@@ -22,6 +22,7 @@ COMMANDS = (
     "show",
     "module",
     "jobs",
+    "doctor",
 )
 
 

@@ -1,0 +1,579 @@
+"""``hpc-kernels doctor``: every way a kernel can fail to appear in the menu or to start, with a fix.
+
+Each check is a small function that returns :class:`Finding` objects (``ok``, ``warn`` or ``fail``,
+a message saying what was seen, and a fix). Checks read the node through a :class:`Context` so a
+test can point one at another hostname, ``/proc`` or ``/etc``; the probes that matter (the
+runtime's version, ``import ipykernel`` inside the image, the launcher's Python) run the real
+programs through :func:`hpc_kernels.proc.run`, with time-outs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import tempfile
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hpc_kernels import paths
+from hpc_kernels.errors import HpcKernelsError, RuntimeNotFoundError, ToolError
+from hpc_kernels.registry import KernelEntry, Registry
+
+OK, WARN, FAIL = "ok", "warn", "fail"
+
+#: Oldest Apptainer we support: unprivileged ``--fakeroot`` builds (no setuid helper) arrived in 1.1.
+MIN_APPTAINER = (1, 1)
+#: Oldest Singularity (the pre-Apptainer name; SingularityCE keeps it) with the ``exec`` flags we use.
+MIN_SINGULARITY = (3, 7)
+
+#: Host variables that break programs when they leak from a module environment into a kernel.
+LEAKY_VARS = ("PYTHONPATH", "PYTHONHOME", "PYTHONUSERBASE", "LD_LIBRARY_PATH", "LD_PRELOAD")
+
+#: Login nodes, by name: generic ``login1``/``gra-login2``/``login-3`` and DRAC's ``narval1``-style
+#: names (login nodes of the national clusters are the cluster name plus a digit). A heuristic:
+#: compute nodes there are named differently (``nc10101``, ``fc30105``...).
+LOGIN_RE = re.compile(
+    r"^(login[-_]?\d*|[a-z0-9]+-login[-_]?\d*|"
+    r"(narval|beluga|cedar|graham|fir|rorqual|nibi|trillium|niagara|killarney|vulcan|tamia)\d+)$",
+    re.IGNORECASE,
+)
+
+PROBE_TIMEOUT = 60.0
+
+#: Every check's id, in the order a report lists them (docs/troubleshooting.md explains each).
+CHECKS = ("registry", "runtime", "runtime-version", "build-namespaces", "login-node", "environment",
+          "image", "binds", "ipykernel", "gpu", "kernel-env", "kernelspec", "launcher")
+
+
+@dataclass(frozen=True)
+class Finding:
+    """What one check saw: ``status`` is ok, warn or fail; ``fix`` says what to do about it."""
+
+    check: str
+    status: str
+    message: str
+    fix: str = ""
+    kernel: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain JSON data."""
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class Context:
+    """What the checks read from the node (the real one by default; tests may point elsewhere)."""
+
+    environ: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
+    hostname: str = field(default_factory=paths.hostname)
+    uid: int = field(default_factory=os.getuid)
+    user: str = field(default_factory=lambda: _user_name())
+    home: Path = field(default_factory=Path.home)
+    proc_root: Path = Path("/proc")
+    etc_root: Path = Path("/etc")
+    exists: Callable[[str], bool] = os.path.exists
+    probe_timeout: float = PROBE_TIMEOUT
+
+
+@dataclass(frozen=True)
+class Report:
+    """All findings of one doctor run, plus the directories Jupyter searches for kernelspecs."""
+
+    findings: tuple[Finding, ...]
+    kernel_dirs: tuple[str, ...]
+    registry: str | None
+
+    @property
+    def failed(self) -> bool:
+        """True when at least one check failed."""
+        return any(f.status == FAIL for f in self.findings)
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain JSON data for ``doctor --json``."""
+        counts = {s: sum(f.status == s for f in self.findings) for s in (OK, WARN, FAIL)}
+        return {"ok": not self.failed, "counts": counts, "registry": self.registry,
+                "jupyter_kernel_dirs": list(self.kernel_dirs),
+                "findings": [f.to_json() for f in self.findings]}
+
+
+def _user_name() -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        return str(os.getuid())
+
+
+# ----------------------------------------------------------------------------- host checks
+
+
+def check_runtime(ctx: Context, runtime: str = "apptainer") -> tuple[Finding, str | None]:
+    """Is the container program on PATH? Returns the finding and the binary (None when absent)."""
+    import shutil
+
+    if runtime == "apptainer":
+        from hpc_kernels.runtimes import apptainer
+
+        try:
+            binary = apptainer.find_binary(ctx.environ)
+        except RuntimeNotFoundError as exc:
+            return Finding("runtime", FAIL, f"no Apptainer: {exc}",
+                           "on DRAC clusters run 'module load apptainer' (it is not in StdEnv) before "
+                           "starting Jupyter, or set HPC_KERNELS_APPTAINER to the program's path."), None
+        return Finding("runtime", OK, f"Apptainer found: {binary}"), binary
+    found = shutil.which(runtime, path=ctx.environ.get("PATH"))
+    if not found:
+        return Finding("runtime", FAIL, f"'{runtime}' is not on PATH (a kernel of the registry uses it).",
+                       f"install {runtime} (Docker/Podman are for laptops and workstations; HPC clusters "
+                       "offer Apptainer: set 'runtime: apptainer' there)."), None
+    return Finding("runtime", OK, f"{runtime} found: {found}"), found
+
+
+def parse_version(text: str) -> tuple[str, tuple[int, ...]] | None:
+    """``apptainer version 1.4.5-2`` → (``apptainer``, (1, 4, 5)); ``singularity-ce version 4.1.0`` too."""
+    match = re.search(r"(apptainer|singularity(?:-ce)?)\s+version\s+(\d+)\.(\d+)(?:\.(\d+))?", text, re.I)
+    if not match:
+        return None
+    numbers = tuple(int(g) for g in match.groups()[1:] if g is not None)
+    return match.group(1).lower(), numbers
+
+
+def check_runtime_version(binary: str, ctx: Context) -> Finding:
+    """Is this Apptainer (or Singularity) recent enough for our launcher and for unprivileged builds?"""
+    from hpc_kernels import proc
+
+    try:
+        out = proc.run([binary, "--version"], env=ctx.environ, timeout=ctx.probe_timeout)
+    except (ToolError, RuntimeNotFoundError) as exc:
+        return Finding("runtime-version", FAIL, f"'{binary} --version' failed: {exc}",
+                       "reinstall or reload the runtime ('module load apptainer').")
+    text = (out.stdout or out.stderr).strip()
+    parsed = parse_version(text)
+    if parsed is None:
+        return Finding("runtime-version", WARN, f"could not read a version from '{text}'.",
+                       "check that HPC_KERNELS_APPTAINER / PATH point at Apptainer.")
+    name, version = parsed
+    shown = ".".join(map(str, version))
+    if name == "apptainer":
+        if version[:2] < MIN_APPTAINER:
+            need = ".".join(map(str, MIN_APPTAINER))
+            return Finding("runtime-version", FAIL,
+                           f"Apptainer {shown} is too old: hpc-kernels needs {need} or newer "
+                           "(unprivileged --fakeroot builds, instance flags).",
+                           "load a newer module ('module spider apptainer', then 'module load "
+                           "apptainer/<newest>') or ask your site to upgrade.")
+        return Finding("runtime-version", OK, f"Apptainer {shown}.")
+    if version[:2] < MIN_SINGULARITY:
+        need = ".".join(map(str, MIN_SINGULARITY))
+        return Finding("runtime-version", FAIL, f"{name} {shown} is too old (needs {need} or newer).",
+                       "load Apptainer instead ('module load apptainer').")
+    return Finding("runtime-version", WARN,
+                   f"{name} {shown}: kernels run, but Apptainer >= 1.1 is recommended "
+                   "(builds without root use its --fakeroot).",
+                   "prefer 'module load apptainer' where the site offers it.")
+
+
+def check_build_namespaces(ctx: Context, entries: Iterable[KernelEntry]) -> Finding | None:
+    """Can this user build here? Unprivileged builds need user namespaces (and subuids for --fakeroot)."""
+    buildable = [e for e in entries if e.recipe is not None and e.runtime == "apptainer"]
+    if not buildable:
+        return None
+    if ctx.uid == 0:
+        return Finding("build-namespaces", OK, "running as root: builds need no user namespace.")
+    for knob in ("sys/user/max_user_namespaces", "sys/kernel/unprivileged_userns_clone"):
+        value = _read_int(ctx.proc_root / knob)
+        if value == 0:
+            return Finding("build-namespaces", FAIL,
+                           f"user namespaces are disabled on {ctx.hostname} ({ctx.proc_root / knob} = 0): "
+                           "Apptainer cannot build images here without root.",
+                           "build where they are enabled, e.g. inside a Slurm job "
+                           "('hpc-kernels build NAME --slurm'), or ask your site's support.")
+    fakeroot = [e.name for e in buildable if e.fakeroot]
+    if fakeroot and not _has_subid(ctx, "subuid"):
+        return Finding("build-namespaces", WARN,
+                       f"{ctx.etc_root / 'subuid'} has no range for {ctx.user}: --fakeroot builds of "
+                       f"{', '.join(fakeroot)} fall back to a root-mapped namespace, where package managers "
+                       "that change file owners (apt, dnf) can fail.",
+                       "ask support for a subuid/subgid range, or install with pip/conda in %post, or "
+                       "start from an image that already has what you need.")
+    return Finding("build-namespaces", OK, "user namespaces are enabled: unprivileged builds can run.")
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _has_subid(ctx: Context, name: str) -> bool:
+    try:
+        lines = (ctx.etc_root / name).read_text().splitlines()
+    except OSError:
+        return False
+    keys = {ctx.user, str(ctx.uid)}
+    return any(line.split(":", 1)[0] in keys for line in lines if ":" in line)
+
+
+def check_login_node(ctx: Context) -> Finding:
+    """Kernels and builds belong in a job, not on a shared login node (a hostname heuristic)."""
+    job = ctx.environ.get("SLURM_JOB_ID")
+    if job:
+        return Finding("login-node", OK, f"inside Slurm job {job} on {ctx.hostname}.")
+    if LOGIN_RE.match(ctx.hostname):
+        return Finding("login-node", WARN,
+                       f"{ctx.hostname} looks like a login node (no SLURM_JOB_ID): kernels started here "
+                       "share the login node with everyone, and DRAC asks not to run Apptainer there.",
+                       "use JupyterHub / Open OnDemand (their sessions are Slurm jobs), or 'salloc' first; "
+                       "build images with 'hpc-kernels build NAME --slurm'.")
+    return Finding("login-node", OK, f"{ctx.hostname} is not a login node by name (no Slurm job either).")
+
+
+def check_environment(ctx: Context) -> list[Finding]:
+    """Module environments that leak into the launcher's Python or the runtime (and ~/.local packages)."""
+    findings: list[Finding] = []
+    for var in LEAKY_VARS:
+        value = ctx.environ.get(var)
+        if value:
+            findings.append(Finding(
+                "environment", WARN,
+                f"{var} is set ({_short(value)}): hpc-kernels does not pass it into containers, but the "
+                "launcher's host Python, the runtime and any non-container kernel see it.",
+                f"unset {var} (or 'module unload' what sets it) before starting Jupyter; pass it to one "
+                "kernel on purpose with 'pass_env' or 'env' in the registry."))
+    user_sites = sorted((ctx.home / ".local" / "lib").glob("python3*/site-packages"))
+    populated = [s for s in user_sites if any(s.iterdir())]
+    if populated:
+        findings.append(Finding(
+            "environment", WARN,
+            f"{', '.join(str(s) for s in populated)} holds packages: any Python that sees your home imports "
+            "them before its own (hpc-kernels kernels do not: they run with PYTHONNOUSERSITE=1).",
+            "if a kernel outside hpc-kernels misbehaves, move them away or 'export PYTHONNOUSERSITE=1'."))
+    if not findings:
+        findings.append(Finding("environment", OK, "no PYTHONPATH/LD_* leaks and no ~/.local site-packages."))
+    return findings
+
+
+# ----------------------------------------------------------------------------- kernel checks
+
+
+def check_image(entry: KernelEntry) -> Finding:
+    """Does the kernel's image exist, and is it built from the current recipe?"""
+    from hpc_kernels import build
+
+    if entry.runtime != "apptainer":
+        return Finding("image", OK, f"{entry.runtime} image {entry.container_image} (not checked).",
+                       kernel=entry.name)
+    state = build.image_state(entry)
+    if state.status == "missing":
+        return Finding("image", FAIL, f"the image {entry.image} has not been built.",
+                       f"hpc-kernels build {entry.name}", entry.name)
+    if state.status == "external-missing":
+        return Finding("image", FAIL, f"the image {entry.image} named in the registry does not exist.",
+                       "fix 'image:' in the registry (paths are relative to the registry file), or add a "
+                       "'def:' recipe and build it.", entry.name)
+    if state.status == "stale":
+        return Finding("image", WARN, f"the image {entry.image} is older than its recipe or inputs.",
+                       f"hpc-kernels build {entry.name}", entry.name)
+    return Finding("image", OK, f"image {entry.image} ({state.status}).", kernel=entry.name)
+
+
+def check_binds(entry: KernelEntry, ctx: Context) -> Finding | None:
+    """Apptainer refuses to start a container whose bind source does not exist on this node."""
+    if entry.runtime != "apptainer" or not entry.binds:
+        return None
+    missing = []
+    for bind in entry.binds:
+        # Expanded like the launcher does, but with this check's environment.
+        source = _expandvars(bind, ctx.environ).split(":", 1)[0]
+        if not source or not ctx.exists(source):
+            missing.append(f"{bind} ({source or 'empty'})" if source != bind.split(":", 1)[0] else bind)
+    if not missing:
+        return Finding("binds", OK, f"bind sources exist: {', '.join(entry.binds)}.", kernel=entry.name)
+    return Finding("binds", FAIL,
+                   f"bind source(s) missing on {ctx.hostname}: {', '.join(missing)}; Apptainer will refuse "
+                   "to start the kernel ('mount source doesn't exist').",
+                   f"create them, or remove them from 'binds' of kernel '{entry.name}' (a variable in a "
+                   "bind, like $SLURM_TMPDIR, must be set where the kernel starts).", entry.name)
+
+
+def _expandvars(text: str, environ: Mapping[str, str]) -> str:
+    return re.sub(r"\$(\w+)|\$\{(\w+)\}",
+                  lambda m: environ.get(m.group(1) or m.group(2), m.group(0)), text)
+
+
+def _command_module(command: tuple[str, ...]) -> str | None:
+    """The module a ``python -m MODULE`` command runs."""
+    for i, arg in enumerate(command[:-1]):
+        if arg == "-m":
+            return command[i + 1]
+    return None
+
+
+def check_ipykernel(entry: KernelEntry, binary: str, ctx: Context) -> Finding | None:
+    """Run the kernel's Python inside the image, as the launcher would, and import ipykernel there."""
+    if entry.runtime != "apptainer" or not entry.image.exists():
+        return None
+    program = entry.command[0]
+    if not os.path.basename(program).startswith("python"):
+        return Finding("ipykernel", OK, f"'{program}' is not a Python: not probed.", kernel=entry.name)
+    module = _command_module(entry.command) or "ipykernel"
+    # ipykernel_launcher is a module of the ipykernel distribution; importing ipykernel also
+    # catches a broken install (pyzmq missing) that a mere file lookup would not.
+    code = "import ipykernel" if module in ("ipykernel_launcher", "ipykernel") else f"import {module}"
+    from hpc_kernels import kernelspec, proc
+    from hpc_kernels.runtimes import apptainer
+
+    spec = dataclasses.replace(kernelspec.launch_spec(entry), command=(program, "-c", code))
+    with tempfile.NamedTemporaryFile(prefix="hpck-doctor-", suffix=".json") as conn:
+        argv, env, _warnings = apptainer.exec_command(spec, conn.name, binary, ctx.environ, ctx.exists)
+        try:
+            result = proc.run(argv, check=False, env=env, timeout=ctx.probe_timeout)
+        except ToolError as exc:
+            return Finding("ipykernel", WARN, f"probing the image timed out: {exc}",
+                           "try again on a less busy node (or inside a job).", entry.name)
+    out = (result.stderr + result.stdout).strip()
+    if result.returncode == 0:
+        return Finding("ipykernel", OK, f"'{program} -c \"{code}\"' works in the image.", kernel=entry.name)
+    if "executable file not found" in out or "no such file or directory" in out.lower():
+        return Finding("ipykernel", FAIL,
+                       f"the kernel's program '{program}' does not exist in {entry.image}.",
+                       f"set 'command:' of kernel '{entry.name}' to the image's Python, e.g. [python3, -m, "
+                       "ipykernel_launcher, -f, \"{connection_file}\"], then 'hpc-kernels install "
+                       f"{entry.name}'.", entry.name)
+    if "ModuleNotFoundError" in out or "ImportError" in out:
+        return Finding("ipykernel", FAIL,
+                       f"'{code}' fails in {entry.image}: {_last_line(out)}",
+                       f"add ipykernel to the recipe's %post (pip install ipykernel, or apt-get install "
+                       f"python3-ipykernel), then 'hpc-kernels build {entry.name}'.", entry.name)
+    return Finding("ipykernel", FAIL, f"running '{program}' in {entry.image} failed (exit "
+                   f"{result.returncode}): {_last_line(out)}",
+                   f"try it yourself: {' '.join(argv)}", entry.name)
+
+
+def check_gpu(entry: KernelEntry, ctx: Context) -> Finding | None:
+    """A kernel that asks for a GPU vendor on a node without that GPU runs without one."""
+    if entry.gpu not in ("nvidia", "rocm"):
+        return None
+    from hpc_kernels.runtimes.apptainer import gpu_flag
+
+    flag, warning = gpu_flag(entry.gpu, ctx.exists)
+    if flag:
+        return Finding("gpu", OK, f"{entry.gpu} GPU present: the kernel gets {flag}.", kernel=entry.name)
+    in_job = bool(ctx.environ.get("SLURM_JOB_ID"))
+    return Finding(
+        "gpu", FAIL if in_job else WARN,
+        f"{warning} ({ctx.hostname}{', in a Slurm job' if in_job else ''}): "
+        "the kernel would start without it.",
+        "start the session on a GPU node (e.g. JupyterHub's GPU option, or 'salloc --gpus=1'); "
+        "'gpu: auto' uses a GPU only when the node has one.", entry.name)
+
+
+def check_kernel_env(entry: KernelEntry) -> Finding | None:
+    """A kernel that passes a leaky host variable into its container on purpose."""
+    import fnmatch
+
+    leaked = sorted({v for v in LEAKY_VARS for pat in entry.pass_env if fnmatch.fnmatchcase(v, pat)})
+    if not leaked:
+        return None
+    return Finding("kernel-env", WARN,
+                   f"kernel '{entry.name}' passes {', '.join(leaked)} from the host into the container: "
+                   "host libraries and packages built for another system then load inside it.",
+                   f"remove them from 'pass_env' of '{entry.name}' (set fixed values with 'env' instead).",
+                   entry.name)
+
+
+def disable_user_config_source(ctx: Context) -> str | None:
+    """Where JupyterHub's ``disable_user_config`` (which hides kernels under $HOME) is seen to be on."""
+    value = ctx.environ.get("JUPYTERHUB_DISABLE_USER_CONFIG", "")
+    if value.lower() in ("1", "true", "yes"):
+        return f"JUPYTERHUB_DISABLE_USER_CONFIG={value}"
+    from jupyter_core.paths import jupyter_config_path
+
+    pattern = re.compile(r"disable_user_config\"?\s*[=:]\s*(True|true|1)\b")
+    candidates = [Path(d) for d in jupyter_config_path()] + [ctx.etc_root / "jupyterhub"]
+    for directory in candidates:
+        for path in sorted(directory.glob("jupyter*_config.*")) if directory.is_dir() else []:
+            try:
+                if pattern.search(path.read_text(errors="replace")):
+                    return str(path)
+            except OSError:
+                continue
+    return None
+
+
+def check_kernelspec(entry: KernelEntry, ctx: Context) -> Finding:
+    """Is the kernelspec where Jupyter looks, ours, and not hidden by JupyterHub?"""
+    from hpc_kernels import kernelspec
+
+    found = kernelspec.visible(entry.name)
+    dirs = ", ".join(str(d) for d in kernelspec.search_dirs())
+    if found is None:
+        return Finding("kernelspec", FAIL,
+                       f"no kernelspec '{entry.name}' in the directories Jupyter searches: {dirs}.",
+                       f"run 'hpc-kernels install {entry.name}' (if you installed it with --prefix DIR, add "
+                       "DIR/share/jupyter to JUPYTER_PATH: 'module load container-kernels' does that), then "
+                       "restart your JupyterLab session.", entry.name)
+    if not kernelspec.is_ours(found):
+        return Finding("kernelspec", FAIL,
+                       f"the kernelspec Jupyter uses for '{entry.name}' ({found}) was not written by "
+                       "hpc-kernels.",
+                       f"rename the kernel in the registry, or remove {found} yourself.", entry.name)
+    hub = disable_user_config_source(ctx)
+    if hub and _under(found, ctx.home):
+        return Finding("kernelspec", FAIL,
+                       f"kernelspec {found} is under your home, which JupyterHub hides "
+                       f"(disable_user_config is on: {hub}).",
+                       f"install it outside $HOME ('hpc-kernels install {entry.name} --prefix /project/...') "
+                       "and put that prefix's share/jupyter on JUPYTER_PATH "
+                       "('module load container-kernels'), then restart your JupyterLab session.", entry.name)
+    return Finding("kernelspec", OK,
+                   f"installed at {found} (if JupyterLab was already open, restart your session to see it).",
+                   kernel=entry.name)
+
+
+def _under(path: Path, root: Path) -> bool:
+    try:
+        path.resolve().relative_to(root.resolve())
+    except ValueError:
+        return False
+    return True
+
+
+def check_installed(name: str, kdir: Path, entry: KernelEntry | None, ctx: Context) -> list[Finding]:
+    """Our installed kernel.json: does its launcher Python exist and import us, does its image exist?"""
+    from hpc_kernels import kernelspec, proc
+    from hpc_kernels.launchspec import read_kernel_json
+
+    try:
+        data, spec = read_kernel_json(str(kdir / "kernel.json"))
+    except (OSError, ValueError) as exc:
+        return [Finding("launcher", FAIL, f"cannot read {kdir / 'kernel.json'}: {exc}",
+                        f"hpc-kernels install {name}", name)]
+    findings: list[Finding] = []
+    argv = [str(a) for a in data.get("argv", [])]
+    python = argv[0] if argv else ""
+    if not (python and os.path.isfile(python) and os.access(python, os.X_OK)):
+        findings.append(Finding("launcher", FAIL,
+                                f"kernelspec {kdir} starts '{python}', which does not exist any more "
+                                "(was the virtualenv that installed it removed?).",
+                                f"reinstall hpc-kernels, then 'hpc-kernels install {name}'.", name))
+    else:
+        try:
+            probe = proc.run([python, "-c", "import hpc_kernels.launch"], check=False, env=ctx.environ,
+                             timeout=ctx.probe_timeout)
+            problem = _last_line(probe.stderr) if probe.returncode else ""
+        except ToolError as exc:
+            problem = str(exc)
+        if problem:
+            findings.append(Finding("launcher", FAIL,
+                                    f"the launcher Python {python} cannot import hpc_kernels: {problem}",
+                                    f"reinstall hpc-kernels into that environment, or 'hpc-kernels install "
+                                    f"{name}' from the one you use now.", name))
+        else:
+            findings.append(Finding("launcher", OK, f"launcher {python} imports hpc_kernels.", kernel=name))
+    if spec.runtime == "apptainer" and not os.path.exists(spec.image) and (
+            entry is None or spec.image != str(entry.image)):
+        findings.append(Finding("launcher", FAIL,
+                                f"kernelspec {kdir} points at the image {spec.image}, which does not exist.",
+                                f"'hpc-kernels install {name}' again (the registry's image path changed), or "
+                                f"'hpc-kernels uninstall {name}' if the kernel is gone.", name))
+    if entry is not None:
+        wanted = kernelspec.launch_spec(entry)
+        drift = [f for f in ("image", "command", "binds", "env", "pass_env", "gpu", "mode", "runtime_args")
+                 if getattr(spec, f) != getattr(wanted, f)]
+        if drift:
+            findings.append(Finding("launcher", WARN,
+                                    f"the installed kernelspec differs from the registry "
+                                    f"({', '.join(drift)}).",
+                                    f"hpc-kernels install {name}", name))
+    return findings
+
+
+def _short(value: str, limit: int = 60) -> str:
+    return value if len(value) <= limit else value[: limit - 1] + "…"
+
+
+def _last_line(text: str) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1].strip() if lines else ""
+
+
+# ----------------------------------------------------------------------------- all of it
+
+
+def kernel_findings(entry: KernelEntry, apptainer_bin: str | None, installed: Path | None,
+                    ctx: Context) -> list[Finding]:
+    """Every per-kernel check, in report order; checks that do not apply return nothing."""
+    binds = check_binds(entry, ctx)
+    # A missing bind source makes the probe fail for that reason only: skip it then.
+    probe = check_ipykernel(entry, apptainer_bin, ctx) if apptainer_bin and (
+        binds is None or binds.status == OK) else None
+    found = [check_image(entry), binds, probe, check_gpu(entry, ctx), check_kernel_env(entry),
+             check_kernelspec(entry, ctx)]
+    result = [f for f in found if f is not None]
+    if installed is not None:
+        result += check_installed(entry.name, installed, entry, ctx)
+    return result
+
+
+def run_checks(registry: Registry | None, names: list[str] | None = None, ctx: Context | None = None,
+               registry_problem: str | None = None) -> Report:
+    """Run every check for the named kernels (default: the whole registry and every kernelspec of ours)."""
+    from hpc_kernels import kernelspec
+
+    ctx = ctx or Context()
+    findings: list[Finding] = []
+    if registry_problem:
+        findings.append(Finding("registry", FAIL if names else WARN, registry_problem,
+                                "pass --registry PATH or set HPC_KERNELS_REGISTRY."))
+    entries: list[KernelEntry] = []
+    if registry is not None:
+        entries = list(registry.kernels)
+        if names:
+            entries = [registry.get(n) for n in names]
+        findings.append(Finding("registry", OK, f"{registry.path} (found via {registry.source}), "
+                                                f"{len(registry.kernels)} kernel(s)."))
+    runtimes = sorted({e.runtime for e in entries}) or ["apptainer"]
+    binaries: dict[str, str | None] = {}
+    for runtime in runtimes:
+        finding, binaries[runtime] = check_runtime(ctx, runtime)
+        findings.append(finding)
+    apptainer_bin = binaries.get("apptainer")
+    if apptainer_bin:
+        findings.append(check_runtime_version(apptainer_bin, ctx))
+    optional = check_build_namespaces(ctx, entries)
+    if optional:
+        findings.append(optional)
+    findings.append(check_login_node(ctx))
+    findings += check_environment(ctx)
+    installed = kernelspec.installed_ours()
+    for entry in entries:
+        findings += kernel_findings(entry, apptainer_bin, installed.get(entry.name), ctx)
+    if not names:
+        known = {e.name for e in entries}
+        for name, kdir in installed.items():
+            if name not in known:
+                findings += check_installed(name, kdir, None, ctx)
+    return Report(tuple(findings), tuple(str(d) for d in kernelspec.search_dirs()),
+                  str(registry.path) if registry else None)
+
+
+def load_registry(explicit: str | None) -> tuple[Registry | None, str | None]:
+    """The registry, or the sentence saying why there is none (doctor runs anyway)."""
+    from hpc_kernels import registry
+
+    try:
+        return registry.load(explicit), None
+    except HpcKernelsError as exc:
+        return None, str(exc)
+
+
+def report_json(report: Report) -> str:
+    """``doctor --json`` text."""
+    return json.dumps(report.to_json(), indent=2)

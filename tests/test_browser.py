@@ -1,0 +1,193 @@
+"""Our kernels in a real JupyterLab, driven by Debian's headless Chromium through Playwright.
+
+One JupyterLab start serves two kernels: one installed in the user's Jupyter dir by
+`hpc-kernels install`, one installed under a prefix and made visible only through
+``JUPYTER_PATH=<prefix>/share/jupyter`` (what ``module load container-kernels`` sets). The test
+checks both launcher cards, opens a notebook with each, runs a cell that reads a file only the
+container has, and sees its output. It saves a screenshot of the launcher (to docs/images/ when
+``HPCK_DOCS_SCREENSHOTS=1``; always next to the test's temporary files).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import leftover_processes
+
+from hpc_kernels import cli
+
+pytestmark = [pytest.mark.browser, pytest.mark.apptainer]
+
+CHROMIUM = Path(os.environ.get("HPCK_CHROMIUM", "/usr/bin/chromium"))
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
+DOCS_IMAGES = Path(__file__).resolve().parent.parent / "docs" / "images"
+MARKER_TEXT = "hpc-kernels test image"
+USER_KERNEL = ("hpck-browser", "Python (container, user dir)")
+MODULE_KERNEL = ("hpck-module", "Python (container, module)")
+SERVER_START_TIMEOUT = 90.0
+UI_TIMEOUT_MS = 90_000
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait_http(url: str, proc: subprocess.Popen[bytes], deadline: float) -> None:
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"JupyterLab exited early with code {proc.returncode}")
+        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=5) as resp:
+            if resp.status == 200:
+                return
+        time.sleep(0.5)
+    raise AssertionError(f"JupyterLab did not answer {url} within {SERVER_START_TIMEOUT:g} s")
+
+
+@contextlib.contextmanager
+def jupyterlab(root: Path, env: dict[str, str], log: Path) -> Iterator[str]:
+    """A real JupyterLab on 127.0.0.1 (random port, token); yields its /lab URL; always stopped."""
+    port, token = _free_port(), secrets.token_hex(16)
+    argv = [sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
+            "--port-retries=0", f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}",
+            "--LabApp.news_url=None",
+            # CI runs as root; JupyterLab refuses that unless told (the test uses loopback and a token).
+            *(["--allow-root"] if os.geteuid() == 0 else []),
+            "--LabApp.check_for_updates_class=jupyterlab.handlers.announcements.NeverCheckForUpdate"]
+    with log.open("wb") as out:
+        proc = subprocess.Popen(argv, env=env, cwd=root, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+        try:
+            _wait_http(f"http://127.0.0.1:{port}/api/status?token={token}", proc,
+                       time.monotonic() + SERVER_START_TIMEOUT)
+            yield f"http://127.0.0.1:{port}/lab?token={token}"
+        finally:
+            # SIGTERM: the server shuts its kernels down; then make sure of the whole group.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+
+
+@pytest.fixture
+def chromium() -> Iterator[Any]:
+    """Playwright driving Debian's Chromium (never a downloaded browser)."""
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is missing (bash .ci/browser-setup.sh installs Debian's chromium)")
+    try:
+        import jupyterlab  # noqa: F401
+        from playwright.sync_api import sync_playwright
+    except ImportError as exc:
+        pytest.skip(f"{exc.name} is not installed (bash .ci/browser-setup.sh installs it)")
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+def _screenshot(page: Any, tmp_path: Path, name: str) -> None:
+    """Save a screenshot beside the test's files, and into docs/images/ when asked to."""
+    page.screenshot(path=str(tmp_path / name))
+    if os.environ.get("HPCK_DOCS_SCREENSHOTS") == "1":
+        DOCS_IMAGES.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(tmp_path / name, DOCS_IMAGES / name)
+
+
+def _run_in_new_notebook(page: Any, display_name: str, code: str) -> str:
+    """Click the launcher card, run ``code`` in the notebook it opens, return the output text."""
+    page.locator(".jp-LauncherCard:visible", has_text=display_name).first.click()
+    from playwright.sync_api import expect
+
+    panel = page.locator(".jp-NotebookPanel:visible").last
+    # The notebook opens at once and shows "No Kernel" until the session has started our kernel.
+    expect(panel.locator(".jp-KernelName")).to_contain_text(display_name, timeout=UI_TIMEOUT_MS)
+    panel.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").wait_for(timeout=UI_TIMEOUT_MS)
+    editor = panel.locator(".jp-Cell .cm-content").first
+    editor.click()
+    editor.fill(code)
+    page.keyboard.press("Shift+Enter")
+    output = panel.locator(".jp-OutputArea-output").first
+    output.wait_for(timeout=UI_TIMEOUT_MS)
+    return str(output.inner_text())
+
+
+def test_kernel_cards_and_cells_in_real_jupyterlab(
+    apptainer_bin: str, base_sif: Path, make_registry: Callable[..., Path], chromium: Any,
+    tmp_path: Path, isolated_home: Path,
+) -> None:
+    registry = make_registry(f"""
+        kernels:
+          {USER_KERNEL[0]}:
+            display_name: "{USER_KERNEL[1]}"
+            image: {base_sif}
+            command: [python3, -m, ipykernel_launcher, -f, "{{connection_file}}"]
+          {MODULE_KERNEL[0]}:
+            display_name: "{MODULE_KERNEL[1]}"
+            image: {base_sif}
+            command: [python3, -m, ipykernel_launcher, -f, "{{connection_file}}"]
+        """)
+    prefix = tmp_path / "group-prefix"
+    assert cli.main(["install", "--registry", str(registry), USER_KERNEL[0]]) == 0
+    assert cli.main(["install", "--registry", str(registry), "--prefix", str(prefix), MODULE_KERNEL[0]]) == 0
+
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(apptainer_bin).parent}{os.pathsep}{env.get('PATH', '')}"
+    # What `module load container-kernels` does for the second kernel (and only for it).
+    env["JUPYTER_PATH"] = str(prefix / "share" / "jupyter")
+    runtime_dir = Path(env["JUPYTER_RUNTIME_DIR"])
+    root = tmp_path / "notebooks"
+    root.mkdir()
+    # No "get Jupyter news?" toast over the screenshot (and no fetch from the internet).
+    settings = tmp_path / "lab-settings"
+    notification = settings / "@jupyterlab" / "apputils-extension" / "notification.jupyterlab-settings"
+    notification.parent.mkdir(parents=True)
+    notification.write_text('{"fetchNews": "false", "checkForUpdates": false}')
+    env["JUPYTERLAB_SETTINGS_DIR"] = str(settings)
+    env["JUPYTERLAB_WORKSPACES_DIR"] = str(tmp_path / "lab-workspaces")
+    log = tmp_path / "jupyterlab.log"
+
+    try:
+        with jupyterlab(root, env, log) as url:
+            page = chromium.new_page(viewport={"width": 1280, "height": 800})
+            page.set_default_timeout(UI_TIMEOUT_MS)
+            page.goto(url)
+            for _name, display in (USER_KERNEL, MODULE_KERNEL):
+                page.locator(".jp-LauncherCard", has_text=display).first.wait_for()
+            _screenshot(page, tmp_path, "launcher.png")
+
+            code = "print(open('/etc/hpck-test-image').read())"
+            assert MARKER_TEXT in _run_in_new_notebook(page, USER_KERNEL[1], code)
+            _screenshot(page, tmp_path, "notebook.png")
+            # Back to a launcher for the kernel that only JUPYTER_PATH makes visible.
+            page.locator(".lm-DockPanel-tabBar .lm-TabBar-addButton").first.click()
+            assert MARKER_TEXT in _run_in_new_notebook(page, MODULE_KERNEL[1], code)
+            page.close()
+    except Exception:
+        print(log.read_text(errors="replace")[-4000:])
+        raise
+    # The server stopped its kernels: no container process of ours is left.
+    deadline = time.monotonic() + 15
+    while leftover_processes(str(runtime_dir)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert leftover_processes(str(runtime_dir)) == []
