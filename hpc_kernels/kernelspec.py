@@ -60,7 +60,17 @@ def launch_spec(entry: KernelEntry, registry: Path | None = None) -> LaunchSpec:
         idle_timeout=entry.idle_timeout,
         container_image=entry.container_image,
         registry=str(registry) if registry else "",
+        runtime_hint=_runtime_hint(entry.runtime),
     )
+
+
+def _runtime_hint(runtime: str) -> str:
+    """The runtime binary visible now, recorded as the launcher's last resort (see LaunchSpec)."""
+    import shutil
+
+    if runtime == "apptainer":
+        return shutil.which("apptainer") or shutil.which("singularity") or ""
+    return shutil.which(runtime) or ""
 
 
 def kernel_json(entry: KernelEntry, spec_file: Path, registry: Path | None = None,

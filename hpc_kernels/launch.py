@@ -21,7 +21,7 @@ def plan(spec: LaunchSpec, connection_file: str) -> tuple[list[str], dict[str, s
     if spec.runtime == "apptainer":
         from hpc_kernels.runtimes import apptainer
 
-        binary = apptainer.find_binary()
+        binary = apptainer.find_binary(fallback=spec.runtime_hint)
         return apptainer.exec_command(spec, connection_file, binary, os.environ)
     raise HpcKernelsError(f"runtime '{spec.runtime}' cannot be launched by this version of hpc-kernels.")
 

@@ -32,6 +32,9 @@ class LaunchSpec:
     container_image: str | None = None
     image_id: str = ""
     registry: str = ""
+    #: The runtime found when the kernelspec was installed: used when the server's PATH has none
+    #: (a JupyterHub session where `module load apptainer` was not done).
+    runtime_hint: str = ""
 
     def to_json(self) -> dict[str, Any]:
         """Plain JSON data (tuples become lists)."""

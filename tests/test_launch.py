@@ -139,3 +139,14 @@ def test_launcher_argv_is_immune_to_pythonpath(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-I", "-m", "hpc_kernels.launch", str(spec_file), "/c.json"],
                           env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert "shadowed" not in done.stderr and "hpc-kernels build x" in done.stderr
+
+
+def test_runtime_recorded_at_install_is_the_last_resort(tmp_path: Path) -> None:
+    recorded = tmp_path / "cvmfs" / "apptainer"
+    recorded.parent.mkdir()
+    recorded.write_text("#!/bin/sh\n")
+    recorded.chmod(0o755)
+    empty = {"PATH": str(tmp_path / "nothing")}
+    assert apptainer.find_binary(empty, fallback=str(recorded)) == str(recorded)
+    with pytest.raises(Exception, match="module load apptainer"):
+        apptainer.find_binary(empty, fallback=str(tmp_path / "gone"))

@@ -37,8 +37,9 @@ NOT_FOUND_HINT = (
 )
 
 
-def find_binary(environ: Mapping[str, str] | None = None) -> str:
-    """The runtime to use: ``$HPC_KERNELS_APPTAINER``, else ``apptainer``, else ``singularity`` on PATH."""
+def find_binary(environ: Mapping[str, str] | None = None, fallback: str = "") -> str:
+    """The runtime to use: ``$HPC_KERNELS_APPTAINER``, else ``apptainer``, else ``singularity`` on PATH,
+    else ``fallback`` (the runtime recorded at install time) when it still exists."""
     env = os.environ if environ is None else environ
     override = env.get("HPC_KERNELS_APPTAINER")
     if override:
@@ -50,6 +51,8 @@ def find_binary(environ: Mapping[str, str] | None = None) -> str:
         found = shutil.which(name, path=env.get("PATH"))
         if found:
             return found
+    if fallback and os.access(fallback, os.X_OK):
+        return fallback
     raise RuntimeNotFoundError(NOT_FOUND_HINT)
 
 
