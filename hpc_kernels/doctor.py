@@ -465,7 +465,9 @@ def check_installed(name: str, kdir: Path, entry: KernelEntry | None, ctx: Conte
                                 f"reinstall hpc-kernels, then 'hpc-kernels install {name}'.", name))
     else:
         try:
-            probe = proc.run([python, "-c", "import hpc_kernels.launch"], check=False, env=ctx.environ,
+            # The same interpreter flags as the kernel's argv (python -I ...), so the probe sees what it sees.
+            flags = [a for a in argv[1:argv.index("-m")] if a.startswith("-")] if "-m" in argv else []
+            probe = proc.run([python, *flags, "-c", "import hpc_kernels.launch"], check=False, env=ctx.environ,
                              timeout=ctx.probe_timeout)
             problem = _last_line(probe.stderr) if probe.returncode else ""
         except ToolError as exc:
