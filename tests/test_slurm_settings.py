@@ -290,3 +290,21 @@ def test_usage_errors_of_new_flags(make_registry: Any) -> None:
                               timeout=60)
         assert done.returncode == 2, done.stderr
         assert done.stderr.strip().endswith(f"hpc-kernels: error: {message}")
+
+
+def test_commented_example_in_kernels_yaml_is_valid(tmp_path: Path) -> None:
+    """The commented `slurm:` block of the shipped kernels.yaml, uncommented, loads as documented."""
+    shipped = (Path(__file__).resolve().parent.parent / "kernels.yaml").read_text()
+    lines, inside = [], False
+    for line in shipped.splitlines():
+        if line.startswith("  # slurm:"):
+            inside = True
+        elif inside and not line.startswith("  #   "):
+            inside = False
+        lines.append(line.replace("  # ", "  ", 1) if inside else line)
+    (tmp_path / "defs").mkdir()
+    (tmp_path / "defs" / "science.def").write_text("Bootstrap: scratch\n")
+    (tmp_path / "kernels.yaml").write_text("\n".join(lines) + "\n")
+    (science,) = registry.load_file(tmp_path / "kernels.yaml").kernels
+    assert science.slurm == SlurmDefaults(account="def-yourpi", time="1:00:00", mem="4G", cpus=2,
+                                          partition="cpubase_bycore_b1", modules=("apptainer",), extra_args=())

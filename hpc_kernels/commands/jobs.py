@@ -117,7 +117,10 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
     """``build``'s Slurm flags (defaults fit DRAC; sbatch also reads SBATCH_ACCOUNT etc. itself)."""
     from hpc_kernels.slurm import DEFAULT_CPUS, DEFAULT_MEM, DEFAULT_TIME
 
-    group = parser.add_argument_group("building in a Slurm job (DRAC: never build on a login node)")
+    group = parser.add_argument_group(
+        "building in a Slurm job (DRAC: never build on a login node)",
+        "A flag beats the registry's 'slurm:' settings (kernel, then defaults), which beat the "
+        "built-in defaults shown here.")
     group.add_argument("--slurm", action="store_true",
                        help="build in a Slurm batch job (several kernels: one job array) instead of here")
     group.add_argument("--account", metavar="A", help="Slurm account, e.g. def-pi (default: $SBATCH_ACCOUNT)")
