@@ -17,6 +17,7 @@ import yaml
 
 from hpc_kernels import paths
 from hpc_kernels.errors import RegistryError, UnknownKernelError
+from hpc_kernels.slurm_settings import UNSET, SlurmDefaults, from_mapping
 
 #: Jupyter's own rule for kernel names (jupyter_client.kernelspec._kernel_name_pat).
 KERNEL_NAME_RE = re.compile(r"^[a-z0-9._-]+$")
@@ -58,6 +59,7 @@ class KernelEntry:
     idle_timeout: float
     container_image: str | None
     line: int
+    slurm: SlurmDefaults = UNSET  # kernel's `slurm:` over `defaults: slurm:` (build --slurm)
 
     @property
     def env_dict(self) -> dict[str, str]:
@@ -156,6 +158,16 @@ def _construct_map(loader: _Loader, node: yaml.MappingNode) -> _Map:
 _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_map)
 
 
+def _construct_int(loader: _Loader, node: yaml.ScalarNode) -> int | str:
+    # YAML 1.1 reads 1:00:00 as the base-60 integer 3600: keep such text (a Slurm time) as written.
+    if ":" in str(node.value):
+        return str(node.value)
+    return int(loader.construct_yaml_int(node))
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _construct_int)
+
+
 def load_file(path: Path, source: str = "--registry") -> Registry:
     """Parse and validate one registry file; raise :class:`RegistryError` with every problem."""
     try:
@@ -179,7 +191,7 @@ _TOP_KEYS = {"defaults", "kernels"}
 # Keys allowed both under `defaults:` and in each kernel.
 _SHARED_KEYS = {
     "runtime", "mode", "binds", "env", "pass_env", "gpu", "interrupt_mode", "runtime_args",
-    "fakeroot", "compression", "idle_timeout", "language", "command",
+    "fakeroot", "compression", "idle_timeout", "language", "command", "slurm",
 }
 _DEFAULT_ONLY = {"images_dir"}
 _KERNEL_ONLY = {"def", "image", "display_name"}
@@ -352,6 +364,7 @@ class _Validator:
             if recipe is None and not image_value:
                 self.err(line,
                          f"kernel '{name}' needs 'def' (a recipe to build) or 'image' (an existing container image).")
+        slurm = self._slurm(name, body, defaults)
         if len(self.problems) > before:
             return None
         return KernelEntry(
@@ -374,7 +387,14 @@ class _Validator:
             idle_timeout=float(idle),
             container_image=container_image,
             line=line,
+            slurm=slurm,
         )
+
+    def _slurm(self, name: str, body: _Map, defaults: _Map) -> SlurmDefaults:
+        """`slurm:` of the kernel over `slurm:` of defaults, key by key (see hpc_kernels.slurm_settings)."""
+        lower = from_mapping(defaults.get("slurm"), "defaults", defaults.lines.get("slurm", 1), self.err)
+        own = from_mapping(body.get("slurm"), f"kernel '{name}'", body.lines.get("slurm", body.line), self.err)
+        return own.over(lower)
 
 
 def _empty(line: int = 1) -> _Map:

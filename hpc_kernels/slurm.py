@@ -11,7 +11,9 @@ sacct together say how a job ended.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
 import shlex
 import sys
 import time
@@ -24,6 +26,7 @@ from hpc_kernels import __version__, paths, templates
 from hpc_kernels.errors import HpcKernelsError, RuntimeNotFoundError
 from hpc_kernels.fsutil import atomic_write
 from hpc_kernels.runtimes.slurm import FINAL_STATES, JobInfo, Slurm
+from hpc_kernels.slurm_settings import UNSET, SlurmDefaults, mem_megabytes, time_minutes
 
 if TYPE_CHECKING:  # the registry (PyYAML) is not needed to parse build's flags
     from hpc_kernels.registry import KernelEntry
@@ -33,6 +36,12 @@ if TYPE_CHECKING:  # the registry (PyYAML) is not needed to parse build's flags
 DEFAULT_TIME = "1:00:00"
 DEFAULT_MEM = "4G"
 DEFAULT_CPUS = 2
+#: Loaded in the job when Lmod has them (the registry's ``slurm: modules`` replaces the list).
+DEFAULT_MODULES = ("apptainer",)
+#: ``build --slurm --wait`` gives up this long after the jobs' time limits (queueing, start-up).
+WAIT_MARGIN = 600.0
+#: Submitting prunes the records of jobs that ended more than this many days ago.
+AUTO_PRUNE_DAYS = 30.0
 #: The install job only writes a kernel.json.
 INSTALL_TIME = "0:10:00"
 INSTALL_MEM = "1G"
@@ -44,7 +53,7 @@ LOG_TAIL_LINES = 15
 
 @dataclass(frozen=True)
 class JobOptions:
-    """Resources of a job. ``explicit`` names the options the user gave on the command line."""
+    """Resources of a job. ``explicit`` names the options set by a flag or the registry (not built-in)."""
 
     time: str = DEFAULT_TIME
     mem: str = DEFAULT_MEM
@@ -52,17 +61,81 @@ class JobOptions:
     account: str | None = None
     partition: str | None = None
     explicit: tuple[str, ...] = ()
+    modules: tuple[str, ...] = DEFAULT_MODULES
+    #: The registry chose ``modules``: one that does not load fails the job (the default is best effort).
+    require_modules: bool = False
+    extra_args: tuple[str, ...] = ()
 
     def sbatch_args(self) -> list[str]:
-        """The user's explicit options again on sbatch's command line, where SBATCH_* cannot override them."""
+        """Options set by a flag or the registry go on sbatch's command line too, where SBATCH_*
+        variables cannot override them; then the registry's ``extra_args``."""
         values = {"time": self.time, "mem": self.mem, "cpus-per-task": str(self.cpus),
                   "account": self.account, "partition": self.partition}
-        return [f"--{name}={values[name]}" for name in self.explicit if values.get(name)]
+        return [f"--{name}={values[name]}" for name in self.explicit if values.get(name)] + list(self.extra_args)
 
     def for_install(self) -> JobOptions:
         """The small job that installs kernelspecs after the build (same account and partition)."""
         keep = tuple(n for n in self.explicit if n in ("account", "partition"))
-        return replace(self, time=INSTALL_TIME, mem=INSTALL_MEM, cpus=1, explicit=keep)
+        return replace(self, time=INSTALL_TIME, mem=INSTALL_MEM, cpus=1, explicit=keep, extra_args=())
+
+    def time_limit_seconds(self) -> float | None:
+        """The build job's time limit in seconds (None when it is not in one of Slurm's formats)."""
+        minutes = time_minutes(self.time)
+        return None if minutes is None else minutes * 60
+
+
+def job_options(entries: Sequence[KernelEntry], flags: SlurmDefaults = UNSET) -> JobOptions:
+    """The options of one build job for ``entries``: a flag > the kernel's ``slurm:`` > ``defaults: slurm:``
+    > the built-in DRAC defaults.
+
+    A job array has one set of resources: it gets the largest time, memory and CPU count any of its
+    kernels asks for; kernels that ask for different accounts, partitions, modules or extra sbatch
+    options cannot share a job (:class:`HpcKernelsError` says which and how to proceed).
+    """
+    wanted = [flags.over(e.slurm) for e in entries] or [flags]
+    names = [e.name for e in entries]
+
+    def largest(key: str, measure: Callable[[str], float | None]) -> str | None:
+        # A flag is in every `wanted` already; an unparsable one is left for sbatch to reject.
+        values: list[str] = [getattr(w, key) for w in wanted if getattr(w, key) is not None]
+        return max(values, key=lambda v: measure(v) or 0.0) if values else None
+
+    def single(key: str, flag: str, *, unset_differs: bool) -> Any:
+        # An unset account or partition leaves the choice to the others; unset modules or extra_args
+        # mean the built-in ones, which differ from a kernel's own.
+        chosen = {n: getattr(w, key) for n, w in zip(names, wanted)
+                  if unset_differs or getattr(w, key) is not None}
+        distinct = list(dict.fromkeys(chosen.values()))
+        if len(distinct) > 1:
+            shown = "; ".join(f"{n}: {_show(v)}" for n, v in chosen.items())
+            fix = f"pass {flag} to use one for all, or " if flag else ""
+            raise HpcKernelsError(
+                f"the kernels of one job array must share their slurm '{key}', but they differ ({shown}): "
+                f"{fix}build them with separate 'hpc-kernels build --slurm' commands."
+            )
+        return distinct[0] if distinct else None
+
+    time = largest("time", time_minutes)
+    mem = largest("mem", mem_megabytes)
+    cpus = max((w.cpus for w in wanted if w.cpus is not None), default=None)
+    account = single("account", "--account", unset_differs=False)
+    partition = single("partition", "--partition", unset_differs=False)
+    modules = single("modules", "", unset_differs=True)
+    extra = single("extra_args", "", unset_differs=True)
+    given = {"time": time, "mem": mem, "cpus-per-task": cpus, "account": account, "partition": partition}
+    return JobOptions(
+        time=time or DEFAULT_TIME, mem=mem or DEFAULT_MEM, cpus=cpus or DEFAULT_CPUS,
+        account=account, partition=partition,
+        explicit=tuple(k for k, v in given.items() if v is not None),
+        modules=DEFAULT_MODULES if modules is None else tuple(modules),
+        require_modules=modules is not None, extra_args=tuple(extra or ()),
+    )
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "not set"
+    return "[" + ", ".join(value) + "]" if isinstance(value, tuple) else str(value)
 
 
 @dataclass(frozen=True)
@@ -74,6 +147,7 @@ class PlannedJob:
     script: str
     sbatch_args: tuple[str, ...]
     output: str  # sbatch --output pattern (%j, or %A_%a for arrays)
+    options: JobOptions = JobOptions()
 
     @property
     def array(self) -> bool:
@@ -203,11 +277,13 @@ def plan_build(entries: Sequence[KernelEntry], registry: Path, options: JobOptio
         output=output,
         directives=_directives(options, len(names)),
         kernels=" ".join(shlex.quote(n) for n in names),
+        modules=" ".join(shlex.quote(m) for m in options.modules),
+        require_modules="1" if options.require_modules else "0",
         apptainer_dir=shlex.quote(submit_time_apptainer_dir() if apptainer_dir is None else apptainer_dir),
         command=command,
         jobs_dir=shlex.quote(str(jobs_dir())),
     )
-    return PlannedJob("build", names, script, tuple(options.sbatch_args()), output)
+    return PlannedJob("build", names, script, tuple(options.sbatch_args()), output, options)
 
 
 def plan_install(names: Sequence[str], registry: Path, options: JobOptions, *,
@@ -229,7 +305,7 @@ def plan_install(names: Sequence[str], registry: Path, options: JobOptions, *,
         command=" ".join(shlex.quote(a) for a in argv),
         jobs_dir=shlex.quote(str(jobs_dir())),
     )
-    return PlannedJob("install", tuple(names), script, tuple(opts.sbatch_args()), output)
+    return PlannedJob("install", tuple(names), script, tuple(opts.sbatch_args()), output, opts)
 
 
 def dependency_args(build_job: str) -> list[str]:
@@ -257,6 +333,9 @@ def submit(plan: PlannedJob, registry: Path, *, depends_on: str | None = None,
         "kernels": list(plan.kernels), "array": plan.array, "registry": str(registry),
         "depends_on": depends_on, "submitted_at": time.time(), "host": paths.hostname(),
         "script": str(script_path), "sbatch_args": args,
+        "options": {"time": plan.options.time, "mem": plan.options.mem, "cpus": plan.options.cpus,
+                    "account": plan.options.account, "partition": plan.options.partition,
+                    "modules": list(plan.options.modules), "extra_args": list(plan.options.extra_args)},
         "tasks": [{"task_id": t.task_id, "kernel": t.kernel, "log": str(t.log)} for t in tasks],
     }
     path = jobs_dir() / f"{job_id}.json"
@@ -281,6 +360,7 @@ def submit_builds(entries: Sequence[KernelEntry], registry: Path, options: JobOp
     With nothing to build, the install job (if any) runs without a dependency.
     """
     client = slurm or Slurm()
+    auto_prune(client)
     submitted: list[SubmittedJob] = []
     build_job: str | None = None
     if entries:
@@ -385,10 +465,34 @@ def statuses(records: Iterable[dict[str, Any]] | None = None, slurm: Slurm | Non
     return final
 
 
+class WaitTimeoutError(HpcKernelsError):
+    """``wait`` gave up; the jobs keep running. ``rows``: every task then; ``unfinished``: those not ended."""
+
+    def __init__(self, timeout: float, rows: Sequence[TaskStatus]) -> None:
+        self.timeout = timeout
+        self.rows = tuple(rows)
+        self.unfinished = tuple(s for s in rows if not s.final)
+        listed = ", ".join(f"{s.task_id} ({s.kind} of {s.kernel}: {s.state})" for s in self.unfinished)
+        ids = " ".join(sorted({s.job_id for s in self.unfinished}, key=int))
+        super().__init__(
+            f"gave up waiting after {timeout:g} s; still not finished: {listed}. The job(s) keep running "
+            f"(see 'hpc-kernels jobs'; cancel with 'scancel {ids}')."
+        )
+
+
+def default_wait_timeout(options: JobOptions, jobs: Sequence[SubmittedJob]) -> float:
+    """How long ``--wait`` waits by default: the time limits of the submitted jobs plus :data:`WAIT_MARGIN`."""
+    build_limit = options.time_limit_seconds() or (time_minutes(DEFAULT_TIME) or 60.0) * 60
+    install_limit = (time_minutes(INSTALL_TIME) or 10.0) * 60
+    total = sum(build_limit if j.kind == "build" else install_limit for j in jobs)
+    return total + WAIT_MARGIN
+
+
 def wait(job_ids: Sequence[str], *, timeout: float | None = None, interval: float = 2.0,
          slurm: Slurm | None = None, on_poll: Callable[[list[TaskStatus]], None] = lambda _s: None,
          ) -> list[TaskStatus]:
-    """Poll until every task of ``job_ids`` is final; ``timeout`` (s) bounds the wait."""
+    """Poll until every task of ``job_ids`` is final; after ``timeout`` seconds raise
+    :class:`WaitTimeoutError` naming the unfinished tasks (nothing is cancelled)."""
     client = slurm or Slurm()
     wanted = {str(j) for j in job_ids}
     deadline = None if timeout is None else time.monotonic() + timeout
@@ -399,11 +503,74 @@ def wait(job_ids: Sequence[str], *, timeout: float | None = None, interval: floa
         if all(s.final for s in current):
             return current
         if deadline is not None and time.monotonic() >= deadline:
-            raise HpcKernelsError(
-                f"gave up waiting after {timeout:g} s; the job(s) {', '.join(sorted(wanted))} keep going: "
-                "see 'hpc-kernels jobs'."
-            )
-        time.sleep(interval)
+            raise WaitTimeoutError(timeout or 0.0, current)
+        pause = interval if deadline is None else max(0.0, min(interval, deadline - time.monotonic()))
+        time.sleep(pause)
+
+
+# ----------------------------------------------------------------------------- pruning
+
+_JOB_ID_RE = re.compile(r"^\d+$")
+_TASK_ID_RE = re.compile(r"^\d+(?:_\d+)?$")
+_LOG_NAME_RE = re.compile(r"^(?:build|install)-\d+(?:_\d+)?\.out$")
+
+
+@dataclass(frozen=True)
+class PrunedJob:
+    """A finished job whose record we removed, and the files that went with it."""
+
+    job_id: str
+    kind: str
+    kernels: tuple[str, ...]
+    files: tuple[Path, ...]
+
+
+def prune(older_than_days: float, *, slurm: Slurm | None = None, now: float | None = None) -> list[PrunedJob]:
+    """Forget jobs submitted more than ``older_than_days`` ago that have ended (every task final).
+
+    Removes only what hpc-kernels wrote for them: the record (``<job>.json``), its script
+    (``<job>.sbatch``), the exit files of its tasks, and their Slurm logs when they are in
+    :func:`logs_dir` under the names we chose. Jobs still pending or running are kept.
+    """
+    cutoff = (time.time() if now is None else now) - older_than_days * 86400
+    old = [r for r in load_records()
+           if float(r.get("submitted_at", 0)) <= cutoff and _JOB_ID_RE.match(str(r.get("job_id", "")))]
+    if not old:
+        return []
+    rows = statuses(old, slurm)
+    running = {s.job_id for s in rows if not s.final}
+    directory, logs = jobs_dir(), logs_dir()
+    pruned: list[PrunedJob] = []
+    for rec in old:
+        job = str(rec["job_id"])
+        if job in running:
+            continue
+        candidates = [directory / f"{job}.sbatch"]
+        for task in rec["tasks"]:
+            task_id = str(task.get("task_id", "")) if isinstance(task, dict) else ""
+            if _TASK_ID_RE.match(task_id):
+                candidates.append(directory / f"{task_id}.exit")
+            log = Path(str(task.get("log", ""))) if isinstance(task, dict) else None
+            if log is not None and log.parent == logs and _LOG_NAME_RE.match(log.name):
+                candidates.append(log)
+        # The record goes last: if anything fails on the way, the next prune finds the job again.
+        candidates.append(directory / f"{job}.json")
+        removed = []
+        for path in candidates:
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                continue
+            removed.append(path)
+        pruned.append(PrunedJob(job, str(rec.get("kind", "build")),
+                                tuple(str(k) for k in rec.get("kernels", [])), tuple(removed)))
+    return pruned
+
+
+def auto_prune(slurm: Slurm | None = None) -> None:
+    """Best-effort :func:`prune` of jobs older than :data:`AUTO_PRUNE_DAYS` (never fails a submission)."""
+    with contextlib.suppress(HpcKernelsError, OSError):
+        prune(AUTO_PRUNE_DAYS, slurm=slurm)
 
 
 def cancel_ours(job_ids: Iterable[str], slurm: Slurm | None = None) -> None:

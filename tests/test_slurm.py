@@ -70,7 +70,7 @@ def test_build_script_follows_drac_advice(make_registry: Any) -> None:
     assert text.startswith("#!/bin/bash\n") and GENERATED_MARKER in text.splitlines()[1]
     for line in ("#SBATCH --time=30", "#SBATCH --mem=2G", "#SBATCH --cpus-per-task=1",
                  "#SBATCH --account=def-pi", "#SBATCH --array=0-1", "kernels=(one two)",
-                 "apptainer_dir=/opt/apptainer/bin", "module is-avail apptainer",
+                 "apptainer_dir=/opt/apptainer/bin", "modules=(apptainer)", "require_modules=0",
                  "unset APPTAINER_BIND SINGULARITY_BIND APPTAINER_BINDPATH SINGULARITY_BINDPATH"):
         assert line in text
     assert f'/opt/py/bin/python3 -m hpc_kernels build "$kernel" --registry {reg.path}\n' in text

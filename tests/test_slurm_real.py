@@ -190,3 +190,79 @@ def test_bad_time_is_one_clear_sentence(cluster: None, make_registry: Any) -> No
         "(give --time as minutes or [D-]HH:MM:SS, e.g. --time 1:00:00).\n"
     )
     assert slurm.load_records() == []
+
+
+def scontrol_fields(job: str) -> dict[str, str]:
+    """``scontrol show job -o`` as a dict (first value of each key)."""
+    out = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True,
+                         timeout=30).stdout
+    fields: dict[str, str] = {}
+    for token in out.split():
+        key, sep, value = token.partition("=")
+        if sep and key not in fields:
+            fields[key] = value
+    return fields
+
+
+@pytest.mark.slurm
+def test_registry_settings_reach_the_job_and_wait_timeout_gives_up(
+    cluster: None, make_registry: Any,
+) -> None:
+    """The registry's slurm: settings are the job's resources; --wait-timeout gives up on a job that is
+    still going (here: its build waits for the image lock this test holds), which keeps running."""
+    from hpc_kernels.fsutil import locked
+
+    reg = make_registry(
+        """\
+        defaults:
+          images_dir: images
+          slurm: {time: "0:07:00", mem: 300M, modules: []}
+        kernels:
+          held:
+            def: held.def
+            slurm: {cpus: 1, extra_args: ["--comment=hpck-registry-settings"]}
+        """,
+        {"held.def": "Bootstrap: scratch\n"},
+    )
+    images = reg.parent / "images"
+    images.mkdir()
+    job = ""
+    with locked(images / ".held.sif.lock"):
+        try:
+            done = hpck("build", "held", "--slurm", "--wait-timeout", "3", "--registry", str(reg), timeout=120)
+            (record,) = slurm.load_records()
+            job = str(record["job_id"])
+            assert done.returncode == 1, done.stderr
+            assert f"hpc-kernels: error: gave up waiting after 3 s; still not finished: {job} (build of held: " \
+                in done.stderr
+            assert f"The job(s) keep running (see 'hpc-kernels jobs'; cancel with 'scancel {job}')." \
+                in done.stderr.replace("\n", " ")
+            assert "Traceback" not in done.stderr
+            # The job outlives the CLI that gave up on it, with the registry's resources.
+            fields = scontrol_fields(job)
+            assert fields["JobState"] in ("PENDING", "RUNNING"), fields
+            assert fields["TimeLimit"] == "00:07:00" and fields["NumCPUs"] == "1"
+            assert fields["MinMemoryNode"] == "300M" and fields["Comment"] == "hpck-registry-settings"
+            assert record["options"] == {"time": "0:07:00", "mem": "300M", "cpus": 1, "account": None,
+                                         "partition": None, "modules": [], "extra_args":
+                                         ["--comment=hpck-registry-settings"]}
+        finally:
+            if job:
+                subprocess.run(["scancel", job], capture_output=True, timeout=30)
+    listed = json.loads(hpck("jobs", "--json", timeout=60).stdout)
+    assert [r["task_id"] for r in listed] == [job]
+
+
+@pytest.mark.slurm
+def test_registry_module_that_does_not_load_fails_the_job(cluster: None, make_registry: Any) -> None:
+    reg = make_registry(
+        "kernels:\n  mod:\n    def: mod.def\n    image: images/mod.sif\n"
+        "    slurm: {time: 5, cpus: 1, mem: 300M, modules: [hpck-no-such-module]}\n",
+        {"mod.def": "Bootstrap: scratch\n"},
+    )
+    done = hpck("build", "mod", "--slurm", "--wait", "--wait-timeout", "120", "--registry", str(reg))
+    assert done.returncode == 1, done.stderr
+    assert ", build of mod: FAILED); see 'hpc-kernels jobs'." in done.stderr
+    assert "hpc-kernels: error: cannot load module 'hpck-no-such-module' (listed in the registry's slurm: " \
+        "modules)" in done.stderr
+    assert "building kernel" not in done.stderr  # the build never started

@@ -16,7 +16,9 @@ if TYPE_CHECKING:
 HELP = "show the Slurm jobs of 'build --slurm', their state, and the log tail of failed ones"
 
 #: ``build`` flags that only mean something with ``--slurm``.
-SLURM_ONLY = ("account", "time", "mem", "cpus", "partition", "wait", "then_install", "dry_run")
+SLURM_ONLY = ("account", "time", "mem", "cpus", "partition", "wait", "wait_timeout", "then_install", "dry_run")
+#: ``jobs --prune`` forgets finished jobs submitted more than this many days ago (unless --older-than).
+PRUNE_DAYS = 7.0
 
 _COLOURS = {"COMPLETED": "green", "RUNNING": "cyan", "PENDING": "yellow", "COMPLETING": "cyan"}
 
@@ -26,12 +28,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, default=20, metavar="N",
                         help="show the N most recent jobs (default 20; 0 = all)")
     parser.add_argument("--json", action="store_true", help="print the jobs as JSON")
+    parser.add_argument("--prune", action="store_true",
+                        help="forget finished jobs: remove their records, scripts, exit files and logs "
+                             f"(those submitted more than {PRUNE_DAYS:g} days ago unless --older-than)")
+    parser.add_argument("--older-than", type=float, metavar="DAYS",
+                        help="with --prune: only jobs submitted more than DAYS days ago (0 = every finished job)")
 
 
 def run(args: argparse.Namespace) -> int:
     """List our jobs (newest first) with their state; failed ones with the tail of their log."""
     from hpc_kernels import slurm
+    from hpc_kernels.errors import UsageError
 
+    if args.older_than is not None and not args.prune:
+        raise UsageError("--older-than only applies with --prune.")
+    if args.prune:
+        return _prune(args)
     records = slurm.load_records()
     if args.limit > 0:
         records = records[: args.limit]
@@ -46,6 +58,28 @@ def run(args: argparse.Namespace) -> int:
     for row in rows:
         if row.failed:
             _print_failure(row)
+    return 0
+
+
+def _prune(args: argparse.Namespace) -> int:
+    from hpc_kernels import slurm
+    from hpc_kernels.errors import UsageError
+
+    days = PRUNE_DAYS if args.older_than is None else args.older_than
+    if days < 0:
+        raise UsageError("--older-than must be a number of days >= 0.")
+    pruned = slurm.prune(days)
+    if args.json:
+        ui.print_json([{"job_id": p.job_id, "kind": p.kind, "kernels": list(p.kernels),
+                        "removed": [str(f) for f in p.files]} for p in pruned])
+        return 0
+    err = ui.console(stderr=True)
+    for job in pruned:
+        err.print(f"[green]✓[/] forgot {job.kind} job {job.job_id} ({', '.join(job.kernels)}): "
+                  f"removed {len(job.files)} file(s)")
+    if not pruned:
+        err.print(f"nothing to prune: no finished job submitted more than {days:g} day(s) ago "
+                  f"(records live in {slurm.jobs_dir()}).", markup=False)
     return 0
 
 
@@ -83,7 +117,10 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
     """``build``'s Slurm flags (defaults fit DRAC; sbatch also reads SBATCH_ACCOUNT etc. itself)."""
     from hpc_kernels.slurm import DEFAULT_CPUS, DEFAULT_MEM, DEFAULT_TIME
 
-    group = parser.add_argument_group("building in a Slurm job (DRAC: never build on a login node)")
+    group = parser.add_argument_group(
+        "building in a Slurm job (DRAC: never build on a login node)",
+        "A flag beats the registry's 'slurm:' settings (kernel, then defaults), which beat the "
+        "built-in defaults shown here.")
     group.add_argument("--slurm", action="store_true",
                        help="build in a Slurm batch job (several kernels: one job array) instead of here")
     group.add_argument("--account", metavar="A", help="Slurm account, e.g. def-pi (default: $SBATCH_ACCOUNT)")
@@ -92,6 +129,9 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--cpus", metavar="N", type=int, help=f"CPUs per task (default {DEFAULT_CPUS})")
     group.add_argument("--partition", metavar="P", help="Slurm partition (default: the cluster's)")
     group.add_argument("--wait", action="store_true", help="wait for the job(s) to end; exit 1 if one failed")
+    group.add_argument("--wait-timeout", type=float, metavar="SECONDS",
+                       help="with --wait (implied): give up after SECONDS, exit 1 and name the jobs still "
+                            "going (they keep running); default: the jobs' time limits + 10 min")
     group.add_argument("--then-install", action="store_true",
                        help="install the kernelspecs in a job that runs after a successful build (afterok)")
     group.add_argument("--dry-run", action="store_true", help="print the batch script(s); submit nothing")
@@ -116,7 +156,8 @@ def run_build(args: argparse.Namespace) -> int:
         raise UsageError(f"{', '.join(given)} {verb} with --slurm (build in a Slurm job).")
     if args.cpus is not None and args.cpus < 1:
         raise UsageError("--cpus must be at least 1.")
-    options = _options(args)
+    if args.wait_timeout is not None and args.wait_timeout <= 0:
+        raise UsageError("--wait-timeout must be a number of seconds > 0.")
     reg = registry.load(args.registry)
     entries = ui.selected(reg, args)
     # Flags of the local build travel into the job's `hpc-kernels build` (--fakeroot where it exists).
@@ -135,31 +176,28 @@ def run_build(args: argparse.Namespace) -> int:
         if entry not in to_build:
             err.print(f"[green]✓[/] {entry.name}: up to date ({entry.image}); no build job needed")
     install = [e.name for e in entries] if args.then_install else []
+    # Resources: flag > kernel's slurm: > defaults: slurm: > built-in (an install-only job: the selection's).
+    options = slurm.job_options(to_build or entries, _flags(args))
     if args.dry_run:
         _print_scripts(to_build, install, reg.path, options, build_args)
         return 0
     submitted = slurm.submit_builds(to_build, reg.path, options, build_args=build_args, install=install)
     for job in submitted:
         _announce(job, err)
-    if not args.wait:
+    if not (args.wait or args.wait_timeout is not None):
         if args.json:
             ui.print_json([_job_json(j) for j in submitted])
         return 0
-    return _wait(submitted, args.json)
+    timeout = args.wait_timeout if args.wait_timeout is not None else \
+        slurm.default_wait_timeout(options, submitted)
+    return _wait(submitted, args.json, timeout)
 
 
-def _options(args: argparse.Namespace) -> Any:
-    from hpc_kernels.slurm import JobOptions
+def _flags(args: argparse.Namespace) -> Any:
+    from hpc_kernels.slurm_settings import SlurmDefaults
 
-    given = {"time": args.time, "mem": args.mem, "cpus-per-task": args.cpus,
-             "account": args.account, "partition": args.partition}
-    explicit = tuple(k for k, v in given.items() if v is not None)
-    defaults = JobOptions()
-    return JobOptions(
-        time=args.time or defaults.time, mem=args.mem or defaults.mem,
-        cpus=args.cpus if args.cpus is not None else defaults.cpus,
-        account=args.account, partition=args.partition, explicit=explicit,
-    )
+    return SlurmDefaults(account=args.account, time=args.time, mem=args.mem, cpus=args.cpus,
+                         partition=args.partition)
 
 
 def _print_scripts(to_build: list[Any], install: list[str], registry: Any, options: Any,
@@ -195,7 +233,7 @@ def _job_json(job: SubmittedJob) -> dict[str, Any]:
             "tasks": [{"task_id": t.task_id, "kernel": t.kernel, "log": str(t.log)} for t in job.tasks]}
 
 
-def _wait(submitted: list[SubmittedJob], as_json: bool) -> int:
+def _wait(submitted: list[SubmittedJob], as_json: bool, timeout: float) -> int:
     from hpc_kernels import slurm
     from hpc_kernels.errors import HpcKernelsError
 
@@ -210,7 +248,11 @@ def _wait(submitted: list[SubmittedJob], as_json: bool) -> int:
                 err.print(f"  job {row.task_id} ({row.kernel}): {row.state}", markup=False)
 
     try:
-        rows = slurm.wait(ids, on_poll=on_poll)
+        rows = slurm.wait(ids, timeout=timeout, on_poll=on_poll)
+    except slurm.WaitTimeoutError as exc:
+        if as_json:
+            ui.print_json([r.to_json() for r in exc.rows])
+        raise
     except KeyboardInterrupt:
         err.print(f"stopped waiting; the job(s) {', '.join(ids)} keep going: see 'hpc-kernels jobs'.")
         raise
