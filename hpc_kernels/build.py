@@ -34,7 +34,7 @@ EventSink = Callable[[str], None]
 class ImageState:
     """Where an image stands against its inputs."""
 
-    status: str  # built | stale | missing | external | external-missing
+    status: str  # built | stale | missing | foreign | external | external-missing
     digest: str  # digest of the current inputs ("" for external images)
     recorded: str | None  # digest recorded with the image, if any
     built_at: float | None = None
@@ -155,6 +155,9 @@ def image_state(entry: KernelEntry) -> ImageState:
     stamp = read_stamp(entry.image)
     recorded = str(stamp.get("digest")) if stamp else None
     built_at = stamp.get("built_at") if stamp else None
+    if stamp is None:
+        # An image we did not build (no record beside it): never overwritten by a build.
+        return ImageState("foreign", digest, None)
     status = "built" if recorded == digest else "stale"
     return ImageState(status, digest, recorded, float(built_at) if isinstance(built_at, (int, float)) else None)
 
@@ -215,6 +218,12 @@ def build(
         # The build we waited for may have produced exactly what we want.
         if not force and image_state(entry).status == "built":
             return BuildResult(entry.name, "up-to-date", image, None, time.monotonic() - start)
+        if image_state(entry).status == "foreign":
+            raise BuildError(
+                entry.name,
+                f"{image} exists but was not built by hpc-kernels (no {stamp_path(image).name} beside it); "
+                "move it away, or point 'image' elsewhere, so it is not overwritten",
+            )
         digest = input_digest(entry)
         adapter = builder or default_builder(entry)  # a missing runtime fails here, before any file is written
         _remove_stale_temporaries(image)

@@ -280,6 +280,11 @@ def check_image(entry: KernelEntry) -> Finding:
     if state.status == "stale":
         return Finding("image", WARN, f"the image {entry.image} is older than its recipe or inputs.",
                        f"hpc-kernels build {entry.name}", entry.name)
+    if state.status == "foreign":
+        return Finding("image", WARN, f"the image {entry.image} was not built by hpc-kernels from "
+                       f"{entry.recipe}; 'hpc-kernels build' will not overwrite it.",
+                       "keep it (the kernel uses it as is), or move it away and run "
+                       f"'hpc-kernels build {entry.name}'.", entry.name)
     return Finding("image", OK, f"image {entry.image} ({state.status}).", kernel=entry.name)
 
 

@@ -177,3 +177,14 @@ def test_entry_without_recipe_is_not_buildable(make_registry: Any) -> None:
     assert build.image_state(reg.kernels[0]).status == "external-missing"
     with pytest.raises(BuildError, match="no 'def' recipe"):
         build.build(reg.kernels[0], builder=FakeBuilder())
+
+
+def test_an_image_we_did_not_build_is_never_overwritten(entry: registry.KernelEntry) -> None:
+    entry.image.parent.mkdir(parents=True, exist_ok=True)
+    entry.image.write_text("the user's own image")
+    assert build.image_state(entry).status == "foreign"
+    fake = FakeBuilder()
+    for force in (False, True):
+        with pytest.raises(BuildError, match="was not built by hpc-kernels"):
+            build.build(entry, builder=fake, force=force)
+    assert entry.image.read_text() == "the user's own image" and fake.calls == []

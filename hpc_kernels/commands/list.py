@@ -32,7 +32,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from rich.table import Table
 
-    colours = {"built": "green", "stale": "yellow", "missing": "red", "external": "green", "external-missing": "red"}
+    colours = {"built": "green", "stale": "yellow", "missing": "red", "foreign": "yellow", "external": "green",
+               "external-missing": "red"}
     table = Table(title=f"{reg.path} (found via {reg.source})", title_justify="left")
     for col in ("kernel", "runtime/mode", "image", "state", "installed"):
         table.add_column(col, overflow="fold")
