@@ -20,7 +20,7 @@ def run(args: argparse.Namespace) -> int:
     installed = kernelspec.installed_ours()
     rows = []
     for entry in reg.kernels:
-        state = build.image_state(entry).status if entry.runtime == "apptainer" else "n/a"
+        state = build.image_state(entry).status
         where = installed.get(entry.name)
         rows.append({
             "kernel": entry.name, "display_name": entry.display_name, "runtime": entry.runtime,
@@ -32,7 +32,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from rich.table import Table
 
-    colours = {"built": "green", "stale": "yellow", "missing": "red", "external": "green", "external-missing": "red"}
+    colours = {"built": "green", "stale": "yellow", "missing": "red", "external": "green",
+               "external-missing": "red", "no-runtime": "red"}
     table = Table(title=f"{reg.path} (found via {reg.source})", title_justify="left")
     for col in ("kernel", "runtime/mode", "image", "state", "installed"):
         table.add_column(col, overflow="fold")
