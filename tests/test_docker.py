@@ -55,7 +55,8 @@ def test_shared_exec_rm_ps_argv_are_exact() -> None:
     assert cli.exec_argv(spec(), "hpck-u-box", "/run/hpc-kernels/conn/k.json", {"A": "1"}) == [
         "podman", "exec", "-e", "A", "hpck-u-box", "python3", "-m", "ipykernel_launcher", "-f",
         "/run/hpc-kernels/conn/k.json"]
-    assert cli.rm_argv("a", "b") == ["podman", "rm", "-f", "a", "b"]
+    assert cli.rm_argv("a") == ["podman", "rm", "-f", "-t", "0", "a"]
+    assert ContainerCLI("docker", "docker").rm_argv("a") == ["docker", "rm", "-f", "a"]
     assert cli.ps_argv("label=hpc-kernels.kernel") == [
         "podman", "ps", "-a", "-q", "--no-trunc", "--filter", "label=hpc-kernels.kernel"]
 

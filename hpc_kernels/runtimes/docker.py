@@ -190,9 +190,9 @@ class ContainerCLI:
         argv = [self.binary, "exec", *env_args(container_env), name]
         return argv + [connection_path if a == "{connection_file}" else a for a in spec.command]
 
-    def rm_argv(self, *names: str) -> list[str]:
-        """``rm -f``: stop (SIGKILL) and remove."""
-        return [self.binary, "rm", "-f", *names]
+    def rm_argv(self, name: str) -> list[str]:
+        """``rm -f``: kill and remove. Podman would first wait 10 s for a SIGTERM to work: ``-t 0``."""
+        return [self.binary, "rm", "-f", *(["-t", "0"] if self.name == "podman" else []), name]
 
     def ps_argv(self, *filters: str) -> list[str]:
         """IDs of all containers (running or not) matching every ``--filter``."""
@@ -229,8 +229,9 @@ class ContainerCLI:
         """``rm -f`` containers; a container that is already gone is not an error."""
         from hpc_kernels.proc import run
 
-        if names:
-            run(self.rm_argv(*names), check=False, timeout=timeout)
+        # One call per name: podman 4.3 silently stops at the first name that no longer exists.
+        for name in names:
+            run(self.rm_argv(name), check=False, timeout=timeout)
 
     def ids(self, *filters: str) -> list[str]:
         """IDs of containers matching the filters."""
