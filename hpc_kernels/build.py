@@ -34,7 +34,7 @@ EventSink = Callable[[str], None]
 class ImageState:
     """Where an image stands against its inputs."""
 
-    status: str  # built | stale | missing | external | external-missing | no-runtime (docker/podman absent)
+    status: str  # built | stale | missing | external | external-missing | no-runtime (docker/podman absent or unreachable)
     digest: str  # digest of the current inputs ("" for external images)
     recorded: str | None  # digest recorded with the image, if any
     built_at: float | None = None

@@ -73,6 +73,22 @@ def prepare(spec: LaunchSpec, connection_file: str, environ: Mapping[str, str] |
     return _prepare_own(cli, spec, os.path.abspath(connection_file), env, cenv)
 
 
+def describe(spec: LaunchSpec, connection_file: str, environ: Mapping[str, str] | None = None) -> Plan:
+    """What :func:`prepare` would return, without side effects (for ``hpc-kernels show``)."""
+    from hpc_kernels.runtimes.apptainer import container_env
+
+    env = dict(os.environ if environ is None else environ)
+    cli = ContainerCLI(spec.runtime, _binary(spec.runtime, env))
+    cenv = container_env(spec, env)
+    if spec.mode == "instance":
+        argv = cli.exec_argv(spec, shared_name(spec.kernel), f"{SHARED_CONN_DIR}/<kernel-id>.json", cenv)
+        return argv, {**env, **cenv}, []
+    labels = _labels(spec, "kernel")
+    labels.update({LABEL_PID: "<launcher pid>", LABEL_CONNECTION: connection_file})
+    argv, warnings = cli.run_argv(spec, connection_file, f"hpck-{spec.kernel}-<random>", labels, cenv)
+    return argv, {**env, **cenv}, warnings
+
+
 def _binary(runtime: str, env: Mapping[str, str]) -> str:
     from hpc_kernels.runtimes.docker import find_binary
 
@@ -154,8 +170,14 @@ def _ensure_shared(cli: ContainerCLI, spec: LaunchSpec, name: str, sdir: Path) -
     (sdir / "conn").mkdir(parents=True, exist_ok=True, mode=0o700)
     found = cli.inspect([name])
     if found and found[0].running:
-        return []
-    if found:  # stopped or dead: its kernels died with it
+        current = cli.image_id(image_name(spec))
+        if not current or _same_image(current, found[0].image):
+            return []
+        if live_kernels(sdir):
+            return [f"the shared container '{name}' runs an older build of its image; it is replaced "
+                    "once its kernels have stopped"]
+        cli.remove(name)  # idle and outdated: start it again from the new image
+    elif found:  # stopped or dead: its kernels died with it
         cli.remove(name)
     for stale in (sdir / "conn").glob("*.json"):
         with contextlib.suppress(OSError):
@@ -167,6 +189,11 @@ def _ensure_shared(cli: ContainerCLI, spec: LaunchSpec, name: str, sdir: Path) -
     argv, warnings = cli.shared_run_argv(spec, name, labels, str(sdir / "conn"))
     run(argv, timeout=300, message=f"could not start the shared container '{name}'")
     return warnings
+
+
+def _same_image(a: str, b: str) -> bool:
+    # docker prints image IDs as "sha256:<hex>", podman as "<hex>".
+    return a.removeprefix("sha256:") == b.removeprefix("sha256:")
 
 
 def live_kernels(sdir: Path) -> list[str]:

@@ -18,6 +18,10 @@ from hpc_kernels.launchspec import LaunchSpec, read_kernel_json
 
 def plan(spec: LaunchSpec, connection_file: str) -> tuple[list[str], dict[str, str], list[str]]:
     """The command, environment and warnings that launching ``spec`` would use (exec modes)."""
+    if spec.runtime in ("docker", "podman"):
+        from hpc_kernels import containers
+
+        return containers.describe(spec, connection_file)
     if spec.runtime == "apptainer":
         from hpc_kernels.runtimes import apptainer
 

@@ -45,6 +45,8 @@ LABEL_IDLE = "hpc-kernels.idle-timeout"
 LABEL_DIGEST = "hpc-kernels.digest"  # images: digest of the build inputs
 LABEL_BUILT_AT = "hpc-kernels.built-at"
 
+#: stderr of a CLI that has no daemon/service to talk to (as opposed to "no such image").
+UNREACHABLE = ("cannot connect", "connection refused", "permission denied", "is the docker daemon running")
 #: Image tags we build ourselves (registry.py gives built kernels this default name).
 LOCAL_PREFIX = "localhost/hpc-kernels/"
 #: Bootstraps whose ``From:`` is an image name a Dockerfile ``FROM`` understands.
@@ -270,9 +272,11 @@ class ContainerCLI:
         """The labels of a local image, or None when it does not exist here."""
         from hpc_kernels.proc import run
 
-        res = run([self.binary, "image", "inspect", "--format", "{{json .Config.Labels}}", image],
-                  check=False, timeout=60)
+        argv = [self.binary, "image", "inspect", "--format", "{{json .Config.Labels}}", image]
+        res = run(argv, check=False, timeout=60)
         if res.returncode != 0:
+            if any(s in res.stderr.lower() for s in UNREACHABLE):
+                raise ToolError(argv, res.returncode, res.stderr, f"{self.name} is not reachable")
             return None
         try:
             data = json.loads(res.stdout.strip() or "null")
@@ -405,7 +409,11 @@ def build_image(
     start = time.monotonic()
     cli = cli or ContainerCLI(entry.runtime)
     tag = entry.container_image or f"{LOCAL_PREFIX}{entry.name}:latest"
-    if not force and image_state(entry, cli).status == "built":
+    status = image_state(entry, cli).status
+    if status == "no-runtime":
+        raise BuildError(entry.name, f"{cli.binary} cannot reach its daemon or service (is it running? "
+                         "is DOCKER_HOST right?)")
+    if not force and status == "built":
         return BuildResult(entry.name, "up-to-date", Path(tag), None, time.monotonic() - start)
     lock = paths.state_dir() / "locks" / f"build-{entry.runtime}-{entry.name}.lock"
     with locked(lock, blocking=False) as held:
