@@ -189,6 +189,12 @@ def test_kernel_lifecycle_leaves_nothing(
         content, _ = run_code(kc, "x")
         assert content["status"] == "error" and content["ename"] == "NameError"  # a fresh kernel
         assert eventually(lambda: len(ours(podman, f"label=hpc-kernels.kernel={name}")) != 1) is False
+
+        kc.execute("import os; os._exit(1)")  # the kernel crashes: its container goes with it
+        assert not eventually(lambda: km.is_alive() or ours(podman, f"label=hpc-kernels.kernel={name}"))
+        km.restart_kernel(now=True)  # what Jupyter's restarter does after a crash
+        kc.wait_for_ready(timeout=90)
+        assert run_code(kc, PROBE)[0]["status"] == "ok"
     finally:
         kc.stop_channels()
     km.shutdown_kernel(now=False)
