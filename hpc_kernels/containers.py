@@ -64,12 +64,14 @@ def prepare(spec: LaunchSpec, connection_file: str, environ: Mapping[str, str] |
     cli = ContainerCLI(spec.runtime, _binary(spec.runtime, env))
     cli.check_host_network()
     image = image_name(spec)
-    if image.startswith(LOCAL_PREFIX) and cli.image_id(image) is None:
+    local = image.startswith(LOCAL_PREFIX)
+    image_id = cli.image_id(image) if local or spec.mode == "instance" else None
+    if local and image_id is None:
         raise HpcKernelsError(f"the image of kernel '{spec.kernel}' ({image}) does not exist in {cli.name}; "
                               f"build it with 'hpc-kernels build {spec.kernel}'.")
     cenv = container_env(spec, env)
     if spec.mode == "instance":
-        return _prepare_shared(cli, spec, connection_file, env, cenv)
+        return _prepare_shared(cli, spec, connection_file, env, cenv, image_id)
     return _prepare_own(cli, spec, os.path.abspath(connection_file), env, cenv)
 
 
@@ -137,7 +139,7 @@ def shared_dir(name: str) -> Path:
 
 
 def _prepare_shared(cli: ContainerCLI, spec: LaunchSpec, connection_file: str, env: dict[str, str],
-                    cenv: dict[str, str]) -> Plan:
+                    cenv: dict[str, str], image_id: str | None) -> Plan:
     from hpc_kernels.fsutil import locked
 
     name = shared_name(spec.kernel)
@@ -146,7 +148,7 @@ def _prepare_shared(cli: ContainerCLI, spec: LaunchSpec, connection_file: str, e
     warnings: list[str] = []
     client_env = {**env, **cenv}
     with locked(sdir / "lock"):
-        warnings += _ensure_shared(cli, spec, name, sdir)
+        warnings += _ensure_shared(cli, spec, name, sdir, image_id)
         # exec cannot bind a file into a running container: the kernel reads a private copy in the
         # bound directory (ipykernel rewrites it; the ports are the ones jupyter_client chose).
         conn = sdir / "conn" / f"{kid}.json"
@@ -165,18 +167,19 @@ def _prepare_shared(cli: ContainerCLI, spec: LaunchSpec, connection_file: str, e
     return argv, client_env, warnings
 
 
-def _ensure_shared(cli: ContainerCLI, spec: LaunchSpec, name: str, sdir: Path) -> list[str]:
-    """Start the shared container unless it is running (call with the container's lock held)."""
+def _ensure_shared(cli: ContainerCLI, spec: LaunchSpec, name: str, sdir: Path,
+                   image_id: str | None) -> list[str]:
+    """Start the shared container unless it runs the current image (call with its lock held)."""
     (sdir / "conn").mkdir(parents=True, exist_ok=True, mode=0o700)
     found = cli.inspect([name])
     if found and found[0].running:
-        current = cli.image_id(image_name(spec))
-        if not current or _same_image(current, found[0].image):
+        if not image_id or _same_image(image_id, found[0].image):
             return []
         if live_kernels(sdir):
             return [f"the shared container '{name}' runs an older build of its image; it is replaced "
                     "once its kernels have stopped"]
         cli.remove(name)  # idle and outdated: start it again from the new image
+        cli.remove_dangling(found[0].image)
     elif found:  # stopped or dead: its kernels died with it
         cli.remove(name)
     for stale in (sdir / "conn").glob("*.json"):
@@ -282,13 +285,17 @@ def watch_shared(cli: ContainerCLI, pid: int, name: str, kid: str, sdir: Path, i
     from hpc_kernels.fsutil import locked
 
     wait_for_parent(pid)
-    kill_kernel_processes(cli, name, f"{SHARED_CONN_DIR}/{kid}.json")
+    marker = f"{SHARED_CONN_DIR}/{kid}.json"
+    kill_kernel_processes(cli, name, marker)
     with locked(sdir / "lock"):
         for path in (sdir / "kernels" / kid, sdir / "conn" / f"{kid}.json"):
             with contextlib.suppress(OSError):
                 path.unlink()
         (sdir / "last_active").touch()
-    time.sleep(idle_timeout)
+    # A client killed right after sending its exec request: the kernel may start a moment later.
+    time.sleep(min(SETTLE_SECONDS, idle_timeout))
+    kill_kernel_processes(cli, name, marker)
+    time.sleep(max(0.0, idle_timeout - SETTLE_SECONDS))
     stop_if_idle(cli, name, sdir, idle_timeout)
 
 

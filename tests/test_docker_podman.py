@@ -327,3 +327,47 @@ def test_gc_sweeps_leaked_containers(podman: str) -> None:
     finally:
         for cname in (leaked, alive):
             sh(podman, "rm", "-f", "-t", "0", cname)
+
+
+def test_shared_container_moves_to_a_rebuilt_image_once_idle(
+    podman: str, make_registry: Any, isolated_home: Path, cleanup: list[Any],
+) -> None:
+    name = f"rebuilt-{secrets.token_hex(3)}"
+    recipe = "Bootstrap: docker\nFrom: {image}\n%post\n    echo {version} > /etc/version\n"
+    path = make_registry(f"""
+        kernels:
+          {name}:
+            runtime: podman
+            mode: instance
+            idle_timeout: 60
+            def: k.def
+            command: {COMMAND}
+        """, {"k.def": recipe.format(image=TEST_IMAGE, version="v1")})
+    entry = registry.load(path).get(name)
+    tag = str(entry.container_image)
+    version = "print(open('/etc/version').read())"
+    try:
+        build.build(entry)
+        kernelspec.install(entry, kernelspec.Target())
+        km1, kc1 = start(name, isolated_home)
+        cleanup.append(km1)
+        old_image = sh(podman, "image", "inspect", "--format", "{{.Id}}", tag).stdout.strip()
+        (path.parent / "k.def").write_text(recipe.format(image=TEST_IMAGE, version="v2"))
+        assert build.build(entry).action == "built"
+        km2, kc2 = start(name, isolated_home)  # a kernel still runs in it: the container stays
+        cleanup.append(km2)
+        assert "v1" in run_code(kc2, version)[1]
+        for km, kc in ((km1, kc1), (km2, kc2)):
+            kc.stop_channels()
+            km.shutdown_kernel(now=False)
+        km3, kc3 = start(name, isolated_home)  # idle now: replaced, and the old build dropped
+        cleanup.append(km3)
+        assert "v2" in run_code(kc3, version)[1]
+        kc3.stop_channels()
+        assert sh(podman, "image", "exists", old_image).returncode != 0
+        km3.shutdown_kernel(now=False)
+    finally:
+        sh(podman, "rm", "-f", "-t", "0", containers.shared_name(name))
+        sh(podman, "rmi", "-f", tag)
+        for pid in containers.pids_with_argument(containers.shared_name(name)):
+            os.kill(pid, signal.SIGTERM)  # watchers waiting out the 60 s idle timeout

@@ -291,6 +291,15 @@ class ContainerCLI:
         res = run([self.binary, "image", "inspect", "--format", "{{.Id}}", image], check=False, timeout=60)
         return res.stdout.strip() or None if res.returncode == 0 else None
 
+    def remove_dangling(self, image_id: str) -> None:
+        """Remove an image that no tag names any more (a superseded build); keep it if a container uses it."""
+        from hpc_kernels.proc import run
+
+        tags = run([self.binary, "image", "inspect", "--format", "{{json .RepoTags}}", image_id],
+                   check=False, timeout=60)
+        if tags.returncode == 0 and tags.stdout.strip() in ("[]", "null"):
+            run([self.binary, "rmi", image_id], check=False, timeout=120)
+
     def build(self, recipe: Path, dest: Path, options: list[str], on_line: LineSink) -> None:
         """The :class:`~hpc_kernels.runtimes.base.Builder` shape: convert ``recipe`` to a Dockerfile
         written at ``dest`` and run ``build OPTIONS -f dest CONTEXT`` (options carry ``-t``/``--label``)."""
@@ -451,9 +460,6 @@ def build_image(
             shutil.copyfile(dockerfile, log_path.with_suffix(".Dockerfile"))
         new_id = cli.image_id(tag)
         if old_id and new_id and old_id != new_id:
-            # The previous build is now untagged; drop it unless a container still uses it.
-            from hpc_kernels.proc import run
-
             with contextlib.suppress(ToolError):
-                run([cli.binary, "rmi", old_id], check=False, timeout=60)
+                cli.remove_dangling(old_id)  # the previous build, unless a container still uses it
     return BuildResult(entry.name, "built", Path(tag), log_path, time.monotonic() - start)
