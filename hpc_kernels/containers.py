@@ -41,11 +41,13 @@ from hpc_kernels.runtimes.docker import (
     SHARED_CONN_DIR,
     ContainerCLI,
     ContainerInfo,
+    docker_binds,
     image_name,
     user_name,
 )
 
 LABEL_STATE_DIR = "hpc-kernels.state-dir"
+LABEL_CONFIG = "hpc-kernels.config"
 #: After the client dies, a container whose create request was still in flight can appear a moment later.
 SETTLE_SECONDS = 1.5
 
@@ -121,7 +123,8 @@ def _prepare_own(cli: ContainerCLI, spec: LaunchSpec, connection_file: str, env:
                    LABEL_CONNECTION: connection_file})
     argv, warnings = cli.run_argv(spec, connection_file, name, labels, cenv)
     client_env = {**env, **cenv}
-    spawn_watcher(["kernel", cli.name, cli.binary, str(os.getpid()), name], client_env)
+    # The watcher is a host Python: it gets the host environment, not the kernel's (PYTHONPATH...).
+    spawn_watcher(["kernel", cli.name, cli.binary, str(os.getpid()), name], env)
     return argv, client_env, warnings
 
 
@@ -158,7 +161,7 @@ def _prepare_shared(cli: ContainerCLI, spec: LaunchSpec, connection_file: str, e
             fh.write(data)
         watcher = spawn_watcher(
             ["shared", cli.name, cli.binary, str(os.getpid()), name, kid, str(sdir), str(spec.idle_timeout)],
-            client_env,
+            env,
         )
         (sdir / "kernels").mkdir(exist_ok=True)
         (sdir / "kernels" / kid).write_text(f"{watcher}\n", encoding="utf-8")
@@ -172,12 +175,14 @@ def _ensure_shared(cli: ContainerCLI, spec: LaunchSpec, name: str, sdir: Path,
     """Start the shared container unless it runs the current image (call with its lock held)."""
     (sdir / "conn").mkdir(parents=True, exist_ok=True, mode=0o700)
     found = cli.inspect([name])
+    config = shared_config(spec)
     if found and found[0].running:
-        if not image_id or _same_image(image_id, found[0].image):
+        same_image = not image_id or _same_image(image_id, found[0].image)
+        if same_image and found[0].labels.get(LABEL_CONFIG) == config:
             return []
         if live_kernels(sdir):
-            return [f"the shared container '{name}' runs an older build of its image; it is replaced "
-                    "once its kernels have stopped"]
+            return [f"the shared container '{name}' runs an older image or settings (binds, runtime_args, "
+                    "gpu); it is replaced once its kernels have stopped"]
         cli.remove(name)  # idle and outdated: start it again from the new image
         cli.remove_dangling(found[0].image)
     elif found:  # stopped or dead: its kernels died with it
@@ -188,10 +193,19 @@ def _ensure_shared(cli: ContainerCLI, spec: LaunchSpec, name: str, sdir: Path,
     from hpc_kernels.proc import run
 
     labels = _labels(spec, "shared")
-    labels.update({LABEL_IDLE: f"{spec.idle_timeout:g}", LABEL_STATE_DIR: str(sdir)})
+    labels.update({LABEL_IDLE: f"{spec.idle_timeout:g}", LABEL_STATE_DIR: str(sdir), LABEL_CONFIG: config})
     argv, warnings = cli.shared_run_argv(spec, name, labels, str(sdir / "conn"))
     run(argv, timeout=300, message=f"could not start the shared container '{name}'")
     return warnings
+
+
+def shared_config(spec: LaunchSpec) -> str:
+    """A digest of what a shared container was started with (besides the image's build)."""
+    import hashlib
+    import json
+
+    data = [image_name(spec), docker_binds(spec.binds), list(spec.runtime_args), spec.gpu]
+    return hashlib.sha256(json.dumps(data).encode()).hexdigest()[:16]
 
 
 def _same_image(a: str, b: str) -> bool:
