@@ -200,6 +200,15 @@ def test_kernel_lifecycle_leaves_nothing(
     km.shutdown_kernel(now=False)
     assert eventually(lambda: ours(podman, f"label=hpc-kernels.kernel={name}") or open_ports(km)) == []
 
+    # SIGTERM (jupyter_client's fallback when a kernel ignores shutdown_request) reaches the kernel:
+    # the client proxies it and --init forwards it (Python as PID 1 would ignore it).
+    km, kc = start(name, isolated_home)
+    cleanup.append(km)
+    kc.stop_channels()
+    os.killpg(km.provisioner.process.pid, signal.SIGTERM)
+    assert not eventually(lambda: km.is_alive() or ours(podman, f"label=hpc-kernels.kernel={name}"))
+    km.shutdown_kernel(now=True)
+
     # SIGKILL of the launcher's whole process group (what a crashed Jupyter server's kill does).
     km, kc = start(name, isolated_home)
     cleanup.append(km)
