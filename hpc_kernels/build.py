@@ -34,7 +34,8 @@ EventSink = Callable[[str], None]
 class ImageState:
     """Where an image stands against its inputs."""
 
-    status: str  # built | stale | missing | external | external-missing | no-runtime (docker/podman absent or unreachable)
+    # built | stale | missing | external | external-missing | no-runtime (docker/podman absent/unreachable)
+    status: str
     digest: str  # digest of the current inputs ("" for external images)
     recorded: str | None  # digest recorded with the image, if any
     built_at: float | None = None
@@ -212,7 +213,8 @@ def build(
         from hpc_kernels.runtimes import docker
 
         cli = builder if isinstance(builder, docker.ContainerCLI) else None
-        return docker.build_image(entry, force=force, wait=wait, cli=cli, on_line=on_line, on_event=on_event)
+        return docker.build_image(entry, force=force, wait=wait, cli=cli, on_line=on_line,
+                                  on_event=on_event)
     start = time.monotonic()
     if not force and image_state(entry).status == "built":
         return BuildResult(entry.name, "up-to-date", entry.image, None, time.monotonic() - start)
