@@ -28,7 +28,9 @@ pytestmark = pytest.mark.podman
 TEST_IMAGE = "localhost/hpck-test:bookworm"
 SOCKET = Path(os.environ.get("HPCK_PODMAN_SOCKET", "/run/podman/podman.sock"))
 COMMAND = '[python3, -m, ipykernel_launcher, -f, "{connection_file}"]'
-PROBE = "import os; print('IMAGE', os.path.exists('/etc/hpck-test-image'))"
+PROBE = ("import os; print('IMAGE', os.path.exists('/etc/hpck-test-image'), "
+         "'ENV', os.environ.get('PYTHONNOUSERSITE'), os.environ.get('HPCK_FROM_REGISTRY'))")
+IN_IMAGE = "IMAGE True ENV 1 yes"  # in the image, with the cleaned environment and the registry's env
 
 
 def sh(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -91,6 +93,7 @@ def install(make_registry: Any, name: str, runtime: str, extra: str = "") -> reg
             runtime: {runtime}
             image: {TEST_IMAGE}
             command: {COMMAND}
+            env: {{HPCK_FROM_REGISTRY: "yes"}}
             {extra}
         """)
     entry = registry.load(path).get(name)
@@ -173,7 +176,7 @@ def test_kernel_lifecycle_leaves_nothing(
     cleanup.append(km)
     try:
         content, out = run_code(kc, PROBE)
-        assert content["status"] == "ok" and "IMAGE True" in out  # runs in the image
+        assert content["status"] == "ok" and IN_IMAGE in out
         [container] = ours(podman, f"label=hpc-kernels.kernel={name}")
         labels = sh(podman, "inspect", "--format", "{{json .Config.Labels}}", container).stdout
         assert km.connection_file in labels and "hpc-kernels.pid" in labels
@@ -235,7 +238,7 @@ def test_shared_container_four_kernels_then_idle_stop(
     pids = set()
     for _km, kc in kms:
         content, out = run_code(kc, PROBE + "; print('PID', os.getpid())")
-        assert content["status"] == "ok" and "IMAGE True" in out
+        assert content["status"] == "ok" and IN_IMAGE in out
         pids.add(out.split("PID")[1].strip())
     assert len(pids) == 4  # four kernels, one container
 
