@@ -79,7 +79,7 @@ def test_docker_desktop_is_refused_in_one_sentence(tmp_path: Path, monkeypatch: 
     fake.write_text(f"#!{sys.executable}\nprint('Docker Desktop')\n")
     fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
     monkeypatch.setattr(sys, "platform", "linux")
-    with pytest.raises(HpcKernelsError, match="Docker Desktop") as err:
+    with pytest.raises(HpcKernelsError, match=r"virtual machine \(Docker Desktop") as err:
         ContainerCLI("docker", str(fake)).check_host_network()
     assert "\n" not in str(err.value)
     monkeypatch.setattr(sys, "platform", "darwin")
@@ -124,3 +124,26 @@ def test_live_kernels_drops_dead_watchers(tmp_path: Path) -> None:
     (kdir / "dead").write_text("999999999\n")
     assert containers.live_kernels(tmp_path) == ["alive"]
     assert not (kdir / "dead").exists()
+
+
+def test_launcher_refuses_docker_desktop_in_one_sentence(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, make_registry: object,
+) -> None:
+    import subprocess
+
+    from hpc_kernels import kernelspec, registry
+
+    fake = tmp_path / "fake-docker"
+    fake.write_text(f"#!{sys.executable}\nprint('Docker Desktop')\n")
+    fake.chmod(0o755)
+    path = make_registry("kernels:\n  desk:\n    runtime: docker\n    image: python:3.12\n")  # type: ignore[operator]
+    installed = kernelspec.install(registry.load(path).get("desk"), kernelspec.Target())
+    spec_file, conn = str(installed / "kernel.json"), str(tmp_path / "c.json")
+    argv = [sys.executable, "-m", "hpc_kernels.launch", spec_file, conn]
+    done = subprocess.run(
+        argv,
+        capture_output=True, text=True, timeout=60, env={**os.environ, "HPC_KERNELS_DOCKER": str(fake)},
+    )
+    assert done.returncode == 1
+    assert done.stderr.startswith("hpc-kernels: ") and "Docker Desktop" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr

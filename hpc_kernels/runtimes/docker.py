@@ -53,9 +53,9 @@ LOCAL_PREFIX = "localhost/hpc-kernels/"
 CONVERTIBLE_BOOTSTRAPS = ("docker", "docker-daemon")
 
 DESKTOP_HINT = (
-    "Docker Desktop (macOS/Windows) runs containers in a virtual machine where --network=host does not "
-    "reach this computer, so Jupyter could not connect to the kernel; use Docker Engine or Podman on "
-    "Linux, or an Apptainer kernel."
+    "this container runtime runs containers in a virtual machine (Docker Desktop, or Podman on "
+    "macOS/Windows) where --network=host does not reach this computer, so Jupyter could not connect "
+    "to the kernel; use Docker Engine or Podman on Linux, or an Apptainer kernel."
 )
 
 
