@@ -34,7 +34,9 @@ EventSink = Callable[[str], None]
 class ImageState:
     """Where an image stands against its inputs."""
 
-    status: str  # built | stale | missing | foreign | external | external-missing
+    # built | stale | missing | foreign (exists, not built by us) | external | external-missing
+    # | no-runtime (docker/podman absent or unreachable)
+    status: str
     digest: str  # digest of the current inputs ("" for external images)
     recorded: str | None  # digest recorded with the image, if any
     built_at: float | None = None
@@ -146,7 +148,12 @@ def read_stamp(image: Path) -> dict[str, object] | None:
 
 
 def image_state(entry: KernelEntry) -> ImageState:
-    """Compare the image on disk with the digest of its current inputs (no external process)."""
+    """Compare the image with the digest of its current inputs (for a .sif: no external process;
+    docker/podman images: one ``image inspect`` of the digest label)."""
+    if entry.runtime in ("docker", "podman"):
+        from hpc_kernels.runtimes import docker
+
+        return docker.image_state(entry)
     if entry.recipe is None:
         return ImageState("external" if entry.image.exists() else "external-missing", "", None)
     digest = input_digest(entry)
@@ -187,6 +194,10 @@ def default_builder(entry: KernelEntry) -> Builder:
         from hpc_kernels.runtimes.apptainer import Apptainer
 
         return Apptainer()
+    if entry.runtime in ("docker", "podman"):
+        from hpc_kernels.runtimes.docker import ContainerCLI
+
+        return ContainerCLI(entry.runtime)
     raise HpcKernelsError(f"kernel '{entry.name}': building images for runtime '{entry.runtime}' is not supported yet.")
 
 
@@ -202,6 +213,12 @@ def build(
     """Build ``entry``'s image if its inputs changed (or ``force``); atomically; one builder at a time."""
     if entry.recipe is None:
         raise BuildError(entry.name, "it has no 'def' recipe in the registry (its image is used as is)")
+    if entry.runtime in ("docker", "podman"):
+        from hpc_kernels.runtimes import docker
+
+        cli = builder if isinstance(builder, docker.ContainerCLI) else None
+        return docker.build_image(entry, force=force, wait=wait, cli=cli, on_line=on_line,
+                                  on_event=on_event)
     start = time.monotonic()
     if not force and image_state(entry).status == "built":
         return BuildResult(entry.name, "up-to-date", entry.image, None, time.monotonic() - start)

@@ -18,6 +18,10 @@ from hpc_kernels.launchspec import LaunchSpec, read_kernel_json
 
 def plan(spec: LaunchSpec, connection_file: str) -> tuple[list[str], dict[str, str], list[str]]:
     """The command, environment and warnings that launching ``spec`` would use (exec modes)."""
+    if spec.runtime in ("docker", "podman"):
+        from hpc_kernels import containers
+
+        return containers.describe(spec, connection_file)
     if spec.runtime == "apptainer":
         from hpc_kernels.runtimes import apptainer
 
@@ -33,11 +37,17 @@ def launch(spec: LaunchSpec, connection_file: str) -> int:
             f"the image of kernel '{spec.kernel}' is missing ({spec.image}); build it with "
             f"'hpc-kernels build {spec.kernel}'."
         )
-    if spec.mode == "instance":
+    if spec.runtime in ("docker", "podman"):
+        # Starts a watcher first (and the shared container in mode instance): no exit path leaks.
+        from hpc_kernels import containers
+
+        argv, env, warnings = containers.prepare(spec, connection_file)
+    elif spec.mode == "instance":
         from hpc_kernels import instances  # type: ignore[attr-defined]
 
         return int(instances.launch(spec, connection_file))
-    argv, env, warnings = plan(spec, connection_file)
+    else:
+        argv, env, warnings = plan(spec, connection_file)
     for warning in warnings:
         print(f"hpc-kernels: warning: {warning}", file=sys.stderr)
     os.execve(argv[0], argv, env)

@@ -35,16 +35,20 @@ def run(args: argparse.Namespace) -> int:
     done = []
     for entry in entries:
         path = kernelspec.install(entry, target, reg.path)
-        state = build.image_state(entry).status if entry.runtime == "apptainer" else "n/a"
-        done.append({"kernel": entry.name, "kernelspec": str(path), "image": str(entry.image), "image_state": state})
+        state = build.image_state(entry).status
+        image = str(entry.image) if entry.runtime == "apptainer" else str(entry.container_image)
+        done.append({"kernel": entry.name, "kernelspec": str(path), "image": image, "image_state": state})
         if not args.json:
             err.print(f"[green]✓[/] installed kernelspec '{entry.name}' ({entry.display_name}) in {path}")
             if state in ("missing", "external-missing"):
-                err.print(f"  [yellow]note:[/] its image {entry.image} does not exist yet: "
+                err.print(f"  [yellow]note:[/] its image {image} does not exist yet: "
                           f"run 'hpc-kernels build {entry.name}'")
             elif state == "stale":
                 err.print("  [yellow]note:[/] its image is older than its recipe: "
                           f"run 'hpc-kernels build {entry.name}'")
+            elif state == "no-runtime":
+                err.print(f"  [yellow]note:[/] '{entry.runtime}' is not installed here: "
+                          "the kernel needs it to start")
     if args.json:
         ui.print_json(done)
     elif done:

@@ -20,7 +20,7 @@ def run(args: argparse.Namespace) -> int:
     installed = kernelspec.installed_ours()
     rows = []
     for entry in reg.kernels:
-        state = build.image_state(entry).status if entry.runtime == "apptainer" else "n/a"
+        state = build.image_state(entry).status
         where = installed.get(entry.name)
         rows.append({
             "kernel": entry.name, "display_name": entry.display_name, "runtime": entry.runtime,
@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     colours = {"built": "green", "stale": "yellow", "missing": "red", "foreign": "yellow", "external": "green",
-               "external-missing": "red"}
+               "external-missing": "red", "no-runtime": "red"}
     table = Table(title=f"{reg.path} (found via {reg.source})", title_justify="left")
     for col in ("kernel", "runtime/mode", "image", "state", "installed"):
         table.add_column(col, overflow="fold")

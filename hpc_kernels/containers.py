@@ -1,0 +1,462 @@
+"""Docker/Podman kernels: one container per kernel, or one shared container per user and kernel.
+
+Leak-free by construction. Killing a ``docker run``/``docker exec`` client does not stop what it
+started (measured: the container keeps running with its ports open), and jupyter_client's hard kill is
+SIGKILL to the launcher's whole process group. So before the launcher ``exec``s the client, it starts a
+*watcher* in its own session (outside that group): the watcher blocks on the launcher's pid (a pidfd;
+exec keeps the pid) and, whichever way the client ends, removes the kernel's container (``rm -f``) or, in
+a shared container, kills the kernel's process and stops the container once it has been idle for
+``idle_timeout`` seconds. ``sweep_containers()`` is the safety net for ``hpc-kernels gc``.
+
+Shared containers keep their bookkeeping in ``<host state dir>/containers/<name>/``: ``conn/`` (bound
+into the container: the kernels' connection files), ``kernels/<id>`` (the pid of each kernel's
+watcher: a kernel counts as live while its watcher runs), ``last_active`` (mtime) and ``lock``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from hpc_kernels import paths
+from hpc_kernels.errors import HpcKernelsError, RuntimeNotFoundError, ToolError
+from hpc_kernels.launchspec import LaunchSpec
+from hpc_kernels.runtimes.docker import (
+    LABEL_CONNECTION,
+    LABEL_HOST,
+    LABEL_IDLE,
+    LABEL_KERNEL,
+    LABEL_OWNER,
+    LABEL_PID,
+    LABEL_PID_START,
+    LABEL_ROLE,
+    LOCAL_PREFIX,
+    SHARED_CONN_DIR,
+    ContainerCLI,
+    ContainerInfo,
+    docker_binds,
+    image_name,
+    user_name,
+)
+
+LABEL_STATE_DIR = "hpc-kernels.state-dir"
+LABEL_CONFIG = "hpc-kernels.config"
+#: After the client dies, a container whose create request was still in flight can appear a moment later.
+SETTLE_SECONDS = 1.5
+
+Plan = tuple[list[str], dict[str, str], list[str]]
+
+
+def prepare(spec: LaunchSpec, connection_file: str, environ: Mapping[str, str] | None = None) -> Plan:
+    """Get ready to launch ``spec`` and return (argv, env, warnings) for the launcher to ``exec``.
+
+    Starts the watcher (and, in shared mode, the shared container) first, so that no exit path of
+    the client it returns can leak a container or a kernel process.
+    """
+    from hpc_kernels.runtimes.apptainer import container_env
+
+    env = dict(os.environ if environ is None else environ)
+    cli = ContainerCLI(spec.runtime, _binary(spec.runtime, env))
+    cli.check_host_network()
+    image = image_name(spec)
+    local = image.startswith(LOCAL_PREFIX)
+    image_id = cli.image_id(image) if local or spec.mode == "instance" else None
+    if local and image_id is None:
+        raise HpcKernelsError(f"the image of kernel '{spec.kernel}' ({image}) does not exist in {cli.name}; "
+                              f"build it with 'hpc-kernels build {spec.kernel}'.")
+    cenv = container_env(spec, env)
+    if spec.mode == "instance":
+        return _prepare_shared(cli, spec, connection_file, env, cenv, image_id)
+    return _prepare_own(cli, spec, os.path.abspath(connection_file), env, cenv)
+
+
+def describe(spec: LaunchSpec, connection_file: str, environ: Mapping[str, str] | None = None) -> Plan:
+    """What :func:`prepare` would return, without side effects (for ``hpc-kernels show``)."""
+    from hpc_kernels.runtimes.apptainer import container_env
+
+    env = dict(os.environ if environ is None else environ)
+    cli = ContainerCLI(spec.runtime, _binary(spec.runtime, env))
+    cenv = container_env(spec, env)
+    if spec.mode == "instance":
+        argv = cli.exec_argv(spec, shared_name(spec.kernel), f"{SHARED_CONN_DIR}/<kernel-id>.json", cenv)
+        return argv, {**env, **cenv}, []
+    labels = _labels(spec, "kernel")
+    labels.update({LABEL_PID: "<launcher pid>", LABEL_CONNECTION: connection_file})
+    argv, warnings = cli.run_argv(spec, connection_file, f"hpck-{spec.kernel}-<random>", labels, cenv)
+    return argv, {**env, **cenv}, warnings
+
+
+def _binary(runtime: str, env: Mapping[str, str]) -> str:
+    from hpc_kernels.runtimes.docker import find_binary
+
+    return find_binary(runtime, env)
+
+
+def _labels(spec: LaunchSpec, role: str) -> dict[str, str]:
+    return {LABEL_KERNEL: spec.kernel, LABEL_ROLE: role, LABEL_HOST: paths.hostname(),
+            LABEL_OWNER: user_name()}
+
+
+# ----------------------------------------------------------------------------- one container per kernel
+
+
+def container_name(kernel: str) -> str:
+    """A fresh container name for one kernel (unique: a restart never waits for the old name)."""
+    return f"hpck-{kernel}-{secrets.token_hex(4)}"
+
+
+def _prepare_own(cli: ContainerCLI, spec: LaunchSpec, connection_file: str, env: dict[str, str],
+                 cenv: dict[str, str]) -> Plan:
+    # A container still holding this connection file's ports (a restart after a hard kill whose watcher
+    # has not finished yet) would make the new kernel fail to bind: remove it first.
+    cli.remove(*cli.ids(f"label={LABEL_CONNECTION}={connection_file}"))
+    name = container_name(spec.kernel)
+    labels = _labels(spec, "kernel")
+    labels.update({LABEL_PID: str(os.getpid()), LABEL_PID_START: process_start(os.getpid()),
+                   LABEL_CONNECTION: connection_file})
+    argv, warnings = cli.run_argv(spec, connection_file, name, labels, cenv)
+    client_env = {**env, **cenv}
+    # The watcher is a host Python: it gets the host environment, not the kernel's (PYTHONPATH...).
+    spawn_watcher(["kernel", cli.name, cli.binary, str(os.getpid()), name], env)
+    return argv, client_env, warnings
+
+
+# ----------------------------------------------------------------------------- shared containers
+
+
+def shared_name(kernel: str, user: str | None = None) -> str:
+    """The one shared container of ``user`` for ``kernel``."""
+    return f"hpck-{user or user_name()}-{kernel}"
+
+
+def shared_dir(name: str) -> Path:
+    """Bookkeeping of a shared container (per host: the container lives on this host)."""
+    return paths.host_state_dir() / "containers" / name
+
+
+def _prepare_shared(cli: ContainerCLI, spec: LaunchSpec, connection_file: str, env: dict[str, str],
+                    cenv: dict[str, str], image_id: str | None) -> Plan:
+    from hpc_kernels.fsutil import locked
+
+    name = shared_name(spec.kernel)
+    sdir = shared_dir(name)
+    kid = secrets.token_hex(8)
+    warnings: list[str] = []
+    client_env = {**env, **cenv}
+    with locked(sdir / "lock"):
+        warnings += _ensure_shared(cli, spec, name, sdir, image_id)
+        # exec cannot bind a file into a running container: the kernel reads a private copy in the
+        # bound directory (ipykernel rewrites it; the ports are the ones jupyter_client chose).
+        conn = sdir / "conn" / f"{kid}.json"
+        data = Path(connection_file).read_bytes()
+        fd = os.open(conn, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        watcher = spawn_watcher(
+            ["shared", cli.name, cli.binary, str(os.getpid()), name, kid, str(sdir), str(spec.idle_timeout)],
+            env,
+        )
+        (sdir / "kernels").mkdir(exist_ok=True)
+        (sdir / "kernels" / kid).write_text(f"{watcher}\n", encoding="utf-8")
+        (sdir / "last_active").touch()
+    argv = cli.exec_argv(spec, name, f"{SHARED_CONN_DIR}/{kid}.json", cenv)
+    return argv, client_env, warnings
+
+
+def _ensure_shared(cli: ContainerCLI, spec: LaunchSpec, name: str, sdir: Path,
+                   image_id: str | None) -> list[str]:
+    """Start the shared container unless it runs the current image (call with its lock held)."""
+    (sdir / "conn").mkdir(parents=True, exist_ok=True, mode=0o700)
+    found = cli.inspect([name])
+    config = shared_config(spec)
+    if found and found[0].running:
+        same_image = not image_id or _same_image(image_id, found[0].image)
+        if same_image and found[0].labels.get(LABEL_CONFIG) == config:
+            return []
+        if live_kernels(sdir):
+            return [f"the shared container '{name}' runs an older image or settings (binds, runtime_args, "
+                    "gpu); it is replaced once its kernels have stopped"]
+        cli.remove(name)  # idle and outdated: start it again from the new image
+        cli.remove_dangling(found[0].image)
+    elif found:  # stopped or dead: its kernels died with it
+        cli.remove(name)
+    for stale in (sdir / "conn").glob("*.json"):
+        with contextlib.suppress(OSError):
+            stale.unlink()
+    from hpc_kernels.proc import run
+
+    labels = _labels(spec, "shared")
+    labels.update({LABEL_IDLE: f"{spec.idle_timeout:g}", LABEL_STATE_DIR: str(sdir), LABEL_CONFIG: config})
+    argv, warnings = cli.shared_run_argv(spec, name, labels, str(sdir / "conn"))
+    run(argv, timeout=300, message=f"could not start the shared container '{name}'")
+    return warnings
+
+
+def shared_config(spec: LaunchSpec) -> str:
+    """A digest of what a shared container was started with (besides the image's build)."""
+    import hashlib
+    import json
+
+    data = [image_name(spec), docker_binds(spec.binds), list(spec.runtime_args), spec.gpu]
+    return hashlib.sha256(json.dumps(data).encode()).hexdigest()[:16]
+
+
+def _same_image(a: str, b: str) -> bool:
+    # docker prints image IDs as "sha256:<hex>", podman as "<hex>".
+    return a.removeprefix("sha256:") == b.removeprefix("sha256:")
+
+
+def live_kernels(sdir: Path) -> list[str]:
+    """IDs of the kernels of a shared container whose watcher still runs (stale records are dropped)."""
+    live = []
+    kdir = sdir / "kernels"
+    for ref in sorted(kdir.glob("*")) if kdir.is_dir() else []:
+        try:
+            pid = int(ref.read_text(encoding="utf-8").strip() or "0")
+        except (OSError, ValueError):
+            pid = 0
+        if pid > 0 and pid_alive(pid):
+            live.append(ref.name)
+        else:
+            with contextlib.suppress(OSError):
+                ref.unlink()
+    return live
+
+
+def idle_for(sdir: Path) -> float:
+    """Seconds since a kernel last started or ended in a shared container."""
+    try:
+        return time.time() - (sdir / "last_active").stat().st_mtime
+    except OSError:
+        return float("inf")
+
+
+def stop_if_idle(cli: ContainerCLI, name: str, sdir: Path, idle_timeout: float) -> bool:
+    """Remove the shared container when no kernel runs in it and none did for ``idle_timeout`` s."""
+    from hpc_kernels.fsutil import locked
+
+    with locked(sdir / "lock"):
+        if live_kernels(sdir) or idle_for(sdir) < idle_timeout - 0.1:
+            return False
+        cli.remove(name)
+        return True
+
+
+# ----------------------------------------------------------------------------- watcher
+
+
+def spawn_watcher(args: Sequence[str], env: Mapping[str, str]) -> int:
+    """Start ``python -m hpc_kernels.containers ARGS`` in its own session; returns its pid."""
+    log = paths.log_dir() / "containers.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("a", encoding="utf-8") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "hpc_kernels.containers", *args], env=dict(env),
+            stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True, close_fds=True,
+        )
+    return proc.pid
+
+
+def wait_for_parent(pid: int) -> None:
+    """Block until our parent ``pid`` (the launcher, later the client it became) has exited."""
+    fd = -1
+    with contextlib.suppress(AttributeError, OSError):
+        fd = os.pidfd_open(pid)
+    try:
+        # Reparented already: the launcher died before we got here (and its pid may be reused).
+        if os.getppid() != pid:
+            return
+        if fd >= 0:
+            import select
+
+            select.select([fd], [], [])
+            return
+        while os.getppid() == pid:
+            time.sleep(0.5)
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
+def watch_kernel(cli: ContainerCLI, pid: int, name: str) -> None:
+    """Per-kernel container: once the client is gone, make sure the container is too."""
+    wait_for_parent(pid)
+    cli.remove(name)
+    time.sleep(SETTLE_SECONDS)
+    if cli.inspect([name]):
+        cli.remove(name)
+
+
+def watch_shared(cli: ContainerCLI, pid: int, name: str, kid: str, sdir: Path, idle_timeout: float) -> None:
+    """Shared container: once the client is gone, kill the kernel (exec does not), then idle-stop."""
+    from hpc_kernels.fsutil import locked
+
+    wait_for_parent(pid)
+    marker = f"{SHARED_CONN_DIR}/{kid}.json"
+    kill_kernel_processes(cli, name, marker)
+    with locked(sdir / "lock"):
+        for path in (sdir / "kernels" / kid, sdir / "conn" / f"{kid}.json"):
+            with contextlib.suppress(OSError):
+                path.unlink()
+        (sdir / "last_active").touch()
+    # A client killed right after sending its exec request: the kernel may start a moment later.
+    time.sleep(min(SETTLE_SECONDS, idle_timeout))
+    kill_kernel_processes(cli, name, marker)
+    time.sleep(max(0.0, idle_timeout - SETTLE_SECONDS))
+    stop_if_idle(cli, name, sdir, idle_timeout)
+
+
+def kill_kernel_processes(cli: ContainerCLI, name: str, marker: str) -> list[int]:
+    """SIGKILL the processes (seen from the host) whose argv contains ``marker``; returns their pids."""
+    killed = []
+    for pid in pids_with_argument(marker):
+        try:
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+        except ProcessLookupError:
+            continue
+        except PermissionError:
+            # A rootful daemon's container runs as root: kill from inside, by its pid there.
+            inner = namespaced_pid(pid)
+            if inner:
+                from hpc_kernels.proc import run
+
+                with contextlib.suppress(ToolError, RuntimeNotFoundError):
+                    run([cli.binary, "exec", name, "kill", "-KILL", inner], check=False, timeout=30)
+                    killed.append(pid)
+    return killed
+
+
+def pids_with_argument(marker: str) -> list[int]:
+    """Host pids whose argv has ``marker`` as one of its arguments (not this process)."""
+    found = []
+    want = marker.encode()
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/cmdline", "rb") as fh:
+                args = fh.read().split(b"\0")
+        except OSError:
+            continue
+        if want in args:
+            found.append(int(entry.name))
+    return found
+
+
+def namespaced_pid(pid: int) -> str:
+    """The pid of a host process inside its innermost pid namespace ("" if unknown)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("NSpid:"):
+                return line.split()[-1]
+    except OSError:
+        pass
+    return ""
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether ``pid`` exists (and is not a zombie)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+
+def process_start(pid: int) -> str:
+    """A process's start time (clock ticks since boot; "" if unknown): pid + start is unique."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+# ----------------------------------------------------------------------------- gc
+
+
+def launcher_alive(info: ContainerInfo) -> bool:
+    """Whether the launcher recorded on a per-kernel container still runs (same pid, same start time)."""
+    try:
+        pid = int(info.labels.get(LABEL_PID, "0"))
+    except ValueError:
+        return False
+    if pid <= 0 or not pid_alive(pid):
+        return False
+    recorded = info.labels.get(LABEL_PID_START, "")
+    return not recorded or recorded == process_start(pid)
+
+
+def sweep_containers(runtimes: Sequence[str] = ("podman", "docker")) -> list[str]:
+    """Remove our leftover containers on this host: per-kernel ones whose launcher is gone, and shared
+    ones with no live kernel that have been idle past their timeout. Returns the names removed."""
+    removed: list[str] = []
+    seen: set[str] = set()
+    for runtime in runtimes:
+        try:
+            cli = ContainerCLI(runtime)
+            infos = cli.ours(f"label={LABEL_HOST}={paths.hostname()}", f"label={LABEL_OWNER}={user_name()}")
+        except (RuntimeNotFoundError, ToolError):
+            continue  # not installed, or no daemon to talk to
+        for info in infos:
+            if info.id in seen:  # docker pointed at podman's service sees the same containers
+                continue
+            seen.add(info.id)
+            role = info.labels.get(LABEL_ROLE)
+            if role == "kernel" and not launcher_alive(info):
+                cli.remove(info.name)
+                removed.append(info.name)
+            elif role == "shared":
+                sdir = Path(info.labels.get(LABEL_STATE_DIR) or shared_dir(info.name))
+                try:
+                    idle = float(info.labels.get(LABEL_IDLE, "0"))
+                except ValueError:
+                    idle = 0.0
+                if sdir.is_dir():
+                    if stop_if_idle(cli, info.name, sdir, idle):
+                        removed.append(info.name)
+                else:
+                    cli.remove(info.name)
+                    removed.append(info.name)
+    return removed
+
+
+# ----------------------------------------------------------------------------- watcher entry point
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m hpc_kernels.containers kernel|shared RUNTIME BINARY PID NAME [KID DIR IDLE]``."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        role, runtime, binary, pid, name = args[:5]
+        cli = ContainerCLI(runtime, binary)
+        if role == "kernel" and len(args) == 5:
+            watch_kernel(cli, int(pid), name)
+        elif role == "shared" and len(args) == 8:
+            watch_shared(cli, int(pid), name, args[5], Path(args[6]), float(args[7]))
+        else:
+            raise ValueError(f"bad arguments {args!r}")
+    except (ValueError, HpcKernelsError) as exc:
+        print(f"hpc-kernels container watcher: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    # The kernel's signals are not ours: a Ctrl-C in Jupyter's terminal must not stop the cleanup.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise SystemExit(main())
