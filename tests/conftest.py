@@ -12,6 +12,7 @@ import subprocess
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -92,3 +93,40 @@ def leftover_processes(pattern: str) -> list[str]:
     """Command lines of live processes matching ``pattern`` (pgrep -af)."""
     out = subprocess.run(["pgrep", "-af", pattern], capture_output=True, text=True).stdout
     return [line for line in out.splitlines() if "pgrep" not in line]
+
+
+def _listening(ip: str, port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        sock.settimeout(0.2)
+        return sock.connect_ex((ip, port)) == 0
+
+
+def start_ready_kernel(make_manager: Any, timeout: float = 90, attempts: int = 3) -> tuple[Any, Any]:
+    """Start a kernel and return (manager, ready client), robust to the port race of jupyter_client.
+
+    jupyter_client picks free ports and the kernel binds them later; another process can take one in
+    between, the kernel then dies at start-up, and a client sending to it blocks forever (a zmq DEALER
+    without a peer). So: wait until the kernel listens on all its ports *while alive*, and start a fresh
+    manager (new ports) when it died.
+    """
+    import time
+
+    failures: list[str] = []
+    for _ in range(attempts):
+        km = make_manager()
+        km.start_kernel()
+        ports = (km.shell_port, km.iopub_port, km.stdin_port, km.control_port, km.hb_port)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and km.is_alive():
+            if all(_listening(km.ip, port) for port in ports):
+                kc = km.client()
+                kc.start_channels()
+                kc.wait_for_ready(timeout=timeout)
+                return km, kc
+            time.sleep(0.1)
+        alive = km.is_alive()
+        failures.append("did not listen in time" if alive else "died during start-up")
+        km.shutdown_kernel(now=True) if alive else km.cleanup_resources()
+    raise RuntimeError(f"kernel failed to start {attempts} times: {', '.join(failures)}")

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import leftover_processes
+from tests.conftest import leftover_processes, start_ready_kernel
 
 pytestmark = pytest.mark.apptainer
 
@@ -131,12 +131,8 @@ def test_build_install_and_run_a_real_kernel(project: Path, only_apptainer: Path
     # The kernel runs in the container, with a clean environment plus the allowlist.
     monkeypatch.setenv("PYTHONPATH", "/leaky/host/path")
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
-    km = kernel_manager("sci")
-    km.start_kernel()
-    kc = km.client()
-    kc.start_channels()
+    km, kc = start_ready_kernel(lambda: kernel_manager("sci"))
     try:
-        kc.wait_for_ready(timeout=90)
         reply, out = run_cell(kc, PROBE)
         assert reply["status"] == "ok"
         assert out.split() == ["built-by-hpc-kernels", "hello", "from", "the", "host", "4242", "None", "1", "True"]
@@ -181,11 +177,7 @@ def test_kill_of_the_kernel_takes_the_container_down(project: Path, only_apptain
         "    command: [python3, -m, ipykernel_launcher, -f, '{connection_file}']\n"
     )
     assert hk("install", "ext", "--registry", str(reg)).returncode == 0
-    km = kernel_manager("ext")
-    km.start_kernel()
-    kc = km.client()
-    kc.start_channels()
-    kc.wait_for_ready(timeout=90)
+    km, kc = start_ready_kernel(lambda: kernel_manager("ext"))
     pid = int(run_cell(kc, "import os; print(os.getpid())")[1])
     kc.stop_channels()
     km.shutdown_kernel(now=True)  # SIGKILL of the launcher (= apptainer) process group
