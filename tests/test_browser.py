@@ -4,9 +4,10 @@ One JupyterLab start serves two kernels: one installed in the user's Jupyter dir
 `hpc-kernels install`, one installed by ``hpc-kernels module install NAME --prefix`` into a group tree
 and made visible only by a real Lmod ``module use <tree>; module load container-kernels``: JupyterLab
 is started with exactly the environment Lmod's own bash function leaves behind. The test checks
-both launcher cards, opens a notebook with each, runs a cell that reads a file only the container
-has, sees its output, and that no kernel process is left. It saves a screenshot of the launcher
-(to docs/images/ when ``HPCK_DOCS_SCREENSHOTS=1``; always next to the test's temporary files).
+both launcher cards (their image is our logo, served from the kernelspec), opens a notebook with
+each, runs a cell that reads a file only the container has, sees its output, and that no kernel
+process is left. It saves a screenshot of the launcher (to docs/images/ when
+``HPCK_DOCS_SCREENSHOTS=1``; always next to the test's temporary files).
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
@@ -151,6 +154,19 @@ def _screenshot(page: Any, tmp_path: Path, name: str) -> None:
         shutil.copyfile(tmp_path / name, DOCS_IMAGES / name)
 
 
+def _check_logo(page: Any, card: Any, kernel: str) -> None:
+    """The card shows our logo: the kernelspec's logo-svg.svg, byte for byte the package's."""
+    image = card.locator(".jp-LauncherCard-icon img")
+    image.wait_for()
+    src = str(image.get_attribute("src"))
+    assert src.split("?", 1)[0].endswith(f"/kernelspecs/{kernel}/logo-svg.svg"), src
+    served = page.request.get(urllib.parse.urljoin(page.url, src))
+    assert served.ok, f"{src}: HTTP {served.status}"
+    assert served.body() == files("hpc_kernels").joinpath("resources", "logo-svg.svg").read_bytes()
+    # Loaded and drawn, not a broken-image placeholder.
+    assert image.evaluate("img => img.complete && img.naturalWidth > 0")
+
+
 def _run_in_new_notebook(page: Any, display_name: str, code: str) -> str:
     """Click the launcher card, run ``code`` in the notebook it opens, return the output text."""
     page.locator(".jp-LauncherCard:visible", has_text=display_name).first.click()
@@ -218,8 +234,10 @@ def test_kernel_cards_and_cells_in_real_jupyterlab(
             page = chromium.new_page(viewport={"width": 1280, "height": 800})
             page.set_default_timeout(UI_TIMEOUT_MS)
             page.goto(url)
-            for _name, display in (USER_KERNEL, MODULE_KERNEL):
-                page.locator(".jp-LauncherCard", has_text=display).first.wait_for()
+            for name, display in (USER_KERNEL, MODULE_KERNEL):
+                card = page.locator(".jp-LauncherCard", has_text=display).first
+                card.wait_for()
+                _check_logo(page, card, name)
             _screenshot(page, tmp_path, "launcher.png")
 
             code = "print(open('/etc/hpck-test-image').read())"
