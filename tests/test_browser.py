@@ -1,7 +1,7 @@
 """Our kernels in a real JupyterLab, driven by Debian's headless Chromium through Playwright.
 
 One JupyterLab start serves two kernels: one installed in the user's Jupyter dir by
-`hpc-kernels install`, one installed by ``hpc-kernels module install NAME --prefix`` into a group tree
+`hpc-kernels install`, one installed with ``install --prefix`` + ``module install`` into a group tree
 and made visible only by a real Lmod ``module use <tree>; module load container-kernels``: JupyterLab
 is started with exactly the environment Lmod's own bash function leaves behind. The test checks
 both launcher cards (their image is our logo, served from the kernelspec), opens a notebook with
@@ -203,8 +203,10 @@ def test_kernel_cards_and_cells_in_real_jupyterlab(
         """)
     group = tmp_path / "group"
     assert cli.main(["install", "--registry", str(registry), USER_KERNEL[0]]) == 0
-    # The module kernel goes only into the group tree: kernelspec under <group>/share/jupyter + modulefile.
-    assert cli.main(["module", "install", MODULE_KERNEL[0], "--registry", str(registry),
+    # The module kernel goes only into the group tree: its kernelspec under <group>/share/jupyter, then
+    # the modulefile that puts that directory on JUPYTER_PATH (docs/lmod-slurm.md's group recipe).
+    assert cli.main(["install", "--registry", str(registry), "--prefix", str(group), MODULE_KERNEL[0]]) == 0
+    assert cli.main(["module", "install", "--registry", str(registry),
                      "--dir", str(group / "modulefiles"), "--prefix", str(group)]) == 0
 
     base = dict(os.environ)
