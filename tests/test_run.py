@@ -36,6 +36,10 @@ kernels:
     image: {image}
     command: [python3, -m, ipykernel_launcher, -f, "{{connection_file}}"]
     gpu: nvidia
+  shared:
+    image: {image}
+    mode: instance
+    command: [python3, -m, ipykernel_launcher, -f, "{{connection_file}}"]
   pod:
     runtime: podman
     image: docker.io/library/python:3.12-slim
@@ -154,6 +158,20 @@ def test_script_in_the_current_directory(make_registry: Callable[..., Path], bas
     done = cli_run(["run", "--registry", str(path), "sci", "--", "python3", "analysis.py", "--n", "5"], env, work)
     assert done.returncode == 0, done.stderr
     assert (work / "result.txt").read_text() == f"{work}|{MARKER.strip()}|['--n', '5']"
+
+
+@pytest.mark.apptainer
+def test_instance_mode_kernel_gets_a_fresh_container(make_registry: Callable[..., Path], base_sif: Path,
+                                                     apptainer_bin: str, setup: tuple[Path, dict[str, str]],
+                                                     tmp_path: Path) -> None:
+    _data, env = setup
+    env["PATH"] = f"{Path(apptainer_bin).parent}{os.pathsep}{env['PATH']}"
+    path = make_registry(REGISTRY.format(image=base_sif))
+    done = cli_run(["run", "--registry", str(path), "shared", "cat", "/etc/hpck-test-image"], env, tmp_path)
+    assert (done.returncode, done.stdout) == (0, MARKER), done.stderr
+    # `apptainer exec IMAGE`, not `instance://`: run never starts or joins the kernels' shared instance.
+    dry = cli_run(["run", "--registry", str(path), "--dry-run", "shared", "true"], env, tmp_path)
+    assert shlex.split(dry.stdout)[-2:] == [str(base_sif), "true"] and "instance" not in dry.stdout
 
 
 @pytest.mark.apptainer
