@@ -171,7 +171,7 @@ def test_instance_mode_kernel_gets_a_fresh_container(make_registry: Callable[...
     assert (done.returncode, done.stdout) == (0, MARKER), done.stderr
     # `apptainer exec IMAGE`, not `instance://`: run never starts or joins the kernels' shared instance.
     dry = cli_run(["run", "--registry", str(path), "--dry-run", "shared", "true"], env, tmp_path)
-    assert shlex.split(dry.stdout)[-2:] == [str(base_sif), "true"] and "instance" not in dry.stdout
+    assert shlex.split(dry.stdout)[-2:] == [str(base_sif), "true"] and "instance://" not in dry.stdout
 
 
 @pytest.mark.apptainer
