@@ -20,6 +20,7 @@ COMMANDS = (
     "uninstall",
     "list",
     "show",
+    "run",
     "module",
     "jobs",
     "doctor",

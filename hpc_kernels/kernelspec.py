@@ -18,6 +18,10 @@ from hpc_kernels.errors import HpcKernelsError, NotOursError
 from hpc_kernels.launchspec import MARKER, LaunchSpec
 from hpc_kernels.registry import KernelEntry
 
+#: Package data copied into every kernelspec: Jupyter serves them as /kernelspecs/<name>/<file>, and
+#: JupyterLab's launcher shows logo-svg.svg on our kernels' cards (logo-64x64.png for older frontends).
+LOGO_FILES = ("logo-svg.svg", "logo-64x64.png")
+
 
 @dataclass(frozen=True)
 class Target:
@@ -115,10 +119,20 @@ def install(entry: KernelEntry, target: Target, registry: Path | None = None) ->
     data = kernel_json(entry, dest / "kernel.json", registry)
     with tempfile.TemporaryDirectory(prefix="hpck-spec-") as src:
         (Path(src) / "kernel.json").write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+        _copy_logos(Path(src))
         installed = KernelSpecManager().install_kernel_spec(
             src, kernel_name=entry.name, user=target.user, prefix=target.prefix
         )
     return Path(installed)
+
+
+def _copy_logos(dest: Path) -> None:
+    """Put our logo files (package data in ``hpc_kernels/resources``) into ``dest``."""
+    from importlib.resources import files
+
+    resources = files("hpc_kernels").joinpath("resources")
+    for name in LOGO_FILES:
+        (dest / name).write_bytes(resources.joinpath(name).read_bytes())
 
 
 def uninstall(name: str, target: Target) -> Path:

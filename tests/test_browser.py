@@ -1,10 +1,12 @@
 """Our kernels in a real JupyterLab, driven by Debian's headless Chromium through Playwright.
 
 One JupyterLab start serves two kernels: one installed in the user's Jupyter dir by
-`hpc-kernels install`, one installed under a prefix and made visible only through
-``JUPYTER_PATH=<prefix>/share/jupyter`` (what ``module load container-kernels`` sets). The test
-checks both launcher cards, opens a notebook with each, runs a cell that reads a file only the
-container has, and sees its output. It saves a screenshot of the launcher (to docs/images/ when
+`hpc-kernels install`, one installed with ``install --prefix`` + ``module install`` into a group tree
+and made visible only by a real Lmod ``module use <tree>; module load container-kernels``: JupyterLab
+is started with exactly the environment Lmod's own bash function leaves behind. The test checks
+both launcher cards (their image is our logo, served from the kernelspec), opens a notebook with
+each, runs a cell that reads a file only the container has, sees its output, and that no kernel
+process is left. It saves a screenshot of the launcher (to docs/images/ when
 ``HPCK_DOCS_SCREENSHOTS=1``; always next to the test's temporary files).
 """
 
@@ -13,14 +15,17 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +33,10 @@ import pytest
 from conftest import leftover_processes
 
 from hpc_kernels import cli
+from hpc_kernels.errors import RuntimeNotFoundError
+from hpc_kernels.runtimes import lmod
 
-pytestmark = [pytest.mark.browser, pytest.mark.apptainer]
+pytestmark = [pytest.mark.browser, pytest.mark.lmod, pytest.mark.apptainer]
 
 CHROMIUM = Path(os.environ.get("HPCK_CHROMIUM", "/usr/bin/chromium"))
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -88,6 +95,39 @@ def jupyterlab(root: Path, env: dict[str, str], log: Path) -> Iterator[str]:
                 proc.wait(timeout=10)
 
 
+@pytest.fixture(scope="session")
+def lmod_tool() -> lmod.Lmod:
+    """The real Lmod (skip where it is absent)."""
+    try:
+        return lmod.find()
+    except RuntimeNotFoundError as exc:
+        pytest.skip(f"Lmod is not installed (bash .ci/lmod-slurm-setup.sh installs it): {exc}")
+
+
+def module_loaded_environment(tool: lmod.Lmod, tree: Path, env: dict[str, str]) -> dict[str, str]:
+    """The environment a user's bash has after ``module use TREE; module load container-kernels``.
+
+    Lmod's own init script and shell function, not our evaluator: what a terminal (or a JupyterHub
+    session started after the load) really gets, read back with ``env -0``.
+    """
+    script = "\n".join([
+        "set -e",
+        f"source {shlex.quote(str(tool.init_bash))}",
+        f"module use {shlex.quote(str(tree))}",
+        "module load container-kernels",
+        "env -0",
+    ])
+    done = subprocess.run(["bash", "--noprofile", "--norc", "-c", script], env=env, capture_output=True,
+                          timeout=60, check=False)
+    assert done.returncode == 0, done.stderr.decode(errors="replace")
+    loaded: dict[str, str] = {}
+    for item in done.stdout.decode().split("\0"):
+        key, sep, value = item.partition("=")
+        if sep and key:
+            loaded[key] = value
+    return loaded
+
+
 @pytest.fixture
 def chromium() -> Iterator[Any]:
     """Playwright driving Debian's Chromium (never a downloaded browser)."""
@@ -114,6 +154,19 @@ def _screenshot(page: Any, tmp_path: Path, name: str) -> None:
         shutil.copyfile(tmp_path / name, DOCS_IMAGES / name)
 
 
+def _check_logo(page: Any, card: Any, kernel: str) -> None:
+    """The card shows our logo: the kernelspec's logo-svg.svg, byte for byte the package's."""
+    image = card.locator(".jp-LauncherCard-icon img")
+    image.wait_for()
+    src = str(image.get_attribute("src"))
+    assert src.split("?", 1)[0].endswith(f"/kernelspecs/{kernel}/logo-svg.svg"), src
+    served = page.request.get(urllib.parse.urljoin(page.url, src))
+    assert served.ok, f"{src}: HTTP {served.status}"
+    assert served.body() == files("hpc_kernels").joinpath("resources", "logo-svg.svg").read_bytes()
+    # Loaded and drawn, not a broken-image placeholder.
+    assert image.evaluate("img => img.complete && img.naturalWidth > 0")
+
+
 def _run_in_new_notebook(page: Any, display_name: str, code: str) -> str:
     """Click the launcher card, run ``code`` in the notebook it opens, return the output text."""
     page.locator(".jp-LauncherCard:visible", has_text=display_name).first.click()
@@ -134,6 +187,7 @@ def _run_in_new_notebook(page: Any, display_name: str, code: str) -> str:
 
 def test_kernel_cards_and_cells_in_real_jupyterlab(
     apptainer_bin: str, base_sif: Path, make_registry: Callable[..., Path], chromium: Any,
+    lmod_tool: lmod.Lmod,
     tmp_path: Path, isolated_home: Path,
 ) -> None:
     registry = make_registry(f"""
@@ -147,24 +201,34 @@ def test_kernel_cards_and_cells_in_real_jupyterlab(
             image: {base_sif}
             command: [python3, -m, ipykernel_launcher, -f, "{{connection_file}}"]
         """)
-    prefix = tmp_path / "group-prefix"
+    group = tmp_path / "group"
     assert cli.main(["install", "--registry", str(registry), USER_KERNEL[0]]) == 0
-    assert cli.main(["install", "--registry", str(registry), "--prefix", str(prefix), MODULE_KERNEL[0]]) == 0
+    # The module kernel goes only into the group tree: its kernelspec under <group>/share/jupyter, then
+    # the modulefile that puts that directory on JUPYTER_PATH (docs/lmod-slurm.md's group recipe).
+    assert cli.main(["install", "--registry", str(registry), "--prefix", str(group), MODULE_KERNEL[0]]) == 0
+    assert cli.main(["module", "install", "--registry", str(registry),
+                     "--dir", str(group / "modulefiles"), "--prefix", str(group)]) == 0
 
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(apptainer_bin).parent}{os.pathsep}{env.get('PATH', '')}"
-    # What `module load container-kernels` does for the second kernel (and only for it).
-    env["JUPYTER_PATH"] = str(prefix / "share" / "jupyter")
-    runtime_dir = Path(env["JUPYTER_RUNTIME_DIR"])
-    root = tmp_path / "notebooks"
-    root.mkdir()
+    base = dict(os.environ)
+    base["PATH"] = f"{Path(apptainer_bin).parent}{os.pathsep}{base.get('PATH', '')}"
+    base["MODULEPATH"] = ""  # only our tree: the machine's own modules play no part
     # No "get Jupyter news?" toast over the screenshot (and no fetch from the internet).
     settings = tmp_path / "lab-settings"
     notification = settings / "@jupyterlab" / "apputils-extension" / "notification.jupyterlab-settings"
     notification.parent.mkdir(parents=True)
     notification.write_text('{"fetchNews": "false", "checkForUpdates": false}')
-    env["JUPYTERLAB_SETTINGS_DIR"] = str(settings)
-    env["JUPYTERLAB_WORKSPACES_DIR"] = str(tmp_path / "lab-workspaces")
+    base["JUPYTERLAB_SETTINGS_DIR"] = str(settings)
+    base["JUPYTERLAB_WORKSPACES_DIR"] = str(tmp_path / "lab-workspaces")
+    # Nothing but the module can show the second kernel: no JUPYTER_PATH, not in the user's dir.
+    assert "JUPYTER_PATH" not in base
+    assert not (Path(base["JUPYTER_DATA_DIR"]) / "kernels" / MODULE_KERNEL[0]).exists()
+    # JupyterLab gets exactly the environment the real `module load` left (nothing added after).
+    env = module_loaded_environment(lmod_tool, group / "modulefiles", base)
+    assert env["JUPYTER_PATH"] == str(group / "share" / "jupyter")
+    assert env["LOADEDMODULES"].startswith("container-kernels/")
+    runtime_dir = Path(env["JUPYTER_RUNTIME_DIR"])
+    root = tmp_path / "notebooks"
+    root.mkdir()
     log = tmp_path / "jupyterlab.log"
 
     try:
@@ -172,14 +236,16 @@ def test_kernel_cards_and_cells_in_real_jupyterlab(
             page = chromium.new_page(viewport={"width": 1280, "height": 800})
             page.set_default_timeout(UI_TIMEOUT_MS)
             page.goto(url)
-            for _name, display in (USER_KERNEL, MODULE_KERNEL):
-                page.locator(".jp-LauncherCard", has_text=display).first.wait_for()
+            for name, display in (USER_KERNEL, MODULE_KERNEL):
+                card = page.locator(".jp-LauncherCard", has_text=display).first
+                card.wait_for()
+                _check_logo(page, card, name)
             _screenshot(page, tmp_path, "launcher.png")
 
             code = "print(open('/etc/hpck-test-image').read())"
             assert MARKER_TEXT in _run_in_new_notebook(page, USER_KERNEL[1], code)
             _screenshot(page, tmp_path, "notebook.png")
-            # Back to a launcher for the kernel that only JUPYTER_PATH makes visible.
+            # Back to a launcher for the kernel that only the module load makes visible.
             page.locator(".lm-DockPanel-tabBar .lm-TabBar-addButton").first.click()
             assert MARKER_TEXT in _run_in_new_notebook(page, MODULE_KERNEL[1], code)
             page.close()

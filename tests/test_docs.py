@@ -67,6 +67,8 @@ def parse(args: str) -> tuple[list[str], set[str]]:
         tokens = shlex.split(args.replace("\\|", " "))
     except ValueError:
         tokens = args.split()
+    if "--" in tokens:  # what follows is another program's command line (`hpc-kernels run NAME -- ...`)
+        tokens = tokens[:tokens.index("--")]
     words = [t for t in tokens if not t.startswith("-")]
     flags = {t.split("=", 1)[0] for t in tokens if t.startswith("--")}
     return words, flags

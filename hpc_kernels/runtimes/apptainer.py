@@ -1,6 +1,7 @@
 """The Apptainer/Singularity adapter: binary resolution, builds through spython, exec argv.
 
 Import-light on purpose: the kernel launcher uses :func:`exec_command` on every kernel start.
+:func:`container_command` holds the rules a kernel's container runs under, shared with ``hpc-kernels run``.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import os
 import shlex
 import shutil
 import subprocess
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 from hpc_kernels.errors import BuildError, RuntimeNotFoundError
@@ -92,17 +93,21 @@ def container_env(spec: LaunchSpec, environ: Mapping[str, str]) -> dict[str, str
     return result
 
 
-def exec_command(
+def container_command(
     spec: LaunchSpec,
-    connection_file: str,
+    command: Sequence[str],
     binary: str,
     environ: Mapping[str, str],
+    extra_binds: Sequence[str] = (),
     exists: object = os.path.exists,
 ) -> tuple[list[str], dict[str, str], list[str]]:
-    """The argv and environment of ``apptainer exec`` for ``spec``, plus warnings for the kernel log.
+    """``apptainer exec`` of ``command`` in ``spec``'s image, under the kernel's rules.
 
-    The returned environment is the *runtime's* own (the host's, minus stray ``*ENV_`` injections,
-    plus ours); ``--cleanenv`` keeps the container's environment to exactly :func:`container_env`.
+    The one place those rules live (the kernel launcher and ``hpc-kernels run`` both come here):
+    ``--cleanenv`` plus :func:`container_env`, the GPU flag for this node, ``-W $SLURM_TMPDIR``,
+    ``extra_binds`` then the kernel's binds (``$VARS`` expanded now), ``runtime_args``. Returns the
+    argv, the *runtime's* own environment (the host's, minus stray ``*ENV_`` injections, plus ours)
+    and warnings (e.g. a GPU requested on a node without one).
     """
     warnings: list[str] = []
     argv = [binary, "exec", "--cleanenv"]
@@ -114,17 +119,47 @@ def exec_command(
     tmpdir = environ.get("SLURM_TMPDIR")
     if tmpdir:
         argv += ["-W", tmpdir]
-    argv += ["--bind", f"{connection_file}:{CONNECTION_DST}:rw"]
+    for bind in extra_binds:
+        argv += ["--bind", bind]
     for bind in spec.binds:
         argv += ["--bind", os.path.expandvars(bind)]
     argv += list(spec.runtime_args)
     argv.append(spec.image)
-    argv += [CONNECTION_DST if a == "{connection_file}" else a for a in spec.command]
+    argv += list(command)
     prefix = env_prefix(binary)
     env = {k: v for k, v in environ.items() if not k.startswith(("APPTAINERENV_", "SINGULARITYENV_"))}
     for key, value in container_env(spec, environ).items():
         env[prefix + key] = value
     return argv, env, warnings
+
+
+def exec_command(
+    spec: LaunchSpec,
+    connection_file: str,
+    binary: str,
+    environ: Mapping[str, str],
+    exists: object = os.path.exists,
+) -> tuple[list[str], dict[str, str], list[str]]:
+    """The argv and environment of ``apptainer exec`` for the kernel ``spec``, plus warnings for its log.
+
+    :func:`container_command` with the connection file bound at :data:`CONNECTION_DST` and the
+    kernel's command, ``{connection_file}`` replaced by that path.
+    """
+    command = [CONNECTION_DST if a == "{connection_file}" else a for a in spec.command]
+    return container_command(spec, command, binary, environ,
+                             extra_binds=(f"{connection_file}:{CONNECTION_DST}:rw",), exists=exists)
+
+
+def run_command(
+    spec: LaunchSpec,
+    command: Sequence[str],
+    binary: str,
+    environ: Mapping[str, str],
+    exists: object = os.path.exists,
+) -> tuple[list[str], dict[str, str], list[str]]:
+    """``hpc-kernels run``: ``command`` (default: the kernel command's interpreter, ``command[0]``) in
+    the kernel's container under the kernel's rules, without a connection file."""
+    return container_command(spec, list(command) or [spec.command[0]], binary, environ, exists=exists)
 
 
 # ----------------------------------------------------------------------------- builds

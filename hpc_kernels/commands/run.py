@@ -1,0 +1,78 @@
+"""``hpc-kernels run NAME [--] COMMAND...``: a command in a kernel's container, under the kernel's rules.
+
+For scripts and batch jobs (``hpc-kernels run science -- python analysis.py`` in an sbatch script): the
+same image, runtime resolution (apptainer, else singularity, on this node now), cleaned environment
+(allowlist + the kernel's ``env``/``pass_env`` + ``PYTHONNOUSERSITE``), binds, GPU flags and
+``-W $SLURM_TMPDIR`` as the kernel, through the very function the kernel launcher uses. The process
+becomes the runtime (``os.execve``), so the command's exit code, signals and stdio are the caller's.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from hpc_kernels.registry import KernelEntry
+
+HELP = "run a command in a kernel's container, with the kernel's environment, binds and GPU flags"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``run`` (they go before NAME: everything after NAME is the command)."""
+    parser.usage = "%(prog)s [-h] [--registry PATH] [--dry-run] NAME [--] [COMMAND ...]"
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the runtime command line (with its container variables) instead of running it")
+    parser.add_argument("name", metavar="NAME", help="the kernel whose container and rules to use")
+    parser.add_argument("command", nargs=argparse.REMAINDER, metavar="COMMAND",
+                        help="the command to run, after '--' when it has options of its own "
+                             "(default: the interpreter of the kernel's command, e.g. python3)")
+
+
+def check_supported(entry: KernelEntry) -> None:
+    """Refuse, in one sentence, kernels whose container ``run`` cannot start yet."""
+    from hpc_kernels.errors import HpcKernelsError
+
+    if entry.runtime != "apptainer":
+        raise HpcKernelsError(
+            f"'hpc-kernels run' is not supported for kernel '{entry.name}' yet: it uses runtime "
+            f"'{entry.runtime}', and run only starts Apptainer containers; use '{entry.runtime} run' yourself."
+        )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Resolve the kernel's container command now and become it (or print it with ``--dry-run``)."""
+    import os
+    import shlex
+    import sys
+
+    from hpc_kernels import kernelspec, registry
+    from hpc_kernels.errors import HpcKernelsError
+    from hpc_kernels.runtimes import apptainer
+
+    command = list(args.command)
+    if command[:1] == ["--"]:  # argparse versions differ on whether REMAINDER keeps the '--'
+        command = command[1:]
+    reg = registry.load(args.registry)
+    entry = reg.get(args.name)
+    check_supported(entry)
+    spec = kernelspec.launch_spec(entry, reg.path)
+    if not os.path.exists(spec.image):
+        raise HpcKernelsError(
+            f"the image of kernel '{entry.name}' is missing ({spec.image}); build it with "
+            f"'hpc-kernels build {entry.name}'."
+        )
+    binary = apptainer.find_binary()
+    argv, env, warnings = apptainer.run_command(spec, command, binary, os.environ)
+    for warning in warnings:
+        print(f"hpc-kernels: warning: {warning}", file=sys.stderr)
+    if args.dry_run:
+        prefix = apptainer.env_prefix(binary)
+        ours = [f"{k}={v}" for k, v in sorted(env.items()) if k.startswith(prefix)]
+        print(shlex.join([*ours, *argv]))
+        return 0
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Become the runtime, as the kernel launcher does: the command's exit code is ours.
+    os.execve(argv[0], argv, env)
+    return 1  # pragma: no cover - execve does not return
