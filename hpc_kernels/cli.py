@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from hpc_kernels import __version__
 
 #: Subcommands, each a module in hpc_kernels.commands with HELP, add_arguments() and run().
-COMMANDS = ("build", "install", "uninstall", "list", "show")
+COMMANDS = ("build", "install", "uninstall", "list", "show", "instances", "stop", "gc")
 
 
 def _parser() -> argparse.ArgumentParser:

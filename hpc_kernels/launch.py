@@ -34,7 +34,7 @@ def launch(spec: LaunchSpec, connection_file: str) -> int:
             f"'hpc-kernels build {spec.kernel}'."
         )
     if spec.mode == "instance":
-        from hpc_kernels import instances  # type: ignore[attr-defined]
+        from hpc_kernels import instances
 
         return int(instances.launch(spec, connection_file))
     argv, env, warnings = plan(spec, connection_file)
