@@ -50,7 +50,10 @@ NAME_PREFIX = "hpck-"
 #: Apptainer's own rule for instance names, and a length its log file names stay within.
 NAME_RE = re.compile(r"^[a-zA-Z0-9._-]+$")
 NAME_MAX = 100
-DIGEST_LEN = 10
+#: The name ends in OWNER (4 hex digits: which state tree started it, so that gc never stops an
+#: instance another state tree tracks) followed by DIGEST (the instance's identity).
+OWNER_LEN = 4
+DIGEST_LEN = 8
 #: Variables set inside the container of every attached kernel (inherited by its children).
 ENV_INSTANCE = "HPC_KERNELS_INSTANCE"
 ENV_ATTACHMENT = "HPC_KERNELS_ATTACHMENT"
@@ -140,20 +143,23 @@ class Identity:
     kernel: str
     host: str
     job: str
+    owner: str
     digest: str
 
     @property
     def name(self) -> str:
-        """``hpck-KERNEL-USER-HOST[-jJOB]-DIGEST``, within Apptainer's character set and length."""
+        """``hpck-KERNEL-USER-HOST[-jJOB]-OWNERDIGEST``, within Apptainer's character set and length."""
         tail = "-".join(_clean(p) for p in (self.user, self.host) if p)
         if self.job:
             tail += f"-j{_clean(self.job)}"
-        tail += f"-{self.digest}"
+        tail += f"-{self.owner}{self.digest}"
         room = NAME_MAX - len(NAME_PREFIX) - len(tail) - 1
-        return f"{NAME_PREFIX}{_clean(self.kernel)[: max(room, 1)]}-{tail}"[:NAME_MAX]
+        kernel = re.sub(r"[^a-zA-Z0-9._-]+", "_", self.kernel) or "_"
+        return f"{NAME_PREFIX}{kernel[: max(room, 1)]}-{tail}"[:NAME_MAX]
 
 
 def _clean(part: str) -> str:
+    # No '-' inside user, host and job: it separates the fields of the name.
     return re.sub(r"[^a-zA-Z0-9._]+", "_", part) or "_"
 
 
@@ -185,8 +191,13 @@ def identity(spec: LaunchSpec, start_argv: list[str], environ: Mapping[str, str]
     h.update(json.dumps(_without_pid_file(start_argv)[:-1]).encode())
     return Identity(
         user=user_name(), kernel=spec.kernel, host=paths.hostname(),
-        job=environ.get("SLURM_JOB_ID", ""), digest=h.hexdigest()[:DIGEST_LEN],
+        job=environ.get("SLURM_JOB_ID", ""), owner=owner_tag(), digest=h.hexdigest()[:DIGEST_LEN],
     )
+
+
+def owner_tag() -> str:
+    """Short digest of this host's state directory: marks the instances it tracks."""
+    return hashlib.sha256(str(root()).encode()).hexdigest()[:OWNER_LEN]
 
 
 def _without_pid_file(argv: list[str]) -> list[str]:
@@ -604,10 +615,11 @@ def list_instances() -> list[InstanceStatus]:
     return found
 
 
-def _stop_locked(d: Path, record: InstanceRecord) -> list[int]:
-    """Stop the instance of ``record`` (we hold its lock) and everything attached; killed pids."""
+def _stop_locked(d: Path, record: InstanceRecord) -> int:
+    """Stop the instance of ``record`` (we hold its lock) and everything attached; kernels it had."""
     if record.host != paths.hostname():  # pragma: no cover - host dirs make this impossible
         raise HpcKernelsError(f"instance '{record.name}' belongs to node {record.host}, not this one.")
+    attached = [a for a in attachments(d) if a.alive()]
     if record.running():
         binary = record.binary if os.access(record.binary, os.X_OK) else apptainer.find_binary()
         stopped = apptainer.stop_instance(binary, record.name, timeout=STOP_TIMEOUT)
@@ -617,10 +629,12 @@ def _stop_locked(d: Path, record: InstanceRecord) -> list[int]:
             _kill(record.pid)
     # Stopping the instance ends its PID namespace, hence the kernels in it; their runtime
     # processes (the former launchers) and anything marked are killed too, to be sure.
-    killed = [a.pid for a in attachments(d) if a.alive() and _kill(a.pid)]
-    killed += kill_marked(record.name)
+    for att in attached:
+        if att.alive():
+            _kill(att.pid)
+    kill_marked(record.name)
     _clear_state(d)
-    return killed
+    return len(attached)
 
 
 @dataclass(frozen=True)
@@ -629,7 +643,7 @@ class Stopped:
 
     name: str
     was_running: bool
-    kernels_killed: int
+    kernels: int  # attached when it was stopped (they are gone now)
 
 
 def stop(name: str) -> Stopped:
@@ -641,8 +655,8 @@ def stop(name: str) -> Stopped:
             raise HpcKernelsError(f"no instance named '{name}' on this node ({paths.hostname()}); "
                                   "see 'hpc-kernels instances'.")
         was_running = record.running()
-        killed = _stop_locked(d, record)
-    return Stopped(name, was_running, len(killed))
+        kernels = _stop_locked(d, record)
+    return Stopped(name, was_running, kernels)
 
 
 def resolve_names(names: list[str], all_: bool) -> list[str]:
@@ -711,11 +725,10 @@ def _remove_dir(d: Path) -> None:
         d.rmdir()
 
 
-def untracked_pattern(user: str, host: str) -> re.Pattern[str]:
-    """Names we would give this user's instances on this host."""
-    return re.compile(
-        rf"^{re.escape(NAME_PREFIX)}.+-{re.escape(_clean(user))}-{re.escape(_clean(host))}(-j[A-Za-z0-9._]+)?-[0-9a-f]{{{DIGEST_LEN}}}$"
-    )
+def untracked_pattern(user: str, host: str, owner: str) -> re.Pattern[str]:
+    """Names this state tree would give this user's instances on this host."""
+    head = f"{re.escape(NAME_PREFIX)}.+-{re.escape(_clean(user))}-{re.escape(_clean(host))}"
+    return re.compile(rf"^{head}(-j[A-Za-z0-9._]+)?-{owner}[0-9a-f]{{{DIGEST_LEN}}}$")
 
 
 def _sweep_untracked(tracked: set[str], dry_run: bool) -> list[Finding]:
@@ -725,7 +738,7 @@ def _sweep_untracked(tracked: set[str], dry_run: bool) -> list[Finding]:
         binary = apptainer.find_binary()
     except HpcKernelsError:
         return []
-    pattern = untracked_pattern(user_name(), paths.hostname())
+    pattern = untracked_pattern(user_name(), paths.hostname(), owner_tag())
     found = []
     for listed in apptainer.list_instances(binary):
         if listed.name in tracked or not pattern.match(listed.name):
@@ -742,7 +755,7 @@ def sweep_orphans(dry_run: bool = False) -> list[Finding]:
     """gc: kill kernel processes whose instance is gone or whose own attachment has ended."""
     from hpc_kernels.gc import Finding
 
-    by_instance: dict[str, list[tuple[int, str]]] = {}
+    names: set[str] = set()
     want = f"{ENV_INSTANCE}=".encode()
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
@@ -752,28 +765,28 @@ def sweep_orphans(dry_run: bool = False) -> list[Finding]:
                 env = fh.read().split(b"\0")
         except OSError:
             continue
-        for var in env:
-            if var.startswith(want):
-                by_instance.setdefault(var[len(want):].decode(errors="replace"), [])
-                break
+        names.update(v[len(want) :].decode(errors="replace") for v in env if v.startswith(want))
     found: list[Finding] = []
-    for name in sorted(by_instance):
-        if not NAME_RE.match(name):
-            continue
-        d = root() / name
-        with _lock(d / "lock", blocking=False) as held:
-            if not held:
-                continue
-            record = read_record(d)
-            live = {a.id for a in attachments(d) if a.alive()} if record and record.running() else set()
-            for pid, att in marked_processes(name):
-                if att in live:
-                    continue
-                found.append(Finding("orphans", f"pid {pid}", "killed",
-                                     f"kernel process of {name}, whose kernel has ended"))
-                if not dry_run:
-                    _kill(pid)
+    for name in sorted(n for n in names if NAME_RE.match(n)):
+        for pid in _orphans_of(name):
+            found.append(Finding("orphans", f"pid {pid}", "killed",
+                                 f"kernel process of {name}, whose kernel has ended"))
+            if not dry_run:
+                _kill(pid)
     return found
+
+
+def _orphans_of(name: str) -> list[int]:
+    """Processes marked with instance ``name`` that no live attachment of a running instance owns."""
+    d = root() / name
+    if not d.is_dir():  # no state at all: nothing of ours can own them (and create no dir for them)
+        return [pid for pid, _att in marked_processes(name)]
+    with _lock(d / "lock", blocking=False) as held:
+        if not held:  # a launch or stop is busy with this instance: look again next time
+            return []
+        record = read_record(d)
+        live = {a.id for a in attachments(d) if a.alive()} if record and record.running() else set()
+        return [pid for pid, att in marked_processes(name) if att not in live]
 
 
 # ----------------------------------------------------------------------------- entry point

@@ -27,11 +27,11 @@ def run(args: argparse.Namespace) -> int:
     done = [instances.stop(name) for name in instances.resolve_names(list(args.names), args.all)]
     if args.json:
         ui.print_json({"stopped": [{"name": s.name, "was_running": s.was_running,
-                                    "kernels_killed": s.kernels_killed} for s in done]})
+                                    "kernels": s.kernels} for s in done]})
         return 0
     if not done:
         ui.note("no shared instances on this node.")
     for s in done:
         what = "stopped" if s.was_running else "forgot dead instance"
-        ui.note(f"[green]✓[/] {what} {s.name} ({s.kernels_killed} kernel process(es) killed)")
+        ui.note(f"[green]✓[/] {what} {s.name} ({s.kernels} attached kernel(s) ended)")
     return 0
