@@ -353,6 +353,11 @@ def launch(spec: LaunchSpec, connection_file: str) -> int:
 
     Returns only on error.
     """
+    if spec.runtime != "apptainer":
+        raise HpcKernelsError(
+            f"kernel '{spec.kernel}': shared instances are Apptainer's; runtime '{spec.runtime}' "
+            "needs its own shared-container support."
+        )
     binary = apptainer.find_binary()
     environ = dict(os.environ)
     cdir = connection_dir(connection_file)

@@ -251,3 +251,8 @@ def test_cli_with_no_instances(capsys: pytest.CaptureFixture[str]) -> None:
     assert "no instance or kernel named 'nope'" in capsys.readouterr().err
     assert cli.main(["stop", "--all", "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == {"stopped": []}
+
+
+def test_launch_refuses_other_runtimes() -> None:
+    with pytest.raises(HpcKernelsError, match="runtime 'podman'"):
+        instances.launch(spec(runtime="podman"), "/rt/kernel.json")
