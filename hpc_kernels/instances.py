@@ -730,7 +730,7 @@ def _remove_dir(d: Path) -> None:
         d.rmdir()
 
 
-def untracked_pattern(user: str, host: str, owner: str) -> re.Pattern[str]:
+def our_name_pattern(user: str, host: str, owner: str) -> re.Pattern[str]:
     """Names this state tree would give this user's instances on this host."""
     head = f"{re.escape(NAME_PREFIX)}.+-{re.escape(_clean(user))}-{re.escape(_clean(host))}"
     return re.compile(rf"^{head}(-j[A-Za-z0-9._]+)?-{owner}[0-9a-f]{{{DIGEST_LEN}}}$")
@@ -743,7 +743,7 @@ def _sweep_untracked(tracked: set[str], dry_run: bool) -> list[Finding]:
         binary = apptainer.find_binary()
     except HpcKernelsError:
         return []
-    pattern = untracked_pattern(user_name(), paths.hostname(), owner_tag())
+    pattern = our_name_pattern(user_name(), paths.hostname(), owner_tag())
     found = []
     for listed in apptainer.list_instances(binary):
         if listed.name in tracked or not pattern.match(listed.name):
@@ -771,8 +771,10 @@ def sweep_orphans(dry_run: bool = False) -> list[Finding]:
         except OSError:
             continue
         names.update(v[len(want) :].decode(errors="replace") for v in env if v.startswith(want))
+    # Only names this state tree gives: processes of instances another state tree tracks are not ours.
+    ours = our_name_pattern(user_name(), paths.hostname(), owner_tag())
     found: list[Finding] = []
-    for name in sorted(n for n in names if NAME_RE.match(n)):
+    for name in sorted(n for n in names if NAME_RE.match(n) and ours.match(n)):
         for pid in _orphans_of(name):
             found.append(Finding("orphans", f"pid {pid}", "killed",
                                  f"kernel process of {name}, whose kernel has ended"))

@@ -47,8 +47,10 @@ def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.
 
 
 def apptainer_names(binary: str) -> set[str]:
-    """Names of this user's instances on this host, as Apptainer lists them."""
-    return {i.name for i in appt.list_instances(binary)}
+    """Names of this test's instances, as Apptainer lists them (other tests' are not ours to count)."""
+    ours = instances.our_name_pattern(instances.user_name(), instances.paths.hostname(),
+                                      instances.owner_tag())
+    return {i.name for i in appt.list_instances(binary) if ours.match(i.name)}
 
 
 def cli_json(*argv: str, capsys: pytest.CaptureFixture[str]) -> Any:
@@ -196,14 +198,12 @@ def test_eight_racing_kernels_share_one_instance_interrupt_and_idle_stop(
     shared_kernel: str, apptainer_bin: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """8 concurrent launches → one instance; same container; interrupts work; idle stop."""
-    before = apptainer_names(apptainer_bin)
-
     async def scenario() -> None:
         kernels = await start_kernels(shared_kernel, 8)
         try:
             st = only_instance()
             assert st.state == "running" and st.kernels == 8
-            assert apptainer_names(apptainer_bin) - before == {st.name}
+            assert apptainer_names(apptainer_bin) == {st.name}
 
             seen = []
             for k in kernels:
@@ -232,7 +232,7 @@ def test_eight_racing_kernels_share_one_instance_interrupt_and_idle_stop(
 
     asyncio.run(scenario())
     assert wait_for(lambda: not instances.list_instances(), IDLE + IDLE_MARGIN), instances.list_instances()
-    assert apptainer_names(apptainer_bin) - before == set()
+    assert apptainer_names(apptainer_bin) == set()
     d = instances.instance_dirs()[0]
     assert wait_for(lambda: not instances.reaper_running(d), 10)
     assert "stopped" in (d / "reaper.log").read_text()
@@ -381,7 +381,8 @@ def test_gc_sweeps_stale_state_orphans_untracked_instances_and_dead_kernelspecs(
                                       apptainer_bin)
     (d / instances.RECORD).write_text(json.dumps(dataclasses.asdict(record)))
     # 2. An orphan: a process carrying the marker of an instance we have no record of.
-    orphan = subprocess.Popen(["sleep", "300"], env={**os.environ, instances.ENV_INSTANCE: stale + "x",
+    forgotten = instances.Identity(user, "forgotten", host, "", owner, tag[1:9]).name
+    orphan = subprocess.Popen(["sleep", "300"], env={**os.environ, instances.ENV_INSTANCE: forgotten,
                                                      instances.ENV_ATTACHMENT: "1-1"})
     # 3. An instance named like ours but untracked (its state was lost).
     untracked = instances.Identity(user, "lost", host, "", owner, tag[2:]).name

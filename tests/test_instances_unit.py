@@ -121,7 +121,7 @@ def test_owner_tag_follows_the_state_tree(monkeypatch: pytest.MonkeyPatch, tmp_p
     monkeypatch.setenv("HPC_KERNELS_STATE", str(tmp_path / "elsewhere"))
     assert instances.owner_tag() != mine
     owner = instances.owner_tag()
-    pattern = instances.untracked_pattern("alice", "node-1", owner)
+    pattern = instances.our_name_pattern("alice", "node-1", owner)
 
     def name(user: str, host: str, job: str, tag: str) -> str:
         return instances.Identity(user, "py-k", host, job, tag, "0123abcd").name
