@@ -473,16 +473,25 @@ def spawn_reaper(d: Path) -> None:
     os.waitpid(pid, 0)
 
 
-@contextlib.contextmanager
-def _reaper_lock(d: Path, attempts: int = 10) -> Iterator[bool]:
-    """The reaper's lifetime lock. A launch checking "is a reaper running?" holds it for an
-    instant; retrying briefly keeps a reaper that starts at that instant from giving up."""
-    for attempt in range(attempts):
-        with _lock(d / "reaper.lock", blocking=False) as held:
-            if held or attempt == attempts - 1:
-                yield held
-                return
-        time.sleep(0.05)
+def _take_reaper_lock(d: Path, attempts: int = 10) -> int | None:
+    """The reaper's lifetime lock (an open fd holding ``flock``), or None if another reaper has it.
+
+    A launch checking "is a reaper running?" holds it for an instant; retrying briefly keeps a
+    reaper that starts at that very instant from giving up.
+    """
+    path = d / "reaper.lock"
+    for _attempt in range(attempts):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            time.sleep(0.05)
+            continue
+        if os.fstat(fd).st_ino == os.stat(path).st_ino:
+            return fd
+        os.close(fd)  # gc replaced the file under us: lock the new one
+    return None
 
 
 def poll_interval(idle_timeout: float) -> float:
@@ -507,26 +516,34 @@ def prune(d: Path, name: str) -> list[Attachment]:
 
 
 def reap(d: Path) -> int:
-    """The reaper loop of instance dir ``d``: returns when the instance is stopped or gone."""
-    with _reaper_lock(d) as held:
-        if not held:
-            return 0  # another reaper serves this instance
+    """The reaper loop of instance dir ``d``: returns when the instance is stopped or gone.
+
+    Every decision to exit is re-checked under the instance lock, and the reaper lock is released
+    *before* the instance lock: a launch that starts a new instance after that sees no reaper and
+    starts one, and a launch that came before is visible in the record we re-checked.
+    """
+    fd = _take_reaper_lock(d)
+    if fd is None:
+        return 0  # another reaper serves this instance
+    try:
         idle_since: float | None = None
         seen_pid = 0
         while True:
             record = read_record(d)
-            if record is None:
-                return 0  # stopped by `hpc-kernels stop` or gc
-            if record.pid != seen_pid:  # a new instance under the same name: start over
-                seen_pid, idle_since = record.pid, None
-            if not record.running():
+            if record is None or not record.running():
                 with _lock(d / "lock"):
                     again = read_record(d)
-                    if again is not None and again.pid == record.pid:
-                        kill_marked(record.name)
-                        _clear_state(d)
-                _log(f"instance {record.name} is gone; state cleared")
-                return 0
+                    if again is None or (record is not None and again.pid == record.pid):
+                        if again is not None:  # died behind our back: clear what it left
+                            kill_marked(again.name)
+                            _clear_state(d)
+                            _log(f"instance {again.name} is gone; state cleared")
+                        os.close(fd)
+                        fd = -1
+                        return 0
+                continue  # a launch started a new instance meanwhile: serve it
+            if record.pid != seen_pid:  # a new instance under the same name: start over
+                seen_pid, idle_since = record.pid, None
             live = prune(d, record.name)
             now = time.time()
             if live:
@@ -541,9 +558,14 @@ def reap(d: Path) -> int:
                     if again is not None and again.pid == record.pid and not prune(d, record.name):
                         _stop_locked(d, again)
                         _log(f"instance {record.name} idle for {record.idle_timeout:g} s: stopped")
+                        os.close(fd)
+                        fd = -1
                         return 0
                 idle_since = None
             time.sleep(poll_interval(record.idle_timeout))
+    finally:
+        if fd >= 0:
+            os.close(fd)
 
 
 def _log(message: str) -> None:

@@ -256,3 +256,41 @@ def test_cli_with_no_instances(capsys: pytest.CaptureFixture[str]) -> None:
 def test_launch_refuses_other_runtimes() -> None:
     with pytest.raises(HpcKernelsError, match="runtime 'podman'"):
         instances.launch(spec(runtime="podman"), "/rt/kernel.json")
+
+
+def _record(name: str, pid: int, start: int) -> instances.InstanceRecord:
+    return instances.InstanceRecord(name, "py", "/i.sif", "u", instances.paths.hostname(), "", pid, start,
+                                    1.0, 0.5, BIN)
+
+
+def test_reaper_clears_a_dead_instance_and_kills_what_it_left() -> None:
+    name = instances.Identity("u", "py", "h", "", instances.owner_tag(), "deadbeef").name
+    d = instances.instance_dir(name)
+    (d / instances.KERNELS).mkdir(parents=True)
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    (d / instances.RECORD).write_text(json.dumps(asdict(_record(name, gone.pid, 1))))
+    left = subprocess.Popen(["sleep", "60"], env={**os.environ, instances.ENV_INSTANCE: name})
+    try:
+        assert instances.reap(d) == 0
+        assert left.wait(timeout=10) < 0  # killed
+        assert instances.read_record(d) is None
+        assert not instances.reaper_running(d)
+        assert instances.reap(d) == 0  # nothing recorded: returns at once
+    finally:
+        if left.poll() is None:
+            left.kill()
+            left.wait()
+
+
+def test_a_second_reaper_leaves_at_once() -> None:
+    d = instances.instance_dir("hpck-unit")
+    d.mkdir(parents=True)
+    me = instances.proc_ref(os.getpid())
+    assert me is not None
+    (d / instances.RECORD).write_text(json.dumps(asdict(_record("hpck-unit", me.pid, me.start))))
+    with instances._lock(d / "reaper.lock"):
+        assert instances.reaper_running(d)
+        assert instances._take_reaper_lock(d, attempts=2) is None
+        assert instances.reap(d) == 0
+    assert instances.read_record(d) is not None  # untouched
