@@ -312,10 +312,25 @@ def attachments(d: Path) -> list[Attachment]:
 
 
 def _clear_state(d: Path) -> None:
-    """Forget an instance (record, attachments, idle mark); the lock files stay (see :func:`_lock`)."""
+    """Forget an instance's record, attachments and idle mark (the directory and locks stay)."""
     for path in [d / RECORD, d / IDLE, d / "pid", *(d / KERNELS).glob("*.json")]:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
+
+
+def forget(d: Path) -> None:
+    """Remove an instance's state directory (we hold its lock; names change per image and job,
+    so directories must not pile up). Removing a lock file is safe: see :func:`_lock`. Files we
+    did not write keep the directory."""
+    _clear_state(d)
+    for child in (d / KERNELS, d / "lock", d / "reaper.lock"):
+        with contextlib.suppress(OSError):
+            if child.is_dir():
+                child.rmdir()
+            else:
+                child.unlink()
+    with contextlib.suppress(OSError):
+        d.rmdir()
 
 
 @contextlib.contextmanager
@@ -327,7 +342,10 @@ def _lock(path: Path, blocking: bool = True) -> Iterator[bool]:
     """
     while True:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except FileNotFoundError:  # the directory was just removed by forget(): make it again
+            continue
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
@@ -435,9 +453,18 @@ def _start(spec: LaunchSpec, ident: Identity, d: Path, argv: list[str], env: dic
 
 
 def reaper_running(d: Path) -> bool:
-    """True when a reaper holds ``d/reaper.lock``."""
-    with _lock(d / "reaper.lock", blocking=False) as free:
-        return not free
+    """True when a reaper holds ``d/reaper.lock`` (creates nothing: ``d`` may be going away)."""
+    try:
+        fd = os.open(d / "reaper.lock", os.O_RDWR)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
 
 
 def ensure_reaper(d: Path) -> bool:
@@ -454,7 +481,7 @@ def spawn_reaper(d: Path) -> None:
     Its own session keeps it out of the launcher's process group (jupyter_client kills that group);
     the double fork keeps it from lingering as a zombie child of the kernel's runtime process.
     """
-    log = os.open(d / "reaper.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    log = os.open(root() / "reaper.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     pid = os.fork()
     if pid == 0:  # pragma: no cover - runs in the child
         try:
@@ -481,16 +508,22 @@ def _take_reaper_lock(d: Path, attempts: int = 10) -> int | None:
     """
     path = d / "reaper.lock"
     for _attempt in range(attempts):
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except FileNotFoundError:  # the instance was forgotten before this reaper started
+            return None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
             time.sleep(0.05)
             continue
-        if os.fstat(fd).st_ino == os.stat(path).st_ino:
-            return fd
-        os.close(fd)  # gc replaced the file under us: lock the new one
+        try:
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # the file was removed or replaced under us: look again
     return None
 
 
@@ -536,8 +569,8 @@ def reap(d: Path) -> int:
                     if again is None or (record is not None and again.pid == record.pid):
                         if again is not None:  # died behind our back: clear what it left
                             kill_marked(again.name)
-                            _clear_state(d)
                             _log(f"instance {again.name} is gone; state cleared")
+                        forget(d)
                         os.close(fd)
                         fd = -1
                         return 0
@@ -608,14 +641,16 @@ def status(d: Path) -> InstanceStatus | None:
     record = read_record(d)
     if record is None:
         return None
-    live = [a for a in attachments(d) if a.alive()]
+    found = attachments(d)
+    live = [a for a in found if a.alive()]
     idle_since: float | None = None
     if not live:
         data = (d / IDLE).read_text().strip() if (d / IDLE).is_file() else ""
         try:
             idle_since = float(data)
         except ValueError:
-            idle_since = record.started_at
+            # The reaper has not looked yet: a kernel that just ended, or none ever attached.
+            idle_since = time.time() if found else record.started_at
     return InstanceStatus(
         name=record.name, kernel=record.kernel, image=record.image,
         state="running" if record.running() else "dead", pid=record.pid, kernels=len(live),
@@ -660,7 +695,7 @@ def _stop_locked(d: Path, record: InstanceRecord) -> int:
         if att.alive():
             _kill(att.pid)
     kill_marked(record.name)
-    _clear_state(d)
+    forget(d)
     return len(attached)
 
 
@@ -734,22 +769,9 @@ def sweep_state(dry_run: bool = False) -> list[Finding]:
                 continue
             if again is not None:
                 kill_marked(again.name)
-            _clear_state(d)
-            _remove_dir(d)
+            forget(d)
     found += _sweep_untracked(tracked, dry_run)
     return found
-
-
-def _remove_dir(d: Path) -> None:
-    # Only files we write live here; anything else stays (and keeps the dir).
-    for child in [d / KERNELS, d / "lock", d / "reaper.lock", d / "reaper.log"]:
-        with contextlib.suppress(FileNotFoundError, IsADirectoryError, OSError):
-            if child.is_dir():
-                child.rmdir()
-            else:
-                child.unlink()
-    with contextlib.suppress(OSError):
-        d.rmdir()
 
 
 def our_name_pattern(user: str, host: str, owner: str) -> re.Pattern[str]:
