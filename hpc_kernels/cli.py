@@ -23,6 +23,9 @@ COMMANDS = (
     "run",
     "module",
     "jobs",
+    "instances",
+    "stop",
+    "gc",
     "doctor",
 )
 

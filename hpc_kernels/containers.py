@@ -25,7 +25,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from hpc_kernels import paths
+from hpc_kernels import gc, paths
 from hpc_kernels.errors import HpcKernelsError, RuntimeNotFoundError, ToolError
 from hpc_kernels.launchspec import LaunchSpec
 from hpc_kernels.runtimes.docker import (
@@ -401,9 +401,17 @@ def launcher_alive(info: ContainerInfo) -> bool:
     return not recorded or recorded == process_start(pid)
 
 
-def sweep_containers(runtimes: Sequence[str] = ("podman", "docker")) -> list[str]:
+def sweep(dry_run: bool = False) -> list[gc.Finding]:
+    """The ``hpc-kernels gc`` sweeper for Docker/Podman containers (see :func:`sweep_containers`)."""
+    reason = "per-kernel container whose launcher is gone, or shared container idle past its timeout"
+    action = "would remove" if dry_run else "removed"
+    return [gc.Finding("containers", name, action, reason) for name in sweep_containers(dry_run=dry_run)]
+
+
+def sweep_containers(runtimes: Sequence[str] = ("podman", "docker"), dry_run: bool = False) -> list[str]:
     """Remove our leftover containers on this host: per-kernel ones whose launcher is gone, and shared
-    ones with no live kernel that have been idle past their timeout. Returns the names removed."""
+    ones with no live kernel that have been idle past their timeout. Returns the names removed.
+    With ``dry_run`` only the per-kernel ones are reported (judging a shared one takes its lock)."""
     removed: list[str] = []
     seen: set[str] = set()
     for runtime in runtimes:
@@ -418,9 +426,10 @@ def sweep_containers(runtimes: Sequence[str] = ("podman", "docker")) -> list[str
             seen.add(info.id)
             role = info.labels.get(LABEL_ROLE)
             if role == "kernel" and not launcher_alive(info):
-                cli.remove(info.name)
+                if not dry_run:
+                    cli.remove(info.name)
                 removed.append(info.name)
-            elif role == "shared":
+            elif role == "shared" and not dry_run:
                 sdir = Path(info.labels.get(LABEL_STATE_DIR) or shared_dir(info.name))
                 try:
                     idle = float(info.labels.get(LABEL_IDLE, "0"))

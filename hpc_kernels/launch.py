@@ -22,6 +22,10 @@ def plan(spec: LaunchSpec, connection_file: str) -> tuple[list[str], dict[str, s
         from hpc_kernels import containers
 
         return containers.describe(spec, connection_file)
+    if spec.runtime == "apptainer" and spec.mode == "instance":
+        from hpc_kernels import instances
+
+        return instances.describe(spec, connection_file)
     if spec.runtime == "apptainer":
         from hpc_kernels.runtimes import apptainer
 
@@ -43,7 +47,7 @@ def launch(spec: LaunchSpec, connection_file: str) -> int:
 
         argv, env, warnings = containers.prepare(spec, connection_file)
     elif spec.mode == "instance":
-        from hpc_kernels import instances  # type: ignore[attr-defined]
+        from hpc_kernels import instances
 
         return int(instances.launch(spec, connection_file))
     else:

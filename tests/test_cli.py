@@ -118,3 +118,18 @@ def test_unwritable_images_dir_is_one_sentence(make_registry: Any, tmp_path: Pat
     path = make_registry(f"defaults:\n  images_dir: {blocker}/images\nkernels:\n  sci:\n    def: sci.def\n", RECIPE)
     done = run_cli("build", "sci", "--registry", str(path))
     assert_clean_error(done, 1, "Not a directory")
+
+
+def test_show_of_an_instance_kernel_names_the_instance(make_registry: Any, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = tmp_path / "bin" / "apptainer"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\nexit 0\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}:/usr/bin:/bin")
+    path = make_registry(REGISTRY.replace("display_name: Science", "display_name: Science\n    mode: instance"), RECIPE)
+    shown = json.loads(run_cli("show", "sci", "--json", "--registry", str(path)).stdout)
+    assert shown["kernel_json"]["interrupt_mode"] == "message"
+    assert shown["command"][:4] == [str(fake), "exec", "--cleanenv", shown["command"][3]]
+    assert shown["command"][3].startswith("instance://hpck-sci-")
+    assert any("instance start" in w for w in shown["warnings"])

@@ -13,6 +13,7 @@ import shlex
 import shutil
 import subprocess
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from hpc_kernels.errors import BuildError, RuntimeNotFoundError
@@ -247,3 +248,128 @@ def _spython_sees(binary: str) -> Iterator[None]:
         yield
     finally:
         os.environ["PATH"] = old
+
+
+# ----------------------------------------------------------------------------- instances
+# Shared instances (``mode: instance``): the argv and the three calls hpc_kernels.instances makes.
+# The lifecycle (naming, locking, attachments, idle stop) lives there; this is only the program.
+
+
+@dataclass(frozen=True)
+class ListedInstance:
+    """One row of ``apptainer instance list --json``."""
+
+    name: str
+    pid: int
+    image: str
+
+
+def runtime_env(binary: str, environ: Mapping[str, str], container: Mapping[str, str]) -> dict[str, str]:
+    """The runtime's own environment: the host's minus stray ``*ENV_`` injections, plus ``container``."""
+    prefix = env_prefix(binary)
+    env = {k: v for k, v in environ.items() if not k.startswith(("APPTAINERENV_", "SINGULARITYENV_"))}
+    for key, value in container.items():
+        env[prefix + key] = value
+    return env
+
+
+def instance_start_command(
+    spec: LaunchSpec,
+    name: str,
+    connection_dir: str,
+    pid_file: str,
+    binary: str,
+    environ: Mapping[str, str],
+    exists: object = os.path.exists,
+) -> tuple[list[str], dict[str, str], list[str]]:
+    """argv, environment and warnings of ``apptainer instance start`` for a shared instance.
+
+    Mounts are fixed when an instance starts (``exec instance://`` cannot add binds), so the
+    directory holding the connection files is bound here, at the same path, read-write.
+    """
+    warnings: list[str] = []
+    argv = [binary, "instance", "start", "--cleanenv", "--pid-file", pid_file]
+    flag, warning = gpu_flag(spec.gpu, exists)
+    if flag:
+        argv.append(flag)
+    if warning:
+        warnings.append(warning)
+    tmpdir = environ.get("SLURM_TMPDIR")
+    if tmpdir:
+        argv += ["-W", tmpdir]
+    argv += ["--bind", f"{connection_dir}:{connection_dir}:rw"]
+    for bind in spec.binds:
+        argv += ["--bind", os.path.expandvars(bind)]
+    argv += list(spec.runtime_args)
+    argv += [spec.image, name]
+    return argv, runtime_env(binary, environ, container_env(spec, environ)), warnings
+
+
+def instance_exec_command(
+    spec: LaunchSpec,
+    name: str,
+    connection_file: str,
+    binary: str,
+    environ: Mapping[str, str],
+    markers: Mapping[str, str],
+) -> tuple[list[str], dict[str, str]]:
+    """argv and environment of ``apptainer exec instance://NAME`` running the kernel's command.
+
+    The connection file keeps its host path (its directory is bound at the same path);
+    ``markers`` are extra container variables that let us find this kernel's processes later.
+    """
+    argv = [binary, "exec", "--cleanenv", f"instance://{name}"]
+    argv += [connection_file if a == "{connection_file}" else a for a in spec.command]
+    container = container_env(spec, environ)
+    container.update(markers)
+    return argv, runtime_env(binary, environ, container)
+
+
+def instance_list_command(binary: str, name: str | None = None) -> list[str]:
+    """``apptainer instance list --json [NAME]``."""
+    return [binary, "instance", "list", "--json"] + ([name] if name else [])
+
+
+def instance_stop_command(binary: str, name: str, force: bool = False) -> list[str]:
+    """``apptainer instance stop [--force] NAME`` (--force sends SIGKILL instead of SIGTERM)."""
+    return [binary, "instance", "stop"] + (["--force"] if force else []) + [name]
+
+
+def parse_instance_list(text: str) -> list[ListedInstance]:
+    """Rows of ``instance list --json`` output; anything unexpected is skipped, not fatal."""
+    import json
+
+    try:
+        data = json.loads(text or "{}")
+    except ValueError:
+        return []
+    rows = data.get("instances") if isinstance(data, dict) else None
+    found: list[ListedInstance] = []
+    for row in rows or []:
+        if isinstance(row, dict) and isinstance(row.get("instance"), str):
+            pid = row.get("pid")
+            pid = pid if isinstance(pid, int) else 0
+            found.append(ListedInstance(row["instance"], pid, str(row.get("img", ""))))
+    return found
+
+
+def start_instance(argv: list[str], env: Mapping[str, str], timeout: float = 120.0) -> None:
+    """Run an ``instance start`` argv; ToolError (with Apptainer's message) when it fails."""
+    from hpc_kernels.proc import run
+
+    run(argv, env=env, timeout=timeout, message=f"could not start the Apptainer instance '{argv[-1]}'")
+
+
+def list_instances(binary: str, name: str | None = None, timeout: float = 60.0) -> list[ListedInstance]:
+    """This user's instances on this host (Apptainer keeps them per host), optionally one name."""
+    from hpc_kernels.proc import run
+
+    result = run(instance_list_command(binary, name), check=False, timeout=timeout)
+    return parse_instance_list(result.stdout) if result.returncode == 0 else []
+
+
+def stop_instance(binary: str, name: str, force: bool = False, timeout: float = 60.0) -> bool:
+    """Stop instance ``name``; False when Apptainer refused (e.g. it no longer exists)."""
+    from hpc_kernels.proc import run
+
+    return run(instance_stop_command(binary, name, force), check=False, timeout=timeout).returncode == 0
