@@ -419,6 +419,9 @@ def describe(spec: LaunchSpec, connection_file: str) -> tuple[list[str], dict[st
     command, with the ``instance start`` command as a note when that instance is not running now."""
     from jupyter_core.paths import jupyter_runtime_dir
 
+    if not os.path.exists(spec.image):
+        raise HpcKernelsError(f"the instance is named after the image, which is missing ({spec.image}); "
+                              f"build it with 'hpc-kernels build {spec.kernel}'.")
     binary = apptainer.find_binary(fallback=spec.runtime_hint)
     environ = dict(os.environ)
     if not os.path.isabs(connection_file):

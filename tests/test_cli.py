@@ -129,7 +129,12 @@ def test_show_of_an_instance_kernel_names_the_instance(make_registry: Any, tmp_p
     monkeypatch.setenv("PATH", f"{fake.parent}:/usr/bin:/bin")
     path = make_registry(REGISTRY.replace("display_name: Science", "display_name: Science\n    mode: instance"), RECIPE)
     shown = json.loads(run_cli("show", "sci", "--json", "--registry", str(path)).stdout)
+    assert "hpc-kernels build sci" in shown["problem"]
+    (path.parent / "images").mkdir()
+    (path.parent / "images" / "sci.sif").write_text("an image")
+    shown = json.loads(run_cli("show", "sci", "--json", "--registry", str(path)).stdout)
     assert shown["kernel_json"]["interrupt_mode"] == "message"
+    assert shown["problem"] is None
     assert shown["command"][:4] == [str(fake), "exec", "--cleanenv", shown["command"][3]]
     assert shown["command"][3].startswith("instance://hpck-sci-")
     assert any("instance start" in w for w in shown["warnings"])
