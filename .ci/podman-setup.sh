@@ -76,12 +76,18 @@ podman run --rm --network=host "$IMAGE" test -f /etc/hpck-test-image
 log "podman run ok"
 
 ping_service() { curl -fsS --max-time 2 --unix-socket "$SOCK" http://d/_ping >/dev/null 2>&1; }
+# A service left by an earlier run whose working directory was deleted (a CI clone removed since)
+# still answers _ping, but conmon fails every container ("Failed to get working directory"): restart it.
+for pid in $(pgrep -f "podman system service --time=0 unix://$SOCK" || true); do
+  if [[ $(readlink "/proc/$pid/cwd") == *" (deleted)" ]]; then log "restarting podman service $pid (its cwd is gone)"; kill "$pid"; sleep 0.5; fi
+done
 if ! ping_service; then
   log "starting podman system service on unix://$SOCK"
   mkdir -p "$SOCK_DIR"
   rm -f "$SOCK"
   # Its own session, outliving this script; --time=0: never exit for inactivity.
-  setsid nohup podman system service --time=0 "unix://$SOCK" >"$CACHE/podman-service.log" 2>&1 </dev/null &
+  # cwd /: a daemon must not hold (or depend on) the directory it was started from.
+  (cd / && exec setsid nohup podman system service --time=0 "unix://$SOCK" >"$CACHE/podman-service.log" 2>&1 </dev/null) &
   for _ in $(seq 100); do ping_service && break; sleep 0.1; done
   ping_service || { tail -20 "$CACHE/podman-service.log" >&2; exit 1; }
 fi

@@ -22,6 +22,7 @@ import pytest
 
 from hpc_kernels import build, containers, kernelspec, registry
 from hpc_kernels.runtimes.docker import ContainerCLI
+from tests.conftest import start_ready_kernel
 
 pytestmark = pytest.mark.podman
 
@@ -106,18 +107,14 @@ def start(name: str, isolated_home: Path) -> tuple[Any, Any]:
 
     runtime_dir = isolated_home / "rt"
     runtime_dir.mkdir(exist_ok=True)
-    connection_file = runtime_dir / f"kernel-{secrets.token_hex(4)}.json"
-    km = KernelManager(kernel_name=name, connection_file=str(connection_file))
-    km.start_kernel()
-    kc = km.client()
-    kc.start_channels()
-    try:
-        kc.wait_for_ready(timeout=90)
-    except RuntimeError:
-        kc.stop_channels()
-        km.shutdown_kernel(now=True)
-        raise
-    return km, kc
+
+    def manager() -> Any:
+        connection_file = runtime_dir / f"kernel-{secrets.token_hex(4)}.json"
+        return KernelManager(kernel_name=name, connection_file=str(connection_file))
+
+    # Retries a kernel that died at start-up (jupyter_client's port race; Podman's Docker API now and
+    # then answers the docker CLI's attach with "unable to upgrade to tcp, received 409").
+    return start_ready_kernel(manager)
 
 
 def run_code(kc: Any, code: str, timeout: float = 60) -> tuple[dict[str, Any], str]:
