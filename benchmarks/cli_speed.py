@@ -138,7 +138,7 @@ def bench_cli(cfg: Config) -> list[Row]:
         ),
         Row(
             "scale",
-            f"apptainer/singularity runs during {reps + 1} no-op builds",
+            f"apptainer/singularity runs during {reps + cfg.warmup + 1} no-op builds",
             float(len(invocations)),
             "calls",
             1,

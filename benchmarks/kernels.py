@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from queue import Empty
@@ -97,7 +98,10 @@ class Kernel:
     def __init__(self, name: str) -> None:
         from jupyter_client.manager import KernelManager
 
-        self.km = KernelManager(kernel_name=name)
+        # Connection files inside the workspace (a bare KernelManager would put them in /tmp).
+        runtime = Path(os.environ["JUPYTER_RUNTIME_DIR"])
+        runtime.mkdir(parents=True, exist_ok=True)
+        self.km = KernelManager(kernel_name=name, connection_file=str(runtime / f"kernel-{uuid.uuid4()}.json"))
         self.kc: Any = None
         self.msg_id = ""
 
