@@ -120,6 +120,10 @@ def ratio_row(
     """A row whose ratio is this variant's median over the baseline's median (same run)."""
     m, b = median(xs), median(base)
     r = m / b if b else None
+    if len(xs) == len(base) and len(xs) > 1 and all(base):
+        # Interleaved rounds: the per-round ratio cancels slow drifts of the machine's load.
+        paired = median([x / y for x, y in zip(xs, base)])
+        note = f"paired {paired:.2f}x" + (f"; {note}" if note else "")
     return Row(
         bench,
         variant,

@@ -31,12 +31,17 @@ from benchmarks.common import (
     apptainer_binary,
     base_row,
     interleaved,
+    median,
     na_row,
     ratio_row,
     run_cli,
+    spread,
+    timed_run,
 )
 
-EXEC, SEED, INSTANCE, HOST = "bench-exec", "bench-seed", "bench-instance", "bench-host"
+EXEC, SEED, HOST, PASS = "bench-exec", "bench-seed", "bench-host", "bench-pass"
+#: A "kernel" that exits at once: isolates the launcher's own cost from the kernel's start.
+PASS_COMMAND = ["python3", "-c", "pass", "{connection_file}"]
 
 
 def instance_mode_available() -> bool:
@@ -64,11 +69,12 @@ def setup_kernelspecs(cfg: Config, instance_name: str) -> Path:
     registry.write_text(
         "kernels:\n"
         f"  {EXEC}:\n    image: {cfg.sif}\n    command: {cmd}\n"
-        f"  {instance_name}:\n    image: {cfg.sif}\n    mode: instance\n    command: {cmd}\n",
+        f"  {instance_name}:\n    image: {cfg.sif}\n    mode: instance\n    command: {cmd}\n"
+        f"  {PASS}:\n    image: {cfg.sif}\n    command: {json.dumps(PASS_COMMAND)}\n",
         encoding="utf-8",
     )
     env = dict(os.environ)
-    run_cli(["install", "--registry", str(registry), EXEC, instance_name], env)
+    run_cli(["install", "--registry", str(registry), EXEC, instance_name, PASS], env)
     # The tutorial's kernel.json, verbatim but for the image path and `python3` (the image has no `python`).
     write_spec(
         SEED,
@@ -101,7 +107,9 @@ class Kernel:
         # Connection files inside the workspace (a bare KernelManager would put them in /tmp).
         runtime = Path(os.environ["JUPYTER_RUNTIME_DIR"])
         runtime.mkdir(parents=True, exist_ok=True)
-        self.km = KernelManager(kernel_name=name, connection_file=str(runtime / f"kernel-{uuid.uuid4()}.json"))
+        self.km = KernelManager(
+            kernel_name=name, connection_file=str(runtime / f"kernel-{uuid.uuid4()}.json")
+        )
         self.kc: Any = None
         self.msg_id = ""
 
@@ -239,8 +247,73 @@ def bench_start(cfg: Config) -> list[Row]:
             na_row(bench, "ours, instance mode (warm) vs exec", "instance mode not available", "≤ 0.65x"),
             na_row(bench, "ours, instance mode (warm) vs host", "instance mode not available", "≤ 1.6x"),
         ]
+    rows += launcher_overhead(cfg, res["seed"])
     rows += podman_rows()
     return rows
+
+
+def launcher_overhead(cfg: Config, seed_starts: list[float]) -> list[Row]:
+    """What the launcher adds, without the kernel's noise: the same ``apptainer exec`` of ``python3 -c pass``
+    run by our launcher, by its argv directly, and in the seed's form; plus launcher → /bin/true."""
+    from hpc_kernels.launch import plan
+    from hpc_kernels.launchspec import read_kernel_json
+
+    bench = "launcher overhead"
+    spec_file = str(kernels_dir() / PASS / "kernel.json")
+    cf = cfg.work / "overhead-connection.json"
+    cf.write_text("{}", encoding="utf-8")
+    cf.chmod(0o600)
+    _data, spec = read_kernel_json(spec_file)
+    argv, argv_env, _warnings = plan(spec, str(cf))
+    seed = [
+        "apptainer",
+        "exec",
+        "--bind",
+        f"{cf}:/tmp/connection_file",
+        str(cfg.sif),
+        "python3",
+        "-c",
+        "pass",
+    ]
+    launcher = [sys.executable, "-m", "hpc_kernels.launch", spec_file, str(cf)]
+    env = dict(os.environ)
+    true_env = dict(env, HPC_KERNELS_APPTAINER="/bin/true")
+    res = interleaved(
+        {
+            "launcher": lambda: timed_run(launcher, env),
+            "argv": lambda: timed_run(argv, argv_env),
+            "seed": lambda: timed_run(seed, env),
+            "true": lambda: timed_run(["/bin/true"], env),
+            "launcher-true": lambda: timed_run(launcher, true_env),
+        },
+        max(cfg.reps * 2, 3),
+        cfg.warmup,
+    )
+    added = median(res["launcher-true"]) - median(res["true"])
+    return [
+        base_row(bench, "seed argv: apptainer exec --bind … python3 -c pass", res["seed"]),
+        ratio_row(
+            bench,
+            "our apptainer argv (--cleanenv, env, bind :rw), same command",
+            res["argv"],
+            "seed",
+            res["seed"],
+        ),
+        ratio_row(bench, "our launcher → that argv", res["launcher"], "seed", res["seed"]),
+        Row(
+            bench,
+            "launcher → exec /bin/true, minus /bin/true",
+            added,
+            "s",
+            len(res["launcher-true"]),
+            spread(res["launcher-true"]),
+            added / median(seed_starts),
+            "seed kernel start",
+            "",
+            None,
+            "the launcher's own cost (Python start + imports) as a share of a kernel start",
+        ),
+    ]
 
 
 def podman_rows() -> list[Row]:
