@@ -363,21 +363,25 @@ def tree(roots: list[int]) -> set[int]:
     return seen
 
 
-def pss_mib(pids: set[int]) -> float:
-    """Sum of ``Pss`` (smaps_rollup) over ``pids``, in MiB (shared pages split between sharers)."""
+def pss_mib(pids: set[int]) -> tuple[float, dict[str, float]]:
+    """Sum of ``Pss`` (smaps_rollup) over ``pids`` in MiB (shared pages split between sharers), by program."""
     total_kb = 0
+    by_name: dict[str, float] = {}
     for pid in pids:
         try:
+            name = Path(f"/proc/{pid}/comm").read_text().strip()
             for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
                 if line.startswith("Pss:"):
-                    total_kb += int(line.split()[1])
+                    kb = int(line.split()[1])
+                    total_kb += kb
+                    by_name[name] = by_name.get(name, 0.0) + kb / 1024
                     break
         except OSError:
             continue
-    return total_kb / 1024
+    return total_kb / 1024, by_name
 
 
-def kernels_pss(name: str, n: int, extra_roots: list[int] | None = None) -> tuple[float, int]:
+def kernels_pss(name: str, n: int, extra_roots: list[int] | None = None) -> tuple[float, str]:
     """Start ``n`` kernels of ``name`` together, wait for all, and sum the PSS of their process trees."""
     ks = [Kernel(name) for _ in range(n)]
     try:
@@ -388,7 +392,9 @@ def kernels_pss(name: str, n: int, extra_roots: list[int] | None = None) -> tupl
         time.sleep(1.0)  # let lazily-started threads (heartbeat, history) settle
         roots = [p for p in (k.pid() for k in ks) if p] + list(extra_roots or [])
         pids = tree(roots)
-        return pss_mib(pids), len(pids)
+        total, by_name = pss_mib(pids)
+        parts = ", ".join(f"{k} {v:.0f}" for k, v in sorted(by_name.items(), key=lambda kv: -kv[1]))
+        return total, f"{len(pids)} processes: {parts} MiB"
     finally:
         for k in ks:
             k.stop()
@@ -406,14 +412,14 @@ def bench_memory(cfg: Config) -> list[Row]:
     exec_mib, exec_procs = kernels_pss(EXEC, n)
     host_mib, host_procs = kernels_pss(HOST, n)
     rows = [
-        Row(bench, "ours, exec mode", exec_mib, "MiB", 1, f"{exec_procs} processes", 1.0, "(baseline)"),
+        Row(bench, "ours, exec mode", exec_mib, "MiB", 1, exec_procs, 1.0, "(baseline)"),
         Row(
             bench,
             "host ipykernel (floor)",
             host_mib,
             "MiB",
             1,
-            f"{host_procs} processes",
+            host_procs,
             host_mib / exec_mib if exec_mib else None,
             "exec",
         ),
@@ -430,7 +436,7 @@ def bench_memory(cfg: Config) -> list[Row]:
                 mib,
                 "MiB",
                 1,
-                f"{procs} processes",
+                procs,
                 mib / exec_mib if exec_mib else None,
                 "exec",
             )
