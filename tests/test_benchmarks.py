@@ -16,14 +16,30 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.apptainer
-def test_quick_benchmarks_run_and_report_every_comparison(apptainer_bin: str, base_sif: Path, tmp_path: Path) -> None:
+def test_quick_benchmarks_run_and_report_every_comparison(
+    apptainer_bin: str, base_sif: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "results.json"
     # The benchmark's workspace goes under tmp_path (TMPDIR): leftovers are then easy to spot.
     env = dict(os.environ, PYTHONPATH=str(ROOT), TMPDIR=str(tmp_path))
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "--quick", "--sif", str(base_sif), "--json", str(out),
-         "--cache", str(tmp_path / "cache")],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240,
+        [
+            sys.executable,
+            "-m",
+            "benchmarks",
+            "--quick",
+            "--sif",
+            str(base_sif),
+            "--json",
+            str(out),
+            "--cache",
+            str(tmp_path / "cache"),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "hpc-kernels benchmarks" in proc.stdout  # the rich table was printed
@@ -40,7 +56,9 @@ def test_quick_benchmarks_run_and_report_every_comparison(apptainer_bin: str, ba
     assert inst["value"] is not None or "n/a (instance mode not available)" in inst["note"]
     # (3) CLI and scale; the no-op builds ran no apptainer at all.
     assert rows[("CLI", "hpc-kernels --version")]["ratio"] > 0
-    calls = next(r for (b, v), r in rows.items() if b == "scale" and v.startswith("apptainer/singularity runs"))
+    calls = next(
+        r for (b, v), r in rows.items() if b == "scale" and v.startswith("apptainer/singularity runs")
+    )
     assert calls["value"] == 0 and calls["ok"] is True
     assert any(b == "scale" and v.startswith("hpc-kernels list") for b, v in rows)
     # (4) memory, (6) every compression the registry accepts reached the SIF's squashfs.
@@ -49,5 +67,7 @@ def test_quick_benchmarks_run_and_report_every_comparison(apptainer_bin: str, ba
     assert len(checks) >= 4 and all(r["ok"] for r in checks), checks
     # Nothing left running: no kernel (their connection files were in the workspace), no instance.
     assert leftover_processes(str(tmp_path)) == []
-    instances = subprocess.run([apptainer_bin, "instance", "list"], capture_output=True, text=True, timeout=60)
+    instances = subprocess.run(
+        [apptainer_bin, "instance", "list"], capture_output=True, text=True, timeout=60
+    )
     assert "hpckbench" not in instances.stdout
