@@ -30,6 +30,7 @@ from benchmarks.common import (
     Row,
     apptainer_binary,
     base_row,
+    hpc_kernels_cmd,
     interleaved,
     median,
     na_row,
@@ -69,7 +70,9 @@ def setup_kernelspecs(cfg: Config, instance_name: str) -> Path:
     registry.write_text(
         "kernels:\n"
         f"  {EXEC}:\n    image: {cfg.sif}\n    command: {cmd}\n"
-        f"  {instance_name}:\n    image: {cfg.sif}\n    mode: instance\n    command: {cmd}\n"
+        # A short idle timeout: should a stop fail, the instance still goes away by itself.
+        f"  {instance_name}:\n    image: {cfg.sif}\n    mode: instance\n    idle_timeout: 60\n"
+        f"    command: {cmd}\n"
         f"  {PASS}:\n    image: {cfg.sif}\n    command: {json.dumps(PASS_COMMAND)}\n",
         encoding="utf-8",
     )
@@ -194,6 +197,13 @@ def our_instances_stopped(tag: str) -> Iterator[None]:
     try:
         yield
     finally:
+        from hpc_kernels.cli import COMMANDS
+
+        if "stop" in COMMANDS:
+            # The instances' state lives in the workspace: `stop --all` stops exactly ours.
+            subprocess.run(
+                [*hpc_kernels_cmd(), "stop", "--all"], env=env, capture_output=True, timeout=120, check=False
+            )
         for name in set(instance_names(env)) - before:
             if tag in name:
                 subprocess.run(
@@ -327,7 +337,7 @@ def podman_missing() -> str:
     """Why the podman comparisons cannot run here."""
     if not shutil.which("podman"):
         return "podman not installed on this machine"
-    if importlib.util.find_spec("hpc_kernels.runtimes.podman") is None:
+    if all(importlib.util.find_spec(f"hpc_kernels.runtimes.{m}") is None for m in ("docker", "podman")):
         return "the podman runtime is not on this branch"
     return "podman benchmark not written yet"
 
@@ -381,6 +391,24 @@ def pss_mib(pids: set[int]) -> tuple[float, dict[str, float]]:
     return total_kb / 1024, by_name
 
 
+def helpers() -> list[int]:
+    """Other processes working for our kernels (e.g. an instance reaper): their command line names the
+    workspace (its HOME holds their state), but they are not children of the kernels' launchers."""
+    home = os.environ["HOME"]
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            try:
+                cmdline = (
+                    Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                )
+            except OSError:
+                continue
+            if home in cmdline:
+                found.append(int(entry))
+    return found
+
+
 def kernels_pss(name: str, n: int, extra_roots: list[int] | None = None) -> tuple[float, str]:
     """Start ``n`` kernels of ``name`` together, wait for all, and sum the PSS of their process trees."""
     ks = [Kernel(name) for _ in range(n)]
@@ -390,7 +418,7 @@ def kernels_pss(name: str, n: int, extra_roots: list[int] | None = None) -> tupl
         for k in ks:
             k.wait_reply(timeout=180)
         time.sleep(1.0)  # let lazily-started threads (heartbeat, history) settle
-        roots = [p for p in (k.pid() for k in ks) if p] + list(extra_roots or [])
+        roots = [p for p in (k.pid() for k in ks) if p] + list(extra_roots or []) + helpers()
         pids = tree(roots)
         total, by_name = pss_mib(pids)
         parts = ", ".join(f"{k} {v:.0f}" for k, v in sorted(by_name.items(), key=lambda kv: -kv[1]))
