@@ -2,8 +2,9 @@
 
     python -m benchmarks [--quick] [--only NAME ...] [--reps N] [--json OUT]
 
-Everything runs in a throw-away workspace (its own HOME, XDG and Jupyter dirs); built compression
-images are cached in ``$XDG_CACHE_HOME/hpc-kernels-bench`` so a re-run's builds are no-ops.
+Everything runs in a throw-away workspace (its own HOME, XDG and Jupyter dirs) under
+``$XDG_CACHE_HOME/hpc-kernels-bench/runs``; built compression images are cached beside it, so a re-run's
+builds are no-ops.
 Exit status: 0 when every benchmark ran (targets missed or not is reported, not failed), 1 when one
 crashed.
 """
@@ -132,7 +133,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     cache_home = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     cache = args.cache or Path(cache_home) / "hpc-kernels-bench"
-    work = Path(tempfile.mkdtemp(prefix="hpck-bench-"))
+    # The workspace lives under the cache dir, not /tmp: on a shared machine other people's /tmp sweeps
+    # (rm -rf /tmp/hpck-*) have removed it mid-run.
+    runs = cache.absolute() / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="run-", dir=runs))
     saved = dict(os.environ)
     env = tool_env(work)
     os.environ.clear()
@@ -144,7 +149,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         work=work,
         cache=cache.absolute(),
     )
-    cfg.cache.mkdir(parents=True, exist_ok=True)
     info = machine(env)
     rows: list[Row] = []
     crashed = False

@@ -20,8 +20,8 @@ def test_quick_benchmarks_run_and_report_every_comparison(
     apptainer_bin: str, base_sif: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "results.json"
-    # The benchmark's workspace goes under tmp_path (TMPDIR): leftovers are then easy to spot.
-    env = dict(os.environ, PYTHONPATH=str(ROOT), TMPDIR=str(tmp_path))
+    # The benchmark's workspace goes under its --cache dir, in tmp_path: leftovers are then easy to spot.
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.run(
         [
             sys.executable,
