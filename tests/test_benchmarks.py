@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -71,3 +72,32 @@ def test_quick_benchmarks_run_and_report_every_comparison(
         [apptainer_bin, "instance", "list"], capture_output=True, text=True, timeout=60
     )
     assert "hpckbench" not in instances.stdout
+
+
+# ----------------------------------------------------------------------------- the hot paths made faster
+
+
+def test_registry_syntax_errors_keep_pyyaml_wording(make_registry: Callable[..., Path]) -> None:
+    from hpc_kernels import registry
+    from hpc_kernels.errors import RegistryError
+
+    path = make_registry("kernels:\n\ta: 1\n")
+    with pytest.raises(RegistryError) as info:
+        registry.load_file(path)
+    assert f"{path}:2: not valid YAML: found character '\\t' that cannot start any token." in str(info.value)
+
+
+def test_list_of_a_big_registry_prints_every_kernel(
+    make_registry: Callable[..., Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from hpc_kernels.cli import main
+
+    n = 150  # past the rich Table's limit: the linear-time columns
+    body = "".join(f"  k{i:03d}:\n    image: /nonexistent/k{i:03d}.sif\n" for i in range(n))
+    path = make_registry("kernels:\n" + body)
+    assert main(["list", "--registry", str(path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split() == ["kernel", "runtime/mode", "image", "state", "installed"]
+    rows = [ln.split() for ln in lines[2:]]
+    assert [r[0] for r in rows] == [f"k{i:03d}" for i in range(n)]
+    assert all(r[1:] == ["apptainer/exec", f"/nonexistent/{r[0]}.sif", "external-missing", "—"] for r in rows)
