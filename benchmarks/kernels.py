@@ -13,7 +13,6 @@ import contextlib
 import importlib.util
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -258,7 +257,6 @@ def bench_start(cfg: Config) -> list[Row]:
             na_row(bench, "ours, instance mode (warm) vs host", "instance mode not available", "≤ 1.6x"),
         ]
     rows += launcher_overhead(cfg, res["seed"])
-    rows += podman_rows()
     return rows
 
 
@@ -324,22 +322,6 @@ def launcher_overhead(cfg: Config, seed_starts: list[float]) -> list[Row]:
             "the launcher's own cost (Python start + imports) as a share of a kernel start",
         ),
     ]
-
-
-def podman_rows() -> list[Row]:
-    """(5) our per-kernel podman kernelspec vs the seed's ``docker run``: needs the podman runtime."""
-    bench = "start→kernel_info"
-    why = podman_missing()
-    return [na_row(bench, "ours, podman per-kernel vs seed docker run", why, "")]
-
-
-def podman_missing() -> str:
-    """Why the podman comparisons cannot run here."""
-    if not shutil.which("podman"):
-        return "podman not installed on this machine"
-    if all(importlib.util.find_spec(f"hpc_kernels.runtimes.{m}") is None for m in ("docker", "podman")):
-        return "the podman runtime is not on this branch"
-    return "podman benchmark not written yet"
 
 
 # ----------------------------------------------------------------------------- memory
@@ -471,5 +453,4 @@ def bench_memory(cfg: Config) -> list[Row]:
         )
     else:
         rows.append(na_row(bench, "ours, instance mode (incl. the instance)", "instance mode not available"))
-    rows.append(na_row(bench, "podman per-kernel vs shared container", podman_missing()))
     return rows

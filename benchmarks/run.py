@@ -34,11 +34,18 @@ def _benches() -> dict[str, Bench]:
     from benchmarks.cli_speed import bench_cli
     from benchmarks.compression import bench_compression
     from benchmarks.kernels import bench_memory, bench_start
+    from benchmarks.podman import bench_podman
 
-    return {"cli": bench_cli, "start": bench_start, "memory": bench_memory, "compression": bench_compression}
+    return {
+        "cli": bench_cli,
+        "start": bench_start,
+        "memory": bench_memory,
+        "compression": bench_compression,
+        "podman": bench_podman,
+    }
 
 
-NAMES = ("cli", "start", "memory", "compression")
+NAMES = ("cli", "start", "memory", "compression", "podman")
 
 
 def machine(env: dict[str, str]) -> dict[str, str]:
