@@ -373,22 +373,24 @@ def pss_mib(pids: set[int]) -> tuple[float, dict[str, float]]:
     return total_kb / 1024, by_name
 
 
-def helpers() -> list[int]:
-    """Other processes working for our kernels (e.g. an instance reaper): their command line names the
-    workspace (its HOME holds their state), but they are not children of the kernels' launchers."""
-    home = os.environ["HOME"]
+def processes_mentioning(text: str) -> list[int]:
+    """Pids (but ours) whose command line contains ``text``."""
     found = []
     for entry in os.listdir("/proc"):
         if entry.isdigit() and int(entry) != os.getpid():
             try:
-                cmdline = (
-                    Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-                )
+                raw = Path(f"/proc/{entry}/cmdline").read_bytes()
             except OSError:
                 continue
-            if home in cmdline:
+            if text in raw.replace(b"\0", b" ").decode(errors="replace"):
                 found.append(int(entry))
     return found
+
+
+def helpers() -> list[int]:
+    """Other processes working for our kernels (e.g. an instance reaper): their command line names the
+    workspace (its HOME holds their state), but they are not children of the kernels' launchers."""
+    return processes_mentioning(os.environ["HOME"])
 
 
 def kernels_pss(name: str, n: int, extra_roots: list[int] | None = None) -> tuple[float, str]:

@@ -119,6 +119,19 @@ def render(rows: list[Row], info: dict[str, str], seconds: float) -> None:
     )
 
 
+def _wait_for_helpers(work: Path, timeout: float = 30) -> None:
+    """Let the kernels' helpers (instance reapers, container watchers) that keep state in the workspace
+    finish, so that none writes into it again after it is removed."""
+    from benchmarks.kernels import processes_mentioning
+
+    deadline = time.monotonic() + timeout
+    while processes_mentioning(str(work)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    left = processes_mentioning(str(work))
+    if left:
+        print(f"warning: {len(left)} helper process(es) still use {work}: {left}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse flags, run the selected benchmarks in an isolated workspace, print and save results."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
@@ -175,6 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         os.environ.clear()
         os.environ.update(saved)
+        _wait_for_helpers(work)
         shutil.rmtree(work, ignore_errors=True)
     seconds = time.monotonic() - t0
     info["load average (end)"] = " ".join(Path("/proc/loadavg").read_text().split()[:3])
