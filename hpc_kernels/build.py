@@ -68,13 +68,18 @@ def build_options(entry: KernelEntry) -> list[str]:
     return opts
 
 
-def recipe_inputs(recipe: Path) -> tuple[list[Path], Path | None]:
-    """Host files a recipe copies in (``%files``, not ``%files from <stage>``) and a localimage base."""
+def recipe_inputs(recipe: Path, text: str | None = None) -> tuple[list[Path], Path | None]:
+    """Host files a recipe copies in (``%files``, not ``%files from <stage>``) and a localimage base.
+
+    ``text`` is the recipe's content when the caller has already read it.
+    """
     sources: list[Path] = []
     base: Path | None = None
     section = ""
     bootstrap = ""
-    for raw in recipe.read_text(encoding="utf-8", errors="replace").splitlines():
+    if text is None:
+        text = recipe.read_text(encoding="utf-8", errors="replace")
+    for raw in text.splitlines():
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
@@ -111,8 +116,9 @@ def input_digest(entry: KernelEntry) -> str:
     h.update(DIGEST_FORMAT.encode())
     h.update(entry.runtime.encode())
     h.update(json.dumps(build_options(entry)).encode())
-    h.update(entry.recipe.read_bytes())
-    sources, base = recipe_inputs(entry.recipe)
+    data = entry.recipe.read_bytes()  # read once: `list` digests every kernel of the registry
+    h.update(data)
+    sources, base = recipe_inputs(entry.recipe, data.decode("utf-8", errors="replace"))
     for src in sources:
         _hash_tree(h, src, entry.recipe.parent)
     if base is not None:

@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import time
+from typing import TYPE_CHECKING
 
 from hpc_kernels import ui
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from hpc_kernels.build import BuildResult
 
 HELP = "build kernel images from their .def recipes (only when the inputs changed)"
 
@@ -26,8 +33,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Build each selected kernel; keep going after a failure and report all of them."""
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
     from hpc_kernels import build, registry
     from hpc_kernels.commands import jobs
     from hpc_kernels.errors import BuildError, HpcKernelsError
@@ -43,6 +48,15 @@ def run(args: argparse.Namespace) -> int:
     results: list[dict[str, object]] = []
     failures: list[str] = []
     for entry in entries:
+        if not args.force and entry.recipe is not None:
+            # The no-op path, answered without a live progress display (a thread per kernel) or rich.progress.
+            t0 = time.monotonic()
+            if build.image_state(entry).status == "built":
+                _record(build.BuildResult(entry.name, "up-to-date", entry.image, None, time.monotonic() - t0),
+                        results, err, args.json)
+                continue
+        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
         with Progress(SpinnerColumn(), TextColumn("[bold]{task.fields[kernel]}[/]"),
                       TextColumn("{task.description}"), TimeElapsedColumn(),
                       console=err, transient=True, disable=args.json) as progress:
@@ -66,15 +80,7 @@ def run(args: argparse.Namespace) -> int:
                 failures.append(str(exc))
                 results.append({"kernel": entry.name, "action": "failed", "error": str(exc)})
                 continue
-        results.append({"kernel": result.kernel, "action": result.action, "image": str(result.image),
-                        "log": str(result.log_path) if result.log_path else None,
-                        "seconds": round(result.seconds, 3)})
-        if not args.json:
-            if result.action == "up-to-date":
-                err.print(f"[green]✓[/] {entry.name}: up to date ({result.image})")
-            else:
-                err.print(f"[green]✓[/] {entry.name}: built {result.image} in {result.seconds:.1f} s "
-                          f"(log: {result.log_path})")
+        _record(result, results, err, args.json)
     if args.json:
         ui.print_json(results)
     if failures:
@@ -82,3 +88,16 @@ def run(args: argparse.Namespace) -> int:
             raise HpcKernelsError(failures[0])
         raise HpcKernelsError(f"{len(failures)} of {len(entries)} builds failed:\n" + "\n".join(failures))
     return 0
+
+
+def _record(result: BuildResult, results: list[dict[str, object]], err: Console, as_json: bool) -> None:
+    """Add one kernel's outcome to the JSON results, or say it on stderr."""
+    results.append({"kernel": result.kernel, "action": result.action, "image": str(result.image),
+                    "log": str(result.log_path) if result.log_path else None,
+                    "seconds": round(result.seconds, 3)})
+    if not as_json:
+        if result.action == "up-to-date":
+            err.print(f"[green]✓[/] {result.kernel}: up to date ({result.image})")
+        else:
+            err.print(f"[green]✓[/] {result.kernel}: built {result.image} in {result.seconds:.1f} s "
+                      f"(log: {result.log_path})")

@@ -30,16 +30,44 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         ui.print_json({"registry": str(reg.path), "found_via": reg.source, "kernels": rows})
         return 0
-    from rich.table import Table
-
     colours = {"built": "green", "stale": "yellow", "missing": "red", "foreign": "yellow", "external": "green",
                "external-missing": "red", "no-runtime": "red"}
-    table = Table(title=f"{reg.path} (found via {reg.source})", title_justify="left")
-    for col in ("kernel", "runtime/mode", "image", "state", "installed"):
+    title = f"{reg.path} (found via {reg.source})"
+    cells = [(str(row["kernel"]), f"{row['runtime']}/{row['mode']}", str(row["image"]),
+              str(row["image_state"]), str(row["installed"] or "—")) for row in rows]
+    if len(cells) > TABLE_MAX_ROWS:
+        _columns(title, cells, colours)
+        return 0
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for col in HEADER:
         table.add_column(col, overflow="fold")
-    for row in rows:
-        colour = colours.get(str(row["image_state"]), "white")
-        table.add_row(str(row["kernel"]), f"{row['runtime']}/{row['mode']}", str(row["image"]),
-                      f"[{colour}]{row['image_state']}[/]", str(row["installed"] or "—"))
+    for kernel, mode, image, state, place in cells:
+        table.add_row(kernel, mode, image, f"[{colours.get(state, 'white')}]{state}[/]", place)
     ui.console().print(table)
     return 0
+
+
+HEADER = ("kernel", "runtime/mode", "image", "state", "installed")
+#: Past this many kernels rich's Table takes most of a second to lay out (0.5 s for 500 rows on a
+#: 2-core node); big registries get plain aligned columns instead (docs/performance.md).
+TABLE_MAX_ROWS = 100
+
+
+def _columns(title: str, cells: list[tuple[str, str, str, str, str]], colours: dict[str, str]) -> None:
+    """The same columns as the table, aligned with spaces, the state coloured: linear time."""
+    from rich.text import Text
+
+    from hpc_kernels import ui
+
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(HEADER)]
+    out = Text(title + "\n", style="italic")
+    out.append("  ".join(h.ljust(w) for h, w in zip(HEADER, widths)).rstrip() + "\n", style="bold")
+    last = len(HEADER) - 1
+    for row in cells:
+        for i, (cell, width) in enumerate(zip(row, widths)):
+            style = colours.get(cell, "") if i == 3 else ""
+            out.append(cell if i == last else cell.ljust(width) + "  ", style=style)
+        out.append("\n")
+    ui.console().print(out, end="")

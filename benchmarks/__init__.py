@@ -1,0 +1,1 @@
+"""Benchmarks of hpc-kernels: kernel start latency, CLI responsiveness, scale, memory, image compression."""
