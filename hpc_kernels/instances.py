@@ -33,14 +33,14 @@ import shlex
 import signal
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hpc_kernels import paths
 from hpc_kernels.errors import HpcKernelsError, ToolError
-from hpc_kernels.fsutil import atomic_write
+from hpc_kernels.fsutil import atomic_write, locked
 from hpc_kernels.launchspec import LaunchSpec
 from hpc_kernels.runtimes import apptainer
 
@@ -334,34 +334,8 @@ def forget(d: Path) -> None:
         d.rmdir()
 
 
-@contextlib.contextmanager
-def _lock(path: Path, blocking: bool = True) -> Iterator[bool]:
-    """``flock`` on ``path`` that survives the file being removed and recreated (gc removes dirs).
-
-    After locking we check that the path still names the file we locked; if gc unlinked it in
-    between, we lock the new file instead, so two processes never both think they hold the lock.
-    """
-    while True:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        except FileNotFoundError:  # the directory was just removed by forget(): make it again
-            continue
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-            except BlockingIOError:
-                yield False
-                return
-            try:
-                same = os.fstat(fd).st_ino == os.stat(path).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                yield True
-                return
-        finally:
-            os.close(fd)
+#: Instance locks survive gc removing and recreating the state directory (see fsutil.locked).
+_lock = locked
 
 
 # ----------------------------------------------------------------------------- launch

@@ -130,3 +130,15 @@ def start_ready_kernel(make_manager: Any, timeout: float = 90, attempts: int = 3
         failures.append("did not listen in time" if alive else "died during start-up")
         km.shutdown_kernel(now=True) if alive else km.cleanup_resources()
     raise RuntimeError(f"kernel failed to start {attempts} times: {', '.join(failures)}")
+
+
+def run_cell(kc: Any, code: str, timeout: float = 60) -> tuple[dict[str, Any], str]:
+    """Execute ``code``; the reply's content and everything the cell printed."""
+    out: list[str] = []
+
+    def hook(msg: dict[str, Any]) -> None:
+        if msg["msg_type"] == "stream":
+            out.append(msg["content"]["text"])
+
+    reply = kc.execute_interactive(code, timeout=timeout, output_hook=hook)
+    return reply["content"], "".join(out)

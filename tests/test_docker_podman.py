@@ -22,7 +22,7 @@ import pytest
 
 from hpc_kernels import build, containers, kernelspec, registry
 from hpc_kernels.runtimes.docker import ContainerCLI
-from tests.conftest import start_ready_kernel
+from tests.conftest import run_cell, start_ready_kernel
 
 pytestmark = pytest.mark.podman
 
@@ -117,17 +117,6 @@ def start(name: str, isolated_home: Path) -> tuple[Any, Any]:
     return start_ready_kernel(manager)
 
 
-def run_code(kc: Any, code: str, timeout: float = 60) -> tuple[dict[str, Any], str]:
-    out: list[str] = []
-
-    def hook(msg: dict[str, Any]) -> None:
-        if msg["msg_type"] == "stream":
-            out.append(msg["content"]["text"])
-
-    reply = kc.execute_interactive(code, timeout=timeout, output_hook=hook)
-    return reply["content"], "".join(out)
-
-
 def interrupt_sleep(km: Any, kc: Any) -> dict[str, Any]:
     """Interrupt ``time.sleep(30)``; returns the interrupted cell's reply."""
     msg_id = kc.execute("import time; print('sleeping', flush=True); time.sleep(30)")
@@ -172,7 +161,7 @@ def test_kernel_lifecycle_leaves_nothing(
     km, kc = start(name, isolated_home)
     cleanup.append(km)
     try:
-        content, out = run_code(kc, PROBE)
+        content, out = run_cell(kc, PROBE)
         assert content["status"] == "ok" and IN_IMAGE in out
         [container] = ours(podman, f"label=hpc-kernels.kernel={name}")
         labels = sh(podman, "inspect", "--format", "{{json .Config.Labels}}", container).stdout
@@ -181,12 +170,12 @@ def test_kernel_lifecycle_leaves_nothing(
 
         content = interrupt_sleep(km, kc)
         assert content["status"] == "error" and content["ename"] == "KeyboardInterrupt"
-        content, out = run_code(kc, "x = 41; print(x + 1)")
+        content, out = run_cell(kc, "x = 41; print(x + 1)")
         assert content["status"] == "ok" and "42" in out  # the kernel survived the interrupt
 
         km.restart_kernel(now=False)
         kc.wait_for_ready(timeout=90)
-        content, _ = run_code(kc, "x")
+        content, _ = run_cell(kc, "x")
         assert content["status"] == "error" and content["ename"] == "NameError"  # a fresh kernel
         assert eventually(lambda: len(ours(podman, f"label=hpc-kernels.kernel={name}")) != 1) is False
 
@@ -194,7 +183,7 @@ def test_kernel_lifecycle_leaves_nothing(
         assert not eventually(lambda: km.is_alive() or ours(podman, f"label=hpc-kernels.kernel={name}"))
         km.restart_kernel(now=True)  # what Jupyter's restarter does after a crash
         kc.wait_for_ready(timeout=90)
-        assert run_code(kc, PROBE)[0]["status"] == "ok"
+        assert run_cell(kc, PROBE)[0]["status"] == "ok"
     finally:
         kc.stop_channels()
     km.shutdown_kernel(now=False)
@@ -234,7 +223,7 @@ def test_shared_container_four_kernels_then_idle_stop(
     assert ours(podman, shared) == [containers.shared_name(name)]  # one container for all four
     pids = set()
     for _km, kc in kms:
-        content, out = run_code(kc, PROBE + "; print('PID', os.getpid())")
+        content, out = run_cell(kc, PROBE + "; print('PID', os.getpid())")
         assert content["status"] == "ok" and IN_IMAGE in out
         pids.add(out.split("PID")[1].strip())
     assert len(pids) == 4  # four kernels, one container
@@ -243,7 +232,7 @@ def test_shared_container_four_kernels_then_idle_stop(
     assert km.kernel_spec.interrupt_mode == "message"
     content = interrupt_sleep(km, kc)
     assert content["status"] == "error" and content["ename"] == "KeyboardInterrupt"
-    assert run_code(kc, "1 + 1")[0]["status"] == "ok"
+    assert run_cell(kc, "1 + 1")[0]["status"] == "ok"
 
     for _km, kc in kms:
         kc.stop_channels()
@@ -365,13 +354,13 @@ def test_shared_container_moves_to_a_rebuilt_image_once_idle(
         assert build.build(entry).action == "built"
         km2, kc2 = start(name, isolated_home)  # a kernel still runs in it: the container stays
         cleanup.append(km2)
-        assert "v1" in run_code(kc2, version)[1]
+        assert "v1" in run_cell(kc2, version)[1]
         for km, kc in ((km1, kc1), (km2, kc2)):
             kc.stop_channels()
             km.shutdown_kernel(now=False)
         km3, kc3 = start(name, isolated_home)  # idle now: replaced, and the old build dropped
         cleanup.append(km3)
-        assert "v2" in run_code(kc3, version)[1]
+        assert "v2" in run_cell(kc3, version)[1]
         kc3.stop_channels()
         assert sh(podman, "image", "exists", old_image).returncode != 0
         km3.shutdown_kernel(now=False)

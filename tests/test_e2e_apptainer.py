@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import leftover_processes, start_ready_kernel
+from tests.conftest import leftover_processes, run_cell, start_ready_kernel
 
 pytestmark = pytest.mark.apptainer
 
@@ -70,17 +70,6 @@ def project(make_registry: Any, base_sif: Path) -> Path:
         {"sci.def": DEF.format(base=base_sif), "hello.txt": "hello from the host",
          "broken.def": f"Bootstrap: localimage\nFrom: {base_sif}\n\n%post\n    echo about to fail\n    exit 3\n"},
     )
-
-
-def run_cell(kc: Any, code: str, timeout: float = 60) -> tuple[dict[str, Any], str]:
-    out: list[str] = []
-
-    def hook(msg: dict[str, Any]) -> None:
-        if msg["msg_type"] == "stream":
-            out.append(msg["content"]["text"])
-
-    reply = kc.execute_interactive(code, timeout=timeout, output_hook=hook)
-    return reply["content"], "".join(out)
 
 
 @pytest.fixture

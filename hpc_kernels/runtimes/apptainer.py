@@ -110,28 +110,36 @@ def container_command(
     argv, the *runtime's* own environment (the host's, minus stray ``*ENV_`` injections, plus ours)
     and warnings (e.g. a GPU requested on a node without one).
     """
+    flags, warnings = container_flags(spec, environ, extra_binds, exists)
+    argv = [binary, "exec", "--cleanenv", *flags, spec.image, *command]
+    return argv, runtime_env(binary, environ, container_env(spec, environ)), warnings
+
+
+def container_flags(
+    spec: LaunchSpec,
+    environ: Mapping[str, str],
+    extra_binds: Sequence[str] = (),
+    exists: object = os.path.exists,
+) -> tuple[list[str], list[str]]:
+    """The flags every container of ``spec`` gets after ``--cleanenv`` (``exec`` and ``instance start``
+    alike), and warnings: the GPU flag for this node, ``-W $SLURM_TMPDIR``, ``extra_binds`` then the kernel's
+    binds (``$VARS`` expanded now), then ``runtime_args``."""
     warnings: list[str] = []
-    argv = [binary, "exec", "--cleanenv"]
+    flags: list[str] = []
     flag, warning = gpu_flag(spec.gpu, exists)
     if flag:
-        argv.append(flag)
+        flags.append(flag)
     if warning:
         warnings.append(warning)
     tmpdir = environ.get("SLURM_TMPDIR")
     if tmpdir:
-        argv += ["-W", tmpdir]
+        flags += ["-W", tmpdir]
     for bind in extra_binds:
-        argv += ["--bind", bind]
+        flags += ["--bind", bind]
     for bind in spec.binds:
-        argv += ["--bind", os.path.expandvars(bind)]
-    argv += list(spec.runtime_args)
-    argv.append(spec.image)
-    argv += list(command)
-    prefix = env_prefix(binary)
-    env = {k: v for k, v in environ.items() if not k.startswith(("APPTAINERENV_", "SINGULARITYENV_"))}
-    for key, value in container_env(spec, environ).items():
-        env[prefix + key] = value
-    return argv, env, warnings
+        flags += ["--bind", os.path.expandvars(bind)]
+    flags += list(spec.runtime_args)
+    return flags, warnings
 
 
 def exec_command(
@@ -287,21 +295,8 @@ def instance_start_command(
     Mounts are fixed when an instance starts (``exec instance://`` cannot add binds), so the
     directory holding the connection files is bound here, at the same path, read-write.
     """
-    warnings: list[str] = []
-    argv = [binary, "instance", "start", "--cleanenv", "--pid-file", pid_file]
-    flag, warning = gpu_flag(spec.gpu, exists)
-    if flag:
-        argv.append(flag)
-    if warning:
-        warnings.append(warning)
-    tmpdir = environ.get("SLURM_TMPDIR")
-    if tmpdir:
-        argv += ["-W", tmpdir]
-    argv += ["--bind", f"{connection_dir}:{connection_dir}:rw"]
-    for bind in spec.binds:
-        argv += ["--bind", os.path.expandvars(bind)]
-    argv += list(spec.runtime_args)
-    argv += [spec.image, name]
+    flags, warnings = container_flags(spec, environ, [f"{connection_dir}:{connection_dir}:rw"], exists)
+    argv = [binary, "instance", "start", "--cleanenv", "--pid-file", pid_file, *flags, spec.image, name]
     return argv, runtime_env(binary, environ, container_env(spec, environ)), warnings
 
 
