@@ -25,7 +25,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from hpc_kernels import gc, paths
+from hpc_kernels import gc, paths, procfs
 from hpc_kernels.errors import HpcKernelsError, RuntimeNotFoundError, ToolError
 from hpc_kernels.launchspec import LaunchSpec
 from hpc_kernels.runtimes.docker import (
@@ -336,19 +336,8 @@ def kill_kernel_processes(cli: ContainerCLI, name: str, marker: str) -> list[int
 
 def pids_with_argument(marker: str) -> list[int]:
     """Host pids whose argv has ``marker`` as one of its arguments (not this process)."""
-    found = []
     want = marker.encode()
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/cmdline", "rb") as fh:
-                args = fh.read().split(b"\0")
-        except OSError:
-            continue
-        if want in args:
-            found.append(int(entry.name))
-    return found
+    return [pid for pid, args in procfs.processes("cmdline") if want in args]
 
 
 def namespaced_pid(pid: int) -> str:

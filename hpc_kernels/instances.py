@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hpc_kernels import paths
+from hpc_kernels import paths, procfs
 from hpc_kernels.errors import HpcKernelsError, ToolError
 from hpc_kernels.fsutil import atomic_write, locked
 from hpc_kernels.launchspec import LaunchSpec
@@ -100,17 +100,10 @@ def marked_processes(instance: str) -> list[tuple[int, str]]:
     want = f"{ENV_INSTANCE}={instance}".encode()
     prefix = f"{ENV_ATTACHMENT}=".encode()
     found: list[tuple[int, str]] = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/environ", "rb") as fh:
-                environ = fh.read().split(b"\0")
-        except OSError:  # gone, or another user's
-            continue
+    for pid, environ in procfs.processes("environ"):
         if want in environ:
             ids = [v[len(prefix) :].decode(errors="replace") for v in environ if v.startswith(prefix)]
-            found.append((int(entry.name), ids[0] if ids else ""))
+            found.append((pid, ids[0] if ids else ""))
     return found
 
 
