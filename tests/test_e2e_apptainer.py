@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from hpc_kernels.runtimes.apptainer import CONNECTION_DST
 from tests.conftest import leftover_processes, run_cell, start_ready_kernel
 
 pytestmark = pytest.mark.apptainer
@@ -115,7 +116,7 @@ def test_build_install_and_run_a_real_kernel(project: Path, only_apptainer: Path
 
     assert hk("install", "sci", "--registry", str(project)).returncode == 0
     shown = hk("show", "sci", "--registry", str(project)).stdout
-    assert "exec --cleanenv --bind" in shown and str(image) in shown
+    assert "exec --cleanenv" in shown and f":{CONNECTION_DST}:rw" in shown and str(image) in shown
 
     # The kernel runs in the container, with a clean environment plus the allowlist.
     monkeypatch.setenv("PYTHONPATH", "/leaky/host/path")
@@ -124,6 +125,8 @@ def test_build_install_and_run_a_real_kernel(project: Path, only_apptainer: Path
     try:
         reply, out = run_cell(kc, PROBE)
         assert reply["status"] == "ok"
+        # $HOME (the tests' isolated one) is the kernel's home: ~/.ipython never lands in the real home
+        assert run_cell(kc, "import os; print(os.path.expanduser('~'))")[1].strip() == os.environ["HOME"]
         assert out.split() == ["built-by-hpc-kernels", "hello", "from", "the", "host", "4242", "None", "1", "True"]
 
         # Interrupt during time.sleep: the cell stops with KeyboardInterrupt, the kernel lives on.

@@ -38,6 +38,7 @@ def test_instance_start_argv_binds_connection_dir_and_registry_binds() -> None:
     argv, env, warnings = appt.instance_start_command(
         spec(), "NAME", "/run/user/1/jupyter", "/state/pid", BIN, {**HOST_ENV, "SLURM_TMPDIR": "/local/tmp"})
     assert argv == [BIN, "instance", "start", "--cleanenv", "--pid-file", "/state/pid", "-W", "/local/tmp",
+                    "--home", "/home/u",  # $HOME differs from the passwd home of the user running the test
                     "--bind", "/run/user/1/jupyter:/run/user/1/jupyter:rw",
                     "--bind", "/project", "--bind", "/scratch:/scratch:ro",
                     "--writable-tmpfs", "/img/k.sif", "NAME"]

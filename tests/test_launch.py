@@ -150,3 +150,13 @@ def test_runtime_recorded_at_install_is_the_last_resort(tmp_path: Path) -> None:
     assert apptainer.find_binary(empty, fallback=str(recorded)) == str(recorded)
     with pytest.raises(Exception, match="module load apptainer"):
         apptainer.find_binary(empty, fallback=str(tmp_path / "gone"))
+
+
+def test_a_home_set_on_purpose_is_the_containers_home() -> None:
+    import pwd
+
+    real = pwd.getpwuid(os.getuid()).pw_dir
+    argv, _, _ = apptainer.exec_command(SPEC, "/c.json", "apptainer", {"HOME": real}, no_devices)
+    assert "--home" not in argv
+    argv, _, _ = apptainer.exec_command(SPEC, "/c.json", "apptainer", {"HOME": "/project/me/home"}, no_devices)
+    assert argv[argv.index("--home") + 1] == "/project/me/home"

@@ -100,7 +100,8 @@ def test_dry_run_prints_the_command(make_registry: Callable[..., Path], setup: t
     assert done.returncode == 0, done.stderr
     words = shlex.split(done.stdout)
     at = words.index("/bin/true")
-    assert words[at:] == ["/bin/true", "exec", "--cleanenv", "--bind", f"{data}:/data:ro", str(image),
+    # the tests' isolated $HOME is not the passwd home: the container gets it as its home
+    assert words[at:] == ["/bin/true", "exec", "--cleanenv", "--home", env["HOME"], "--bind", f"{data}:/data:ro", str(image),
                           "python3", "-V"]
     assert words[:at] == ["APPTAINERENV_HPCK_FROM_REGISTRY=set by env", "APPTAINERENV_HPCK_PASSED=passed through",
                           "APPTAINERENV_LANG=C.UTF-8", "APPTAINERENV_OMP_NUM_THREADS=3", "APPTAINERENV_PYTHONNOUSERSITE=1",

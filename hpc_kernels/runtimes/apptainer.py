@@ -63,6 +63,15 @@ def env_prefix(binary: str) -> str:
     return "SINGULARITYENV_" if os.path.basename(binary).startswith("singularity") else "APPTAINERENV_"
 
 
+def _passwd_home() -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(os.getuid()).pw_dir
+    except KeyError:  # no passwd entry (some containers): nothing to compare with
+        return ""
+
+
 def gpu_flag(gpu: str, exists: object = os.path.exists) -> tuple[str | None, str | None]:
     """The GPU flag for this node (decided at launch) and a warning when the request cannot be met."""
     check = exists if callable(exists) else os.path.exists
@@ -134,6 +143,11 @@ def container_flags(
     tmpdir = environ.get("SLURM_TMPDIR")
     if tmpdir:
         flags += ["-W", tmpdir]
+    home = environ.get("HOME")
+    if home and home != _passwd_home():
+        # Apptainer mounts the passwd home, not $HOME: honour a $HOME set on purpose (a test, a
+        # project-local home) so the kernel's ~/.ipython and friends go where the user said.
+        flags += ["--home", home]
     for bind in extra_binds:
         flags += ["--bind", bind]
     for bind in spec.binds:
