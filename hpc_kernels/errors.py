@@ -71,5 +71,17 @@ class NotOursError(HpcKernelsError):
     """Refusing to overwrite or remove a file hpc-kernels did not write."""
 
 
+def describe_value(value: object) -> str:
+    """How a bad registry value is named in an error message."""
+    if isinstance(value, bool):
+        # YAML 1.1 reads yes/no/on/off as booleans: say so, since the user wrote a word.
+        return f"{str(value).lower()} (YAML reads yes/no/on/off as true/false: quote the word)"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return repr(value)
+
+
 def _indent(text: str, prefix: str = "    ") -> str:
     return "\n".join(prefix + line for line in text.rstrip().splitlines())

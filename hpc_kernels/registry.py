@@ -16,7 +16,7 @@ from typing import Any, Callable
 import yaml
 
 from hpc_kernels import paths
-from hpc_kernels.errors import RegistryError, UnknownKernelError
+from hpc_kernels.errors import RegistryError, UnknownKernelError, describe_value
 from hpc_kernels.slurm_settings import UNSET, SlurmDefaults, from_mapping
 
 #: Jupyter's own rule for kernel names (jupyter_client.kernelspec._kernel_name_pat).
@@ -310,7 +310,7 @@ class _Validator:
                     if check(value):
                         return value
                     where = f"kernel '{name}'" if source is body else "defaults"
-                    self.err(source.lines[key], f"'{key}' in {where} must be {expected}, not {_describe(value)}.")
+                    self.err(source.lines[key], f"'{key}' in {where} must be {expected}, not {describe_value(value)}.")
                     return default
             return default
 
@@ -441,13 +441,6 @@ def _str_list_or_empty(v: Any) -> bool:
 def _str_map(v: Any) -> bool:
     return isinstance(v, Mapping) and all(isinstance(x, (str, int, float, bool)) for x in v.values())
 
-
-def _describe(v: Any) -> str:
-    if isinstance(v, Mapping):
-        return "a mapping"
-    if isinstance(v, list):
-        return "a list"
-    return repr(v)
 
 
 def _hint(key: Any, known: set[str]) -> str:

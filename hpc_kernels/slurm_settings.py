@@ -13,6 +13,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
+from hpc_kernels.errors import describe_value
+
 #: The keys of a ``slurm:`` mapping.
 KEYS = ("account", "time", "mem", "cpus", "partition", "modules", "extra_args")
 
@@ -93,7 +95,7 @@ def from_mapping(value: Any, where: str, line: int, err: Callable[[int, str], No
     if value is None:
         return SlurmDefaults()
     if not isinstance(value, Mapping):
-        err(line, f"'slurm' in {where} must be a mapping (keys: {', '.join(KEYS)}), not {_describe(value)}.")
+        err(line, f"'slurm' in {where} must be a mapping (keys: {', '.join(KEYS)}), not {describe_value(value)}.")
         return SlurmDefaults()
     lines: Mapping[str, int] = getattr(value, "lines", {})
 
@@ -101,7 +103,7 @@ def from_mapping(value: Any, where: str, line: int, err: Callable[[int, str], No
         return lines.get(key, line)
 
     def bad(key: str, expected: str) -> None:
-        err(at(key), f"'slurm: {key}' in {where} must be {expected}, not {_describe(value[key])}.")
+        err(at(key), f"'slurm: {key}' in {where} must be {expected}, not {describe_value(value[key])}.")
 
     for key in value:
         if key not in KEYS:
@@ -156,10 +158,3 @@ def from_mapping(value: Any, where: str, line: int, err: Callable[[int, str], No
             bad("extra_args", 'a list of sbatch options written --name=value (e.g. ["--qos=normal"])')
     return SlurmDefaults(**result)
 
-
-def _describe(v: Any) -> str:
-    if isinstance(v, Mapping):
-        return "a mapping"
-    if isinstance(v, list):
-        return "a list"
-    return repr(v)

@@ -143,3 +143,8 @@ def test_unknown_kernel_names_known_ones(make_registry: Any) -> None:
     reg = registry.load_file(make_registry("kernels:\n  sci:\n    def: a.def\n", RECIPE))
     with pytest.raises(UnknownKernelError, match=r"no kernel named 'nope' .*known: sci"):
         reg.get("nope")
+
+
+def test_yaml_booleans_are_explained(make_registry: Any) -> None:
+    (msg,) = problems(make_registry, "kernels:\n  k:\n    def: a.def\n    gpu: yes\n")
+    assert "not true (YAML reads yes/no/on/off as true/false: quote the word)" in msg
