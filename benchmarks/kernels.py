@@ -283,7 +283,8 @@ def launcher_overhead(cfg: Config, seed_starts: list[float]) -> list[Row]:
         "-c",
         "pass",
     ]
-    launcher = [sys.executable, "-m", "hpc_kernels.launch", spec_file, str(cf)]
+    # The kernelspec's own argv, so this measures the launcher exactly as Jupyter starts it.
+    launcher = [str(cf) if a == "{connection_file}" else a for a in _data["argv"]]
     env = dict(os.environ)
     true_env = dict(env, HPC_KERNELS_APPTAINER="/bin/true")
     res = interleaved(
