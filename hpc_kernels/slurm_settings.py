@@ -13,6 +13,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
+#: Defaults that fit DRAC's clusters for one image build; each is overridable (CLI flags, or
+#: SBATCH_TIMELIMIT / SBATCH_MEM_PER_NODE, which sbatch prefers to the script's #SBATCH lines).
+DEFAULT_TIME = "1:00:00"
+DEFAULT_MEM = "4G"
+DEFAULT_CPUS = 2
+
 #: The keys of a ``slurm:`` mapping.
 KEYS = ("account", "time", "mem", "cpus", "partition", "modules", "extra_args")
 
