@@ -40,6 +40,8 @@ from benchmarks.common import (
 )
 
 EXEC, SEED, HOST, PASS = "bench-exec", "bench-seed", "bench-host", "bench-pass"
+#: Our exec mode's apptainer argv in a hand-written kernel.json: a real kernel without the launcher.
+ARGV = "bench-our-argv"
 #: A "kernel" that exits at once: isolates the launcher's own cost from the kernel's start.
 PASS_COMMAND = ["python3", "-c", "pass", "{connection_file}"]
 
@@ -97,7 +99,24 @@ def setup_kernelspecs(cfg: Config, instance_name: str) -> Path:
     write_spec(
         HOST, [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"], "host ipykernel"
     )
+    write_our_argv()
     return registry
+
+
+def write_our_argv() -> None:
+    """A kernel.json running what our launcher would ``exec`` for EXEC, minus the launcher: the
+    ``apptainer exec`` argv and the container's variables (APPTAINERENV_*) it sets."""
+    from hpc_kernels.launch import plan
+    from hpc_kernels.launchspec import read_kernel_json
+
+    _data, spec = read_kernel_json(str(kernels_dir() / EXEC / "kernel.json"))
+    # jupyter_client substitutes {connection_file} inside arguments too (the bind's src:dst).
+    argv, env, _warnings = plan(spec, "{connection_file}")
+    write_spec(ARGV, argv, "our apptainer argv, no launcher")
+    path = kernels_dir() / ARGV / "kernel.json"
+    data = json.loads(path.read_text(encoding="utf-8"))
+    data["env"] = {k: v for k, v in env.items() if k.startswith(("APPTAINERENV_", "SINGULARITYENV_"))}
+    path.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
 
 
 class Kernel:
@@ -231,6 +250,7 @@ def bench_start(cfg: Config) -> list[Row]:
         "exec": lambda: start_to_reply(EXEC),
         "seed": lambda: start_to_reply(SEED),
         "host": lambda: start_to_reply(HOST),
+        "argv": lambda: start_to_reply(ARGV),
     }
     have_instance = instance_mode_available()
     with our_instances_stopped(tag):
@@ -243,6 +263,9 @@ def bench_start(cfg: Config) -> list[Row]:
         ratio_row(bench, "ours, exec mode (hpc-kernels install)", res["exec"], "seed", res["seed"], 1.03),
         base_row(bench, "seed kernel.json (apptainer exec --bind)", res["seed"]),
         base_row(bench, "host ipykernel (floor)", res["host"]),
+        # Splits ours/seed into the launcher's part and the apptainer argv's part, on real kernels.
+        ratio_row(bench, "our apptainer argv without the launcher (hand-written kernel.json)", res["argv"],
+                  "seed", res["seed"]),
     ]
     if have_instance:
         rows += [
@@ -283,7 +306,8 @@ def launcher_overhead(cfg: Config, seed_starts: list[float]) -> list[Row]:
         "-c",
         "pass",
     ]
-    launcher = [sys.executable, "-m", "hpc_kernels.launch", spec_file, str(cf)]
+    # The kernelspec's own argv, so this measures the launcher exactly as Jupyter starts it.
+    launcher = [str(cf) if a == "{connection_file}" else a for a in _data["argv"]]
     env = dict(os.environ)
     true_env = dict(env, HPC_KERNELS_APPTAINER="/bin/true")
     res = interleaved(

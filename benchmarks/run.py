@@ -165,6 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = Config(
         quick=args.quick,
         reps=args.reps or (2 if args.quick else 10),
+        warmup=0 if args.quick else 1,  # --quick proves it works (CI budget): no discarded rounds
         sif=args.sif.absolute(),
         work=work,
         cache=cache.absolute(),
@@ -177,6 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         benches = _benches()
         for name in args.only or NAMES:
             print(f"running {name} ...", file=sys.stderr, flush=True)
+            started = time.monotonic()
             try:
                 rows += benches[name](cfg)
             except NotAvailable as exc:
@@ -185,6 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 crashed = True
                 traceback.print_exc()
                 rows.append(na_row(name, "(all)", f"crashed: {exc}"))
+            print(f"{name} took {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
     finally:
         os.environ.clear()
         os.environ.update(saved)

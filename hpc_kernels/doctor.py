@@ -312,6 +312,15 @@ def _expandvars(text: str, environ: Mapping[str, str]) -> str:
                   lambda m: environ.get(m.group(1) or m.group(2), m.group(0)), text)
 
 
+def _launcher_prefix(argv: list[str]) -> list[str]:
+    """The kernelspec's argv up to the launcher itself: the interpreter, its flags, then the script (or
+    ``-m MODULE``); without the kernel.json and connection-file arguments."""
+    i = 1
+    while i < len(argv) and argv[i].startswith("-") and argv[i] != "-m":
+        i += 1
+    return argv[:i + 2] if i < len(argv) and argv[i] == "-m" else argv[:i + 1]
+
+
 def _command_module(command: tuple[str, ...]) -> str | None:
     """The module a ``python -m MODULE`` command runs."""
     for i, arg in enumerate(command[:-1]):
@@ -470,20 +479,23 @@ def check_installed(name: str, kdir: Path, entry: KernelEntry | None, ctx: Conte
                                 f"reinstall hpc-kernels, then 'hpc-kernels install {name}'.", name))
     else:
         try:
-            # The same interpreter flags as the kernel's argv (python -I ...), so the probe sees what it sees.
-            flags = [a for a in argv[1:argv.index("-m")] if a.startswith("-")] if "-m" in argv else []
-            probe = proc.run([python, *flags, "-c", "import hpc_kernels.launch"], check=False, env=ctx.environ,
-                             timeout=ctx.probe_timeout)
-            problem = _last_line(probe.stderr) if probe.returncode else ""
+            # Start the launcher exactly as the kernel does (python -I -S .../launch.py, or the older
+            # python -I -m hpc_kernels.launch) but without its two arguments: once it has imported what
+            # it needs it prints its usage and exits 2; anything else is the reason a kernel would not start.
+            probe = proc.run(_launcher_prefix(argv), check=False, env=ctx.environ, timeout=ctx.probe_timeout)
+            problem = "" if probe.returncode == 2 and "usage:" in probe.stderr else (
+                _last_line(probe.stderr) or f"exit code {probe.returncode}")
         except ToolError as exc:
             problem = str(exc)
         if problem:
             findings.append(Finding("launcher", FAIL,
-                                    f"the launcher Python {python} cannot import hpc_kernels: {problem}",
+                                    f"the launcher ({' '.join(_launcher_prefix(argv))}) does not start: "
+                                    f"{problem}",
                                     f"reinstall hpc-kernels into that environment, or 'hpc-kernels install "
                                     f"{name}' from the one you use now.", name))
         else:
-            findings.append(Finding("launcher", OK, f"launcher {python} imports hpc_kernels.", kernel=name))
+            findings.append(Finding("launcher", OK, f"launcher {' '.join(_launcher_prefix(argv))} starts.",
+                                    kernel=name))
     if spec.runtime == "apptainer" and not os.path.exists(spec.image) and (
             entry is None or spec.image != str(entry.image)):
         findings.append(Finding("launcher", FAIL,

@@ -77,6 +77,18 @@ def _runtime_hint(runtime: str) -> str:
     return shutil.which(runtime) or ""
 
 
+def launcher_argv(python: str = sys.executable) -> list[str]:
+    """How a kernelspec starts the launcher: ``python -I -S /abs/path/of/hpc_kernels/launch.py``.
+
+    -I: the launcher ignores PYTHONPATH/PYTHONHOME and user site-packages of the server's environment, so a
+    module-loaded Python stack cannot shadow or break it. -S: no ``site`` (.pth files, ~30 ms of every kernel
+    start); the script puts its own package's parent directory on sys.path, so it needs nothing else.
+    """
+    from hpc_kernels import launch
+
+    return [python, "-I", "-S", str(Path(launch.__file__).absolute())]
+
+
 def kernel_json(entry: KernelEntry, spec_file: Path, registry: Path | None = None,
                 python: str = sys.executable) -> dict[str, Any]:
     """kernel.json for ``entry``, whose own path will be ``spec_file``.
@@ -87,9 +99,7 @@ def kernel_json(entry: KernelEntry, spec_file: Path, registry: Path | None = Non
     meta = launch_spec(entry, registry).to_json()
     meta["installed_by"] = f"hpc-kernels {__version__}"
     return {
-        # -I: the launcher ignores PYTHONPATH/PYTHONHOME and user site-packages of the server's environment,
-        # so a module-loaded Python stack cannot shadow or break it.
-        "argv": [python, "-I", "-m", "hpc_kernels.launch", str(spec_file), "{connection_file}"],
+        "argv": [*launcher_argv(python), str(spec_file), "{connection_file}"],
         "display_name": entry.display_name,
         "language": entry.language,
         "interrupt_mode": entry.interrupt_mode,

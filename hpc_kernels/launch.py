@@ -1,15 +1,24 @@
-"""The program a kernelspec's argv runs: ``python -m hpc_kernels.launch KERNEL_JSON CONNECTION_FILE``.
+"""The program a kernelspec's argv runs: ``python -I -S .../hpc_kernels/launch.py KERNEL_JSON CONNECTION_FILE``
+(``python -m hpc_kernels.launch KERNEL_JSON CONNECTION_FILE`` works too).
 
 It reads the launch spec from kernel.json, resolves the runtime *on this node, now* (apptainer,
 else singularity), picks GPU flags for the devices present, cleans the environment, and
 ``exec``s the runtime, so jupyter_client's signals and kills reach it directly.
-Imports stay minimal: this runs on every kernel start.
+Imports stay minimal (the standard library and hpc_kernels only, never jupyter_core, yaml or rich):
+this runs on every kernel start.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+
+if not __package__:
+    # Run as a script, as the kernelspec does: ``-I`` leaves the script's directory off sys.path and
+    # ``-S`` skips ``site`` (its .pth files are most of an interpreter's start-up), so nothing would find
+    # hpc_kernels: put the directory that holds this package first (site-packages, or a source tree).
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 from collections.abc import Sequence
 
 from hpc_kernels.errors import HpcKernelsError

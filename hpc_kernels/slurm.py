@@ -26,16 +26,21 @@ from hpc_kernels import __version__, paths, templates
 from hpc_kernels.errors import HpcKernelsError, RuntimeNotFoundError
 from hpc_kernels.fsutil import atomic_write
 from hpc_kernels.runtimes.slurm import FINAL_STATES, JobInfo, Slurm
-from hpc_kernels.slurm_settings import UNSET, SlurmDefaults, mem_megabytes, time_minutes
+from hpc_kernels.slurm_settings import (
+    DEFAULT_CPUS,
+    DEFAULT_MEM,
+    DEFAULT_TIME,
+    UNSET,
+    SlurmDefaults,
+    mem_megabytes,
+    time_minutes,
+)
 
 if TYPE_CHECKING:  # the registry (PyYAML) is not needed to parse build's flags
     from hpc_kernels.registry import KernelEntry
 
-#: Defaults that fit DRAC's clusters for one image build; each is overridable (CLI flags, or
-#: SBATCH_TIMELIMIT / SBATCH_MEM_PER_NODE, which sbatch prefers to the script's #SBATCH lines).
-DEFAULT_TIME = "1:00:00"
-DEFAULT_MEM = "4G"
-DEFAULT_CPUS = 2
+# DEFAULT_TIME, DEFAULT_MEM, DEFAULT_CPUS live in slurm_settings (imported below) so that `build`'s
+# flags can show them without importing this module at every CLI start.
 #: Loaded in the job when Lmod has them (the registry's ``slurm: modules`` replaces the list).
 DEFAULT_MODULES = ("apptainer",)
 #: ``build --slurm --wait`` gives up this long after the jobs' time limits (queueing, start-up).

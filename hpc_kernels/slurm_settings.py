@@ -15,6 +15,12 @@ from typing import Any
 
 from hpc_kernels.errors import describe_value
 
+#: Defaults that fit DRAC's clusters for one image build; each is overridable (CLI flags, or
+#: SBATCH_TIMELIMIT / SBATCH_MEM_PER_NODE, which sbatch prefers to the script's #SBATCH lines).
+DEFAULT_TIME = "1:00:00"
+DEFAULT_MEM = "4G"
+DEFAULT_CPUS = 2
+
 #: The keys of a ``slurm:`` mapping.
 KEYS = ("account", "time", "mem", "cpus", "partition", "modules", "extra_args")
 

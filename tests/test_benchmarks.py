@@ -66,6 +66,10 @@ def test_quick_benchmarks_run_and_report_every_comparison(
     assert any(b.startswith("memory") and r["value"] for (b, _v), r in rows.items())
     checks = [r for (b, _v), r in rows.items() if b == "compression: build check"]
     assert len(checks) >= 4 and all(r["ok"] for r in checks), checks
+    # (5) podman: measured where .ci/podman-setup.sh prepared it (the cleanup rows too), else an explicit n/a.
+    podman = [r for (b, _v), r in rows.items() if b.startswith("podman")]
+    assert podman and all(r["value"] is not None or r["note"].startswith("n/a") for r in podman), podman
+    assert all(r["ok"] is not False for r in podman), podman  # our containers were removed
     # Nothing left running: no kernel (their connection files were in the workspace), no instance.
     assert leftover_processes(str(tmp_path)) == []
     instances = subprocess.run(

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+import hpc_kernels.launch
 from hpc_kernels import cli
 
 RECIPE = {"sci.def": "Bootstrap: localimage\nFrom: base.sif\n"}
@@ -72,7 +73,8 @@ def test_install_list_show_uninstall(make_registry: Any, isolated_home: Path) ->
     assert done.returncode == 0, done.stderr
     spec_dir = isolated_home / ".local/share/jupyter/kernels/sci"
     data = json.loads((spec_dir / "kernel.json").read_text())
-    assert data["argv"] == [sys.executable, "-I", "-m", "hpc_kernels.launch", str(spec_dir / "kernel.json"), "{connection_file}"]
+    launcher = str(Path(hpc_kernels.launch.__file__).absolute())
+    assert data["argv"] == [sys.executable, "-I", "-S", launcher, str(spec_dir / "kernel.json"), "{connection_file}"]
     assert data["display_name"] == "Science"
     assert data["metadata"]["hpc_kernels"]["image"] == str(path.parent / "images/sci.sif")
     assert "does not exist yet" in done.stderr

@@ -344,14 +344,21 @@ def test_launcher_python_gone_or_without_us(make_registry: MakeRegistry, tmp_pat
     rc, report = run_doctor(capsys, "--registry", str(path), "k")
     bad = [f for f in findings(report, "launcher", "k") if f["status"] == "fail"]
     assert rc == 1 and bad and "does not exist any more" in bad[0]["message"]
-    # A Python that exists but has no hpc_kernels: a fresh virtualenv without our package.
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
-    data["argv"][0] = str(venv / "bin" / "python")
+    # A Python that exists, but the launcher script is gone (hpc-kernels removed from that environment).
+    data["argv"][0] = sys.executable
+    data["argv"][3] = str(tmp_path / "removed" / "hpc_kernels" / "launch.py")
     spec_file.write_text(json.dumps(data))
     rc, report = run_doctor(capsys, "--registry", str(path), "k")
     bad = [f for f in findings(report, "launcher", "k") if f["status"] == "fail"]
-    assert rc == 1 and bad and "cannot import hpc_kernels" in bad[0]["message"]
+    assert rc == 1 and bad and "does not start" in bad[0]["message"] and "can't open file" in bad[0]["message"]
+    # A kernelspec of an earlier version (python -I -m hpc_kernels.launch) run by a Python without our package.
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    data["argv"][:4] = [str(venv / "bin" / "python"), "-I", "-m", "hpc_kernels.launch"]
+    spec_file.write_text(json.dumps(data))
+    rc, report = run_doctor(capsys, "--registry", str(path), "k")
+    bad = [f for f in findings(report, "launcher", "k") if f["status"] == "fail"]
+    assert rc == 1 and bad and "No module named 'hpc_kernels'" in bad[0]["message"]
 
 
 def test_kernelspec_pointing_at_deleted_image(make_registry: MakeRegistry, tmp_path: Path,

@@ -127,7 +127,10 @@ def test_launcher_rejects_a_foreign_kernel_json(tmp_path: Path) -> None:
 
 
 def test_launcher_argv_is_immune_to_pythonpath(tmp_path: Path) -> None:
-    """A PYTHONPATH from the server's environment cannot shadow the launcher (kernel.json uses -I)."""
+    """A PYTHONPATH or user site from the server's environment cannot shadow the launcher: the kernelspec's
+    own argv (python -I -S .../launch.py) runs it, from another directory."""
+    from hpc_kernels.kernelspec import launcher_argv
+
     shadow = tmp_path / "shadow" / "hpc_kernels"
     shadow.mkdir(parents=True)
     (shadow / "__init__.py").write_text("raise ImportError('shadowed')\n")
@@ -135,10 +138,36 @@ def test_launcher_argv_is_immune_to_pythonpath(tmp_path: Path) -> None:
                       command=SPEC.command)
     spec_file = tmp_path / "kernel.json"
     spec_file.write_text(json.dumps({"metadata": {"hpc_kernels": spec.to_json()}}))
-    env = {**os.environ, "PYTHONPATH": str(shadow.parent)}
-    done = subprocess.run([sys.executable, "-I", "-m", "hpc_kernels.launch", str(spec_file), "/c.json"],
-                          env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    env = {**os.environ, "PYTHONPATH": str(shadow.parent), "PYTHONUSERBASE": str(shadow.parent)}
+    done = subprocess.run([*launcher_argv(), str(spec_file), "/c.json"],
+                          env=env, capture_output=True, text=True, timeout=60, cwd=shadow.parent)
+    assert done.returncode == 1
     assert "shadowed" not in done.stderr and "hpc-kernels build x" in done.stderr
+
+
+def test_launch_path_needs_only_the_standard_library() -> None:
+    """Every module the launcher can load (exec, instance, docker/podman paths) imports under ``python -I -S``
+    without site-packages: no jupyter_core, yaml or rich on the kernel start path."""
+    from hpc_kernels.kernelspec import launcher_argv
+
+    python, *flags, script = launcher_argv()
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); "
+        "import hpc_kernels.launch, hpc_kernels.instances, hpc_kernels.containers, hpc_kernels.runtimes.apptainer; "
+        "import hpc_kernels.runtimes.docker; "
+        "print(' '.join(sorted({m.split('.')[0] for m in sys.modules} - set(sys.stdlib_module_names) - {'__main__'})))"
+    )
+    root = str(Path(script).parent.parent)
+    done = subprocess.run([python, *flags, "-c", code, root], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["hpc_kernels"]
+
+
+def test_launcher_runs_as_module_too(tmp_path: Path) -> None:
+    """``python -m hpc_kernels.launch`` (kernelspecs installed by earlier versions) still works."""
+    done = subprocess.run([sys.executable, "-I", "-m", "hpc_kernels.launch"], capture_output=True, text=True,
+                          timeout=60, cwd=tmp_path)
+    assert done.returncode == 2 and "usage:" in done.stderr
 
 
 def test_runtime_recorded_at_install_is_the_last_resort(tmp_path: Path) -> None:

@@ -115,7 +115,8 @@ def _print_failure(row: TaskStatus, out: Any = None) -> None:
 
 def add_build_arguments(parser: argparse.ArgumentParser) -> None:
     """``build``'s Slurm flags (defaults fit DRAC; sbatch also reads SBATCH_ACCOUNT etc. itself)."""
-    from hpc_kernels.slurm import DEFAULT_CPUS, DEFAULT_MEM, DEFAULT_TIME
+    # Not from hpc_kernels.slurm: this runs at every CLI start (the parser is built first), slurm costs ~20 ms.
+    from hpc_kernels.slurm_settings import DEFAULT_CPUS, DEFAULT_MEM, DEFAULT_TIME
 
     group = parser.add_argument_group(
         "building in a Slurm job (DRAC: never build on a login node)",

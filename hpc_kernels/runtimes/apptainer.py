@@ -9,16 +9,19 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import os
-import shlex
-import shutil
-import subprocess
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 from hpc_kernels.errors import BuildError, RuntimeNotFoundError
 from hpc_kernels.launchspec import LaunchSpec
-from hpc_kernels.runtimes.base import LineSink
+
+# The launcher imports this module on every kernel start, with ``python -S`` where nothing is preloaded:
+# shutil, subprocess, shlex, pathlib and typing cost ~10 ms there, so they are imported where used.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from hpc_kernels.runtimes.base import LineSink
 
 #: Where the connection file appears inside the container. Not under /tmp: Apptainer binds the
 #: host's /tmp, and a bind target there would be created on the (shared) host /tmp.
@@ -45,17 +48,30 @@ def find_binary(environ: Mapping[str, str] | None = None, fallback: str = "") ->
     env = os.environ if environ is None else environ
     override = env.get("HPC_KERNELS_APPTAINER")
     if override:
-        found = shutil.which(override, path=env.get("PATH"))
+        found = which(override, env.get("PATH"))
         if found:
             return found
         raise RuntimeNotFoundError(f"HPC_KERNELS_APPTAINER={override} is not an executable program.")
     for name in ("apptainer", "singularity"):
-        found = shutil.which(name, path=env.get("PATH"))
+        found = which(name, env.get("PATH"))
         if found:
             return found
     if fallback and os.access(fallback, os.X_OK):
         return fallback
     raise RuntimeNotFoundError(NOT_FOUND_HINT)
+
+
+def which(program: str, search_path: str | None = None) -> str | None:
+    """``shutil.which(program, path=search_path)`` without importing shutil (bz2, lzma, fnmatch...)."""
+    if os.sep in program:
+        candidates = [program]
+    else:
+        dirs = (os.environ.get("PATH", os.defpath) if search_path is None else search_path).split(os.pathsep)
+        candidates = [os.path.join(d, program) for d in dirs if d]
+    for candidate in candidates:
+        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    return None
 
 
 def env_prefix(binary: str) -> str:
@@ -204,6 +220,8 @@ class Apptainer:
 
     def build(self, recipe: Path, dest: Path, options: list[str], on_line: LineSink) -> None:
         """Build ``recipe`` into ``dest`` through spython; every failure becomes a BuildError."""
+        from subprocess import CalledProcessError
+
         try:
             from spython.main import Client
         except ImportError as exc:  # pragma: no cover - a dependency of the package
@@ -225,7 +243,7 @@ class Apptainer:
                 _image, stream = result
                 for line in stream:
                     sink(line.rstrip("\n"))
-            except subprocess.CalledProcessError as exc:
+            except CalledProcessError as exc:
                 reason = f"apptainer build exited with code {exc.returncode}"
                 raise BuildError(recipe.stem, reason, _tail(lines)) from None
             except SystemExit as exc:
@@ -256,6 +274,8 @@ def _cwd(path: Path) -> Iterator[None]:
 @contextlib.contextmanager
 def _spython_sees(binary: str) -> Iterator[None]:
     """Put a private ``singularity`` shim first on PATH for this process only, during the build."""
+    import shlex
+
     from hpc_kernels import paths, templates
     from hpc_kernels.fsutil import atomic_write
 
