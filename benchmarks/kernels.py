@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from queue import Empty
 from typing import Any
@@ -417,8 +417,10 @@ def helpers() -> list[int]:
     return processes_mentioning(os.environ["HOME"])
 
 
-def kernels_pss(name: str, n: int, extra_roots: list[int] | None = None) -> tuple[float, str]:
-    """Start ``n`` kernels of ``name`` together, wait for all, and sum the PSS of their process trees."""
+def kernels_pss(name: str, n: int, extra_roots: list[int] | None = None,
+                related: Callable[[], list[int]] | None = None) -> tuple[float, str]:
+    """Start ``n`` kernels of ``name`` together, wait for all, and sum the PSS of their process trees,
+    plus ``extra_roots`` and whatever ``related()`` finds (default: our helper processes)."""
     ks = [Kernel(name) for _ in range(n)]
     try:
         for k in ks:
@@ -426,7 +428,7 @@ def kernels_pss(name: str, n: int, extra_roots: list[int] | None = None) -> tupl
         for k in ks:
             k.wait_reply(timeout=180)
         time.sleep(1.0)  # let lazily-started threads (heartbeat, history) settle
-        roots = [p for p in (k.pid() for k in ks) if p] + list(extra_roots or []) + helpers()
+        roots = [p for p in (k.pid() for k in ks) if p] + list(extra_roots or []) + (related or helpers)()
         pids = tree(roots)
         total, by_name = pss_mib(pids)
         parts = ", ".join(f"{k} {v:.0f}" for k, v in sorted(by_name.items(), key=lambda kv: -kv[1]))

@@ -32,7 +32,7 @@ from benchmarks.common import (
     run_cli,
     spread,
 )
-from benchmarks.kernels import Kernel, kernels_dir, pss_mib, start_to_reply, tree, write_spec
+from benchmarks.kernels import Kernel, kernels_dir, kernels_pss, start_to_reply, write_spec
 
 #: The image .ci/podman-setup.sh imports (Debian bookworm, python3 + ipykernel).
 IMAGE = os.environ.get("HPCK_TEST_PODMAN_IMAGE", "localhost/hpck-test:bookworm")
@@ -178,20 +178,7 @@ def related_pids(podman: str, name: str) -> set[int]:
 
 def podman_pss(podman: str, name: str, n: int) -> tuple[float, str]:
     """Start ``n`` kernels of ``name`` together and sum the PSS of everything that serves them."""
-    ks = [Kernel(name) for _ in range(n)]
-    try:
-        for k in ks:
-            k.start()
-        for k in ks:
-            k.wait_reply(timeout=180)
-        time.sleep(1.0)
-        pids = tree([p for p in (k.pid() for k in ks) if p] + sorted(related_pids(podman, name)))
-        total, by_name = pss_mib(pids)
-        parts = ", ".join(f"{k} {v:.0f}" for k, v in sorted(by_name.items(), key=lambda kv: -kv[1]))
-        return total, f"{len(pids)} processes: {parts} MiB"
-    finally:
-        for k in ks:
-            k.stop()
+    return kernels_pss(name, n, related=lambda: sorted(related_pids(podman, name)))
 
 
 def bench_podman(cfg: Config) -> list[Row]:
