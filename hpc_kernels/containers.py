@@ -25,7 +25,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from hpc_kernels import gc, paths, procfs
+from hpc_kernels import gc, paths, procfs, selfexec
 from hpc_kernels.errors import HpcKernelsError, RuntimeNotFoundError, ToolError
 from hpc_kernels.launchspec import LaunchSpec
 from hpc_kernels.runtimes.docker import (
@@ -253,12 +253,13 @@ def stop_if_idle(cli: ContainerCLI, name: str, sdir: Path, idle_timeout: float) 
 
 
 def spawn_watcher(args: Sequence[str], env: Mapping[str, str]) -> int:
-    """Start ``python -m hpc_kernels.containers ARGS`` in its own session; returns its pid."""
+    """Start ``python -m hpc_kernels.containers ARGS`` (isolated: selfexec.module_argv) in its own session;
+    returns its pid."""
     log = paths.log_dir() / "containers.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("a", encoding="utf-8") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "hpc_kernels.containers", *args], env=dict(env),
+            selfexec.module_argv("hpc_kernels.containers", *args), env=dict(env),
             stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True, close_fds=True,
         )
     return proc.pid

@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hpc_kernels import paths, procfs
+from hpc_kernels import paths, procfs, selfexec
 from hpc_kernels.errors import HpcKernelsError, ToolError
 from hpc_kernels.fsutil import atomic_write, locked
 from hpc_kernels.launchspec import LaunchSpec
@@ -470,7 +470,8 @@ def ensure_reaper(d: Path) -> bool:
 
 
 def spawn_reaper(d: Path) -> None:
-    """Start ``python -m hpc_kernels.instances reap DIR`` fully detached (double fork, new session).
+    """Start the reaper (``python -m hpc_kernels.instances reap DIR``, run as selfexec.module_argv does)
+    fully detached (double fork, new session).
 
     Its own session keeps it out of the launcher's process group (jupyter_client kills that group);
     the double fork keeps it from lingering as a zombie child of the kernel's runtime process.
@@ -487,7 +488,8 @@ def spawn_reaper(d: Path) -> None:
             os.dup2(null, 0)
             os.dup2(log, 1)
             os.dup2(log, 2)
-            os.execv(sys.executable, [sys.executable, "-m", "hpc_kernels.instances", "reap", str(d)])
+            argv = selfexec.module_argv("hpc_kernels.instances", "reap", str(d))
+            os.execv(argv[0], argv)
         finally:
             os._exit(127)
     os.close(log)

@@ -95,7 +95,8 @@ def _cleanup() -> None:
 
 def reaper_pids(d: Path) -> list[int]:
     """Pids of reapers serving instance dir ``d`` (its path is on their command line)."""
-    out = subprocess.run(["pgrep", "-f", f"hpc_kernels.instances reap {d}"], capture_output=True, text=True)
+    # `python -I -S -c "...run_module('hpc_kernels.instances'...)" reap DIR` (selfexec.module_argv)
+    out = subprocess.run(["pgrep", "-f", f"hpc_kernels.instances.* reap {d}"], capture_output=True, text=True)
     return [int(p) for p in out.stdout.split()]
 
 

@@ -189,3 +189,17 @@ def test_a_home_set_on_purpose_is_the_containers_home() -> None:
     assert "--home" not in argv
     argv, _, _ = apptainer.exec_command(SPEC, "/c.json", "apptainer", {"HOME": "/project/me/home"}, no_devices)
     assert argv[argv.index("--home") + 1] == "/project/me/home"
+
+
+def test_helper_processes_start_isolated(tmp_path: Path) -> None:
+    """Watchers and reapers (selfexec.module_argv) ignore a shadowing PYTHONPATH, like the launcher."""
+    from hpc_kernels import selfexec
+
+    shadow = tmp_path / "shadow" / "hpc_kernels"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('shadowed')\n")
+    argv = selfexec.module_argv("hpc_kernels.instances", "not-a-verb")
+    assert argv[1:3] == ["-I", "-S"]
+    done = subprocess.run(argv, env={**os.environ, "PYTHONPATH": str(shadow.parent)}, capture_output=True,
+                          text=True, timeout=60, cwd=tmp_path)
+    assert done.returncode == 2 and "usage: python -m hpc_kernels.instances reap" in done.stderr
