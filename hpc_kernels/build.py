@@ -239,15 +239,16 @@ def build(
             on_event(f"waiting for another build of '{entry.name}' to finish")
     with locked(lock, blocking=True):
         # The build we waited for may have produced exactly what we want.
-        if not force and image_state(entry).status == "built":
+        state = image_state(entry)
+        if not force and state.status == "built":
             return BuildResult(entry.name, "up-to-date", image, None, time.monotonic() - start)
-        if image_state(entry).status == "foreign":
+        if state.status == "foreign":
             raise BuildError(
                 entry.name,
                 f"{image} exists but was not built by hpc-kernels (no {stamp_path(image).name} beside it); "
                 "move it away, or point 'image' elsewhere, so it is not overwritten",
             )
-        digest = input_digest(entry)
+        digest = state.digest
         adapter = builder or default_builder(entry)  # a missing runtime fails here, before any file is written
         _remove_stale_temporaries(image)
         tmp = image.parent / f".{image.name}.tmp-{os.getpid()}"

@@ -51,6 +51,21 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         report.longrepr = f"real-component test skipped in CI (CI=true): {reason}"
 
 
+# ----------------------------------------------------------------------------- lmod
+
+
+@pytest.fixture(scope="session")
+def lmod_tool() -> Any:
+    """The real Lmod (skip where it is absent)."""
+    from hpc_kernels.errors import RuntimeNotFoundError
+    from hpc_kernels.runtimes import lmod
+
+    try:
+        return lmod.find()
+    except RuntimeNotFoundError as exc:
+        pytest.skip(f"Lmod is not installed (bash .ci/lmod-slurm-setup.sh installs it): {exc}")
+
+
 # ----------------------------------------------------------------------------- apptainer
 
 

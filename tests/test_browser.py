@@ -33,7 +33,6 @@ import pytest
 from conftest import leftover_processes
 
 from hpc_kernels import cli
-from hpc_kernels.errors import RuntimeNotFoundError
 from hpc_kernels.runtimes import lmod
 
 pytestmark = [pytest.mark.browser, pytest.mark.lmod, pytest.mark.apptainer]
@@ -93,15 +92,6 @@ def jupyterlab(root: Path, env: dict[str, str], log: Path) -> Iterator[str]:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=10)
-
-
-@pytest.fixture(scope="session")
-def lmod_tool() -> lmod.Lmod:
-    """The real Lmod (skip where it is absent)."""
-    try:
-        return lmod.find()
-    except RuntimeNotFoundError as exc:
-        pytest.skip(f"Lmod is not installed (bash .ci/lmod-slurm-setup.sh installs it): {exc}")
 
 
 def module_loaded_environment(tool: lmod.Lmod, tree: Path, env: dict[str, str]) -> dict[str, str]:

@@ -26,7 +26,6 @@ import pytest
 from conftest import leftover_processes
 
 from hpc_kernels import cli
-from hpc_kernels.errors import RuntimeNotFoundError
 from hpc_kernels.runtimes import lmod
 
 pytestmark = pytest.mark.lmod
@@ -71,15 +70,6 @@ class Shell:
         assert done.returncode == 0, done.stderr
         specs: dict[str, Any] = json.loads(done.stdout)["kernelspecs"]
         return specs
-
-
-@pytest.fixture(scope="session")
-def lmod_tool() -> lmod.Lmod:
-    """The real Lmod (skip where it is absent)."""
-    try:
-        return lmod.find()
-    except RuntimeNotFoundError as exc:
-        pytest.skip(f"Lmod is not installed (bash .ci/lmod-slurm-setup.sh installs it): {exc}")
 
 
 @pytest.fixture
