@@ -6,6 +6,7 @@ Set up by ``.ci/podman-setup.sh``: podman, the imported test image localhost/hpc
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -13,6 +14,7 @@ import signal
 import socket
 import stat
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -319,6 +321,14 @@ def test_gc_sweeps_leaked_containers(podman: str) -> None:
                      "--label", "hpc-kernels.role=kernel", "--label", f"hpc-kernels.pid={pid}",
                      *common, TEST_IMAGE, "sleep", "60")
             assert res.returncode == 0, res.stderr
+        # `hpc-kernels gc --dry-run` names the leaked container and removes nothing.
+        done = subprocess.run([sys.executable, "-m", "hpc_kernels", "gc", "--dry-run", "--json"],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        found = [f for f in json.loads(done.stdout)["findings"] if f["sweeper"] == "containers"]
+        assert (leaked, "would remove") in [(f["target"], f["action"]) for f in found]
+        assert alive not in [f["target"] for f in found]
+        assert ours(podman, f"name={leaked}") == [leaked]
         removed = containers.sweep_containers(("podman",))
         assert leaked in removed and alive not in removed
         assert ours(podman, f"name={leaked}") == [] and ours(podman, f"name={alive}") == [alive]
