@@ -137,6 +137,6 @@ def test_show_of_an_instance_kernel_names_the_instance(make_registry: Any, tmp_p
     shown = json.loads(run_cli("show", "sci", "--json", "--registry", str(path)).stdout)
     assert shown["kernel_json"]["interrupt_mode"] == "message"
     assert shown["problem"] is None
-    assert shown["command"][:4] == [str(fake), "exec", "--cleanenv", shown["command"][3]]
-    assert shown["command"][3].startswith("instance://hpck-sci-")
+    assert shown["command"][:6] == [str(fake), "-q", "exec", "--cleanenv", "--no-eval", shown["command"][5]]
+    assert shown["command"][5].startswith("instance://hpck-sci-")
     assert any("instance start" in w for w in shown["warnings"])

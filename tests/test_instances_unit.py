@@ -37,7 +37,7 @@ HOST_ENV = {"PATH": "/usr/bin", "HOME": "/home/u", "PYTHONPATH": "/leak", "KEEP_
 def test_instance_start_argv_binds_connection_dir_and_registry_binds() -> None:
     argv, env, warnings = appt.instance_start_command(
         spec(), "NAME", "/run/user/1/jupyter", "/state/pid", BIN, {**HOST_ENV, "SLURM_TMPDIR": "/local/tmp"})
-    assert argv == [BIN, "instance", "start", "--cleanenv", "--pid-file", "/state/pid", "-W", "/local/tmp",
+    assert argv == [BIN, "-q", "instance", "start", "--cleanenv", "--no-eval", "--pid-file", "/state/pid", "-W", "/local/tmp",
                     "--home", "/home/u",  # $HOME differs from the passwd home of the user running the test
                     "--bind", "/run/user/1/jupyter:/run/user/1/jupyter:rw",
                     "--bind", "/project", "--bind", "/scratch:/scratch:ro",
@@ -52,7 +52,7 @@ def test_instance_start_argv_binds_connection_dir_and_registry_binds() -> None:
 def test_instance_exec_argv_keeps_host_connection_path_and_sets_markers() -> None:
     argv, env = appt.instance_exec_command(spec(), "NAME", "/rt/kernel-1.json", BIN, HOST_ENV,
                                            {instances.ENV_INSTANCE: "NAME", instances.ENV_ATTACHMENT: "7-9"})
-    assert argv == [BIN, "exec", "--cleanenv", "instance://NAME",
+    assert argv == [BIN, "-q", "exec", "--cleanenv", "--no-eval", "instance://NAME",
                     "python3", "-m", "ipykernel_launcher", "-f", "/rt/kernel-1.json"]
     assert env["APPTAINERENV_HPC_KERNELS_INSTANCE"] == "NAME"
     assert env["APPTAINERENV_HPC_KERNELS_ATTACHMENT"] == "7-9"

@@ -6,10 +6,12 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from hpc_kernels.errors import HpcKernelsError
 from hpc_kernels.launchspec import LaunchSpec
 from hpc_kernels.runtimes import apptainer
 
@@ -28,7 +30,7 @@ def no_devices(_path: str) -> bool:
 def test_exact_argv() -> None:
     argv, _env, warnings = apptainer.exec_command(SPEC, "/run/user/1/kernel-1.json", "/usr/bin/apptainer", {}, no_devices)
     assert argv == [
-        "/usr/bin/apptainer", "exec", "--cleanenv",
+        "/usr/bin/apptainer", "-q", "exec", "--cleanenv", "--no-eval",
         "--bind", f"/run/user/1/kernel-1.json:{apptainer.CONNECTION_DST}:rw",
         "--bind", "/project", "--bind", "/scratch:/scratch:ro",
         "--contain", "/img/sci.sif",
@@ -56,7 +58,7 @@ def test_clean_environment_allowlist() -> None:
     }
     # the runtime itself keeps the host environment (and DRAC's APPTAINER_BIND) to find its own files
     assert env["PATH"] == "/usr/bin" and env["APPTAINER_BIND"] == "/project"
-    assert argv[3:5] == ["-W", "/localscratch/j42"]
+    assert argv[5:7] == ["-W", "/localscratch/j42"]
 
 
 def test_singularity_gets_its_own_prefix() -> None:
@@ -203,3 +205,37 @@ def test_helper_processes_start_isolated(tmp_path: Path) -> None:
     done = subprocess.run(argv, env={**os.environ, "PYTHONPATH": str(shadow.parent)}, capture_output=True,
                           text=True, timeout=60, cwd=tmp_path)
     assert done.returncode == 2 and "usage: python -m hpc_kernels.instances reap" in done.stderr
+
+
+# ----------------------------------------------------------------------------- values are data (security)
+
+def test_every_apptainer_command_tells_the_runtime_not_to_evaluate_values() -> None:
+    """Without --no-eval Apptainer double-quotes APPTAINERENV_* values in a script it sources: $(...) runs."""
+    host = {"JPY_SESSION_NAME": "/home/u/$(touch PWNED).ipynb"}
+    commands = [
+        apptainer.exec_command(SPEC, "/c.json", "/usr/bin/apptainer", host, no_devices)[0],
+        apptainer.run_command(SPEC, ["python3"], "/usr/bin/apptainer", host, no_devices)[0],
+        apptainer.instance_start_command(SPEC, "N", "/rt", "/pid", "/usr/bin/apptainer", host, no_devices)[0],
+        apptainer.instance_exec_command(SPEC, "N", "/rt/c.json", "/usr/bin/apptainer", host, {})[0],
+    ]
+    for argv in commands:
+        verb = argv.index("exec") if "exec" in argv else argv.index("start")
+        assert argv[verb + 1:verb + 3] == ["--cleanenv", apptainer.NO_EVAL], argv
+    # ...and the value itself is passed unchanged (no escaping that would arrive mangled).
+    _argv, env, _w = apptainer.exec_command(SPEC, "/c.json", "/usr/bin/apptainer", host, no_devices)
+    assert env["APPTAINERENV_JPY_SESSION_NAME"] == host["JPY_SESSION_NAME"]
+
+
+def test_host_variables_whose_names_cannot_be_exported_are_left_out_with_a_warning() -> None:
+    # One bad name aborts Apptainer's generated env script and silently drops every later variable.
+    host = {"SLURM_JOB_ID": "7", "SLURM_$(x)": "1", "LC_ALL": "C"}
+    _argv, env, warnings = apptainer.exec_command(SPEC, "/c.json", "/usr/bin/apptainer", host, no_devices)
+    assert env["APPTAINERENV_SLURM_JOB_ID"] == "7" and env["APPTAINERENV_LC_ALL"] == "C"
+    assert not any("$(x)" in k for k in env if k.startswith("APPTAINERENV_"))
+    assert any("SLURM_$(x)" in w for w in warnings)
+
+
+def test_a_bad_name_from_a_hand_edited_kernel_json_is_refused() -> None:
+    spec = replace(SPEC, env=(("OK", "1"), ("BAD NAME", "2")))
+    with pytest.raises(HpcKernelsError, match="not a valid name"):
+        apptainer.exec_command(spec, "/c.json", "/usr/bin/apptainer", {}, no_devices)

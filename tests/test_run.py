@@ -83,7 +83,7 @@ def test_run_and_the_kernel_share_one_argv_builder() -> None:
     bind = ["--bind", f"/c.json:{apptainer.CONNECTION_DST}:rw"]
     at = kernel.index(bind[0])
     assert kernel[:at] + kernel[at + 2:kernel.index("/i.sif") + 1] + ["python3", "x.py"] == script
-    assert script[:6] == ["/bin/apptainer", "exec", "--cleanenv", "-W", "/local/tmp", "--bind"]
+    assert script[:8] == ["/bin/apptainer", "-q", "exec", "--cleanenv", "--no-eval", "-W", "/local/tmp", "--bind"]
     assert (senv, swarn) == (kenv, kwarn) and swarn  # same environment, same GPU warning
     # No command: the interpreter of the kernel's command.
     assert apptainer.run_command(spec, [], "/bin/apptainer", host, no_devices)[0][-2:] == ["/i.sif", "python3"]
@@ -101,7 +101,7 @@ def test_dry_run_prints_the_command(make_registry: Callable[..., Path], setup: t
     words = shlex.split(done.stdout)
     at = words.index("/bin/true")
     # the tests' isolated $HOME is not the passwd home: the container gets it as its home
-    assert words[at:] == ["/bin/true", "exec", "--cleanenv", "--home", env["HOME"], "--bind", f"{data}:/data:ro", str(image),
+    assert words[at:] == ["/bin/true", "-q", "exec", "--cleanenv", "--no-eval", "--home", env["HOME"], "--bind", f"{data}:/data:ro", str(image),
                           "python3", "-V"]
     assert words[:at] == ["APPTAINERENV_HPCK_FROM_REGISTRY=set by env", "APPTAINERENV_HPCK_PASSED=passed through",
                           "APPTAINERENV_LANG=C.UTF-8", "APPTAINERENV_OMP_NUM_THREADS=3", "APPTAINERENV_PYTHONNOUSERSITE=1",

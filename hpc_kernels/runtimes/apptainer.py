@@ -12,7 +12,7 @@ import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
-from hpc_kernels.errors import BuildError, RuntimeNotFoundError
+from hpc_kernels.errors import BuildError, HpcKernelsError, RuntimeNotFoundError
 from hpc_kernels.launchspec import LaunchSpec
 
 # The launcher imports this module on every kernel start, with ``python -S`` where nothing is preloaded:
@@ -106,17 +106,49 @@ def gpu_flag(gpu: str, exists: object = os.path.exists) -> tuple[str | None, str
     return None, None
 
 
+#: Flags on every command that starts a container: ``-q`` keeps Apptainer's INFO lines (``gocryptfs not
+#: found``...) out of Jupyter's log (warnings and errors still show).
+GLOBAL_FLAGS = ("-q",)
+
+#: ``--no-eval``: Apptainer writes each ``APPTAINERENV_*`` value into a script the container sources, and by
+#: default inside *double* quotes, so ``$(...)``, backticks and ``${...}`` in a value run as shell in the
+#: container (a notebook named ``$(touch x).ipynb`` reaches us as ``JPY_SESSION_NAME``). With ``--no-eval``
+#: (Apptainer >= 1.1, SingularityCE >= 3.10) the values are single-quoted: every byte arrives as it was.
+NO_EVAL = "--no-eval"
+
+
+def is_env_name(key: str) -> bool:
+    """True for a name a shell can export (``[A-Za-z_][A-Za-z0-9_]*``).
+
+    Apptainer turns each variable into ``export NAME=...`` in a script the container sources; one bad
+    name aborts that script and silently drops every variable after it.
+    """
+    return bool(key) and (key[0].isascii() and (key[0].isalpha() or key[0] == "_")) and all(
+        c.isascii() and (c.isalnum() or c == "_") for c in key)
+
+
 def container_env(spec: LaunchSpec, environ: Mapping[str, str]) -> dict[str, str]:
-    """The variables the kernel sees inside the container: the allowlist, pass_env, env, and fixes."""
+    """The variables the kernel sees inside the container: the allowlist, pass_env, env, and fixes.
+
+    Values are carried byte for byte (the runtime is told not to evaluate them, see :data:`NO_EVAL`);
+    host variables whose *names* a shell cannot export are left out (:func:`unexportable`).
+    """
     wanted = ENV_ALLOWLIST + spec.pass_env
     result: dict[str, str] = {}
     for key, value in environ.items():
-        if any(fnmatch.fnmatchcase(key, pat) for pat in wanted):
+        if is_env_name(key) and any(fnmatch.fnmatchcase(key, pat) for pat in wanted):
             result[key] = value
     result.update(spec.env)
     # $HOME is bound: without this, ~/.local site-packages of the host Python leak into the kernel.
     result["PYTHONNOUSERSITE"] = "1"
     return result
+
+
+def unexportable(spec: LaunchSpec, environ: Mapping[str, str]) -> list[str]:
+    """Warnings for host variables the kernel asked for whose names cannot be exported (left out)."""
+    wanted = ENV_ALLOWLIST + spec.pass_env
+    bad = sorted(k for k in environ if not is_env_name(k) and any(fnmatch.fnmatchcase(k, p) for p in wanted))
+    return [f"left out the host variable {k!r}: it is not a valid environment variable name" for k in bad]
 
 
 def container_command(
@@ -136,7 +168,7 @@ def container_command(
     and warnings (e.g. a GPU requested on a node without one).
     """
     flags, warnings = container_flags(spec, environ, extra_binds, exists)
-    argv = [binary, "exec", "--cleanenv", *flags, spec.image, *command]
+    argv = [binary, *GLOBAL_FLAGS, "exec", "--cleanenv", NO_EVAL, *flags, spec.image, *command]
     return argv, runtime_env(binary, environ, container_env(spec, environ)), warnings
 
 
@@ -149,7 +181,7 @@ def container_flags(
     """The flags every container of ``spec`` gets after ``--cleanenv`` (``exec`` and ``instance start``
     alike), and warnings: the GPU flag for this node, ``-W $SLURM_TMPDIR``, ``extra_binds`` then the kernel's
     binds (``$VARS`` expanded now), then ``runtime_args``."""
-    warnings: list[str] = []
+    warnings = unexportable(spec, environ)
     flags: list[str] = []
     flag, warning = gpu_flag(spec.gpu, exists)
     if flag:
@@ -311,6 +343,8 @@ def runtime_env(binary: str, environ: Mapping[str, str], container: Mapping[str,
     prefix = env_prefix(binary)
     env = {k: v for k, v in environ.items() if not k.startswith(("APPTAINERENV_", "SINGULARITYENV_"))}
     for key, value in container.items():
+        if not is_env_name(key):  # the registry refuses such names; a kernel.json edited by hand may not
+            raise HpcKernelsError(f"cannot pass the variable {key!r} into the container: not a valid name.")
         env[prefix + key] = value
     return env
 
@@ -330,7 +364,8 @@ def instance_start_command(
     directory holding the connection files is bound here, at the same path, read-write.
     """
     flags, warnings = container_flags(spec, environ, [f"{connection_dir}:{connection_dir}:rw"], exists)
-    argv = [binary, "instance", "start", "--cleanenv", "--pid-file", pid_file, *flags, spec.image, name]
+    argv = [binary, *GLOBAL_FLAGS, "instance", "start", "--cleanenv", NO_EVAL, "--pid-file", pid_file, *flags,
+            spec.image, name]
     return argv, runtime_env(binary, environ, container_env(spec, environ)), warnings
 
 
@@ -347,7 +382,7 @@ def instance_exec_command(
     The connection file keeps its host path (its directory is bound at the same path);
     ``markers`` are extra container variables that let us find this kernel's processes later.
     """
-    argv = [binary, "exec", "--cleanenv", f"instance://{name}"]
+    argv = [binary, *GLOBAL_FLAGS, "exec", "--cleanenv", NO_EVAL, f"instance://{name}"]
     argv += [connection_file if a == "{connection_file}" else a for a in spec.command]
     container = container_env(spec, environ)
     container.update(markers)
