@@ -5,11 +5,12 @@
 #       runtime = runc     (crun 1.8 refuses this VM kind's hybrid cgroups)
 #       default_ulimits    within root's hard limits (no CAP_SYS_RESOURCE here)
 #     so plain `podman` works for every process, with nothing to export;
-#   - imports $HPCK_CI_CACHE/rootfs.tar (built by .ci/build-test-image.sh) as the image
-#     localhost/hpck-test:bookworm (marker file /etc/hpck-test-image inside);
-#   - starts `podman system service` on unix:///run/podman/podman.sock (Podman's standard
-#     rootful socket) so the real `docker` CLI can drive Podman with DOCKER_HOST set to it.
-# The tests find the image and the socket at these fixed places themselves.
+#   - ROOTLESS Podman for the test user ($HPCK_USER), as DRAC-like users run it: cgroupfs manager and
+#     file event logger (no systemd here), storage at a fixed per-user path (rootless_storage_path), so
+#     tests that point $HOME/XDG dirs at temporary directories still find the image;
+#   - imports $HPCK_CI_CACHE/rootfs.tar (built by .ci/build-test-image.sh) as the test user's image
+#     localhost/hpck-test:bookworm (marker file /etc/hpck-test-image inside).
+# Docker tests use a real dockerd (.ci/docker-setup.sh), not Podman's API.
 set -euo pipefail
 CACHE=${HPCK_CI_CACHE:-/var/cache/hpc-kernels-ci}
 IMAGE=localhost/hpck-test:bookworm
@@ -57,6 +58,9 @@ init_path = "/usr/bin/catatonit"
 [engine]
 # crun 1.8 refuses hybrid cgroups ("cgroups in hybrid mode not supported"); runc works.
 runtime = "runc"
+# No systemd (PID 1 is not systemd here, nor inside many HPC nodes): no systemd cgroups or journald.
+cgroup_manager = "cgroupfs"
+events_logger = "file"
 EOF
 write_conf /etc/containers/storage.conf <<EOF
 # $MARKER
@@ -64,34 +68,21 @@ write_conf /etc/containers/storage.conf <<EOF
 driver = "overlay"
 graphroot = "/var/lib/containers/storage"
 runroot = "/run/containers/storage"
+# Rootless users: a fixed place per user, independent of $HOME/XDG_DATA_HOME (tests move those).
+rootless_storage_path = "/var/lib/containers-rootless/\$USER/storage"
 EOF
 touch /etc/containers/nodocker
 
-if ! podman image exists "$IMAGE"; then
+U1=${HPCK_USER:-hpck-a}
+uid=$(id -u "$U1")
+install -d -m 0755 /var/lib/containers-rootless
+install -d -o "$U1" -g "$(id -gn "$U1")" -m 0700 "/var/lib/containers-rootless/$U1"
+as_user() { (cd / && runuser -u "$U1" -- env HOME="$(getent passwd "$U1" | cut -d: -f6)" USER="$U1" \
+  XDG_RUNTIME_DIR="/run/user/$uid" PATH=/usr/sbin:/usr/bin:/sbin:/bin "$@"); }
+if ! as_user podman image exists "$IMAGE"; then
   [[ -s $CACHE/rootfs.tar ]] || { echo "$CACHE/rootfs.tar missing: run .ci/build-test-image.sh first" >&2; exit 1; }
-  log "podman import $CACHE/rootfs.tar $IMAGE"
-  podman import --quiet "$CACHE/rootfs.tar" "$IMAGE" >/dev/null
+  log "podman import $CACHE/rootfs.tar $IMAGE (as $U1, rootless)"
+  as_user podman import --quiet "$CACHE/rootfs.tar" "$IMAGE" >/dev/null
 fi
-podman run --rm --network=host "$IMAGE" test -f /etc/hpck-test-image
-log "podman run ok"
-
-ping_service() { curl -fsS --max-time 2 --unix-socket "$SOCK" http://d/_ping >/dev/null 2>&1; }
-# A service left by an earlier run whose working directory was deleted (a CI clone removed since)
-# still answers _ping, but conmon fails every container ("Failed to get working directory"): restart it.
-for pid in $(pgrep -f "podman system service --time=0 unix://$SOCK" || true); do
-  if [[ $(readlink "/proc/$pid/cwd") == *" (deleted)" ]]; then log "restarting podman service $pid (its cwd is gone)"; kill "$pid"; sleep 0.5; fi
-done
-if ! ping_service; then
-  log "starting podman system service on unix://$SOCK"
-  mkdir -p "$SOCK_DIR"
-  rm -f "$SOCK"
-  # Its own session, outliving this script; --time=0: never exit for inactivity.
-  # cwd /: a daemon must not hold (or depend on) the directory it was started from.
-  (cd / && exec setsid nohup podman system service --time=0 "unix://$SOCK" >"$CACHE/podman-service.log" 2>&1 </dev/null) &
-  for _ in $(seq 100); do ping_service && break; sleep 0.1; done
-  ping_service || { tail -20 "$CACHE/podman-service.log" >&2; exit 1; }
-fi
-if command -v docker >/dev/null; then
-  log "docker CLI -> podman API $(DOCKER_HOST=unix://$SOCK docker version --format '{{.Server.Version}}')"
-fi
-log "done"
+as_user podman run --rm --network=host "$IMAGE" test -f /etc/hpck-test-image
+log "rootless podman run ok as $U1 ($(as_user podman info --format '{{.Host.Security.Rootless}} {{.Store.GraphDriverName}}'))"

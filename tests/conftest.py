@@ -16,8 +16,10 @@ from typing import Any
 
 import pytest
 
-REAL_MARKERS = ("apptainer", "podman", "lmod", "slurm", "browser")
+REAL_MARKERS = ("apptainer", "podman", "docker", "lmod", "slurm", "browser")
 CACHE = Path(os.environ.get("HPCK_CI_CACHE", "/var/cache/hpc-kernels-ci"))
+#: The user's real home, read before any test moves $HOME (Apptainer may keep instance state there).
+REAL_HOME = os.path.expanduser("~")
 
 
 @pytest.fixture(autouse=True)
@@ -38,6 +40,29 @@ def isolated_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.
         monkeypatch.delenv(var, raising=False)
     monkeypatch.chdir(home)
     return home
+
+
+@pytest.fixture(autouse=True)
+def no_leftovers(request: pytest.FixtureRequest, isolated_home: Path) -> Iterator[None]:
+    """A real-component test leaves nothing: no process, starter, squashfuse, FUSE mount, instance,
+    container, Slurm job or build temporary that was not there before it (tests/leaks.py tracks them).
+
+    Leftovers are removed (so the next test starts clean) and the test fails. ``@pytest.mark.leaks_ok``
+    opts out: only the tests that leak on purpose to prove these checks fail (tests/test_leak_checks.py).
+    """
+    node = request.node
+    if not any(node.get_closest_marker(m) for m in REAL_MARKERS) or node.get_closest_marker("leaks_ok"):
+        yield
+        return
+    from tests import leaks
+
+    homes = [str(isolated_home), REAL_HOME]
+    before = leaks.snapshot(homes)
+    yield
+    left = leaks.leftovers(before, homes)
+    if left:
+        leaks.remove(left, homes)
+        pytest.fail("left behind:\n  " + "\n  ".join(map(str, sorted(left))), pytrace=False)
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -1,7 +1,8 @@
-"""Docker/Podman kernels end to end with real Podman (and the real docker CLI on Podman's API service).
+"""Docker/Podman kernels end to end: rootless Podman as the unprivileged test user, and a real Docker
+Engine (Debian's docker.io, dockerd --bridge=none) driven by the docker CLI.
 
-Set up by ``.ci/podman-setup.sh``: podman, the imported test image localhost/hpck-test:bookworm and
-``podman system service`` on /run/podman/podman.sock. Every test proves nothing of ours is left.
+Set up by ``.ci/podman-setup.sh`` (the user's image localhost/hpck-test:bookworm) and ``.ci/docker-setup.sh``
+(dockerd on /run/docker.sock, the same image imported). Every test proves nothing of ours is left.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from tests.conftest import run_cell, start_ready_kernel
 pytestmark = pytest.mark.podman
 
 TEST_IMAGE = "localhost/hpck-test:bookworm"
-SOCKET = Path(os.environ.get("HPCK_PODMAN_SOCKET", "/run/podman/podman.sock"))
+DOCKER_SOCKET = Path(os.environ.get("HPCK_DOCKER_SOCKET", "/run/docker.sock"))
+RUNTIMES = ["podman", pytest.param("docker", marks=pytest.mark.docker)]
 COMMAND = '[python3, -m, ipykernel_launcher, -f, "{connection_file}"]'
 PROBE = ("import os; print('IMAGE', os.path.exists('/etc/hpck-test-image'), "
          "'ENV', os.environ.get('PYTHONNOUSERSITE'), os.environ.get('HPCK_FROM_REGISTRY'))")
@@ -51,15 +53,24 @@ def podman() -> str:
 
 
 @pytest.fixture(scope="session")
-def docker_host(podman: str) -> str:
-    """DOCKER_HOST of Podman's API service, checked with the real docker CLI."""
+def docker_host() -> str:
+    """DOCKER_HOST of the real Docker Engine, checked with the real docker CLI (the test user is in `docker`)."""
     if not shutil.which("docker"):
-        pytest.skip("the docker CLI is not installed")
-    host = f"unix://{SOCKET}"
-    if not SOCKET.is_socket() or sh("docker", "version", env={**os.environ, "DOCKER_HOST": host}).returncode:
-        pytest.skip(f"podman system service is not listening on {SOCKET} "
-                    "(bash .ci/podman-setup.sh starts it)")
+        pytest.skip("the docker CLI is not installed (bash .ci/docker-setup.sh installs docker.io)")
+    host = f"unix://{DOCKER_SOCKET}"
+    if not DOCKER_SOCKET.is_socket() or sh("docker", "version", env={**os.environ, "DOCKER_HOST": host}).returncode:
+        pytest.skip(f"no Docker Engine answers on {DOCKER_SOCKET} (bash .ci/docker-setup.sh starts dockerd)")
+    if sh("docker", "image", "inspect", TEST_IMAGE, env={**os.environ, "DOCKER_HOST": host}).returncode:
+        pytest.skip(f"test image {TEST_IMAGE} missing in Docker (bash .ci/docker-setup.sh imports it)")
     return host
+
+
+def engine(runtime: str, podman: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The CLI that sees ``runtime``'s containers (DOCKER_HOST set for docker)."""
+    if runtime == "docker":
+        monkeypatch.setenv("DOCKER_HOST", request.getfixturevalue("docker_host"))
+        return str(shutil.which("docker"))
+    return podman
 
 
 def ours(podman: str, *filters: str) -> list[str]:
@@ -143,21 +154,22 @@ def cleanup(podman: str) -> Iterator[list[Any]]:
     """Kernel managers to shut down whatever happens; then remove anything of ours still there."""
     managers: list[Any] = []
     yield managers
+    clis = [podman] + [m for m in managers if isinstance(m, str)]
     for km in managers:
-        if km.has_kernel:
+        if not isinstance(km, str) and km.has_kernel:
             km.shutdown_kernel(now=True)
-    for name in ours(podman, f"label=hpc-kernels.owner={containers.user_name()}"):
-        sh(podman, "rm", "-f", name)
+    for cli in clis:
+        for name in ours(cli, f"label=hpc-kernels.owner={containers.user_name()}"):
+            sh(cli, "rm", "-f", name)
 
 
-@pytest.mark.parametrize("runtime", ["podman", "docker"])
+@pytest.mark.parametrize("runtime", RUNTIMES)
 def test_kernel_lifecycle_leaves_nothing(
     runtime: str, podman: str, make_registry: Any, isolated_home: Path, cleanup: list[Any],
     monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest,
 ) -> None:
-    if runtime == "docker":
-        # The adapter's exact argv, run by the real docker CLI against Podman's Docker API.
-        monkeypatch.setenv("DOCKER_HOST", request.getfixturevalue("docker_host"))
+    cli = engine(runtime, podman, request, monkeypatch)
+    cleanup.append(cli)
     name = f"box-{runtime}"
     install(make_registry, name, runtime)
     km, kc = start(name, isolated_home)
@@ -165,8 +177,8 @@ def test_kernel_lifecycle_leaves_nothing(
     try:
         content, out = run_cell(kc, PROBE)
         assert content["status"] == "ok" and IN_IMAGE in out
-        [container] = ours(podman, f"label=hpc-kernels.kernel={name}")
-        labels = sh(podman, "inspect", "--format", "{{json .Config.Labels}}", container).stdout
+        [container] = ours(cli, f"label=hpc-kernels.kernel={name}")
+        labels = sh(cli, "inspect", "--format", "{{json .Config.Labels}}", container).stdout
         assert km.connection_file in labels and "hpc-kernels.pid" in labels
         assert stat.S_IMODE(os.stat(km.connection_file).st_mode) == 0o600
 
@@ -179,17 +191,17 @@ def test_kernel_lifecycle_leaves_nothing(
         kc.wait_for_ready(timeout=90)
         content, _ = run_cell(kc, "x")
         assert content["status"] == "error" and content["ename"] == "NameError"  # a fresh kernel
-        assert eventually(lambda: len(ours(podman, f"label=hpc-kernels.kernel={name}")) != 1) is False
+        assert eventually(lambda: len(ours(cli, f"label=hpc-kernels.kernel={name}")) != 1) is False
 
         kc.execute("import os; os._exit(1)")  # the kernel crashes: its container goes with it
-        assert not eventually(lambda: km.is_alive() or ours(podman, f"label=hpc-kernels.kernel={name}"))
+        assert not eventually(lambda: km.is_alive() or ours(cli, f"label=hpc-kernels.kernel={name}"))
         km.restart_kernel(now=True)  # what Jupyter's restarter does after a crash
         kc.wait_for_ready(timeout=90)
         assert run_cell(kc, PROBE)[0]["status"] == "ok"
     finally:
         kc.stop_channels()
     km.shutdown_kernel(now=False)
-    assert eventually(lambda: ours(podman, f"label=hpc-kernels.kernel={name}") or open_ports(km)) == []
+    assert eventually(lambda: ours(cli, f"label=hpc-kernels.kernel={name}") or open_ports(km)) == []
 
     # SIGTERM (jupyter_client's fallback when a kernel ignores shutdown_request) reaches the kernel:
     # the client proxies it and --init forwards it (Python as PID 1 would ignore it).
@@ -197,16 +209,16 @@ def test_kernel_lifecycle_leaves_nothing(
     cleanup.append(km)
     kc.stop_channels()
     os.killpg(km.provisioner.process.pid, signal.SIGTERM)
-    assert not eventually(lambda: km.is_alive() or ours(podman, f"label=hpc-kernels.kernel={name}"))
+    assert not eventually(lambda: km.is_alive() or ours(cli, f"label=hpc-kernels.kernel={name}"))
     km.shutdown_kernel(now=True)
 
     # SIGKILL of the launcher's whole process group (what a crashed Jupyter server's kill does).
     km, kc = start(name, isolated_home)
     cleanup.append(km)
     kc.stop_channels()
-    assert ours(podman, f"label=hpc-kernels.kernel={name}")
+    assert ours(cli, f"label=hpc-kernels.kernel={name}")
     os.killpg(km.provisioner.process.pid, signal.SIGKILL)
-    assert eventually(lambda: ours(podman, f"label=hpc-kernels.kernel={name}") or open_ports(km)) == []
+    assert eventually(lambda: ours(cli, f"label=hpc-kernels.kernel={name}") or open_ports(km)) == []
     km.shutdown_kernel(now=True)
 
 
@@ -260,13 +272,12 @@ class CountingCLI(ContainerCLI):
         super().build(recipe, dest, options, on_line)
 
 
-@pytest.mark.parametrize("runtime", ["podman", "docker"])
+@pytest.mark.parametrize("runtime", RUNTIMES)
 def test_build_from_def_through_spython_then_noop(
     runtime: str, podman: str, make_registry: Any, monkeypatch: pytest.MonkeyPatch,
     request: pytest.FixtureRequest,
 ) -> None:
-    if runtime == "docker":
-        monkeypatch.setenv("DOCKER_HOST", request.getfixturevalue("docker_host"))
+    podman = engine(runtime, podman, request, monkeypatch)
     name = f"built-{runtime}-{secrets.token_hex(3)}"  # a fresh tag: no earlier run's image counts
     path = make_registry(f"""
         kernels:
