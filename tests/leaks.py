@@ -11,6 +11,7 @@ Processes are compared by (pid, start time), so a reused pid is never mistaken f
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -194,10 +195,8 @@ def remove(things: Iterable[Thing], homes: Iterable[str] = (), environ: Mapping[
         if thing.kind in ("process", "squashfuse", "starter"):
             pid = int(thing.ident.split("@")[0])
             if any(t.ident == thing.ident for t in processes()):
-                try:
+                with contextlib.suppress(OSError):
                     os.kill(pid, signal.SIGKILL)
-                except OSError:
-                    pass
         elif thing.kind == "mount":
             _run(["fusermount3", "-u", "-z", thing.ident]) or _run(["fusermount", "-u", "-z", thing.ident])
         elif thing.kind == "instance":
