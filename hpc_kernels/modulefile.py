@@ -273,7 +273,7 @@ def _apptainer_block(config: ModuleConfig) -> str:
 def render_modulefile(config: ModuleConfig, relative: bool) -> str:
     """The Lua text of ``<name>/<version>.lua``."""
     registry = (
-        f"setenv(\"HPC_KERNELS_REGISTRY\", {lua_path(config.registry, config, relative)})"
+        f"pushenv(\"HPC_KERNELS_REGISTRY\", {lua_path(config.registry, config, relative)})"
         if config.registry is not None
         else "-- No registry was known when this module was written: HPC_KERNELS_REGISTRY is left alone."
     )
