@@ -67,7 +67,8 @@ def current_program() -> Path:
         return Path(found).absolute()
     raise HpcKernelsError(
         f"cannot find the 'hpc-kernels' program next to {sys.executable} or on PATH; "
-        "install hpc-kernels into this environment (pip install hpc-kernels) and run it from there."
+        "install hpc-kernels into this environment (pip install /path/to/a/clone/of/hpc-kernels) and run it "
+        "from there."
     )
 
 
