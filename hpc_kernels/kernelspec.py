@@ -15,6 +15,7 @@ from typing import Any
 
 from hpc_kernels import __version__
 from hpc_kernels.errors import HpcKernelsError, NotOursError
+from hpc_kernels.fsutil import remove_tree
 from hpc_kernels.launchspec import MARKER, LaunchSpec
 from hpc_kernels.registry import KernelEntry
 
@@ -130,6 +131,9 @@ def install(entry: KernelEntry, target: Target, registry: Path | None = None) ->
     with tempfile.TemporaryDirectory(prefix="hpck-spec-") as src:
         (Path(src) / "kernel.json").write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
         _copy_logos(Path(src))
+        if dest.exists():
+            # jupyter_client would rmtree it too, but its errors name a bare 'kernel.json', not the path.
+            remove_tree(dest)
         installed = KernelSpecManager().install_kernel_spec(
             src, kernel_name=entry.name, user=target.user, prefix=target.prefix
         )
@@ -147,14 +151,12 @@ def _copy_logos(dest: Path) -> None:
 
 def uninstall(name: str, target: Target) -> Path:
     """Remove our kernelspec ``name`` from ``target``; refuse one we did not write."""
-    import shutil
-
     dest = target.kernels_dir() / name
     if not dest.exists():
         raise HpcKernelsError(f"no kernelspec named '{name}' in {dest.parent}.")
     if not is_ours(dest):
         raise NotOursError(f"the kernelspec at {dest} was not written by hpc-kernels; leaving it alone.")
-    shutil.rmtree(dest)
+    remove_tree(dest)
     return dest
 
 
