@@ -3,17 +3,32 @@ and no silent or misleading lines (issue #13: first contact, two install locatio
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from hpc_kernels import cli
+from hpc_kernels import cli, instances, slurm
 
 LONG = "science-with-a-rather-long-kernel-name"
 RECIPE = {"sci.def": "Bootstrap: localimage\nFrom: base.sif\n"}
 REGISTRY = f"kernels:\n  sci:\n    def: sci.def\n  {LONG}:\n    def: sci.def\n"
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def out_err(capsys: pytest.CaptureFixture[str]) -> tuple[str, str]:
+    captured = capsys.readouterr()
+    return ANSI.sub("", captured.out), ANSI.sub("", captured.err)
+
+
+def as_terminal(monkeypatch: pytest.MonkeyPatch, columns: int = 80) -> None:
+    """Make rich treat the captured stdout/stderr as an 80-column terminal."""
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")
+    monkeypatch.setenv("COLUMNS", str(columns))
 
 
 @pytest.fixture
@@ -23,6 +38,108 @@ def reg(make_registry: Any, capsys: pytest.CaptureFixture[str]) -> Path:
     assert cli.main(["install", "--all", "--registry", str(path)]) == 0
     capsys.readouterr()
     return path
+
+
+# ----------------------------------------------------------------------------- listings
+
+
+def test_list_piped_is_one_whole_line_per_kernel(reg: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`list | grep NAME` finds the kernel's whole row: its name, image and kernelspec path, home as ~."""
+    assert cli.main(["list", "--registry", str(reg)]) == 0
+    out, err = out_err(capsys)
+    lines = out.splitlines()
+    assert lines[0].split() == ["kernel", "runtime/mode", "image", "state", "installed"]
+    [row] = [line for line in lines if line.startswith(LONG)]
+    assert row.split() == [LONG, "apptainer/exec", f"~/.local/share/hpc-kernels/images/{LONG}.sif", "missing",
+                           f"~/.local/share/jupyter/kernels/{LONG}"]
+    assert len(lines) == 3 and "│" not in out
+    assert f"{reg} (found via --registry)" in err  # the title goes to stderr: stdout is rows only
+
+
+def test_list_in_a_narrow_terminal_keeps_paths_whole(reg: Path, capsys: pytest.CaptureFixture[str],
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    as_terminal(monkeypatch)
+    assert cli.main(["list", "--registry", str(reg)]) == 0
+    out, _err = out_err(capsys)
+    assert "│" not in out and "…" not in out
+    lines = [line.strip() for line in out.splitlines()]
+    # Too wide for 80 columns: each path on a line of its own, whole, after the kernel's short columns.
+    at = lines.index(f"{LONG}  apptainer/exec  missing")
+    assert lines[at + 1] == f"image:     ~/.local/share/hpc-kernels/images/{LONG}.sif"
+    assert lines[at + 2] == f"installed: ~/.local/share/jupyter/kernels/{LONG}"
+
+
+def test_list_in_a_wide_terminal_is_one_line_per_kernel(reg: Path, capsys: pytest.CaptureFixture[str],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    as_terminal(monkeypatch, columns=300)
+    assert cli.main(["list", "--registry", str(reg)]) == 0
+    out, _err = out_err(capsys)
+    rows = [line.split() for line in out.splitlines() if line.startswith(LONG)]
+    assert rows == [[LONG, "apptainer/exec", f"~/.local/share/hpc-kernels/images/{LONG}.sif", "missing",
+                     f"~/.local/share/jupyter/kernels/{LONG}"]]
+
+
+def test_list_json_keeps_full_paths(reg: Path, capsys: pytest.CaptureFixture[str], isolated_home: Path) -> None:
+    assert cli.main(["list", "--json", "--registry", str(reg)]) == 0
+    row = json.loads(capsys.readouterr().out)["kernels"][1]
+    assert row["installed"] == str(isolated_home / ".local/share/jupyter/kernels" / LONG)
+    assert row["image"] == str(isolated_home / ".local/share/hpc-kernels/images" / f"{LONG}.sif")
+
+
+def test_instances_names_are_whole(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+                                   isolated_home: Path) -> None:
+    """The instance name is what `hpc-kernels stop` needs: never cut, piped or in a narrow terminal."""
+    name = f"hpck-{LONG}-alice-node-1-j123456-0123456789abcdef"
+    image = str(isolated_home / "images" / f"{LONG}.sif")
+    found = [instances.InstanceStatus(name, LONG, image, "running", 42, 2, time.time(), None, 600.0, True),
+             instances.InstanceStatus(name + "x", LONG, image, "dead", 43, 0, time.time(), time.time(), 600.0,
+                                      False)]
+    monkeypatch.setattr(instances, "list_instances", lambda: found)
+    assert cli.main(["instances"]) == 0
+    out, _err = out_err(capsys)
+    rows = [line for line in out.splitlines() if line.startswith(name)]
+    assert rows[0].split()[:4] == [name, LONG, f"~/images/{LONG}.sif", "running"]
+    assert rows[1].split()[:4] == [name + "x", LONG, f"~/images/{LONG}.sif", "dead"]
+    as_terminal(monkeypatch)
+    assert cli.main(["instances"]) == 0
+    out, _err = out_err(capsys)
+    assert "│" not in out and "…" not in out
+    assert [name, LONG, "running", "2", "—"] in [line.split() for line in out.splitlines()]
+    assert f"image: ~/images/{LONG}.sif" in out
+
+
+def test_jobs_log_paths_and_states_are_whole(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+                                             isolated_home: Path) -> None:
+    log = isolated_home / ".local/state/hpc-kernels/jobs/logs" / "build-1234567_1.out"
+    rows = [slurm.TaskStatus("1234567", "1234567_1", "build", LONG, "PENDING", reason="Priority",
+                             log=str(log), submitted_at=time.time()),
+            slurm.TaskStatus("1234568", "1234568", "install", LONG, "COMPLETED", log=str(log))]
+    monkeypatch.setattr(slurm, "load_records", lambda: ["a record"])
+    monkeypatch.setattr(slurm, "statuses", lambda records: rows)
+    assert cli.main(["jobs"]) == 0
+    out, _err = out_err(capsys)
+    [pending] = [line for line in out.splitlines() if line.startswith("1234567_1")]
+    assert pending.split()[1:5] == ["build", LONG, "PENDING", "(Priority)"]
+    assert pending.endswith("~/.local/state/hpc-kernels/jobs/logs/build-1234567_1.out")
+    as_terminal(monkeypatch)
+    assert cli.main(["jobs"]) == 0
+    out, _err = out_err(capsys)
+    assert "│" not in out and "…" not in out and "PENDING (Priority)" in out
+    assert "log: ~/.local/state/hpc-kernels/jobs/logs/build-1234567_1.out" in out
+
+
+
+# ----------------------------------------------------------------------------- small ones
+
+
+def test_an_empty_registry_says_where_to_add_a_kernel(make_registry: Any, capsys: pytest.CaptureFixture[str],
+                                                      tmp_path: Path) -> None:
+    path = make_registry("kernels: {}\n")
+    module = ["module", "install", "--all", "--dir", str(tmp_path / "mf"), "--prefix", str(tmp_path / "pfx")]
+    for argv in (["list"], ["build", "--all"], ["install", "--all"], module):
+        assert cli.main([*argv, "--registry", str(path)]) == 0, argv
+        out, err = out_err(capsys)
+        assert out == "" and f"no kernels in {path}: add one under 'kernels:'" in " ".join(err.split()), argv
 
 
 def test_permission_errors_name_the_full_path(reg: Path, capsys: pytest.CaptureFixture[str],
