@@ -84,6 +84,7 @@ def test_list_json_keeps_full_paths(reg: Path, capsys: pytest.CaptureFixture[str
     row = json.loads(capsys.readouterr().out)["kernels"][1]
     assert row["installed"] == str(isolated_home / ".local/share/jupyter/kernels" / LONG)
     assert row["image"] == str(isolated_home / ".local/share/hpc-kernels/images" / f"{LONG}.sif")
+    assert row["shadowed"] == []
 
 
 def test_instances_names_are_whole(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
@@ -129,7 +130,91 @@ def test_jobs_log_paths_and_states_are_whole(monkeypatch: pytest.MonkeyPatch, ca
 
 
 
+# ----------------------------------------------------------------------------- two install locations
+
+
+@pytest.fixture
+def group(reg: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> Path:
+    """'sci' also installed in a module prefix that is on JUPYTER_PATH, as 'module load' leaves it."""
+    prefix = tmp_path / "grp"
+    assert cli.main(["install", "sci", "--prefix", str(prefix), "--registry", str(reg)]) == 0
+    monkeypatch.setenv("JUPYTER_PATH", str(prefix / "share/jupyter"))
+    capsys.readouterr()
+    return prefix
+
+
+def test_install_refuses_a_copy_jupyter_would_hide(reg: Path, group: Path, isolated_home: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    user_copy = isolated_home / ".local/share/jupyter/kernels/sci"
+    assert cli.main(["uninstall", "sci"]) == 0  # start with the module's copy only
+    capsys.readouterr()
+    assert cli.main(["install", "sci", "--registry", str(reg)]) == 1
+    err = capsys.readouterr().err
+    assert "would be hidden" in err and str(group / "share/jupyter/kernels/sci") in err
+    assert f"'hpc-kernels install sci --prefix {group}'" in err and "--user" in err
+    assert not user_copy.exists()
+    # Asked for explicitly, the hidden copy is written, and the output says Jupyter does not use it.
+    assert cli.main(["install", "sci", "--user", "--registry", str(reg)]) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert user_copy.is_file() or (user_copy / "kernel.json").is_file()
+    assert f"Jupyter uses the 'sci' in {group}/share/jupyter/kernels/sci" in err and "hidden" in err
+    # Updating the copy Jupyter uses is fine.
+    assert cli.main(["install", "sci", "--prefix", str(group), "--registry", str(reg)]) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert "this copy hides the 'sci' in ~/.local/share/jupyter/kernels/sci" in err
+    assert "'hpc-kernels uninstall sci --user' removes it" in err
+
+
+def test_list_and_doctor_name_the_hidden_copy(reg: Path, group: Path, isolated_home: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    user_copy = isolated_home / ".local/share/jupyter/kernels/sci"
+    assert cli.main(["list", "--json", "--registry", str(reg)]) == 0
+    row = json.loads(capsys.readouterr().out)["kernels"][0]
+    assert row["installed"] == str(group / "share/jupyter/kernels/sci")
+    assert row["shadowed"] == [str(user_copy)]
+    assert cli.main(["list", "--registry", str(reg)]) == 0
+    out, err = out_err(capsys)
+    assert f"{group}/share/jupyter/kernels/sci" in out.splitlines()[1]
+    assert "~/.local/share/jupyter/kernels/sci" in " ".join(err.split())
+    assert "'hpc-kernels uninstall sci --user'" in " ".join(err.split())
+
+    assert cli.main(["doctor", "sci", "--json", "--registry", str(reg)]) in (0, 1)
+    findings = json.loads(capsys.readouterr().out)["findings"]
+    [spec] = [f for f in findings if f["check"] == "kernelspec"]
+    assert spec["status"] == "warn" and str(user_copy) in spec["message"]
+    assert str(group / "share/jupyter/kernels/sci") in spec["message"]
+    assert "hpc-kernels uninstall sci --user" in spec["fix"]
+
+
+def test_install_into_a_prefix_jupyter_does_not_search_says_so(reg: Path, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["install", "sci", "--prefix", str(tmp_path / "pfx"), "--registry", str(reg)]) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"{tmp_path}/pfx/share/jupyter is not on Jupyter's search path (for now it uses the 'sci' in " \
+           "~/.local/share/jupyter/kernels/sci): add it to JUPYTER_PATH" in err
+
+
+def test_uninstall_says_what_remains_in_the_menu(reg: Path, group: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["uninstall", "sci"]) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert "removed kernelspec 'sci'" in err
+    assert f"'sci' is still in Jupyter's kernel menu: it now uses the copy in {group}/share/jupyter/kernels/sci" \
+        in err
+    assert f"'hpc-kernels uninstall sci --prefix {group}' removes it" in err
+    # Nothing left in the user dir: the error names where Jupyter finds it instead.
+    assert cli.main(["uninstall", "sci"]) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"Jupyter finds one in {group}/share/jupyter/kernels/sci" in err
+    assert f"'hpc-kernels uninstall sci --prefix {group}' removes it" in err
+
+
 # ----------------------------------------------------------------------------- small ones
+
+
+def test_uninstall_all_with_nothing_to_do_says_so(capsys: pytest.CaptureFixture[str], isolated_home: Path) -> None:
+    assert cli.main(["uninstall", "--all"]) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert "nothing to remove: no kernelspecs of hpc-kernels in ~/.local/share/jupyter/kernels" in err
 
 
 def test_an_empty_registry_says_where_to_add_a_kernel(make_registry: Any, capsys: pytest.CaptureFixture[str],
