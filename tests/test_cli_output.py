@@ -6,13 +6,14 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from hpc_kernels import cli, instances, slurm
+from hpc_kernels import build, cli, fsutil, gc, instances, slurm
 
 LONG = "science-with-a-rather-long-kernel-name"
 RECIPE = {"sci.def": "Bootstrap: localimage\nFrom: base.sif\n"}
@@ -129,7 +130,6 @@ def test_jobs_log_paths_and_states_are_whole(monkeypatch: pytest.MonkeyPatch, ca
     assert "log: ~/.local/state/hpc-kernels/jobs/logs/build-1234567_1.out" in out
 
 
-
 # ----------------------------------------------------------------------------- two install locations
 
 
@@ -211,6 +211,18 @@ def test_uninstall_says_what_remains_in_the_menu(reg: Path, group: Path, capsys:
 # ----------------------------------------------------------------------------- small ones
 
 
+def test_gc_dry_run_says_what_it_would_do(reg: Path, capsys: pytest.CaptureFixture[str],
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    # Only the kernelspec sweeper (the images of both kernels are missing): no runtime needed.
+    monkeypatch.setattr(gc, "sweep", lambda dry_run=False: gc.sweep_kernelspecs(dry_run))
+    assert cli.main(["gc", "--dry-run"]) == 0
+    err = capsys.readouterr().err
+    assert "kernelspecs: sci: would remove (its image" in err
+    assert "✓" not in err and "would have" not in err and "nothing was changed" in err
+    assert cli.main(["gc"]) == 0
+    assert "✓ kernelspecs: sci: removed (its image" in capsys.readouterr().err
+
+
 def test_uninstall_all_with_nothing_to_do_says_so(capsys: pytest.CaptureFixture[str], isolated_home: Path) -> None:
     assert cli.main(["uninstall", "--all"]) == 0
     err = " ".join(capsys.readouterr().err.split())
@@ -225,6 +237,70 @@ def test_an_empty_registry_says_where_to_add_a_kernel(make_registry: Any, capsys
         assert cli.main([*argv, "--registry", str(path)]) == 0, argv
         out, err = out_err(capsys)
         assert out == "" and f"no kernels in {path}: add one under 'kernels:'" in " ".join(err.split()), argv
+
+
+class FakeBuilder:
+    """Writes the image after printing a long line, like apptainer's %post output."""
+
+    name = "fake"
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.delay = delay
+
+    def version(self) -> str:
+        return "fake 1"
+
+    def build(self, recipe: Path, dest: Path, options: list[str], on_line: Any) -> None:
+        on_line("INFO:    Running post scriptlet: pip install numpy scipy matplotlib pandas ipykernel " * 2)
+        time.sleep(self.delay)
+        dest.write_text("an image")
+
+
+def test_build_results_have_no_blank_lines_when_piped(reg: Path, capsys: pytest.CaptureFixture[str],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(build, "default_builder", lambda entry: FakeBuilder())
+    assert cli.main(["build", "--all", "--registry", str(reg)]) == 0
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["✓ sci", f"✓ {LONG}"], err
+    assert f"built ~/.local/share/hpc-kernels/images/{LONG}.sif" in lines[1]
+
+
+def test_build_progress_shows_the_whole_kernel_name(reg: Path, capsys: pytest.CaptureFixture[str],
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(build, "default_builder", lambda entry: FakeBuilder(delay=0.3))
+    as_terminal(monkeypatch)
+    assert cli.main(["build", LONG, "--registry", str(reg)]) == 0
+    _out, err = out_err(capsys)
+    frames = [f for f in err.replace("\r", "\n").splitlines() if "Running post scriptlet" in f]
+    assert frames, err
+    assert all(f"{LONG} " in f for f in frames), frames
+
+
+def test_a_build_that_waits_for_another_says_so_when_piped(reg: Path, capsys: pytest.CaptureFixture[str],
+                                                           monkeypatch: pytest.MonkeyPatch,
+                                                           isolated_home: Path) -> None:
+    monkeypatch.setattr(build, "default_builder", lambda entry: FakeBuilder())
+    lock = isolated_home / ".local/share/hpc-kernels/images/.sci.sif.lock"
+    held, release = threading.Event(), threading.Event()
+
+    def other_build() -> None:
+        with fsutil.locked(lock):
+            held.set()
+            release.wait(10)
+
+    other = threading.Thread(target=other_build)
+    other.start()
+    assert held.wait(10)
+    threading.Timer(0.5, release.set).start()
+    try:
+        assert cli.main(["build", "sci", "--registry", str(reg)]) == 0
+    finally:
+        release.set()
+        other.join(10)
+    err = capsys.readouterr().err
+    assert "sci: waiting for another build of 'sci' to finish" in err
+    assert "✓ sci: built" in err
 
 
 def test_permission_errors_name_the_full_path(reg: Path, capsys: pytest.CaptureFixture[str],
