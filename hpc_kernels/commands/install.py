@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     entries = ui.selected(reg, args)
     target = kernelspec.Target.from_flags(args.prefix, args.sys_prefix)
     explicit = bool(args.user or args.prefix or args.sys_prefix)
-    places = {entry.name: kernelspec.placement(entry.name, target) for entry in entries}
+    places = kernelspec.placements([entry.name for entry in entries], target)
     if not explicit:
         for entry in entries:
             if places[entry.name].ahead:
