@@ -433,10 +433,13 @@ def check_kernelspec(entry: KernelEntry, ctx: Context) -> Finding:
                        f"run 'hpc-kernels install {entry.name}' (if you installed it with --prefix DIR, add "
                        "DIR/share/jupyter to JUPYTER_PATH: 'module load container-kernels' does that), then "
                        "restart your JupyterLab session.", entry.name)
+    hidden = [p for p in kernelspec.copies(entry.name) if p != found]
     if not kernelspec.is_ours(found):
+        ours = [p for p in hidden if kernelspec.is_ours(p)]
+        mine = f"; the one hpc-kernels wrote, {ours[0]}, is hidden by it" if ours else ""
         return Finding("kernelspec", FAIL,
                        f"the kernelspec Jupyter uses for '{entry.name}' ({found}) was not written by "
-                       "hpc-kernels.",
+                       f"hpc-kernels{mine}.",
                        f"rename the kernel in the registry, or remove {found} yourself.", entry.name)
     hub = disable_user_config_source(ctx)
     if hub and _under(found, ctx.home):
@@ -446,6 +449,16 @@ def check_kernelspec(entry: KernelEntry, ctx: Context) -> Finding:
                        f"install it outside $HOME ('hpc-kernels install {entry.name} --prefix /project/...') "
                        "and put that prefix's share/jupyter on JUPYTER_PATH "
                        "('module load container-kernels'), then restart your JupyterLab session.", entry.name)
+    if hidden:
+        fixes = [kernelspec.command("uninstall", entry.name, p) if kernelspec.is_ours(p) else None
+                 for p in hidden]
+        fix = "; ".join(f"'{cmd}'" if cmd else f"remove {p} yourself" for cmd, p in zip(fixes, hidden))
+        return Finding("kernelspec", WARN,
+                       f"installed at {found}, which Jupyter uses; {len(hidden)} other cop"
+                       f"{'y' if len(hidden) == 1 else 'ies'} of '{entry.name}' hidden by it: "
+                       f"{', '.join(str(p) for p in hidden)}.",
+                       f"keep one copy: remove the hidden one(s) ({fix}), or update the one Jupyter uses.",
+                       entry.name)
     return Finding("kernelspec", OK,
                    f"installed at {found} (if JupyterLab was already open, restart your session to see it).",
                    kernel=entry.name)

@@ -62,3 +62,24 @@ def locked(path: Path, blocking: bool = True) -> Iterator[bool]:
                 fcntl.flock(fd, fcntl.LOCK_UN)
         finally:
             os.close(fd)
+
+
+def remove_tree(path: Path) -> None:
+    """``shutil.rmtree(path)`` whose errors name the full path of the file that could not be removed.
+
+    The standard rmtree works through directory descriptors and reports a bare file name
+    (``Permission denied: 'kernel.json'``), which does not tell the user which directory to fix.
+    """
+    import shutil
+    import sys
+
+    def full_path(_func: object, where: str, error: object) -> None:
+        exc = error[1] if isinstance(error, tuple) else error
+        if isinstance(exc, OSError) and exc.errno is not None:
+            raise type(exc)(exc.errno, exc.strerror, where) from exc
+        raise exc if isinstance(exc, BaseException) else OSError(f"cannot remove {where}")
+
+    if sys.version_info >= (3, 12):
+        shutil.rmtree(path, onexc=full_path)
+    else:
+        shutil.rmtree(path, onerror=full_path)

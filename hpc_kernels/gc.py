@@ -51,9 +51,9 @@ def sweep(dry_run: bool = False, sweepers: tuple[str, ...] = SWEEPERS) -> list[F
 def sweep_kernelspecs(dry_run: bool = False) -> list[Finding]:
     """Remove our Apptainer kernelspecs whose image file no longer exists (others are not ours to judge)."""
     import os
-    import shutil
 
     from hpc_kernels import kernelspec
+    from hpc_kernels.fsutil import remove_tree
     from hpc_kernels.launchspec import read_kernel_json
 
     found: list[Finding] = []
@@ -70,5 +70,5 @@ def sweep_kernelspecs(dry_run: bool = False) -> list[Finding]:
             continue
         found.append(Finding("kernelspecs", name, "removed", f"its image {spec.image} is gone"))
         if not dry_run and kernelspec.is_ours(kdir):
-            shutil.rmtree(kdir)
+            remove_tree(kdir)
     return found

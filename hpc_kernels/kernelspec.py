@@ -7,14 +7,17 @@ input and the marker that lets us refuse to touch kernelspecs we did not write.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from hpc_kernels import __version__
 from hpc_kernels.errors import HpcKernelsError, NotOursError
+from hpc_kernels.fsutil import remove_tree
 from hpc_kernels.launchspec import MARKER, LaunchSpec
 from hpc_kernels.registry import KernelEntry
 
@@ -130,6 +133,9 @@ def install(entry: KernelEntry, target: Target, registry: Path | None = None) ->
     with tempfile.TemporaryDirectory(prefix="hpck-spec-") as src:
         (Path(src) / "kernel.json").write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
         _copy_logos(Path(src))
+        if dest.exists():
+            # jupyter_client would rmtree it too, but its errors name a bare 'kernel.json', not the path.
+            remove_tree(dest)
         installed = KernelSpecManager().install_kernel_spec(
             src, kernel_name=entry.name, user=target.user, prefix=target.prefix
         )
@@ -147,14 +153,18 @@ def _copy_logos(dest: Path) -> None:
 
 def uninstall(name: str, target: Target) -> Path:
     """Remove our kernelspec ``name`` from ``target``; refuse one we did not write."""
-    import shutil
-
     dest = target.kernels_dir() / name
     if not dest.exists():
-        raise HpcKernelsError(f"no kernelspec named '{name}' in {dest.parent}.")
+        elsewhere = [p for p in copies(name) if is_ours(p)]
+        hint = ""
+        if elsewhere:
+            reach = command("uninstall", name, elsewhere[0])
+            hint = (f"; Jupyter finds one in {elsewhere[0]}: "
+                    + (f"'{reach}' removes it" if reach else "remove it yourself"))
+        raise HpcKernelsError(f"no kernelspec named '{name}' in {dest.parent}{hint}.")
     if not is_ours(dest):
         raise NotOursError(f"the kernelspec at {dest} was not written by hpc-kernels; leaving it alone.")
-    shutil.rmtree(dest)
+    remove_tree(dest)
     return dest
 
 
@@ -165,16 +175,90 @@ def search_dirs() -> list[Path]:
     return [Path(p) for p in jupyter_path("kernels")]
 
 
-def installed_ours() -> dict[str, Path]:
-    """Our kernelspecs visible to Jupyter: name → directory (the first one Jupyter would use)."""
-    found: dict[str, Path] = {}
+def unique_search_dirs() -> list[Path]:
+    """:func:`search_dirs` with each directory once (JUPYTER_PATH may repeat one, or name it by a symlink)."""
+    seen: set[str] = set()
+    out: list[Path] = []
     for kdir in search_dirs():
+        key = os.path.realpath(kdir)
+        if key not in seen:
+            seen.add(key)
+            out.append(kdir)
+    return out
+
+
+def installed_ours_all() -> dict[str, list[Path]]:
+    """Our kernelspecs visible to Jupyter: name → its directories in search order.
+
+    Jupyter uses the first; the others are hidden by it (``list`` and ``doctor`` name them).
+    """
+    found: dict[str, list[Path]] = {}
+    for kdir in unique_search_dirs():
         if not kdir.is_dir():
             continue
         for child in sorted(kdir.iterdir()):
-            if child.name not in found and is_ours(child):
-                found[child.name] = child
+            if is_ours(child):
+                found.setdefault(child.name, []).append(child)
     return found
+
+
+def installed_ours() -> dict[str, Path]:
+    """Our kernelspecs visible to Jupyter: name → directory (the first one Jupyter would use)."""
+    return {name: dirs[0] for name, dirs in installed_ours_all().items()}
+
+
+def copies(name: str) -> list[Path]:
+    """Every kernelspec directory named ``name`` that Jupyter can see (ours or not), the one it uses first."""
+    return [kdir / name for kdir in unique_search_dirs() if (kdir / name / "kernel.json").is_file()]
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a kernelspec in a target directory stands among the copies of the same name Jupyter sees."""
+
+    on_path: bool  # Jupyter searches the target's kernels directory at all
+    ahead: tuple[Path, ...]  # copies Jupyter finds first: a copy in the target would be hidden
+    behind: tuple[Path, ...]  # copies a copy in the target hides
+
+
+def placements(names: Iterable[str], target: Target) -> dict[str, Placement]:
+    """How a kernelspec of each name installed into ``target`` would relate to the other copies Jupyter sees."""
+    wanted = os.path.realpath(target.kernels_dir())
+    # The search path once for all names: `install --all` of 500 kernels stays a few milliseconds.
+    dirs = [(kdir, os.path.realpath(kdir) == wanted) for kdir in unique_search_dirs()]
+    found: dict[str, Placement] = {}
+    for name in names:
+        on_path = False
+        ahead: list[Path] = []
+        behind: list[Path] = []
+        for kdir, is_target in dirs:
+            if is_target:
+                on_path = True
+            elif (kdir / name / "kernel.json").is_file():
+                (behind if on_path else ahead).append(kdir / name)
+        found[name] = Placement(on_path, tuple(ahead), tuple(behind))
+    return found
+
+
+def target_flags(spec_dir: Path) -> list[str] | None:
+    """The ``install``/``uninstall`` flags that reach the kernelspec directory ``spec_dir`` (None: none do)."""
+    kdir = os.path.realpath(spec_dir.parent)
+    if kdir == os.path.realpath(Target().kernels_dir()):
+        return ["--user"]
+    if kdir == os.path.realpath(Target(user=False, prefix=sys.prefix).kernels_dir()):
+        return ["--sys-prefix"]
+    parent = spec_dir.parent
+    if parent.name == "kernels" and parent.parent.name == "jupyter" and parent.parent.parent.name == "share":
+        return ["--prefix", str(parent.parent.parent.parent)]
+    return None
+
+
+def command(verb: str, name: str, spec_dir: Path) -> str | None:
+    """``hpc-kernels VERB NAME <flags>`` acting on the copy in ``spec_dir``, quoted for a shell (None: none can)."""
+    import shlex
+
+    flags = target_flags(spec_dir)
+    return None if flags is None else shlex.join(["hpc-kernels", verb, name, *flags])
 
 
 def visible(name: str) -> Path | None:

@@ -67,7 +67,8 @@ def current_program() -> Path:
         return Path(found).absolute()
     raise HpcKernelsError(
         f"cannot find the 'hpc-kernels' program next to {sys.executable} or on PATH; "
-        "install hpc-kernels into this environment (pip install hpc-kernels) and run it from there."
+        "install hpc-kernels into this environment (pip install /path/to/a/clone/of/hpc-kernels) and run it "
+        "from there."
     )
 
 
@@ -273,7 +274,7 @@ def _apptainer_block(config: ModuleConfig) -> str:
 def render_modulefile(config: ModuleConfig, relative: bool) -> str:
     """The Lua text of ``<name>/<version>.lua``."""
     registry = (
-        f"setenv(\"HPC_KERNELS_REGISTRY\", {lua_path(config.registry, config, relative)})"
+        f"pushenv(\"HPC_KERNELS_REGISTRY\", {lua_path(config.registry, config, relative)})"
         if config.registry is not None
         else "-- No registry was known when this module was written: HPC_KERNELS_REGISTRY is left alone."
     )

@@ -147,6 +147,17 @@ test "$PATH|${{JUPYTER_PATH-unset}}" = "$before" && echo restored
     assert done.stdout.split() == [f"{grp}/bin/hpc-kernels", "restored"]
 
 
+def test_unload_restores_the_users_own_registry(lmod_tool: lmod.Lmod, make_group: Callable[..., Path]) -> None:
+    """A user with their own HPC_KERNELS_REGISTRY gets it back on unload (pushenv), not an unset variable."""
+    grp = make_group()
+    sh = Shell(lmod_tool, HPC_KERNELS_REGISTRY="/home/me/my-kernels.yaml")
+    sh.module("use", str(grp / "modulefiles"))
+    sh.module("load", "container-kernels")
+    assert sh.env["HPC_KERNELS_REGISTRY"] == f"{grp}/kernels.yaml"
+    sh.module("unload", "container-kernels")
+    assert sh.env.get("HPC_KERNELS_REGISTRY") == "/home/me/my-kernels.yaml"
+
+
 def test_generated_tree_passes_check_module_tree_syntax(lmod_tool: lmod.Lmod, make_group: Callable[..., Path],
                                                         tmp_path: Path) -> None:
     grp = make_group()

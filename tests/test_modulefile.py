@@ -39,7 +39,7 @@ def test_group_tree_paths_are_relative_to_the_modulefile(tmp_path: Path) -> None
     assert 'local root = myFileName():match("^(.*)/[^/]+/[^/]+/[^/]+$")' in text
     assert 'prepend_path("JUPYTER_PATH", pathJoin(root, "share/jupyter"))' in text
     assert 'prepend_path("PATH", pathJoin(root, "bin"))' in text
-    assert 'setenv("HPC_KERNELS_REGISTRY", pathJoin(root, "kernels.yaml"))' in text
+    assert 'pushenv("HPC_KERNELS_REGISTRY", pathJoin(root, "kernels.yaml"))' in text
     assert str(tmp_path) not in text.split("]])", 1)[1]  # no absolute path outside the help text
     assert "execute" not in text.replace("execute{}", "")  # jupyter-lmod does not run execute{}
     assert 'add_property("lmod", "sticky")' in text and "JUPYTERHUB_API_TOKEN" in text
@@ -48,7 +48,7 @@ def test_group_tree_paths_are_relative_to_the_modulefile(tmp_path: Path) -> None
 def test_outside_paths_stay_absolute_and_forced_relative_is_refused(tmp_path: Path) -> None:
     cfg = config(tmp_path, registry=tmp_path / "elsewhere" / "kernels.yaml")
     text = modulefile.plan(cfg).files[0].text
-    assert f'setenv("HPC_KERNELS_REGISTRY", "{tmp_path}/elsewhere/kernels.yaml")' in text
+    assert f'pushenv("HPC_KERNELS_REGISTRY", "{tmp_path}/elsewhere/kernels.yaml")' in text
     assert 'pathJoin(root, "share/jupyter")' in text
     with pytest.raises(UsageError, match="cannot be relative"):
         modulefile.plan(config(tmp_path, registry=tmp_path / "x.yaml", path_style="relative"))

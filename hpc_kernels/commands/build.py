@@ -11,6 +11,7 @@ from hpc_kernels import ui
 
 if TYPE_CHECKING:
     from rich.console import Console
+    from rich.progress import Progress
 
     from hpc_kernels.build import BuildResult
 
@@ -53,20 +54,21 @@ def run(args: argparse.Namespace) -> int:
             t0 = time.monotonic()
             if build.image_state(entry).status == "built":
                 _record(build.BuildResult(entry.name, "up-to-date", entry.image, None, time.monotonic() - t0),
-                        results, err, args.json)
+                        results, args.json)
                 continue
-        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-        with Progress(SpinnerColumn(), TextColumn("[bold]{task.fields[kernel]}[/]"),
-                      TextColumn("{task.description}"), TimeElapsedColumn(),
-                      console=err, transient=True, disable=args.json) as progress:
+        # Not a terminal (a log, a pipe): no live display (it would leave a blank line behind), but every
+        # event (waiting for another build) as a line of its own.
+        live = err.is_terminal and not args.json
+        with _progress(err, entry.name, enabled=live) as progress:
             task = progress.add_task("checking inputs", kernel=entry.name)
 
             def on_line(line: str, task: object = task) -> None:
                 progress.update(task, description=line.strip()[-80:])  # type: ignore[arg-type]
 
-            def on_event(msg: str, task: object = task) -> None:
+            def on_event(msg: str, task: object = task, live: bool = live, name: str = entry.name) -> None:
                 progress.update(task, description=msg)  # type: ignore[arg-type]
+                if not live:  # also with --json: stderr says why the command is not done yet
+                    ui.say(f"{name}: {msg}", "…")
 
             try:
                 result = build.build(entry, force=args.force, wait=not args.no_wait,
@@ -80,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
                 failures.append(str(exc))
                 results.append({"kernel": entry.name, "action": "failed", "error": str(exc)})
                 continue
-        _record(result, results, err, args.json)
+        _record(result, results, args.json)
     if args.json:
         ui.print_json(results)
     if failures:
@@ -90,14 +92,31 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _record(result: BuildResult, results: list[dict[str, object]], err: Console, as_json: bool) -> None:
+def _progress(err: Console, kernel: str, enabled: bool) -> Progress:
+    """The one-line live display of a build: the kernel's name whole, the builder's last line cut to fit."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from rich.table import Column
+
+    # Fixed widths for the spinner, the name and the clock; the builder's line takes what is left (a
+    # table too wide for the terminal would otherwise squeeze every column, the name to 'sc…').
+    return Progress(
+        SpinnerColumn(table_column=Column(no_wrap=True, width=1)),
+        TextColumn("{task.fields[kernel]}", style="bold", markup=False,
+                   table_column=Column(no_wrap=True, width=len(kernel))),
+        TextColumn("{task.description}", markup=False,
+                   table_column=Column(no_wrap=True, overflow="ellipsis", ratio=1)),
+        TimeElapsedColumn(table_column=Column(no_wrap=True, width=7)),
+        console=err, transient=True, expand=True, disable=not enabled)
+
+
+def _record(result: BuildResult, results: list[dict[str, object]], as_json: bool) -> None:
     """Add one kernel's outcome to the JSON results, or say it on stderr."""
     results.append({"kernel": result.kernel, "action": result.action, "image": str(result.image),
                     "log": str(result.log_path) if result.log_path else None,
                     "seconds": round(result.seconds, 3)})
     if not as_json:
         if result.action == "up-to-date":
-            err.print(f"[green]✓[/] {result.kernel}: up to date ({result.image})")
+            ui.say(f"{result.kernel}: up to date ({ui.tilde(result.image)})", "✓", "green")
         else:
-            err.print(f"[green]✓[/] {result.kernel}: built {result.image} in {result.seconds:.1f} s "
-                      f"(log: {result.log_path})")
+            ui.say(f"{result.kernel}: built {ui.tilde(result.image)} in {result.seconds:.1f} s "
+                   f"(log: {ui.tilde(result.log_path) if result.log_path else '—'})", "✓", "green")

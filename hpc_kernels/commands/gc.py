@@ -24,8 +24,27 @@ def run(args: argparse.Namespace) -> int:
         ui.print_json({"dry_run": args.dry_run, "findings": [asdict(f) for f in found]})
         return 0
     if not found:
-        ui.note("nothing to clean up.")
+        ui.say("nothing to clean up.")
+        return 0
     for f in found:
-        action = f"would have {f.action}" if args.dry_run else f.action
-        ui.note(f"[green]✓[/] {f.sweeper}: {f.target}: {action} ({f.reason})")
+        if args.dry_run:
+            ui.say(f"{f.sweeper}: {f.target}: {would(f.action)} ({f.reason})", "-")
+        else:
+            ui.say(f"{f.sweeper}: {f.target}: {f.action} ({f.reason})", "✓", "green")
+    if args.dry_run:
+        ui.say("dry run: nothing was changed; run 'hpc-kernels gc' to do the above.")
     return 0
+
+
+#: Past-tense actions of the sweepers (gc.Finding.action) and what --dry-run says instead.
+_PLANNED = {"removed": "would remove", "restarted": "would restart", "stopped": "would stop",
+            "killed": "would kill", "left": "would leave"}
+
+
+def would(action: str) -> str:
+    """What a sweeper would do: 'removed stale state' -> 'would remove stale state'."""
+    if action.startswith("would "):  # the sweeper said it itself
+        return action
+    verb, _, rest = action.partition(" ")
+    planned = _PLANNED.get(verb)
+    return f"{planned} {rest}".rstrip() if planned else f"{action} (not done: dry run)"

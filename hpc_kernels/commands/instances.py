@@ -13,7 +13,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Render this node's instances as a table (or JSON)."""
+    """This node's instances, one per row, names whole (``stop`` needs them); or JSON."""
     import time
 
     from hpc_kernels import instances, paths, ui
@@ -26,15 +26,14 @@ def run(args: argparse.Namespace) -> int:
     if not found:
         ui.note(f"no shared instances on this node ({paths.hostname()}).")
         return 0
-    from rich.table import Table
-
-    table = Table(title=f"shared instances on {paths.hostname()}", title_justify="left")
-    for col in ("name", "kernel", "image", "state", "kernels", "idle for"):
-        table.add_column(col, overflow="fold")
+    columns = (ui.Column("name"), ui.Column("kernel"), ui.Column("image", long=True), ui.Column("state"),
+               ui.Column("kernels"), ui.Column("idle for"))
+    rows: list[list[ui.CellLike]] = []
     for st in found:
         idle = st.idle_for(now)
         idle_text = "—" if idle is None else f"{idle:.0f} s (stops after {st.idle_timeout:g} s)"
-        state = "[green]running[/]" if st.state == "running" else "[red]dead[/] (run 'hpc-kernels gc')"
-        table.add_row(st.name, st.kernel, st.image, state, str(st.kernels), idle_text)
-    ui.console().print(table)
+        state = ui.Cell("running", "green") if st.state == "running" else \
+            ui.Cell("dead (run 'hpc-kernels gc')", "red")
+        rows.append([st.name, st.kernel, ui.tilde(st.image), state, str(st.kernels), idle_text])
+    ui.print_rows(columns, rows, title=f"shared instances on {paths.hostname()}")
     return 0

@@ -84,18 +84,17 @@ def _prune(args: argparse.Namespace) -> int:
 
 
 def _print_table(rows: list[TaskStatus]) -> None:
-    from rich.table import Table
-
-    table = Table(title_justify="left")
-    for col in ("job", "kind", "kernel", "state", "submitted", "log"):
-        table.add_column(col)
+    """One row per task: ids, states and log paths whole (a log path is its own line in a narrow terminal)."""
+    columns = (ui.Column("job"), ui.Column("kind"), ui.Column("kernel"), ui.Column("state"),
+               ui.Column("submitted"), ui.Column("log", long=True))
+    cells: list[list[ui.CellLike]] = []
     for row in rows:
-        colour = _COLOURS.get(row.state, "red")
         state = row.state + (f" ({row.reason})" if row.reason and row.state != "COMPLETED" else "")
         submitted = time.strftime("%Y-%m-%d %H:%M", time.localtime(row.submitted_at)) \
             if row.submitted_at else ""
-        table.add_row(row.task_id, row.kind, row.kernel, f"[{colour}]{state}[/]", submitted, row.log)
-    ui.console().print(table)
+        cells.append([row.task_id, row.kind, row.kernel, ui.Cell(state, _COLOURS.get(row.state, "red")),
+                      submitted or "—", ui.tilde(row.log) if row.log else "—"])
+    ui.print_rows(columns, cells)
 
 
 def _print_failure(row: TaskStatus, out: Any = None) -> None:

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 HELP = "list the registry's kernels: mode, image state (built/stale/missing), installed where"
+
+#: Colours of the image states in a terminal.
+COLOURS = {"built": "green", "stale": "yellow", "missing": "red", "foreign": "yellow", "external": "green",
+           "external-missing": "red", "no-runtime": "red"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -13,61 +18,45 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Render the registry as a table (or JSON)."""
+    """Render the registry's kernels (or JSON); name the copies of a kernelspec that another copy hides."""
     from hpc_kernels import build, kernelspec, registry, ui
 
     reg = registry.load(args.registry)
-    installed = kernelspec.installed_ours()
-    rows = []
+    installed = kernelspec.installed_ours_all()
+    rows: list[dict[str, object]] = []
+    cells: list[list[ui.CellLike]] = []
+    notes: list[str] = []
     for entry in reg.kernels:
         state = build.image_state(entry).status
-        where = installed.get(entry.name)
+        image = str(entry.image) if entry.runtime == "apptainer" else entry.container_image
+        copies = installed.get(entry.name, [])
         rows.append({
             "kernel": entry.name, "display_name": entry.display_name, "runtime": entry.runtime,
-            "mode": entry.mode, "image": str(entry.image) if entry.runtime == "apptainer" else entry.container_image,
-            "image_state": state, "installed": str(where) if where else None,
+            "mode": entry.mode, "image": image, "image_state": state,
+            "installed": str(copies[0]) if copies else None, "shadowed": [str(p) for p in copies[1:]],
         })
+        cells.append([entry.name, f"{entry.runtime}/{entry.mode}", ui.tilde(image) if image else "—",
+                      ui.Cell(state, COLOURS.get(state, "")), ui.tilde(copies[0]) if copies else "—"])
+        notes += [_hidden_note(entry.name, copies[0], hidden) for hidden in copies[1:]]
     if args.json:
         ui.print_json({"registry": str(reg.path), "found_via": reg.source, "kernels": rows})
         return 0
-    colours = {"built": "green", "stale": "yellow", "missing": "red", "foreign": "yellow", "external": "green",
-               "external-missing": "red", "no-runtime": "red"}
-    title = f"{reg.path} (found via {reg.source})"
-    cells = [(str(row["kernel"]), f"{row['runtime']}/{row['mode']}", str(row["image"]),
-              str(row["image_state"]), str(row["installed"] or "—")) for row in rows]
-    if len(cells) > TABLE_MAX_ROWS:
-        _columns(title, cells, colours)
+    if not rows:
+        ui.plain_note(ui.no_kernels_note(reg))
         return 0
-    from rich.table import Table
-
-    table = Table(title=title, title_justify="left")
-    for col in HEADER:
-        table.add_column(col, overflow="fold")
-    for kernel, mode, image, state, place in cells:
-        table.add_row(kernel, mode, image, f"[{colours.get(state, 'white')}]{state}[/]", place)
-    ui.console().print(table)
+    columns = (ui.Column("kernel"), ui.Column("runtime/mode"), ui.Column("image", long=True),
+               ui.Column("state"), ui.Column("installed", long=True))
+    ui.print_rows(columns, cells, title=f"{ui.tilde(reg.path)} (found via {reg.source})")
+    for text in notes:
+        ui.plain_note(text)
     return 0
 
 
-HEADER = ("kernel", "runtime/mode", "image", "state", "installed")
-#: Past this many kernels rich's Table takes most of a second to lay out (0.5 s for 500 rows on a
-#: 2-core node); big registries get plain aligned columns instead (docs/performance.md).
-TABLE_MAX_ROWS = 100
+def _hidden_note(name: str, used: Path, hidden: Path) -> str:
+    """A copy of a kernelspec that Jupyter does not use, because another one comes first on its search path."""
+    from hpc_kernels import kernelspec, ui
 
-
-def _columns(title: str, cells: list[tuple[str, str, str, str, str]], colours: dict[str, str]) -> None:
-    """The same columns as the table, aligned with spaces, the state coloured: linear time."""
-    from rich.text import Text
-
-    from hpc_kernels import ui
-
-    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(HEADER)]
-    out = Text(title + "\n", style="italic")
-    out.append("  ".join(h.ljust(w) for h, w in zip(HEADER, widths)).rstrip() + "\n", style="bold")
-    last = len(HEADER) - 1
-    for row in cells:
-        for i, (cell, width) in enumerate(zip(row, widths)):
-            style = colours.get(cell, "") if i == 3 else ""
-            out.append(cell if i == last else cell.ljust(width) + "  ", style=style)
-        out.append("\n")
-    ui.console().print(out, end="")
+    remove = kernelspec.command("uninstall", name, hidden)
+    how = f"; '{remove}' removes it" if remove else ""
+    return (f"'{name}' is also installed in {ui.tilde(hidden)}, hidden by the copy in {ui.tilde(used)} "
+            f"(Jupyter uses the first on its search path){how}.")

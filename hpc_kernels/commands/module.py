@@ -133,6 +133,8 @@ def _install(config: ModuleConfig, args: argparse.Namespace) -> int:
     if args.names or args.all:
         reg = registry.load(getattr(args, "registry", None))
         target = kernelspec.Target(user=False, prefix=str(config.prefix))
+        if args.all and not reg.kernels:
+            ui.plain_note(ui.no_kernels_note(reg))
         for entry in reg.select(args.names, args.all):
             kernelspec.install(entry, target, reg.path)
             installed.append(entry.name)

@@ -17,18 +17,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Remove the named kernelspecs (or all of ours) from the target dir."""
+    """Remove the named kernelspecs (or all of ours) from the target dir; say what Jupyter still shows."""
     from hpc_kernels import kernelspec, ui
     from hpc_kernels.errors import UsageError
 
     target = kernelspec.Target.from_flags(args.prefix, args.sys_prefix)
     names = list(args.names)
+    kdir = target.kernels_dir()
     if args.all:
-        kdir = target.kernels_dir()
         names += [p.name for p in sorted(kdir.iterdir()) if kernelspec.is_ours(p)] if kdir.is_dir() else []
+        if not names:
+            ui.say(f"nothing to remove: no kernelspecs of hpc-kernels in {ui.tilde(kdir)}.")
+            return 0
     elif not names:
         raise UsageError("name at least one kernelspec, or pass --all.")
     for name in dict.fromkeys(names):
         path = kernelspec.uninstall(name, target)
-        ui.note(f"[green]✓[/] removed kernelspec '{name}' ({path})")
+        ui.say(f"removed kernelspec '{name}' ({ui.tilde(path)})", "✓", "green")
+        remaining = kernelspec.copies(name)
+        if remaining:
+            remove = kernelspec.command("uninstall", name, remaining[0]) if kernelspec.is_ours(remaining[0]) \
+                else None
+            how = f" ('{remove}' removes it)" if remove else ""
+            ui.say(f"'{name}' is still in Jupyter's kernel menu: it now uses the copy in "
+                   f"{ui.tilde(remaining[0])}{how}.", "!", "yellow", indent="  ")
     return 0

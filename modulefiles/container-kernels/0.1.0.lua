@@ -59,4 +59,4 @@ prepend_path("JUPYTER_PATH", pathJoin(root, "share/jupyter"))
 -- A directory holding only the hpc-kernels wrapper (not the venv's bin: that would shadow the
 -- user's python, pip and jupyter).
 prepend_path("PATH", pathJoin(root, "bin"))
-setenv("HPC_KERNELS_REGISTRY", pathJoin(root, "kernels.yaml"))
+pushenv("HPC_KERNELS_REGISTRY", pathJoin(root, "kernels.yaml"))
