@@ -159,6 +159,7 @@ def run_build(args: argparse.Namespace) -> int:
         raise UsageError("--cpus must be at least 1.")
     if args.wait_timeout is not None and args.wait_timeout <= 0:
         raise UsageError("--wait-timeout must be a number of seconds > 0.")
+    flags = _flags(args)
     reg = registry.load(args.registry)
     entries = ui.selected(reg, args)
     # Flags of the local build travel into the job's `hpc-kernels build` (--fakeroot where it exists).
@@ -178,7 +179,7 @@ def run_build(args: argparse.Namespace) -> int:
             err.print(f"[green]✓[/] {entry.name}: up to date ({entry.image}); no build job needed")
     install = [e.name for e in entries] if args.then_install else []
     # Resources: flag > kernel's slurm: > defaults: slurm: > built-in (an install-only job: the selection's).
-    options = slurm.job_options(to_build or entries, _flags(args))
+    options = slurm.job_options(to_build or entries, flags)
     if args.dry_run:
         _print_scripts(to_build, install, reg.path, options, build_args)
         return 0
@@ -195,10 +196,11 @@ def run_build(args: argparse.Namespace) -> int:
 
 
 def _flags(args: argparse.Namespace) -> Any:
-    from hpc_kernels.slurm_settings import SlurmDefaults
+    # The very rules of the registry's slurm: block: a flag's value ends up in the same batch script.
+    from hpc_kernels.slurm_settings import from_flags
 
-    return SlurmDefaults(account=args.account, time=args.time, mem=args.mem, cpus=args.cpus,
-                         partition=args.partition)
+    return from_flags(account=args.account, time=args.time, mem=args.mem, cpus=args.cpus,
+                      partition=args.partition)
 
 
 def _print_scripts(to_build: list[Any], install: list[str], registry: Any, options: Any,
@@ -215,7 +217,9 @@ def _print_scripts(to_build: list[Any], install: list[str], registry: Any, optio
 
 
 def _sbatch_line(args: Any) -> str:
-    return " ".join(["sbatch", "--parsable", *args, "<this script>"])
+    import shlex
+
+    return " ".join(["sbatch", "--parsable", *(shlex.quote(a) for a in args), "<this script>"])
 
 
 def _announce(job: SubmittedJob, err: Any) -> None:

@@ -1,0 +1,123 @@
+"""Security rules (issue #11): values never become code in generated files, text printed is never
+markup, recipes never package what they did not name, and other users cannot stall our kernels."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hpc_kernels import cli, modulefile, registry, slurm, templates
+from hpc_kernels.errors import HpcKernelsError, UsageError
+
+REG = """\
+defaults:
+  images_dir: images
+kernels:
+  one:
+    def: one.def
+"""
+DEF = {"one.def": "Bootstrap: scratch\n%files\n    one.def /one.def\n"}
+INJECTED = "def-x\ntouch /tmp/p"
+
+
+def one_sentence(err: str) -> str:
+    """The error line of a CLI run that failed cleanly (no traceback, one line)."""
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("hpc-kernels: error: ")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+# ----------------------------------------------------------------------------- 2. generated files
+
+
+@pytest.mark.parametrize("flag, value", [
+    ("--account", INJECTED), ("--partition", "cpu\n#SBATCH --wrap=id"), ("--time", "1:00:00\nid"),
+    ("--mem", "4G\rid"), ("--account", "def-x #comment"), ("--account", "def-\x1b[31mx"),
+])
+def test_slurm_flags_are_validated_like_the_registry(
+    make_registry: Any, capsys: pytest.CaptureFixture[str], flag: str, value: str,
+) -> None:
+    path = make_registry(REG, DEF)
+    rc = cli.main(["build", "one", "--slurm", "--dry-run", flag, value, "--registry", str(path)])
+    out, err = capsys.readouterr()
+    assert rc == 2 and out == ""
+    assert one_sentence(err).startswith(f"hpc-kernels: error: {flag} must be ")
+    assert not slurm.jobs_dir().exists() and not slurm.logs_dir().exists()
+
+
+def test_the_reported_injection_runs_nothing(make_registry: Any, tmp_path: Path) -> None:
+    path = make_registry(REG, DEF)
+    marker = tmp_path / "p"
+    done = subprocess.run([sys.executable, "-m", "hpc_kernels", "build", "one", "--slurm", "--dry-run",
+                           "--account", f"def-x\ntouch {marker}", "--registry", str(path)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and done.stdout == "" and not marker.exists()
+    assert "--account must be a name" in one_sentence(done.stderr)
+
+
+@pytest.mark.parametrize("key, value", [
+    ("account", '"def-x\\u0007"'), ("partition", '"a\\u2028b"'), ("modules", '["apptainer\\nid"]'),
+    ("extra_args", '["--qos=x\\nid"]'), ("account", '"x\\"y"'),
+])
+def test_registry_slurm_values_refuse_control_characters(make_registry: Any, key: str, value: str) -> None:
+    path = make_registry(REG + f"    slurm: {{{key}: {value}}}\n", DEF)
+    with pytest.raises(HpcKernelsError, match=f"kernels.yaml:6: 'slurm: {key}'"):
+        registry.load(path)
+
+
+def test_renderers_refuse_unsafe_values_themselves(make_registry: Any, monkeypatch: pytest.MonkeyPatch,
+                                                  tmp_path: Path) -> None:
+    """Defence in depth: even a value that skipped validation cannot reach a generated file."""
+    with pytest.raises(HpcKernelsError, match="line break or control character"):
+        templates.render("singularity-shim.sh.tmpl", runtime="/bin/apptainer\nid")
+    reg = registry.load(make_registry(REG, DEF))
+    for bad in (slurm.JobOptions(account=INJECTED), slurm.JobOptions(partition="a b"),
+                slurm.JobOptions(time="1\nid"), slurm.JobOptions(modules=("apptainer\nid",))):
+        with pytest.raises(HpcKernelsError):
+            slurm.plan_build(list(reg.kernels), reg.path, bad, apptainer_dir="")
+    # A state directory (from the environment) that cannot be written on an #SBATCH line.
+    monkeypatch.setenv("HPC_KERNELS_STATE", str(tmp_path / "st\nate"))
+    with pytest.raises(HpcKernelsError, match="HPC_KERNELS_STATE"):
+        slurm.plan_build(list(reg.kernels), reg.path, slurm.JobOptions(), apptainer_dir="")
+    monkeypatch.setenv("HPC_KERNELS_STATE", str(tmp_path / "my state"))
+    with pytest.raises(HpcKernelsError, match="HPC_KERNELS_STATE"):
+        slurm.plan_install(["one"], reg.path, slurm.JobOptions())
+
+
+def test_dry_run_submit_line_quotes_its_arguments(make_registry: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    path = make_registry(REG + '    slurm: {extra_args: ["--comment=a b;id"]}\n', DEF)
+    assert cli.main(["build", "one", "--slurm", "--dry-run", "--registry", str(path)]) == 0
+    assert "# submit with: sbatch --parsable '--comment=a b;id' <this script>\n" in capsys.readouterr().out
+
+
+def test_lua_strings_escape_every_control_character() -> None:
+    text = modulefile.lua_string("a\x00b\x1bc\x7fd\u2028e\tf")
+    assert text == '"a\\0b\\27c\\127d\u2028e\\9f"'
+    assert all(ord(c) >= 32 and c != "\x7f" for c in text)
+
+
+@pytest.mark.parametrize("option", ["--prefix", "--dir"])
+def test_module_install_refuses_a_path_with_a_newline(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                      option: str) -> None:
+    bad = tmp_path / "a\nb"
+    others = ["--dir", str(tmp_path / "mf")] if option == "--prefix" else ["--prefix", str(tmp_path / "p")]
+    rc = cli.main(["module", "install", option, str(bad), *others])
+    assert rc == 2
+    assert "line break or control character" in one_sentence(capsys.readouterr().err)
+    assert not any(tmp_path.rglob("*.lua")) and not any(tmp_path.rglob("hpc-kernels"))
+
+
+def test_module_paths_that_cannot_go_on_path_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="':'"):
+        modulefile.ModuleConfig(tree=tmp_path / "mf", prefix=tmp_path / "a:b", program=Path("/v/bin/hpc-kernels"))
+    with pytest.raises(UsageError, match="control character"):
+        modulefile.ModuleConfig(tree=tmp_path / "mf", prefix=tmp_path / "p", program=Path("/v/bin/hpc\tk"))
+    with pytest.raises(UsageError, match="control character"):
+        modulefile.ModuleConfig(tree=tmp_path / "mf", prefix=tmp_path / "p", program=Path("/v/bin/hpc-kernels"),
+                                registry=tmp_path / "k\r.yaml")
+
