@@ -3,6 +3,7 @@ markup, recipes never package what they did not name, and other users cannot sta
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -121,3 +122,89 @@ def test_module_paths_that_cannot_go_on_path_are_refused(tmp_path: Path) -> None
         modulefile.ModuleConfig(tree=tmp_path / "mf", prefix=tmp_path / "p", program=Path("/v/bin/hpc-kernels"),
                                 registry=tmp_path / "k\r.yaml")
 
+
+
+# ----------------------------------------------------------------------------- 3. text, not markup
+
+#: A display name and a directory that rich would read as markup (a closing tag, a "style", an emoji code).
+MARKUP_NAME = "Py [cuda/12.2] [/x] :smile: [bold]"
+MARKUP_DIR = "imgs [/x] [cuda/12.2]"
+
+
+@pytest.fixture
+def markup_registry(make_registry: Any, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("COLUMNS", "1000")  # no table folding: the assertions look for whole strings
+    path: Path = make_registry(
+        f'defaults:\n  images_dir: "{MARKUP_DIR}"\nkernels:\n  one:\n    def: one.def\n'
+        f'    display_name: "{MARKUP_NAME}"\n', DEF)
+    return path
+
+
+def test_user_text_is_printed_literally(markup_registry: Path, capsys: pytest.CaptureFixture[str],
+                                       tmp_path: Path) -> None:
+    from hpc_kernels import build
+
+    reg = str(markup_registry)
+    prefix = str(tmp_path / "pfx [/x]")
+    assert cli.main(["install", "one", "--registry", reg, "--prefix", prefix]) == 0
+    err = capsys.readouterr().err
+    assert f"({MARKUP_NAME})" in err and f"{prefix}/share/jupyter/kernels/one" in err
+    assert f"its image {markup_registry.parent / MARKUP_DIR / 'one.sif'} does not exist yet" in err
+
+    assert cli.main(["list", "--registry", reg]) == 0
+    out = capsys.readouterr().out
+    assert str(markup_registry) in out and str(markup_registry.parent / MARKUP_DIR / "one.sif") in out
+
+    # An image that is up to date: `build` says so, with its path.
+    entry = registry.load(markup_registry).kernels[0]
+    entry.image.parent.mkdir(parents=True)
+    entry.image.write_text("image")
+    build.stamp_path(entry.image).write_text(json.dumps({"digest": build.input_digest(entry)}))
+    assert cli.main(["build", "one", "--registry", reg]) == 0
+    assert f"one: up to date ({entry.image})" in capsys.readouterr().err
+
+    assert cli.main(["uninstall", "one", "--prefix", prefix]) == 0
+    assert f"({prefix}/share/jupyter/kernels/one)" in capsys.readouterr().err
+
+
+def test_show_and_doctor_print_user_text_literally(markup_registry: Path, capsys: pytest.CaptureFixture[str],
+                                                   monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    reg = str(markup_registry)
+    assert cli.main(["install", "one", "--registry", reg]) == 0
+    capsys.readouterr()
+    assert cli.main(["show", "one", "--registry", reg]) == 0
+    out = capsys.readouterr().out
+    assert "kernel.json[/]" not in out and f'"display_name": "{MARKUP_NAME}"' in out
+    assert "/share/jupyter/kernels/one/kernel.json" in out
+    cli.main(["doctor", "one", "--registry", reg])
+    out = capsys.readouterr().out
+    assert str(markup_registry.parent / MARKUP_DIR / "one.sif") in out
+
+
+def test_build_progress_shows_log_lines_as_text(markup_registry: Path, capsys: pytest.CaptureFixture[str],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A build's output lines are shown in the progress display: '[/x]' there must not crash it."""
+    from hpc_kernels import build
+
+    def fake_build(entry: Any, **kw: Any) -> Any:
+        kw["on_line"]("copying [/x] [cuda/12.2]")
+        kw["on_event"]("step [/y]")
+        raise HpcKernelsError("building kernel 'one' failed: [/z] gone")
+
+    monkeypatch.setattr(build, "build", fake_build)
+    assert cli.main(["build", "one", "--registry", str(markup_registry)]) == 1
+    assert "hpc-kernels: error: building kernel 'one' failed: [/z] gone" in capsys.readouterr().err
+
+
+def test_jobs_table_prints_reasons_and_paths_literally(capsys: pytest.CaptureFixture[str],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from hpc_kernels.commands import jobs
+
+    monkeypatch.setenv("COLUMNS", "1000")
+    row = slurm.TaskStatus(job_id="7", task_id="7", kind="build", kernel="one", state="FAILED",
+                           reason="[/x] [red]boom", exit_code="1", log="/logs [/x]/build-7.out",
+                           log_tail="line [/y]")
+    jobs._print_table([row])
+    jobs._print_failure(row)
+    out = capsys.readouterr().out
+    assert "[/x] [red]boom" in out and "/logs [/x]/build-7.out" in out and "line [/y]" in out

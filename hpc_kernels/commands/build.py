@@ -57,8 +57,9 @@ def run(args: argparse.Namespace) -> int:
                 continue
         from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-        with Progress(SpinnerColumn(), TextColumn("[bold]{task.fields[kernel]}[/]"),
-                      TextColumn("{task.description}"), TimeElapsedColumn(),
+        # Build output lines become the description: shown as text, never as markup.
+        with Progress(SpinnerColumn(), TextColumn("{task.fields[kernel]}", style="bold", markup=False),
+                      TextColumn("{task.description}", markup=False), TimeElapsedColumn(),
                       console=err, transient=True, disable=args.json) as progress:
             task = progress.add_task("checking inputs", kernel=entry.name)
 
@@ -96,8 +97,9 @@ def _record(result: BuildResult, results: list[dict[str, object]], err: Console,
                     "log": str(result.log_path) if result.log_path else None,
                     "seconds": round(result.seconds, 3)})
     if not as_json:
+        kernel, image = ui.esc(result.kernel), ui.esc(result.image)
         if result.action == "up-to-date":
-            err.print(f"[green]✓[/] {result.kernel}: up to date ({result.image})")
+            err.print(f"[green]✓[/] {kernel}: up to date ({image})")
         else:
-            err.print(f"[green]✓[/] {result.kernel}: built {result.image} in {result.seconds:.1f} s "
-                      f"(log: {result.log_path})")
+            err.print(f"[green]✓[/] {kernel}: built {image} in {result.seconds:.1f} s "
+                      f"(log: {ui.esc(result.log_path)})")

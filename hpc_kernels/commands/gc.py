@@ -27,5 +27,5 @@ def run(args: argparse.Namespace) -> int:
         ui.note("nothing to clean up.")
     for f in found:
         action = f"would have {f.action}" if args.dry_run else f.action
-        ui.note(f"[green]✓[/] {f.sweeper}: {f.target}: {action} ({f.reason})")
+        ui.note(f"[green]✓[/] {ui.esc(f.sweeper)}: {ui.esc(f.target)}: {ui.esc(action)} ({ui.esc(f.reason)})")
     return 0

@@ -39,15 +39,17 @@ def run(args: argparse.Namespace) -> int:
         image = str(entry.image) if entry.runtime == "apptainer" else str(entry.container_image)
         done.append({"kernel": entry.name, "kernelspec": str(path), "image": image, "image_state": state})
         if not args.json:
-            err.print(f"[green]✓[/] installed kernelspec '{entry.name}' ({entry.display_name}) in {path}")
+            esc = ui.esc
+            err.print(f"[green]✓[/] installed kernelspec '{esc(entry.name)}' ({esc(entry.display_name)}) "
+                      f"in {esc(path)}")
             if state in ("missing", "external-missing"):
-                err.print(f"  [yellow]note:[/] its image {image} does not exist yet: "
-                          f"run 'hpc-kernels build {entry.name}'")
+                err.print(f"  [yellow]note:[/] its image {esc(image)} does not exist yet: "
+                          f"run 'hpc-kernels build {esc(entry.name)}'")
             elif state == "stale":
                 err.print("  [yellow]note:[/] its image is older than its recipe: "
-                          f"run 'hpc-kernels build {entry.name}'")
+                          f"run 'hpc-kernels build {esc(entry.name)}'")
             elif state == "no-runtime":
-                err.print(f"  [yellow]note:[/] '{entry.runtime}' is not installed here: "
+                err.print(f"  [yellow]note:[/] '{esc(entry.runtime)}' is not installed here: "
                           "the kernel needs it to start")
     if args.json:
         ui.print_json(done)

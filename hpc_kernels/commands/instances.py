@@ -24,17 +24,17 @@ def run(args: argparse.Namespace) -> int:
         ui.print_json({"host": paths.hostname(), "instances": [s.to_json(now) for s in found]})
         return 0
     if not found:
-        ui.note(f"no shared instances on this node ({paths.hostname()}).")
+        ui.note(f"no shared instances on this node ({ui.esc(paths.hostname())}).")
         return 0
     from rich.table import Table
 
-    table = Table(title=f"shared instances on {paths.hostname()}", title_justify="left")
+    table = Table(title=ui.cell(f"shared instances on {paths.hostname()}"), title_justify="left")
     for col in ("name", "kernel", "image", "state", "kernels", "idle for"):
         table.add_column(col, overflow="fold")
     for st in found:
         idle = st.idle_for(now)
         idle_text = "—" if idle is None else f"{idle:.0f} s (stops after {st.idle_timeout:g} s)"
         state = "[green]running[/]" if st.state == "running" else "[red]dead[/] (run 'hpc-kernels gc')"
-        table.add_row(st.name, st.kernel, st.image, state, str(st.kernels), idle_text)
+        table.add_row(ui.cell(st.name), ui.cell(st.kernel), ui.cell(st.image), state, str(st.kernels), idle_text)
     ui.console().print(table)
     return 0

@@ -40,11 +40,13 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from rich.table import Table
 
-    table = Table(title=title, title_justify="left")
+    table = Table(title=ui.cell(title), title_justify="left")
     for col in HEADER:
         table.add_column(col, overflow="fold")
     for kernel, mode, image, state, place in cells:
-        table.add_row(kernel, mode, image, f"[{colours.get(state, 'white')}]{state}[/]", place)
+        # Cells as Text: a path or name is shown as written, never read as markup.
+        table.add_row(ui.cell(kernel), ui.cell(mode), ui.cell(image), ui.cell(state, colours.get(state, "white")),
+                      ui.cell(place))
     ui.console().print(table)
     return 0
 

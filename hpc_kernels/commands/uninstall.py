@@ -30,5 +30,5 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("name at least one kernelspec, or pass --all.")
     for name in dict.fromkeys(names):
         path = kernelspec.uninstall(name, target)
-        ui.note(f"[green]✓[/] removed kernelspec '{name}' ({path})")
+        ui.note(f"[green]✓[/] removed kernelspec '{ui.esc(name)}' ({ui.esc(path)})")
     return 0
