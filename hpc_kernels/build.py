@@ -73,25 +73,24 @@ def recipe_inputs(recipe: Path, text: str | None = None) -> tuple[list[Path], Pa
 
     ``text`` is the recipe's content when the caller has already read it.
     """
+    from hpc_kernels.recipe import localimage_bases
+
     sources: list[Path] = []
-    base: Path | None = None
     section = ""
-    bootstrap = ""
     if text is None:
         text = recipe.read_text(encoding="utf-8", errors="replace")
+    # The header as Apptainer reads it (hpc_kernels.recipe); the last localimage stage's base counts.
+    bases = localimage_bases(recipe, text)
+    base = bases[-1] if bases else None
     for raw in text.splitlines():
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
+        if raw[:10].lower() == "bootstrap:":  # a new stage: its header, not the last stage's section
+            section = ""
+            continue
         if line.startswith("%"):
             section = line.split()[0].lower() if line.split()[1:2] != ["from"] else "%files-from"
-            continue
-        if not section:
-            key, _, value = line.partition(":")
-            if key.strip().lower() == "bootstrap":
-                bootstrap = value.strip().lower()
-            elif key.strip().lower() == "from" and bootstrap == "localimage":
-                base = _resolve(recipe.parent, value.strip())
             continue
         if section == "%files":
             try:
@@ -219,6 +218,10 @@ def build(
     """Build ``entry``'s image if its inputs changed (or ``force``); atomically; one builder at a time."""
     if entry.recipe is None:
         raise BuildError(entry.name, "it has no 'def' recipe in the registry (its image is used as is)")
+    # Before anything runs: a header that does not name what the build starts from is refused.
+    from hpc_kernels import recipe
+
+    recipe.check(entry.recipe)
     if entry.runtime in ("docker", "podman"):
         from hpc_kernels.runtimes import docker
 

@@ -285,6 +285,11 @@ def plan_build(entries: Sequence[KernelEntry], registry: Path, options: JobOptio
     """
     if not entries:
         raise HpcKernelsError("no kernel to build in a job.")
+    from hpc_kernels import recipe
+
+    for entry in entries:  # a recipe the job's build would refuse is refused before submitting
+        if entry.recipe is not None:
+            recipe.check(entry.recipe)
     names = tuple(e.name for e in entries)
     array = len(names) > 1
     output = _output("build-%A_%a.out" if array else "build-%j.out")

@@ -208,3 +208,88 @@ def test_jobs_table_prints_reasons_and_paths_literally(capsys: pytest.CaptureFix
     jobs._print_failure(row)
     out = capsys.readouterr().out
     assert "[/x] [red]boom" in out and "/logs [/x]/build-7.out" in out and "line [/y]" in out
+
+
+# ----------------------------------------------------------------------------- 4. recipes
+
+
+class RecordingBuilder:
+    """Stands in for Apptainer: records every build it is asked for."""
+
+    name = "recording"
+
+    def __init__(self) -> None:
+        self.calls: list[Path] = []
+
+    def version(self) -> str:
+        return "recording 1"
+
+    def build(self, recipe: Path, dest: Path, options: list[str], on_line: Any) -> None:
+        self.calls.append(recipe)
+        dest.write_text("image")
+
+
+@pytest.fixture
+def builder(monkeypatch: pytest.MonkeyPatch) -> RecordingBuilder:
+    from hpc_kernels import build
+
+    fake = RecordingBuilder()
+    monkeypatch.setattr(build, "default_builder", lambda entry: fake)
+    return fake
+
+
+@pytest.mark.parametrize("text, line, needle", [
+    ("Bootstrap: localimage\n", 1, "'Bootstrap: localimage' needs 'From:' with a value"),
+    ("Bootstrap: localimage\nFrom:\n%post\n    true\n", 2, "needs 'From:' with a value"),
+    ("Bootstrap: localimage\nFrom: # base.sif\n", 2, "needs 'From:' with a value"),
+    # spython reads comment lines; Apptainer does not: a From: in a comment names nothing.
+    ("# From: base.sif\nBootstrap: localimage\n", 2, "needs 'From:'"),
+    ("%post\n    echo hi\n", 1, "has no 'Bootstrap:' line"),
+    ("\n# only comments\n\n", 1, "the recipe is empty"),
+    ("Bootstrap: Docker\nFrom: debian:12\n", 1, "write 'Bootstrap: docker'"),
+    ("Bootstrap: dockerr\nFrom: debian:12\n", 1, "no bootstrap agent 'dockerr'"),
+    ("Bootstrap: debootstrap\nMirrorURL: http://deb.debian.org/debian/\n", 1, "needs 'OSVersion:'"),
+    ("Bootstrap: docker\nFrom: debian:12\n%post\n  true\nBootstrap: localimage\n%files from 1\n  /a /a\n",
+     5, "'Bootstrap: localimage' needs 'From:'"),
+    ("Bootstrap: localimage\nFrom .\n", 2, "is not 'Key: value'"),
+])
+def test_incomplete_headers_are_refused_before_apptainer_runs(
+    make_registry: Any, builder: RecordingBuilder, capsys: pytest.CaptureFixture[str],
+    text: str, line: int, needle: str,
+) -> None:
+    path = make_registry(REG, {"one.def": text, "secret.txt": "do not package me"})
+    rc = cli.main(["build", "one", "--registry", str(path)])
+    err = one_sentence(capsys.readouterr().err)
+    assert rc == 1 and builder.calls == []
+    assert f"{path.parent / 'one.def'}:{line}: " in err and needle in err
+    assert not (path.parent / "images" / "one.sif").exists()
+    # build --slurm refuses it before submitting (or printing) a job
+    rc = cli.main(["build", "one", "--slurm", "--dry-run", "--registry", str(path)])
+    out, err = capsys.readouterr()
+    assert rc == 1 and out == "" and needle in one_sentence(err)
+
+
+def test_a_directory_is_a_base_only_when_it_is_a_sandbox(make_registry: Any, builder: RecordingBuilder,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    path = make_registry(REG, {"one.def": "Bootstrap: localimage\nFrom: .\n", "secret.txt": "private"})
+    assert cli.main(["build", "one", "--registry", str(path)]) == 1
+    err = one_sentence(capsys.readouterr().err)
+    assert f"one.def:2: 'From: .' is a directory ({path.parent}), not an image" in err and builder.calls == []
+    sandbox = path.parent / "sandbox"
+    (sandbox / ".singularity.d").mkdir(parents=True)
+    (path.parent / "one.def").write_text(f"Bootstrap: localimage\nFrom: {sandbox}\n")
+    assert cli.main(["build", "one", "--registry", str(path)]) == 0
+    assert builder.calls == [path.parent / "one.def"]
+
+
+def test_complete_headers_build(make_registry: Any, builder: RecordingBuilder) -> None:
+    from hpc_kernels import build, recipe
+
+    path = make_registry(REG, {"one.def": "# Bootstrap: localimage in a comment\nBootstrap: docker\n"
+                                          "From: python:3.12-slim  # the base\n%post\n    true\n"})
+    entry = registry.load(path).kernels[0]
+    assert build.build(entry).action == "built" and len(builder.calls) == 1
+    stage, = recipe.stages((path.parent / "one.def").read_text())
+    assert stage.get("from") == "python:3.12-slim" and stage.line_of("from") == 3
+    shipped = Path(__file__).parent.parent / "defs" / "science.def"
+    assert recipe.check(shipped)[0].get("bootstrap")
