@@ -20,7 +20,7 @@ from pathlib import Path
 
 from hpc_kernels import paths
 from hpc_kernels.errors import BuildBusyError, BuildError, HpcKernelsError
-from hpc_kernels.fsutil import atomic_write, locked
+from hpc_kernels.fsutil import atomic_write, locked, open_private
 from hpc_kernels.registry import KernelEntry
 from hpc_kernels.runtimes.base import Builder
 
@@ -255,10 +255,10 @@ def build(
         adapter = builder or default_builder(entry)  # a missing runtime fails here, before any file is written
         _remove_stale_temporaries(image)
         tmp = image.parent / f".{image.name}.tmp-{os.getpid()}"
-        log_path = paths.log_dir() / f"build-{entry.name}-{time.strftime('%Y%m%d-%H%M%S')}.log"
-        log_path.parent.mkdir(parents=True, exist_ok=True)
+        log_path = paths.private(paths.log_dir()) / f"build-{entry.name}-{time.strftime('%Y%m%d-%H%M%S')}.log"
         try:
-            with log_path.open("w", encoding="utf-8") as log, build_environment():
+            log_fd = open_private(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+            with os.fdopen(log_fd, "w", encoding="utf-8") as log, build_environment():
                 log.write(f"# hpc-kernels build of '{entry.name}' from {entry.recipe}\n")
 
                 def line_out(line: str) -> None:

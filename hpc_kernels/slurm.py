@@ -351,13 +351,13 @@ def submit(plan: PlannedJob, registry: Path, *, depends_on: str | None = None,
     """Submit ``plan`` with ``sbatch --parsable``; record it (and its script) in :func:`jobs_dir`."""
     client = slurm or Slurm()
     # Slurm does not create the directory of --output: a missing one fails the job silently.
-    logs_dir().mkdir(parents=True, exist_ok=True)
-    jobs_dir().mkdir(parents=True, exist_ok=True)
+    paths.private(logs_dir())  # per-user state: 0700 (older versions: 0755)
+    paths.private(jobs_dir())
     args = list(plan.sbatch_args) + (dependency_args(depends_on) if depends_on else [])
     job_id = client.submit(plan.script, args)
     tasks = _tasks(job_id, plan)
     script_path = jobs_dir() / f"{job_id}.sbatch"
-    atomic_write(script_path, plan.script, mode=0o644)
+    atomic_write(script_path, plan.script, private=True)
     record = {
         "generator": "hpc-kernels", "format": RECORD_FORMAT, "job_id": job_id, "kind": plan.kind,
         "kernels": list(plan.kernels), "array": plan.array, "registry": str(registry),
@@ -369,7 +369,7 @@ def submit(plan: PlannedJob, registry: Path, *, depends_on: str | None = None,
         "tasks": [{"task_id": t.task_id, "kernel": t.kernel, "log": str(t.log)} for t in tasks],
     }
     path = jobs_dir() / f"{job_id}.json"
-    atomic_write(path, json.dumps(record, indent=1) + "\n")
+    atomic_write(path, json.dumps(record, indent=1) + "\n", private=True)
     return SubmittedJob(job_id, plan.kind, plan.kernels, tasks, path, depends_on)
 
 

@@ -4,8 +4,12 @@ markup, recipes never package what they did not name, and other users cannot sta
 from __future__ import annotations
 
 import json
+import os
+import stat
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -293,3 +297,163 @@ def test_complete_headers_build(make_registry: Any, builder: RecordingBuilder) -
     assert stage.get("from") == "python:3.12-slim" and stage.line_of("from") == 3
     shipped = Path(__file__).parent.parent / "defs" / "science.def"
     assert recipe.check(shipped)[0].get("bootstrap")
+
+
+# ----------------------------------------------------------------------------- 5. private state, locks
+
+
+@pytest.fixture
+def umask_022() -> Any:
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def hold_lock(path: Path) -> subprocess.Popen[str]:
+    """Another process that opens ``path`` read-only (enough for flock) and holds an exclusive flock."""
+    code = ("import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDONLY); "
+            "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline() == "held\n"
+    return proc
+
+
+def test_a_lock_held_elsewhere_is_reported_within_a_bounded_time(tmp_path: Path) -> None:
+    from hpc_kernels.errors import LockBusyError
+    from hpc_kernels.fsutil import locked
+
+    path = tmp_path / "lock"
+    path.write_text("")
+    holder = hold_lock(path)
+    try:
+        start = time.monotonic()
+        with pytest.raises(LockBusyError) as caught, locked(path, timeout=0.5):
+            pass
+        assert time.monotonic() - start < 5
+        assert f"the lock {path} is held by another process (pid {holder.pid} (yours))" in str(caught.value)
+    finally:
+        holder.kill()
+        holder.wait()
+    with locked(path, timeout=0.5) as held:  # released: taken at once
+        assert held
+
+
+def test_another_users_lock_is_not_waited_for(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from hpc_kernels import fsutil
+    from hpc_kernels.errors import LockBusyError
+
+    path = tmp_path / "lock"
+    path.write_text("")
+    holder = hold_lock(path)
+    real = fsutil.lock_holder
+    seen = real(os.open(path, os.O_RDONLY))
+    assert seen is not None and seen.pid == holder.pid and seen.uid == os.getuid()
+    # As if the holder were another user's process: no wait at all, even without a time limit.
+    monkeypatch.setattr(fsutil, "lock_holder", lambda fd: fsutil.LockHolder(holder.pid, os.getuid() + 1))
+    try:
+        start = time.monotonic()
+        with pytest.raises(LockBusyError, match="held by another user's process"), fsutil.locked(path):
+            pass
+        assert time.monotonic() - start < 5
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_an_instance_lock_someone_holds_stalls_no_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    from hpc_kernels import instances
+
+    monkeypatch.setattr(instances, "LOCK_TIMEOUT", 0.5, raising=False)
+    d = instances.instance_dir("hpck-held")
+    d.mkdir(parents=True)
+    (d / "lock").write_text("")
+    holder = hold_lock(d / "lock")
+    outcome: list[BaseException] = []
+
+    def stop() -> None:
+        try:
+            instances.stop("hpck-held")
+        except BaseException as exc:  # handed to the test's thread
+            outcome.append(exc)
+
+    waiter = threading.Thread(target=stop, daemon=True)
+    try:
+        waiter.start()
+        waiter.join(timeout=10)
+        assert not waiter.is_alive(), "stop still waits for the lock another process holds"
+        (error,) = outcome
+        from hpc_kernels.errors import LockBusyError
+
+        assert isinstance(error, LockBusyError) and f"pid {holder.pid}" in str(error)
+    finally:
+        holder.kill()
+        holder.wait()
+        waiter.join(timeout=10)
+
+
+def test_state_is_private_whatever_the_umask(umask_022: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                             make_registry: Any, builder: RecordingBuilder) -> None:
+    from hpc_kernels import build, instances, paths
+    from hpc_kernels.runtimes import apptainer
+
+    # An instance directory left 0755/0644 by an older version, under a 0755 state tree.
+    image = tmp_path / "k.sif"
+    image.write_text("image")
+    spec = _instance_spec(str(image))
+    old = instances.root() / "hpck-old"
+    old.mkdir(parents=True)
+    (old / "lock").write_text("")
+    (old / "lock").chmod(0o644)
+    for directory in (paths.state_dir(), instances.root().parent, instances.root(), old):
+        directory.chmod(0o755)
+
+    class Launched(Exception):
+        pass
+
+    def start_instance(argv: list[str], env: Any, timeout: float = 0) -> None:
+        Path(argv[argv.index("--pid-file") + 1]).write_text(f"{os.getpid()}\n")
+
+    def execve(*_args: Any) -> None:
+        raise Launched
+
+    monkeypatch.setattr(apptainer, "find_binary", lambda **kw: "/opt/apptainer/bin/apptainer")
+    monkeypatch.setattr(apptainer, "start_instance", start_instance)
+    monkeypatch.setattr(instances, "ensure_reaper", lambda d: False)
+    monkeypatch.setattr(instances.os, "execve", execve)
+    with pytest.raises(Launched):
+        instances.launch(spec, str(tmp_path / "runtime" / "kernel-1.json"))
+    (d,) = [p for p in instances.instance_dirs() if p != old]
+    for directory in (paths.state_dir(), instances.root().parent, instances.root(), d, d / instances.KERNELS):
+        assert mode(directory) == 0o700, directory
+    for file in (d / "lock", d / instances.RECORD, *(d / instances.KERNELS).glob("*.json")):
+        assert mode(file) == 0o600, file
+    with instances._lock(old / "lock"):  # an older lock file of ours is tightened when taken
+        assert mode(old / "lock") == 0o600 and mode(old) == 0o700
+
+    # A build's log, and the records of a Slurm job.
+    path = make_registry(REG, DEF)
+    entry = registry.load(path).kernels[0]
+    log = build.build(entry).log_path
+    assert log is not None and mode(log) == 0o600 and mode(log.parent) == 0o700
+
+    class FakeSlurm:
+        def submit(self, script: str, args: Any = ()) -> str:
+            return "77"
+
+    plan = slurm.plan_build([entry], path, slurm.JobOptions(), apptainer_dir="")
+    job = slurm.submit(plan, path, slurm=FakeSlurm())  # type: ignore[arg-type]
+    assert mode(slurm.jobs_dir()) == 0o700 and mode(slurm.logs_dir()) == 0o700
+    assert mode(job.record) == 0o600 and mode(slurm.jobs_dir() / "77.sbatch") == 0o600
+    assert "umask 077" in plan.script
+
+
+def _instance_spec(image: str) -> Any:
+    from hpc_kernels.launchspec import LaunchSpec
+
+    return LaunchSpec(kernel="py", runtime="apptainer", mode="instance", image=image,
+                      command=("python3", "-m", "ipykernel_launcher", "-f", "{connection_file}"),
+                      binds=(), env=(), pass_env=(), gpu="none", runtime_args=(), idle_timeout=30.0)
