@@ -20,7 +20,7 @@ from pathlib import Path
 
 from hpc_kernels import paths
 from hpc_kernels.errors import BuildBusyError, BuildError, HpcKernelsError
-from hpc_kernels.fsutil import atomic_write, locked
+from hpc_kernels.fsutil import atomic_write, locked, open_private
 from hpc_kernels.registry import KernelEntry
 from hpc_kernels.runtimes.base import Builder
 
@@ -73,25 +73,24 @@ def recipe_inputs(recipe: Path, text: str | None = None) -> tuple[list[Path], Pa
 
     ``text`` is the recipe's content when the caller has already read it.
     """
+    from hpc_kernels.recipe import localimage_bases
+
     sources: list[Path] = []
-    base: Path | None = None
     section = ""
-    bootstrap = ""
     if text is None:
         text = recipe.read_text(encoding="utf-8", errors="replace")
+    # The header as Apptainer reads it (hpc_kernels.recipe); the last localimage stage's base counts.
+    bases = localimage_bases(recipe, text)
+    base = bases[-1] if bases else None
     for raw in text.splitlines():
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
+        if raw[:10].lower() == "bootstrap:":  # a new stage: its header, not the last stage's section
+            section = ""
+            continue
         if line.startswith("%"):
             section = line.split()[0].lower() if line.split()[1:2] != ["from"] else "%files-from"
-            continue
-        if not section:
-            key, _, value = line.partition(":")
-            if key.strip().lower() == "bootstrap":
-                bootstrap = value.strip().lower()
-            elif key.strip().lower() == "from" and bootstrap == "localimage":
-                base = _resolve(recipe.parent, value.strip())
             continue
         if section == "%files":
             try:
@@ -219,6 +218,10 @@ def build(
     """Build ``entry``'s image if its inputs changed (or ``force``); atomically; one builder at a time."""
     if entry.recipe is None:
         raise BuildError(entry.name, "it has no 'def' recipe in the registry (its image is used as is)")
+    # Before anything runs: a header that does not name what the build starts from is refused.
+    from hpc_kernels import recipe
+
+    recipe.check(entry.recipe)
     if entry.runtime in ("docker", "podman"):
         from hpc_kernels.runtimes import docker
 
@@ -252,10 +255,10 @@ def build(
         adapter = builder or default_builder(entry)  # a missing runtime fails here, before any file is written
         _remove_stale_temporaries(image)
         tmp = image.parent / f".{image.name}.tmp-{os.getpid()}"
-        log_path = paths.log_dir() / f"build-{entry.name}-{time.strftime('%Y%m%d-%H%M%S')}.log"
-        log_path.parent.mkdir(parents=True, exist_ok=True)
+        log_path = paths.private(paths.log_dir()) / f"build-{entry.name}-{time.strftime('%Y%m%d-%H%M%S')}.log"
         try:
-            with log_path.open("w", encoding="utf-8") as log, build_environment():
+            log_fd = open_private(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+            with os.fdopen(log_fd, "w", encoding="utf-8") as log, build_environment():
                 log.write(f"# hpc-kernels build of '{entry.name}' from {entry.recipe}\n")
 
                 def line_out(line: str) -> None:

@@ -50,6 +50,9 @@ LABEL_STATE_DIR = "hpc-kernels.state-dir"
 LABEL_CONFIG = "hpc-kernels.config"
 #: After the client dies, a container whose create request was still in flight can appear a moment later.
 SETTLE_SECONDS = 1.5
+#: The longest a process of ours holds a shared container's lock (starting it takes up to 300 s),
+#: plus a margin: a longer wait means a stuck process (see hpc_kernels.fsutil.locked).
+LOCK_TIMEOUT = 360.0
 
 Plan = tuple[list[str], dict[str, str], list[str]]
 
@@ -143,14 +146,15 @@ def shared_dir(name: str) -> Path:
 
 def _prepare_shared(cli: ContainerCLI, spec: LaunchSpec, connection_file: str, env: dict[str, str],
                     cenv: dict[str, str], image_id: str | None) -> Plan:
-    from hpc_kernels.fsutil import locked
+    from hpc_kernels.fsutil import locked, private_dir
 
     name = shared_name(spec.kernel)
     sdir = shared_dir(name)
+    paths.private(sdir)  # per-user state: 0700 from the state directory down (older versions: 0755)
     kid = secrets.token_hex(8)
     warnings: list[str] = []
     client_env = {**env, **cenv}
-    with locked(sdir / "lock"):
+    with locked(sdir / "lock", timeout=LOCK_TIMEOUT, private=True):
         warnings += _ensure_shared(cli, spec, name, sdir, image_id)
         # exec cannot bind a file into a running container: the kernel reads a private copy in the
         # bound directory (ipykernel rewrites it; the ports are the ones jupyter_client chose).
@@ -163,9 +167,10 @@ def _prepare_shared(cli: ContainerCLI, spec: LaunchSpec, connection_file: str, e
             ["shared", cli.name, cli.binary, str(os.getpid()), name, kid, str(sdir), str(spec.idle_timeout)],
             env,
         )
-        (sdir / "kernels").mkdir(exist_ok=True)
+        private_dir(sdir / "kernels")
+        (sdir / "kernels" / kid).touch(mode=0o600)
         (sdir / "kernels" / kid).write_text(f"{watcher}\n", encoding="utf-8")
-        (sdir / "last_active").touch()
+        (sdir / "last_active").touch(mode=0o600)
     argv = cli.exec_argv(spec, name, f"{SHARED_CONN_DIR}/{kid}.json", cenv)
     return argv, client_env, warnings
 
@@ -173,7 +178,9 @@ def _prepare_shared(cli: ContainerCLI, spec: LaunchSpec, connection_file: str, e
 def _ensure_shared(cli: ContainerCLI, spec: LaunchSpec, name: str, sdir: Path,
                    image_id: str | None) -> list[str]:
     """Start the shared container unless it runs the current image (call with its lock held)."""
-    (sdir / "conn").mkdir(parents=True, exist_ok=True, mode=0o700)
+    from hpc_kernels.fsutil import private_dir
+
+    private_dir(sdir / "conn")
     found = cli.inspect([name])
     config = shared_config(spec)
     if found and found[0].running:
@@ -242,7 +249,7 @@ def stop_if_idle(cli: ContainerCLI, name: str, sdir: Path, idle_timeout: float) 
     """Remove the shared container when no kernel runs in it and none did for ``idle_timeout`` s."""
     from hpc_kernels.fsutil import locked
 
-    with locked(sdir / "lock"):
+    with locked(sdir / "lock", timeout=LOCK_TIMEOUT, private=True):
         if live_kernels(sdir) or idle_for(sdir) < idle_timeout - 0.1:
             return False
         cli.remove(name)
@@ -255,9 +262,10 @@ def stop_if_idle(cli: ContainerCLI, name: str, sdir: Path, idle_timeout: float) 
 def spawn_watcher(args: Sequence[str], env: Mapping[str, str]) -> int:
     """Start ``python -m hpc_kernels.containers ARGS`` (isolated: selfexec.module_argv) in its own session;
     returns its pid."""
-    log = paths.log_dir() / "containers.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("a", encoding="utf-8") as out:
+    from hpc_kernels.fsutil import open_private
+
+    log = paths.private(paths.log_dir()) / "containers.log"
+    with os.fdopen(open_private(log), "a", encoding="utf-8") as out:
         proc = subprocess.Popen(
             selfexec.module_argv("hpc_kernels.containers", *args), env=dict(env),
             stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True, close_fds=True,
@@ -302,11 +310,11 @@ def watch_shared(cli: ContainerCLI, pid: int, name: str, kid: str, sdir: Path, i
     wait_for_parent(pid)
     marker = f"{SHARED_CONN_DIR}/{kid}.json"
     kill_kernel_processes(cli, name, marker)
-    with locked(sdir / "lock"):
+    with locked(sdir / "lock", timeout=LOCK_TIMEOUT, private=True):
         for path in (sdir / "kernels" / kid, sdir / "conn" / f"{kid}.json"):
             with contextlib.suppress(OSError):
                 path.unlink()
-        (sdir / "last_active").touch()
+        (sdir / "last_active").touch(mode=0o600)
     # A client killed right after sending its exec request: the kernel may start a moment later.
     time.sleep(min(SETTLE_SECONDS, idle_timeout))
     kill_kernel_processes(cli, name, marker)

@@ -67,6 +67,11 @@ class BuildBusyError(HpcKernelsError):
     """Another process is building the same image right now."""
 
 
+class LockBusyError(HpcKernelsError):
+    """A lock we need is held by another process: another user's (never waited for), or one of ours
+    that did not let go within the time allowed; the message names the holder when we can tell."""
+
+
 class NotOursError(HpcKernelsError):
     """Refusing to overwrite or remove a file hpc-kernels did not write."""
 

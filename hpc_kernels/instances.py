@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 from hpc_kernels import paths, procfs, selfexec
 from hpc_kernels.errors import HpcKernelsError, ToolError
-from hpc_kernels.fsutil import atomic_write, locked
+from hpc_kernels.fsutil import atomic_write, locked, open_private
 from hpc_kernels.launchspec import LaunchSpec
 from hpc_kernels.runtimes import apptainer
 
@@ -63,6 +63,9 @@ KERNELS = "kernels"
 IDLE = "idle-since"
 START_TIMEOUT = 120.0
 STOP_TIMEOUT = 60.0
+#: The longest a process of ours holds an instance's lock: a start that must replace a leftover
+#: instance (start, stop, start again), plus a margin. A longer wait means a stuck process.
+LOCK_TIMEOUT = 2 * START_TIMEOUT + STOP_TIMEOUT + 30.0
 
 
 # ----------------------------------------------------------------------------- processes
@@ -327,8 +330,11 @@ def forget(d: Path) -> None:
         d.rmdir()
 
 
-#: Instance locks survive gc removing and recreating the state directory (see fsutil.locked).
-_lock = locked
+def _lock(path: Path, blocking: bool = True) -> contextlib.AbstractContextManager[bool]:
+    """An instance's lock: it survives gc removing and recreating the state directory, lives in a
+    private directory (another user cannot take it), and is not waited for longer than
+    :data:`LOCK_TIMEOUT` (see :func:`hpc_kernels.fsutil.locked`)."""
+    return locked(path, blocking, timeout=LOCK_TIMEOUT, private=True)
 
 
 # ----------------------------------------------------------------------------- launch
@@ -355,6 +361,7 @@ def launch(spec: LaunchSpec, connection_file: str) -> int:
     if me is None:  # pragma: no cover - /proc is not mounted
         raise HpcKernelsError("cannot read /proc/self/stat: instance mode needs Linux /proc.")
     attachment_id = f"{me.pid}-{me.start}"
+    paths.private(root())  # per-user state: 0700 from the state directory down (older versions: 0755)
     with _lock(d / "lock"):
         record = read_record(d)
         if record is None or not record.running():
@@ -372,7 +379,7 @@ def launch(spec: LaunchSpec, connection_file: str) -> int:
         attachment = Attachment(
             attachment_id, me.pid, me.start, os.path.abspath(connection_file), time.time()
         )
-        atomic_write(d / KERNELS / f"{attachment_id}.json", json.dumps(asdict(attachment)) + "\n")
+        atomic_write(d / KERNELS / f"{attachment_id}.json", json.dumps(asdict(attachment)) + "\n", private=True)
         with contextlib.suppress(FileNotFoundError):
             (d / IDLE).unlink()
     markers = {ENV_INSTANCE: name, ENV_ATTACHMENT: attachment_id}
@@ -439,7 +446,7 @@ def _start(spec: LaunchSpec, ident: Identity, d: Path, argv: list[str], env: dic
         job=ident.job, pid=proc.pid, pid_start=proc.start, started_at=time.time(),
         idle_timeout=spec.idle_timeout, binary=binary,
     )
-    atomic_write(d / RECORD, json.dumps(asdict(record), indent=1) + "\n")
+    atomic_write(d / RECORD, json.dumps(asdict(record), indent=1) + "\n", private=True)
     return record
 
 
@@ -476,7 +483,7 @@ def spawn_reaper(d: Path) -> None:
     Its own session keeps it out of the launcher's process group (jupyter_client kills that group);
     the double fork keeps it from lingering as a zombie child of the kernel's runtime process.
     """
-    log = os.open(root() / "reaper.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    log = open_private(paths.private(root()) / "reaper.log")
     pid = os.fork()
     if pid == 0:  # pragma: no cover - runs in the child
         try:
@@ -505,7 +512,7 @@ def _take_reaper_lock(d: Path, attempts: int = 10) -> int | None:
     path = d / "reaper.lock"
     for _attempt in range(attempts):
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         except FileNotFoundError:  # the instance was forgotten before this reaper started
             return None
         try:
@@ -579,7 +586,7 @@ def reap(d: Path) -> int:
                 idle_since = None
             elif idle_since is None:
                 idle_since = now
-                atomic_write(d / IDLE, f"{now}\n")
+                atomic_write(d / IDLE, f"{now}\n", private=True)
             if idle_since is not None and now - idle_since >= record.idle_timeout:
                 with _lock(d / "lock"):
                     # A launch may have attached while we waited for the lock: it holds it while it writes.

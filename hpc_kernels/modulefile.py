@@ -95,6 +95,18 @@ class ModuleConfig:
                 f"'{self.apptainer_module}' is not a module name (like 'apptainer' or 'apptainer/1.4').")
         if self.path_style not in PATH_STYLES:
             raise UsageError(f"path style must be one of {', '.join(PATH_STYLES)}, not '{self.path_style}'.")
+        # Lmod writes these paths into the shell code it hands `module load`: a line break there
+        # breaks that code (PATH replaced); ':' would split one PATH entry into two.
+        named = {"--dir": self.tree, "--prefix": self.prefix, "the hpc-kernels program": self.program,
+                 "--registry": self.registry}
+        for what, path in named.items():
+            found = None if path is None else templates.control_character(str(path))
+            if found is not None:
+                raise UsageError(f"the path of {what} {str(path)!r} contains a line break or control character "
+                                 f"({found}), which a modulefile cannot carry safely; choose a path without it.")
+        if ":" in str(self.prefix):
+            raise UsageError(f"the --prefix {self.prefix} contains ':', which separates the entries of PATH and "
+                             "JUPYTER_PATH; choose a path without it.")
 
     @property
     def modulefile(self) -> Path:
@@ -165,9 +177,19 @@ class ModulePlan:
 
 
 def lua_string(text: str) -> str:
-    """``text`` as a double-quoted Lua string literal."""
+    """``text`` as a double-quoted Lua string literal: one line, every control character escaped."""
     escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\r", "\\r")
-    return f'"{escaped}"'
+    # Lua's decimal escape \ddd (it reads up to three digits: pad when a digit follows).
+    return '"' + _CONTROL_RE.sub(lambda m: _lua_byte(m.group(), escaped, m.end()), escaped) + '"'
+
+
+#: Characters lua_string writes as escapes (C0 controls other than those above, DEL).
+_CONTROL_RE = re.compile("[\x00-\x1f\x7f]")
+
+
+def _lua_byte(char: str, text: str, end: int) -> str:
+    digits = str(ord(char))
+    return "\\" + (digits.zfill(3) if end < len(text) and text[end].isdigit() else digits)
 
 
 def lua_long_string(text: str) -> str:
@@ -244,31 +266,32 @@ def _help_text(config: ModuleConfig) -> str:
     return "\n".join(lines)
 
 
-def _root_block(config: ModuleConfig, relative: bool) -> str:
+def _root_block(config: ModuleConfig, relative: bool) -> templates.Block:
     if not any_relative(config, relative):
-        return "-- Paths below are absolute (they do not lie in the tree's parent group directory)."
+        return templates.Block("-- Paths below are absolute (they do not lie in the tree's parent group directory).")
     depth = len(Path(os.path.normpath(config.modulefile)).relative_to(tree_root(config)).parts)
     pattern = "^(.*)" + "/[^/]+" * depth + "$"
-    return (
+    return templates.Block(
         "-- The group directory, from this file's own location "
-        f"(<root>/{config.tree.name}/{config.name}/{config.version}.lua):\n"
+        f"(<root>/{templates.check_line(config.tree.name, 'the --dir name')}/{config.name}/{config.version}.lua):\n"
         "-- the paths below stay right when that directory is reached through another path or moved.\n"
         f"local root = myFileName():match({lua_string(pattern)})"
     )
 
 
-def _apptainer_block(config: ModuleConfig) -> str:
+def _apptainer_block(config: ModuleConfig) -> templates.Block:
     if not config.apptainer_module:
-        return "-- No Apptainer module: kernels use the apptainer (or singularity) on PATH when they start."
+        return templates.Block(
+            "-- No Apptainer module: kernels use the apptainer (or singularity) on PATH when they start.")
     name = config.apptainer_module
     missing = (
         f"{config.name}: there is no '{name}' module here and no apptainer or singularity on PATH; "
         "the kernels will appear in Jupyter but cannot start until one is available "
         "(ask your site, or set HPC_KERNELS_APPTAINER to its path)."
     )
-    return templates.render(
+    return templates.Block(templates.render(
         "apptainer-dependency.lua.tmpl", module=lua_string(name), missing=lua_string(missing)
-    ).rstrip("\n")
+    ).rstrip("\n"))
 
 
 def render_modulefile(config: ModuleConfig, relative: bool) -> str:
@@ -284,7 +307,7 @@ def render_modulefile(config: ModuleConfig, relative: bool) -> str:
         hpck_version=__version__,
         module_name=config.name,
         module_version=config.version,
-        help=lua_long_string(_help_text(config)),
+        help=templates.Block(lua_long_string(_help_text(config))),
         whatis_name=lua_string(f"Name: {config.name}"),
         whatis_version=lua_string(f"Version: {config.version}"),
         whatis_description=lua_string(

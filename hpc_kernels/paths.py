@@ -46,6 +46,18 @@ def host_state_dir() -> Path:
     return state_dir() / "hosts" / hostname()
 
 
+def private(path: Path) -> Path:
+    """``path``, a directory under :func:`state_dir` or :func:`cache_dir`, created 0700 with every
+    directory from that top down to it private (ones created 0755 by older versions are tightened):
+    per-user state no other user can read, or lock to stall our kernels."""
+    from hpc_kernels.fsutil import private_dir
+
+    for top in (state_dir(), cache_dir()):
+        if path == top or top in path.parents:
+            return private_dir(path, top)
+    return private_dir(path)
+
+
 def hostname() -> str:
     """The short host name (what Slurm and Apptainer call the node)."""
     return socket.gethostname().split(".")[0]

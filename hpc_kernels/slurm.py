@@ -231,15 +231,35 @@ def logs_dir() -> Path:
 # ----------------------------------------------------------------------------- rendering
 
 
-def _directives(options: JobOptions, array: int = 0) -> str:
+#: What an ``#SBATCH`` line cannot hold in a value: sbatch splits at white space, reads quotes and
+#: backslashes, and starts a comment at '#'; a line break would start a line of shell.
+_DIRECTIVE_UNSAFE = re.compile(r"[\s\"'\\#\x00-\x1f\x7f-\x9f]")
+
+
+def _directive_value(name: str, value: str, fix: str) -> str:
+    """``value`` for ``#SBATCH --name=value``; an HpcKernelsError (with ``fix``) when sbatch would misread it."""
+    if _DIRECTIVE_UNSAFE.search(value):
+        raise HpcKernelsError(f"the job's --{name} {value!r} cannot be written on an #SBATCH line (it contains "
+                              f"white space, a quote, a backslash, '#' or a control character): {fix}.")
+    return value
+
+
+def _directives(options: JobOptions, array: int = 0) -> templates.Block:
     lines = []
     if options.account:
-        lines.append(f"#SBATCH --account={options.account}")
+        lines.append(f"#SBATCH --account={_directive_value('account', options.account, 'give a plain name')}")
     if options.partition:
-        lines.append(f"#SBATCH --partition={options.partition}")
+        lines.append(
+            f"#SBATCH --partition={_directive_value('partition', options.partition, 'give a plain name')}")
     if array > 1:
         lines.append(f"#SBATCH --array=0-{array - 1}")
-    return "".join(line + "\n" for line in lines)
+    return templates.Block("".join(line + "\n" for line in lines))
+
+
+def _output(pattern: str) -> str:
+    """The ``--output`` of a job: our log directory, which comes from the environment."""
+    return _directive_value("output", str(logs_dir() / pattern),
+                            "set HPC_KERNELS_STATE (or XDG_STATE_HOME) to a plain path")
 
 
 def _what(names: Sequence[str]) -> str:
@@ -265,9 +285,14 @@ def plan_build(entries: Sequence[KernelEntry], registry: Path, options: JobOptio
     """
     if not entries:
         raise HpcKernelsError("no kernel to build in a job.")
+    from hpc_kernels import recipe
+
+    for entry in entries:  # a recipe the job's build would refuse is refused before submitting
+        if entry.recipe is not None:
+            recipe.check(entry.recipe)
     names = tuple(e.name for e in entries)
     array = len(names) > 1
-    output = str(logs_dir() / ("build-%A_%a.out" if array else "build-%j.out"))
+    output = _output("build-%A_%a.out" if array else "build-%j.out")
     command = " ".join(shlex.quote(a) for a in (python, "-m", "hpc_kernels", "build"))
     command += f' "$kernel" --registry {shlex.quote(str(registry))}'
     command += "".join(" " + shlex.quote(a) for a in build_args)
@@ -295,7 +320,7 @@ def plan_install(names: Sequence[str], registry: Path, options: JobOptions, *,
                  python: str = sys.executable) -> PlannedJob:
     """The batch script that installs the kernelspecs of ``names`` (run after their build job)."""
     opts = options.for_install()
-    output = str(logs_dir() / "install-%j.out")
+    output = _output("install-%j.out")
     argv = [python, "-m", "hpc_kernels", "install", *names, "--registry", str(registry)]
     script = templates.render(
         "install.sbatch.tmpl",
@@ -326,13 +351,13 @@ def submit(plan: PlannedJob, registry: Path, *, depends_on: str | None = None,
     """Submit ``plan`` with ``sbatch --parsable``; record it (and its script) in :func:`jobs_dir`."""
     client = slurm or Slurm()
     # Slurm does not create the directory of --output: a missing one fails the job silently.
-    logs_dir().mkdir(parents=True, exist_ok=True)
-    jobs_dir().mkdir(parents=True, exist_ok=True)
+    paths.private(logs_dir())  # per-user state: 0700 (older versions: 0755)
+    paths.private(jobs_dir())
     args = list(plan.sbatch_args) + (dependency_args(depends_on) if depends_on else [])
     job_id = client.submit(plan.script, args)
     tasks = _tasks(job_id, plan)
     script_path = jobs_dir() / f"{job_id}.sbatch"
-    atomic_write(script_path, plan.script, mode=0o644)
+    atomic_write(script_path, plan.script, private=True)
     record = {
         "generator": "hpc-kernels", "format": RECORD_FORMAT, "job_id": job_id, "kind": plan.kind,
         "kernels": list(plan.kernels), "array": plan.array, "registry": str(registry),
@@ -344,7 +369,7 @@ def submit(plan: PlannedJob, registry: Path, *, depends_on: str | None = None,
         "tasks": [{"task_id": t.task_id, "kernel": t.kernel, "log": str(t.log)} for t in tasks],
     }
     path = jobs_dir() / f"{job_id}.json"
-    atomic_write(path, json.dumps(record, indent=1) + "\n")
+    atomic_write(path, json.dumps(record, indent=1) + "\n", private=True)
     return SubmittedJob(job_id, plan.kind, plan.kernels, tasks, path, depends_on)
 
 

@@ -46,6 +46,25 @@ _MANAGED = {
 
 TIME_FORMATS = 'minutes or [D-]HH:MM:SS, e.g. 60, "1:00:00" or "1-00:00:00"'
 
+#: Account, partition and module names: they are written on ``#SBATCH`` lines and into the job script,
+#: whose parsers treat white space, quotes, backslashes and '#' specially; control characters are
+#: never part of a name. (Lmod module names have a '/', partitions may be a comma-separated list.)
+_NAME_RE = re.compile(r"[^\s\"'\\#\x00-\x1f\x7f-\x9f-][^\s\"'\\#\x00-\x1f\x7f-\x9f]*")
+_CONTROL_RE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+NAME_RULE = "a name without spaces, quotes, backslashes, '#' or control characters"
+
+#: What each key must be, as error messages say it.
+EXPECTED = {
+    "account": NAME_RULE,
+    "partition": NAME_RULE,
+    "time": TIME_FORMATS,
+    "mem": 'a size like "4G", "500M" or 4000 (megabytes)',
+    "cpus": "a whole number of CPUs (>= 1)",
+    "modules": "a list of module names (e.g. [apptainer], or [] to load none)",
+    "extra_args": 'a list of sbatch options written --name=value (e.g. ["--qos=normal"]), without control '
+                  "characters",
+}
+
 
 @dataclass(frozen=True)
 class SlurmDefaults:
@@ -92,6 +111,47 @@ def mem_megabytes(value: str) -> float | None:
     return int(match.group(1)) * _UNIT_MB[match.group(2).upper()] if match else None
 
 
+def check(key: str, raw: Any) -> Any:
+    """The value of slurm setting ``key`` given as ``raw`` (YAML data or a flag's text), or None when it
+    is not what :data:`EXPECTED` says. The one rule for the registry's ``slurm:`` and ``build``'s flags."""
+    if key in ("account", "partition"):
+        return raw if isinstance(raw, str) and _NAME_RE.fullmatch(raw) else None
+    if key in ("time", "mem"):
+        text = str(raw) if isinstance(raw, int) and not isinstance(raw, bool) else raw
+        if not isinstance(text, str) or _CONTROL_RE.search(text):
+            return None
+        ok = (time_minutes(text) or 0) > 0 if key == "time" else mem_megabytes(text) is not None
+        return text.strip() if ok else None
+    if key == "cpus":
+        return raw if isinstance(raw, int) and not isinstance(raw, bool) and raw >= 1 else None
+    if key == "modules":
+        ok = isinstance(raw, (list, tuple)) and all(isinstance(m, str) and _NAME_RE.fullmatch(m) for m in raw)
+        return tuple(raw) if ok else None
+    if key == "extra_args":
+        ok = isinstance(raw, (list, tuple)) and all(
+            isinstance(a, str) and a.startswith("-") and not _CONTROL_RE.search(a) for a in raw)
+        return tuple(raw) if ok else None
+    raise KeyError(key)
+
+
+def from_flags(**flags: Any) -> SlurmDefaults:
+    """``build --slurm``'s flags (``account=``, ``time=``…; None = not given), checked by :func:`check`.
+
+    A bad one raises :class:`~hpc_kernels.errors.UsageError` naming the flag.
+    """
+    from hpc_kernels.errors import UsageError
+
+    result: dict[str, Any] = {}
+    for key, raw in flags.items():
+        if raw is None:
+            continue
+        checked = check(key, raw)
+        if checked is None:
+            raise UsageError(f"--{key} must be {EXPECTED[key]}, not {describe_value(raw)}.")
+        result[key] = checked
+    return SlurmDefaults(**result)
+
+
 def from_mapping(value: Any, where: str, line: int, err: Callable[[int, str], None]) -> SlurmDefaults:
     """Validate the ``slurm:`` mapping of ``where`` ("defaults" or "kernel 'x'"); report with ``err(line, text)``.
 
@@ -119,48 +179,22 @@ def from_mapping(value: Any, where: str, line: int, err: Callable[[int, str], No
             hint = f" (did you mean '{close[0]}'?)" if close else f" (expected: {', '.join(KEYS)})"
             err(at(str(key)), f"unknown key '{key}' in the slurm settings of {where}{hint}.")
     result: dict[str, Any] = {}
-    for key in ("account", "partition"):
-        if key in value:
-            if isinstance(value[key], str) and value[key].strip() and not re.search(r"\s", value[key]):
-                result[key] = value[key]
-            else:
-                bad(key, "a name without spaces")
-    if "time" in value:
-        raw = value["time"]
-        text = str(raw) if isinstance(raw, int) and not isinstance(raw, bool) else raw
-        if isinstance(text, str) and (time_minutes(text) or 0) > 0:
-            result["time"] = text.strip()
+    for key in KEYS:
+        if key not in value:
+            continue
+        if key == "extra_args":
+            raw = value[key]
+            if isinstance(raw, list) and all(isinstance(a, str) for a in raw):
+                managed = [a for a in raw if a.split("=", 1)[0] in _MANAGED]
+                for arg in managed:
+                    err(at("extra_args"), f"'slurm: extra_args' in {where} cannot set {arg.split('=', 1)[0]}: "
+                                          f"{_MANAGED[arg.split('=', 1)[0]]}.")
+                if managed:
+                    continue
+        checked = check(key, value[key])
+        if checked is None:
+            bad(key, EXPECTED[key])
         else:
-            bad("time", TIME_FORMATS)
-    if "mem" in value:
-        raw = value["mem"]
-        text = str(raw) if isinstance(raw, int) and not isinstance(raw, bool) else raw
-        if isinstance(text, str) and mem_megabytes(text) is not None:
-            result["mem"] = text.strip()
-        else:
-            bad("mem", 'a size like "4G", "500M" or 4000 (megabytes)')
-    if "cpus" in value:
-        raw = value["cpus"]
-        if isinstance(raw, int) and not isinstance(raw, bool) and raw >= 1:
-            result["cpus"] = raw
-        else:
-            bad("cpus", "a whole number of CPUs (>= 1)")
-    if "modules" in value:
-        raw = value["modules"]
-        if isinstance(raw, list) and all(isinstance(m, str) and m.strip() and " " not in m for m in raw):
-            result["modules"] = tuple(raw)
-        else:
-            bad("modules", "a list of module names (e.g. [apptainer], or [] to load none)")
-    if "extra_args" in value:
-        raw = value["extra_args"]
-        if isinstance(raw, list) and all(isinstance(a, str) and a.startswith("-") for a in raw):
-            managed = [a for a in raw if a.split("=", 1)[0] in _MANAGED]
-            for arg in managed:
-                err(at("extra_args"), f"'slurm: extra_args' in {where} cannot set {arg.split('=', 1)[0]}: "
-                                      f"{_MANAGED[arg.split('=', 1)[0]]}.")
-            if not managed:
-                result["extra_args"] = tuple(raw)
-        else:
-            bad("extra_args", 'a list of sbatch options written --name=value (e.g. ["--qos=normal"])')
+            result[key] = checked
     return SlurmDefaults(**result)
 

@@ -1,4 +1,9 @@
-"""Rendering helpers shared by the commands (rich is imported lazily)."""
+"""Rendering helpers shared by the commands (rich is imported lazily).
+
+Text that comes from users, files or programs (names, paths, log lines) is data: it goes into our
+markup strings through :func:`esc`, into tables as :class:`rich.text.Text` (:func:`cell`), or is
+printed with ``markup=False``. Emoji codes are off, so ``:smile:`` in a name stays as written.
+"""
 
 from __future__ import annotations
 
@@ -18,7 +23,21 @@ def console(stderr: bool = False) -> Console:
     """A rich console (stdout, or stderr for progress and notes)."""
     from rich.console import Console
 
-    return Console(stderr=stderr, highlight=False, soft_wrap=True)
+    return Console(stderr=stderr, highlight=False, soft_wrap=True, emoji=False)
+
+
+def esc(value: object) -> str:
+    """``str(value)`` made safe to put into a rich markup string: it prints as written."""
+    from rich.markup import escape
+
+    return escape(str(value))
+
+
+def cell(value: object, style: str = "") -> Any:
+    """A table cell that shows ``value`` as written (a plain string cell would be read as markup)."""
+    from rich.text import Text
+
+    return Text(str(value), style=style)
 
 
 def print_json(data: Any) -> None:
@@ -28,7 +47,8 @@ def print_json(data: Any) -> None:
 
 
 def note(message: str) -> None:
-    """A one-line note on stderr (keeps stdout clean for tables and JSON)."""
+    """A one-line note on stderr (keeps stdout clean for tables and JSON); ``message`` is markup:
+    pass values through :func:`esc`."""
     console(stderr=True).print(message)
 
 

@@ -188,11 +188,15 @@ def leftovers(before: set[Thing], homes: Iterable[str] = (), settle: float = 20.
         time.sleep(0.5)
 
 
-def remove(things: Iterable[Thing], homes: Iterable[str] = (), environ: Mapping[str, str] | None = None) -> None:
-    """Best-effort removal of leftovers, so one test's leak does not fail the next."""
+def remove(things: Iterable[Thing], homes: Iterable[str] = (), environ: Mapping[str, str] | None = None,
+           mine: bool = False) -> None:
+    """Best-effort removal of leftovers, so one test's leak does not fail the next.
+
+    As root, processes are killed only when the caller knows they are its own (``mine``).
+    """
     env = dict(os.environ if environ is None else environ)
     for thing in sorted(things):
-        if thing.kind in ("process", "squashfuse", "starter") and os.getuid() == 0:
+        if thing.kind in ("process", "squashfuse", "starter") and os.getuid() == 0 and not mine:
             continue  # as root "a new process of this user" may be anyone's: report, never kill
         if thing.kind in ("process", "squashfuse", "starter"):
             pid = int(thing.ident.split("@")[0])

@@ -33,7 +33,7 @@ def caught(before: set[leaks.Thing], kind: str, homes: tuple[str, ...] = (), con
         return found[0]
     finally:
         # Only what this test leaked: other processes of this user may be running (a developer's shell).
-        leaks.remove(found, homes)
+        leaks.remove(found, homes, mine=True)
         assert not set(found) & leaks.leftovers(before, homes, settle=20)
 
 

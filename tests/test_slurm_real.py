@@ -183,11 +183,19 @@ def test_failing_recipe_fails_the_job_and_jobs_shows_the_log_tail(cluster: None,
 @pytest.mark.slurm
 def test_bad_time_is_one_clear_sentence(cluster: None, make_registry: Any) -> None:
     reg = make_registry("kernels:\n  one:\n    def: one.def\n", {"one.def": "Bootstrap: scratch\n"})
+    # A --time that is not one of Slurm's formats is refused before sbatch sees it (the registry's rule).
     done = hpck("build", "one", "--slurm", "--time", "soon", "--registry", str(reg), timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.endswith(
+        "hpc-kernels: error: --time must be minutes or [D-]HH:MM:SS, e.g. 60, \"1:00:00\" or \"1-00:00:00\", "
+        "not 'soon'.\n"
+    )
+    # What only sbatch knows (a partition this cluster does not have) is its sentence, with the fix.
+    done = hpck("build", "one", "--slurm", "--partition", "nope", "--registry", str(reg), timeout=60)
     assert done.returncode == 1
     assert done.stderr == (
-        "hpc-kernels: error: sbatch rejected the job: Invalid --time specification "
-        "(give --time as minutes or [D-]HH:MM:SS, e.g. --time 1:00:00).\n"
+        "hpc-kernels: error: sbatch rejected the job: invalid partition specified: nope "
+        "(list the partitions with 'sinfo -s', or drop --partition).\n"
     )
     assert slurm.load_records() == []
 

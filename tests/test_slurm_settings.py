@@ -91,7 +91,8 @@ def test_bad_settings_name_file_and_line(make_registry: Any) -> None:
         "12: 'slurm: extra_args' in kernel 'a' cannot set --time: use the 'time' key.",
         "15: 'slurm' in kernel 'b' must be a mapping (keys: account, time, mem, cpus, partition, modules, "
         "extra_args), not a list.",
-        "18: 'slurm: account' in kernel 'c' must be a name without spaces, not 'def lab'.",
+        "18: 'slurm: account' in kernel 'c' must be a name without spaces, quotes, backslashes, '#' or control "
+        "characters, not 'def lab'.",
         "18: 'slurm: time' in kernel 'c' must be minutes or [D-]HH:MM:SS, e.g. 60, \"1:00:00\" or "
         "\"1-00:00:00\", not '0'.",
     ]

@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     out = ui.console()
     marks = {doctor.OK: "[green]✓[/]", doctor.WARN: "[yellow]![/]", doctor.FAIL: "[red]✗[/]"}
     for finding in report.findings:
-        who = f"[bold]{finding.kernel}[/] " if finding.kernel else ""
+        who = f"[bold]{ui.esc(finding.kernel)}[/] " if finding.kernel else ""
         out.print(f"{marks[finding.status]} {who}[dim]{finding.check}:[/] ", end="")
         out.print(finding.message, markup=False)
         if finding.fix and finding.status != doctor.OK:

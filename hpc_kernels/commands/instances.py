@@ -24,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
         ui.print_json({"host": paths.hostname(), "instances": [s.to_json(now) for s in found]})
         return 0
     if not found:
-        ui.note(f"no shared instances on this node ({paths.hostname()}).")
+        ui.note(f"no shared instances on this node ({ui.esc(paths.hostname())}).")
         return 0
     columns = (ui.Column("name"), ui.Column("kernel"), ui.Column("image", long=True), ui.Column("state"),
                ui.Column("kernels"), ui.Column("idle for"))

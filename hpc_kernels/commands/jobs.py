@@ -75,7 +75,7 @@ def _prune(args: argparse.Namespace) -> int:
         return 0
     err = ui.console(stderr=True)
     for job in pruned:
-        err.print(f"[green]✓[/] forgot {job.kind} job {job.job_id} ({', '.join(job.kernels)}): "
+        err.print(f"[green]✓[/] forgot {ui.esc(job.kind)} job {ui.esc(job.job_id)} ({ui.esc(', '.join(job.kernels))}): "
                   f"removed {len(job.files)} file(s)")
     if not pruned:
         err.print(f"nothing to prune: no finished job submitted more than {days:g} day(s) ago "
@@ -100,13 +100,14 @@ def _print_table(rows: list[TaskStatus]) -> None:
 def _print_failure(row: TaskStatus, out: Any = None) -> None:
     out = out or ui.console()
     code = f", exit code {row.exit_code}" if row.exit_code not in ("", "0", "0:0") else ""
+    esc = ui.esc
+    head = f"[red]job {esc(row.task_id)}[/] ({esc(row.kind)} of {esc(row.kernel)}) ended {esc(row.state)}"
     if row.log_tail:
-        out.print(f"[red]job {row.task_id}[/] ({row.kind} of {row.kernel}) ended {row.state}{code}; "
-                  f"last lines of {row.log}:")
+        out.print(f"{head}{esc(code)}; last lines of {esc(row.log)}:")
         out.print("\n".join("    " + line for line in row.log_tail.splitlines()), markup=False)
     else:
         why = f" ({row.reason})" if row.reason else ""
-        out.print(f"[red]job {row.task_id}[/] ({row.kind} of {row.kernel}) ended {row.state}{why}{code}.")
+        out.print(f"{head}{esc(why)}{esc(code)}.")
 
 
 # ----------------------------------------------------------------------------- build --slurm
@@ -158,6 +159,7 @@ def run_build(args: argparse.Namespace) -> int:
         raise UsageError("--cpus must be at least 1.")
     if args.wait_timeout is not None and args.wait_timeout <= 0:
         raise UsageError("--wait-timeout must be a number of seconds > 0.")
+    flags = _flags(args)
     reg = registry.load(args.registry)
     entries = ui.selected(reg, args)
     # Flags of the local build travel into the job's `hpc-kernels build` (--fakeroot where it exists).
@@ -174,10 +176,10 @@ def run_build(args: argparse.Namespace) -> int:
     ]
     for entry in entries:
         if entry not in to_build:
-            err.print(f"[green]✓[/] {entry.name}: up to date ({entry.image}); no build job needed")
+            err.print(f"[green]✓[/] {ui.esc(entry.name)}: up to date ({ui.esc(entry.image)}); no build job needed")
     install = [e.name for e in entries] if args.then_install else []
     # Resources: flag > kernel's slurm: > defaults: slurm: > built-in (an install-only job: the selection's).
-    options = slurm.job_options(to_build or entries, _flags(args))
+    options = slurm.job_options(to_build or entries, flags)
     if args.dry_run:
         _print_scripts(to_build, install, reg.path, options, build_args)
         return 0
@@ -194,10 +196,11 @@ def run_build(args: argparse.Namespace) -> int:
 
 
 def _flags(args: argparse.Namespace) -> Any:
-    from hpc_kernels.slurm_settings import SlurmDefaults
+    # The very rules of the registry's slurm: block: a flag's value ends up in the same batch script.
+    from hpc_kernels.slurm_settings import from_flags
 
-    return SlurmDefaults(account=args.account, time=args.time, mem=args.mem, cpus=args.cpus,
-                         partition=args.partition)
+    return from_flags(account=args.account, time=args.time, mem=args.mem, cpus=args.cpus,
+                      partition=args.partition)
 
 
 def _print_scripts(to_build: list[Any], install: list[str], registry: Any, options: Any,
@@ -214,14 +217,16 @@ def _print_scripts(to_build: list[Any], install: list[str], registry: Any, optio
 
 
 def _sbatch_line(args: Any) -> str:
-    return " ".join(["sbatch", "--parsable", *args, "<this script>"])
+    import shlex
+
+    return " ".join(["sbatch", "--parsable", *(shlex.quote(a) for a in args), "<this script>"])
 
 
 def _announce(job: SubmittedJob, err: Any) -> None:
     what = ", ".join(job.kernels)
     after = f" (runs after job {job.depends_on} succeeds)" if job.depends_on else ""
     kind = "build job array" if len(job.tasks) > 1 else f"{job.kind} job"
-    err.print(f"[green]✓[/] submitted {kind} [bold]{job.job_id}[/] for {what}{after}")
+    err.print(f"[green]✓[/] submitted {kind} [bold]{ui.esc(job.job_id)}[/] for {ui.esc(what)}{after}")
     for task in job.tasks:
         label = f"  {task.task_id} ({task.kernel})" if len(job.tasks) > 1 else " "
         err.print(f"{label} log: {task.log}", markup=False)
@@ -254,7 +259,7 @@ def _wait(submitted: list[SubmittedJob], as_json: bool, timeout: float) -> int:
             ui.print_json([r.to_json() for r in exc.rows])
         raise
     except KeyboardInterrupt:
-        err.print(f"stopped waiting; the job(s) {', '.join(ids)} keep going: see 'hpc-kernels jobs'.")
+        err.print(f"stopped waiting; the job(s) {', '.join(ids)} keep going: see 'hpc-kernels jobs'.", markup=False)
         raise
     if as_json:
         ui.print_json([r.to_json() for r in rows])

@@ -115,7 +115,7 @@ def _show(config: ModuleConfig, as_json: bool) -> int:
             state = "replaces our earlier file" if f.ours else "EXISTS, NOT OURS: install will refuse"
         else:
             state = "new"
-        err.print(f"[bold]# {f.kind}: {f.path}[/] ({state})")
+        err.print(f"[bold]# {f.kind}: {ui.esc(f.path)}[/] ({state})")
         # Raw, not through rich: Lua text must come out byte for byte (no emoji/markup parsing).
         sys.stdout.write(f.text)
         sys.stdout.flush()
@@ -147,16 +147,17 @@ def _install(config: ModuleConfig, args: argparse.Namespace) -> int:
         ui.print_json(data)
         return 0
     err = ui.console(stderr=True)
+    esc = ui.esc
     for name in installed:
-        err.print(f"[green]✓[/] installed kernelspec '{name}' under {config.jupyter_path / 'kernels'}")
+        err.print(f"[green]✓[/] installed kernelspec '{esc(name)}' under {esc(config.jupyter_path / 'kernels')}")
     for path in written:
-        err.print(f"[green]✓[/] wrote {path}")
+        err.print(f"[green]✓[/] wrote {esc(path)}")
     if kernels:
-        err.print(f"Loading the module lists these kernels: {', '.join(kernels)}")
+        err.print(f"Loading the module lists these kernels: {', '.join(kernels)}", markup=False)
     else:
-        err.print(f"[yellow]note:[/] no hpc-kernels kernelspecs under {config.jupyter_path} yet: run "
-                  f"'hpc-kernels install --prefix {config.prefix} NAME' (or 'module install NAME').")
-    err.print(f"Use it: module use {config.tree} && module load {config.name}")
+        err.print(f"[yellow]note:[/] no hpc-kernels kernelspecs under {esc(config.jupyter_path)} yet: run "
+                  f"'hpc-kernels install --prefix {esc(config.prefix)} NAME' (or 'module install NAME').")
+    err.print(f"Use it: module use {config.tree} && module load {config.name}", markup=False)
     err.print("In JupyterHub, put the 'module use' line in ~/.bashrc so the Software Modules panel "
               "sees the tree in new sessions.")
     return 0
@@ -171,7 +172,7 @@ def _uninstall(config: ModuleConfig, as_json: bool) -> int:
         return 0
     err = ui.console(stderr=True)
     for path in removed:
-        err.print(f"[green]✓[/] removed {path}")
+        err.print(f"[green]✓[/] removed {ui.esc(path)}")
     if not removed:
-        err.print(f"nothing to remove: no {config.modulefile} and no {config.wrapper}")
+        err.print(f"nothing to remove: no {config.modulefile} and no {config.wrapper}", markup=False)
     return 0

@@ -44,10 +44,10 @@ def run(args: argparse.Namespace) -> int:
         return 0
     out = ui.console()
     where = installed / "kernel.json" if installed else "not installed; would be written by install"
-    out.print(f"[bold]kernel.json[/] ({where}):")
+    out.print(f"[bold]kernel.json[/] ({ui.esc(where)}):")
     out.print(json.dumps(data, indent=1), markup=False)
     out.print("[bold]launcher runs[/] (on this node, now):")
     out.print(command if command else f"(cannot resolve: {problem})", markup=False)
     for warning in warnings:
-        out.print(f"[yellow]warning:[/] {warning}")
+        out.print(f"[yellow]warning:[/] {ui.esc(warning)}")
     return 0

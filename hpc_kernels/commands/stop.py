@@ -33,5 +33,5 @@ def run(args: argparse.Namespace) -> int:
         ui.note("no shared instances on this node.")
     for s in done:
         what = "stopped" if s.was_running else "forgot dead instance"
-        ui.note(f"[green]✓[/] {what} {s.name} ({s.kernels} attached kernel(s) ended)")
+        ui.note(f"[green]✓[/] {what} {ui.esc(s.name)} ({s.kernels} attached kernel(s) ended)")
     return 0

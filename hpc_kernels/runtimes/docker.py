@@ -411,7 +411,7 @@ def build_image(
     """
     from hpc_kernels import paths
     from hpc_kernels.build import BuildResult, input_digest
-    from hpc_kernels.fsutil import locked
+    from hpc_kernels.fsutil import locked, open_private
 
     if entry.recipe is None:
         raise BuildError(entry.name, "it has no 'def' recipe in the registry (its image is used as is)")
@@ -425,24 +425,24 @@ def build_image(
     if not force and status == "built":
         return BuildResult(entry.name, "up-to-date", Path(tag), None, time.monotonic() - start)
     lock = paths.state_dir() / "locks" / f"build-{entry.runtime}-{entry.name}.lock"
-    with locked(lock, blocking=False) as held:
+    with locked(lock, blocking=False, private=True) as held:
         if not held:
             if not wait:
                 raise BuildBusyError(f"another process is building '{entry.name}' ({tag}); "
                                      "try again when it is done.")
             on_event(f"waiting for another build of '{entry.name}' to finish")
-    with locked(lock, blocking=True):
+    with locked(lock, blocking=True, private=True):
         if not force and image_state(entry, cli).status == "built":
             return BuildResult(entry.name, "up-to-date", Path(tag), None, time.monotonic() - start)
         digest = input_digest(entry)
         old_id = cli.image_id(tag)
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        log_path = paths.log_dir() / f"build-{entry.name}-{stamp}.log"
-        log_path.parent.mkdir(parents=True, exist_ok=True)
+        log_path = paths.private(paths.log_dir()) / f"build-{entry.name}-{stamp}.log"
         labels = {LABEL_KERNEL: entry.name, LABEL_DIGEST: digest, LABEL_BUILT_AT: f"{time.time():.0f}"}
         options = ["-t", tag, *label_args(labels)]
         with tempfile.TemporaryDirectory(prefix="hpck-build-") as tmp, \
-                log_path.open("w", encoding="utf-8") as log:
+                os.fdopen(open_private(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "w",
+                          encoding="utf-8") as log:
             log.write(f"# hpc-kernels build of '{entry.name}' from {entry.recipe} with {cli.binary}\n")
 
             def line_out(line: str) -> None:
