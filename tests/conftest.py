@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
@@ -127,12 +126,6 @@ def make_registry(tmp_path: Path) -> object:
         return path
 
     return make
-
-
-def leftover_processes(pattern: str) -> list[str]:
-    """Command lines of live processes matching ``pattern`` (pgrep -af)."""
-    out = subprocess.run(["pgrep", "-af", pattern], capture_output=True, text=True).stdout
-    return [line for line in out.splitlines() if "pgrep" not in line]
 
 
 def _listening(ip: str, port: int) -> bool:

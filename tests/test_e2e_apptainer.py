@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -14,7 +15,7 @@ from typing import Any
 import pytest
 
 from hpc_kernels.runtimes.apptainer import CONNECTION_DST
-from tests.conftest import leftover_processes, run_cell, start_ready_kernel
+from tests.conftest import run_cell, start_ready_kernel
 
 pytestmark = pytest.mark.apptainer
 
@@ -105,14 +106,23 @@ def test_build_install_and_run_a_real_kernel(project: Path, only_apptainer: Path
     assert done.returncode == 0 and "up to date" in done.stderr
     assert only_apptainer.read_text() == before
 
-    # A failing recipe: exit 1, the log tail in the message, the good image untouched, no temporaries.
-    good = image.stat().st_mtime_ns
+    # A failing recipe: exit 1, the log tail in the message, no temporaries.
     done = hk("build", "broken", "--registry", str(project))
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert "building kernel 'broken' failed" in done.stderr and "about to fail" in done.stderr
     assert "full build log:" in done.stderr
-    assert image.stat().st_mtime_ns == good
+
+    # The SAME kernel's recipe now fails: its good image stays byte for byte what it was.
+    recipe = project.parent / "sci.def"
+    good_recipe = recipe.read_text()
+    good_bytes = hashlib.sha256(image.read_bytes()).hexdigest()
+    recipe.write_text(good_recipe.replace("%post\n", "%post\n    echo about to fail\n    exit 3\n"))
+    done = hk("build", "sci", "--registry", str(project))
+    assert done.returncode == 1 and "building kernel 'sci' failed" in done.stderr, done.stderr
+    assert hashlib.sha256(image.read_bytes()).hexdigest() == good_bytes
     assert not list(image.parent.glob(".*.tmp-*"))
+    recipe.write_text(good_recipe)
+    assert "up to date" in hk("build", "sci", "--registry", str(project)).stderr  # the same inputs again
 
     assert hk("install", "sci", "--registry", str(project)).returncode == 0
     shown = hk("show", "sci", "--registry", str(project)).stdout
@@ -129,9 +139,15 @@ def test_build_install_and_run_a_real_kernel(project: Path, only_apptainer: Path
         assert run_cell(kc, "import os; print(os.path.expanduser('~'))")[1].strip() == os.environ["HOME"]
         assert out.split() == ["built-by-hpc-kernels", "hello", "from", "the", "host", "4242", "None", "1", "True"]
 
-        # Interrupt during time.sleep: the cell stops with KeyboardInterrupt, the kernel lives on.
-        msg_id = kc.execute("import time; time.sleep(30)")
-        time.sleep(2)
+        # Interrupt during time.sleep, once the kernel is busy in it: KeyboardInterrupt, the kernel lives on.
+        msg_id = kc.execute("import time; print('sleeping', flush=True); time.sleep(30)")
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            msg = kc.get_iopub_msg(timeout=30)
+            if msg["msg_type"] == "stream" and "sleeping" in msg["content"]["text"]:
+                break
+        else:
+            raise AssertionError("the cell never started")
         started = time.monotonic()
         km.interrupt_kernel()
         while True:
@@ -144,12 +160,14 @@ def test_build_install_and_run_a_real_kernel(project: Path, only_apptainer: Path
         reply, out = run_cell(kc, "print('still alive', 6 * 7)")
         assert out.strip() == "still alive 42"
 
-        # Restart: a new kernel process in a new container.
-        pid_before = run_cell(kc, "import os; print(os.getpid())")[1]
+        # Restart: state defined before is gone after; a new kernel process in a new container.
+        reply, out = run_cell(kc, "import os; state = 'kept'; print(os.getpid(), state)")
+        pid_before, kept = out.split()
+        assert reply["status"] == "ok" and kept == "kept"
         km.restart_kernel(now=False)
         kc.wait_for_ready(timeout=90)
-        reply, out = run_cell(kc, "import os; print(os.getpid()); print('x' in dir())")
-        assert reply["status"] == "ok" and out.split()[1] == "False" and out.split()[0] != pid_before.strip()
+        reply, out = run_cell(kc, "import os; print(os.getpid()); print('state' in dir())")
+        assert reply["status"] == "ok" and out.split()[1] == "False" and out.split()[0] != pid_before
         pids = [int(pid_before), int(out.split()[0]), km.provisioner.pid]
     finally:
         kc.stop_channels()
@@ -159,7 +177,7 @@ def test_build_install_and_run_a_real_kernel(project: Path, only_apptainer: Path
     while time.monotonic() < deadline and any(os.path.exists(f"/proc/{p}") for p in pids):
         time.sleep(0.2)
     assert [p for p in pids if os.path.exists(f"/proc/{p}")] == []
-    assert leftover_processes(str(image)) == []
+    # (starters, squashfuse and every other process are checked by the no_leftovers fixture)
 
 
 def test_kill_of_the_kernel_takes_the_container_down(project: Path, only_apptainer: Path, base_sif: Path,
