@@ -206,14 +206,14 @@ def check_build_namespaces(ctx: Context, entries: Iterable[KernelEntry]) -> Find
 
 def _read_int(path: Path) -> int | None:
     try:
-        return int(path.read_text().strip())
+        return int(path.read_text(encoding="ascii", errors="replace").strip())
     except (OSError, ValueError):
         return None
 
 
 def _has_subid(ctx: Context, name: str) -> bool:
     try:
-        lines = (ctx.etc_root / name).read_text().splitlines()
+        lines = (ctx.etc_root / name).read_text(encoding="utf-8", errors="replace").splitlines()
     except OSError:
         return False
     keys = {ctx.user, str(ctx.uid)}

@@ -648,7 +648,10 @@ def status(d: Path) -> InstanceStatus | None:
     live = [a for a in found if a.alive()]
     idle_since: float | None = None
     if not live:
-        data = (d / IDLE).read_text().strip() if (d / IDLE).is_file() else ""
+        try:
+            data = (d / IDLE).read_text(encoding="ascii", errors="replace").strip()
+        except OSError:
+            data = ""
         try:
             idle_since = float(data)
         except ValueError:

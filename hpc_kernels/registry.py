@@ -190,20 +190,46 @@ def _parse(text: str) -> Any:
 def load_file(path: Path, source: str = "--registry") -> Registry:
     """Parse and validate one registry file; raise :class:`RegistryError` with every problem."""
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
     except FileNotFoundError:
         raise RegistryError([f"{path}: registry file not found (found via {source})."]) from None
+    except IsADirectoryError:
+        raise RegistryError([f"{path}: is a directory, not a registry file (found via {source})."]) from None
     except OSError as exc:
         raise RegistryError([f"{path}: cannot read the registry: {exc.strerror}."]) from None
+    text = decode_text(path, data, "a YAML registry")
     try:
         doc = _parse(text)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         raise RegistryError([f"{where}: not valid YAML: {exc.problem}."]) from None
+    except yaml.reader.ReaderError as exc:
+        # A control character (NUL, bell...): the file is not the text it should be. Name the line.
+        line = text.count("\n", 0, max(exc.position, 0)) + 1
+        raise RegistryError([f"{path}:{line}: not valid YAML: {exc.reason} (character {exc.character!r}); "
+                             "is this really the registry, a text file?"]) from None
     except yaml.YAMLError as exc:
         raise RegistryError([f"{path}: not valid YAML: {exc}."]) from None
     return _Validator(path, source).registry(doc)
+
+
+def decode_text(path: Path, data: bytes, what: str) -> str:
+    """``data`` (the content of ``path``) as UTF-8 text, or a :class:`RegistryError` naming the line of
+    the first byte that is not: a Latin-1 file, a binary file, a UTF-16 file saved by an editor."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        byte = data[exc.start : exc.start + 1].hex()
+        if b"\0" in data[:8192]:
+            why = f"it looks like a binary file, not {what}"
+        else:
+            why = "save it as UTF-8 (a Latin-1 file converts with 'iconv -f latin1 -t utf-8')"
+        raise RegistryError(
+            [f"{path}:{line}: not UTF-8 text (byte 0x{byte} at column {column}): {why}."]
+        ) from None
 
 
 _TOP_KEYS = {"defaults", "kernels"}

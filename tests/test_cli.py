@@ -140,3 +140,19 @@ def test_show_of_an_instance_kernel_names_the_instance(make_registry: Any, tmp_p
     assert shown["command"][:6] == [str(fake), "-q", "exec", "--cleanenv", "--no-eval", shown["command"][5]]
     assert shown["command"][5].startswith("instance://hpck-sci-")
     assert any("instance start" in w for w in shown["warnings"])
+
+
+@pytest.mark.parametrize("command", [["list"], ["build", "--all"], ["install", "--all"], ["show", "sci"]])
+def test_a_registry_that_is_not_text_is_an_error_not_a_traceback(tmp_path: Path, command: list[str]) -> None:
+    path = tmp_path / "kernels.yaml"
+    path.write_bytes("kernels:\n  sci:\n    display_name: Caf\xe9\n".encode("latin-1"))
+    assert_clean_error(run_cli(*command, "--registry", str(path)), 1, f"{path}:3: not UTF-8 text")
+
+
+def test_doctor_reports_a_registry_that_is_not_text(tmp_path: Path) -> None:
+    path = tmp_path / "kernels.yaml"
+    path.write_bytes(b"\x00\x01\x02\xff\xfe binary\n")
+    done = run_cli("doctor", "--json", "--registry", str(path))
+    assert "Traceback" not in done.stderr
+    registry_findings = [f for f in json.loads(done.stdout)["findings"] if f["check"] == "registry"]
+    assert "looks like a binary file" in registry_findings[0]["message"]

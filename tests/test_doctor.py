@@ -147,6 +147,18 @@ def test_fakeroot_without_subuid(make_registry: MakeRegistry, tmp_path: Path) ->
     assert finding is not None and finding.status == "ok"
 
 
+def test_subuid_file_that_is_not_utf8_is_read_not_a_traceback(make_registry: MakeRegistry, tmp_path: Path) -> None:
+    proc, etc = tmp_path / "proc", tmp_path / "etc"
+    (proc / "sys/user").mkdir(parents=True)
+    (proc / "sys/user/max_user_namespaces").write_text("63000\n")
+    etc.mkdir()
+    # A site whose /etc/subuid holds a Latin-1 login name (byte 0xe9) on another line.
+    (etc / "subuid").write_bytes(b"ren\xe9:100000:65536\nalice:165536:65536\n")
+    ctx = doctor.Context(uid=1000, user="alice", proc_root=proc, etc_root=etc)
+    finding = doctor.check_build_namespaces(ctx, recipe_registry(make_registry, fakeroot=True).kernels)
+    assert finding is not None and finding.status == "ok"
+
+
 def test_build_namespaces_on_this_node(make_registry: MakeRegistry) -> None:
     finding = doctor.check_build_namespaces(doctor.Context(), recipe_registry(make_registry).kernels)
     assert finding is not None and finding.status == "ok"

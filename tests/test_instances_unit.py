@@ -192,6 +192,19 @@ def test_record_round_trip_and_status(tmp_path: Path) -> None:
     assert instances.read_record(d) is None and instances.status(d) is None
 
 
+def test_status_with_an_idle_mark_that_is_not_text(tmp_path: Path) -> None:
+    d = instances.instance_dir("hpck-unit")
+    d.mkdir(parents=True)
+    me = instances.proc_ref(os.getpid())
+    assert me is not None
+    rec = instances.InstanceRecord("hpck-unit", "py", "/i.sif", "u", "h", "", me.pid, me.start, 100.0, 5.0,
+                                   BIN)
+    (d / instances.RECORD).write_text(json.dumps(asdict(rec)))
+    (d / instances.IDLE).write_bytes(b"\xff\xfe\x00garbage")
+    st = instances.status(d)
+    assert st is not None and st.idle_since == 100.0
+
+
 def test_lock_is_exclusive_and_survives_unlink(tmp_path: Path) -> None:
     path = tmp_path / "lock"
     with instances._lock(path) as held:

@@ -148,3 +148,24 @@ def test_unknown_kernel_names_known_ones(make_registry: Any) -> None:
 def test_yaml_booleans_are_explained(make_registry: Any) -> None:
     (msg,) = problems(make_registry, "kernels:\n  k:\n    def: a.def\n    gpu: yes\n")
     assert "not true (YAML reads yes/no/on/off as true/false: quote the word)" in msg
+
+
+@pytest.mark.parametrize(
+    ("content", "line", "expected"),
+    [
+        # Latin-1 (an editor's default on some systems): é is the single byte 0xe9.
+        ("kernels:\n  k:\n    def: a.def\n    display_name: Caf\xe9\n".encode("latin-1"), 4,
+         "not UTF-8 text (byte 0xe9 at column 22): save it as UTF-8"),
+        (b"\x7fELF\x02\x01\x01\x00\x00\x00\xff\xfe binary", 1, "looks like a binary file"),
+        ("\ufeffkernels: {}\n".encode("utf-16"), 1, "not UTF-8 text (byte 0xff at column 1)"),
+        (b"kernels:\n  k:\n    def: a\x07.def\n", 3, "not valid YAML: special characters are not allowed"),
+    ],
+)
+def test_a_registry_that_is_not_text_is_one_sentence_with_its_line(
+        tmp_path: Path, content: bytes, line: int, expected: str) -> None:
+    path = tmp_path / "kernels.yaml"
+    path.write_bytes(content)
+    with pytest.raises(RegistryError) as info:
+        registry.load_file(path)
+    (problem,) = info.value.problems
+    assert problem.startswith(f"{path}:{line}: ") and expected in problem
