@@ -68,21 +68,35 @@ def build_options(entry: KernelEntry) -> list[str]:
     return opts
 
 
-def recipe_inputs(recipe: Path, text: str | None = None) -> tuple[list[Path], Path | None]:
-    """Host files a recipe copies in (``%files``, not ``%files from <stage>``) and a localimage base.
+@dataclass(frozen=True)
+class FilesSource:
+    """One host source of a recipe's ``%files`` section, as written and where it points."""
+
+    text: str  # the source as written in the recipe
+    line: int  # its line in the recipe (1-based)
+    paths: tuple[Path, ...]  # the glob's matches, or the resolved path when nothing matches
+
+    @property
+    def exists(self) -> bool:
+        """True when the source names something on this host (a file, a directory, a glob's matches)."""
+        return any(p.exists() for p in self.paths)
+
+
+def parse_recipe(recipe: Path, text: str | None = None) -> tuple[list[FilesSource], Path | None]:
+    """Host sources a recipe copies in (``%files``, not ``%files from <stage>``) and a localimage base.
 
     ``text`` is the recipe's content when the caller has already read it.
     """
     from hpc_kernels.recipe import localimage_bases
 
-    sources: list[Path] = []
+    sources: list[FilesSource] = []
     section = ""
     if text is None:
         text = recipe.read_text(encoding="utf-8", errors="replace")
     # The header as Apptainer reads it (hpc_kernels.recipe); the last localimage stage's base counts.
     bases = localimage_bases(recipe, text)
     base = bases[-1] if bases else None
-    for raw in text.splitlines():
+    for number, raw in enumerate(text.splitlines(), start=1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
@@ -97,9 +111,49 @@ def recipe_inputs(recipe: Path, text: str | None = None) -> tuple[list[Path], Pa
                 src = shlex.split(line)[0]
             except (ValueError, IndexError):
                 continue
-            matches = sorted(glob.glob(str(_resolve(recipe.parent, src))))
-            sources += [Path(m) for m in matches] or [_resolve(recipe.parent, src)]
+            resolved = _resolve(recipe.parent, src)
+            matches = sorted(glob.glob(str(resolved)))
+            sources.append(FilesSource(src, number, tuple(Path(m) for m in matches) or (resolved,)))
     return sources, base
+
+
+def recipe_inputs(recipe: Path, text: str | None = None) -> tuple[list[Path], Path | None]:
+    """Host files a recipe copies in (``%files``, not ``%files from <stage>``) and a localimage base.
+
+    ``text`` is the recipe's content when the caller has already read it.
+    """
+    sources, base = parse_recipe(recipe, text)
+    return [p for src in sources for p in src.paths], base
+
+
+def missing_inputs(recipe: Path) -> list[str]:
+    """One sentence per ``%files`` source of ``recipe`` that does not exist, with the recipe's file:line.
+
+    Apptainer finds these only after it has pulled and extracted the base image; we look first.
+    """
+    try:
+        sources, _base = parse_recipe(recipe)
+    except OSError:
+        return []  # the registry checked the recipe exists; the build reports what went wrong
+    problems = []
+    for src in sources:
+        if not src.exists:
+            looked = f"looked for {src.paths[0]}" if src.paths[0] != Path(src.text) else "no such file"
+            problems.append(f"{recipe}:{src.line}: %files source '{src.text}' does not exist ({looked}); "
+                            "create it, or fix that line (relative paths start at the recipe's directory).")
+    return problems
+
+
+def check_inputs(entry: KernelEntry) -> None:
+    """Raise a :class:`BuildError` naming every ``%files`` source of ``entry``'s recipe that is missing."""
+    if entry.recipe is None:
+        return
+    problems = missing_inputs(entry.recipe)
+    if len(problems) == 1:
+        raise BuildError(entry.name, problems[0])
+    if problems:
+        raise BuildError(entry.name, f"{len(problems)} %files sources of its recipe do not exist:",
+                         "\n".join(problems))
 
 
 def _resolve(base: Path, value: str) -> Path:
@@ -218,10 +272,12 @@ def build(
     """Build ``entry``'s image if its inputs changed (or ``force``); atomically; one builder at a time."""
     if entry.recipe is None:
         raise BuildError(entry.name, "it has no 'def' recipe in the registry (its image is used as is)")
-    # Before anything runs: a header that does not name what the build starts from is refused.
+    # Before anything runs: a header that does not name what the build starts from is refused, and a
+    # missing %files source is named (Apptainer would find it only after pulling the base image).
     from hpc_kernels import recipe
 
     recipe.check(entry.recipe)
+    check_inputs(entry)
     if entry.runtime in ("docker", "podman"):
         from hpc_kernels.runtimes import docker
 

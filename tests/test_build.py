@@ -188,3 +188,34 @@ def test_an_image_we_did_not_build_is_never_overwritten(entry: registry.KernelEn
         with pytest.raises(BuildError, match="was not built by hpc-kernels"):
             build.build(entry, builder=fake, force=force)
     assert entry.image.read_text() == "the user's own image" and fake.calls == []
+
+
+def test_a_missing_files_source_is_found_before_the_build_with_its_recipe_line(entry: registry.KernelEntry) -> None:
+    assert entry.recipe is not None
+    (entry.recipe.parent / "env.yml").unlink()
+    for old in (entry.recipe.parent / "data").glob("*.txt"):
+        old.unlink()
+    fake = FakeBuilder()
+    with pytest.raises(BuildError) as info:
+        build.build(entry, builder=fake)
+    text = str(info.value)
+    # Both sources, each with the recipe's file:line; the builder (the base image pull) never ran.
+    assert f"{entry.recipe}:5: %files source 'data/*.txt' does not exist" in text
+    assert f"{entry.recipe}:6: %files source 'env.yml' does not exist (looked for " in text
+    assert fake.calls == [] and not entry.image.exists()
+    (entry.recipe.parent / "env.yml").write_text("x")
+    with pytest.raises(BuildError, match=r"sci.def:5: %files source 'data/\*.txt'"):
+        build.build(entry, builder=fake)
+    (entry.recipe.parent / "data" / "a.txt").write_text("a")
+    assert build.build(entry, builder=fake).action == "built"
+
+
+def test_build_cli_names_the_missing_files_source(make_registry: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    from hpc_kernels import cli
+
+    path = make_registry("kernels:\n  sci:\n    def: sci.def\n",
+                         {"sci.def": "Bootstrap: docker\nFrom: python:3.12-slim\n\n%files\n    wheels /opt/wheels\n"})
+    for argv in (["build", "sci"], ["build", "sci", "--slurm", "--dry-run"]):
+        assert cli.main([*argv, "--registry", str(path)]) == 1
+        err = capsys.readouterr().err
+        assert f"{path.parent / 'sci.def'}:5: %files source 'wheels' does not exist" in err, err

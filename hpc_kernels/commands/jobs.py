@@ -177,6 +177,14 @@ def run_build(args: argparse.Namespace) -> int:
     for entry in entries:
         if entry not in to_build:
             err.print(f"[green]✓[/] {ui.esc(entry.name)}: up to date ({ui.esc(entry.image)}); no build job needed")
+    # A missing %files source would fail the job after its wait in the queue: say so now.
+    missing = [m for e in to_build if e.recipe is not None for m in build.missing_inputs(e.recipe)]
+    if missing:
+        from hpc_kernels.errors import HpcKernelsError
+
+        detail = missing[0] if len(missing) == 1 else \
+            "recipes copy files that do not exist:\n" + "\n".join(f"  {m}" for m in missing)
+        raise HpcKernelsError(f"no job submitted: {detail}")
     install = [e.name for e in entries] if args.then_install else []
     # Resources: flag > kernel's slurm: > defaults: slurm: > built-in (an install-only job: the selection's).
     options = slurm.job_options(to_build or entries, flags)
