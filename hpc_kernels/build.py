@@ -12,6 +12,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import shlex
 import time
 from collections.abc import Callable, Iterator
@@ -51,6 +52,33 @@ class BuildResult:
     image: Path
     log_path: Path | None
     seconds: float
+
+
+#: What a build that cannot reach the network prints (Apptainer/Go, apt, curl, pip): on a cluster, a
+#: compute node without internet. Matched against the tail of the build log.
+OFFLINE_PATTERNS = tuple(re.compile(p, re.IGNORECASE) for p in (
+    r"dial tcp: lookup \S+.*no such host",
+    r"dial tcp .*: i/o timeout",
+    r"network is unreachable",
+    r"temporary failure in name resolution",
+    r"temporary failure resolving",  # apt
+    r"could not resolve host",  # curl, git
+    r"(dial tcp|https?://|registry|docker\.io|quay\.io|ghcr\.io|pypi|pythonhosted).*connection refused",
+    r"connection refused.*(https?://|registry|docker\.io|pypi)",
+    r"NewConnectionError|Failed to establish a new connection",  # pip (urllib3)
+    r"Could not find a version that satisfies the requirement",  # pip, offline or without an index
+))
+
+
+def offline_hint(log_tail: str) -> str:
+    """A hint for a build log that says the network could not be reached ("" when it does not)."""
+    for line in reversed(log_tail.splitlines()):
+        if any(p.search(line) for p in OFFLINE_PATTERNS):
+            return (f"this node could not reach the network (the log says: {line.strip()[:200]}). "
+                    "Compute nodes of Narval and Rorqual have no internet: build on a node that has it, or "
+                    "make the recipe work offline as the README's \"Compute nodes without internet\" section "
+                    "shows (a local base image with 'Bootstrap: localimage', a wheelhouse copied in with %files).")
+    return ""
 
 
 def stamp_path(image: Path) -> Path:
@@ -325,7 +353,8 @@ def build(
                 try:
                     adapter.build(entry.recipe, tmp, build_options(entry), line_out)
                 except BuildError as exc:
-                    raise BuildError(entry.name, exc.reason, exc.log_tail, str(log_path)) from None
+                    raise BuildError(entry.name, exc.reason, exc.log_tail, str(log_path),
+                                     exc.hint or offline_hint(exc.log_tail)) from None
             os.replace(tmp, image)
             record = {"digest": digest, "built_at": time.time(), "recipe": str(entry.recipe),
                       "options": build_options(entry), "log": str(log_path), "generator": "hpc-kernels"}

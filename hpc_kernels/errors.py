@@ -50,14 +50,18 @@ class ToolError(HpcKernelsError):
 class BuildError(HpcKernelsError):
     """An image build failed; the previous image (if any) is untouched."""
 
-    def __init__(self, kernel: str, reason: str, log_tail: str = "", log_path: str | None = None) -> None:
+    def __init__(self, kernel: str, reason: str, log_tail: str = "", log_path: str | None = None,
+                 hint: str = "") -> None:
         self.kernel = kernel
         self.reason = reason
         self.log_tail = log_tail
         self.log_path = log_path
+        self.hint = hint
         text = f"building kernel '{kernel}' failed: {reason}"
         if log_tail.strip():
             text += f"\n{_indent(log_tail)}"
+        if hint:
+            text += f"\nhint: {hint}"
         if log_path:
             text += f"\nfull build log: {log_path}"
         super().__init__(text)

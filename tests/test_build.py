@@ -219,3 +219,60 @@ def test_build_cli_names_the_missing_files_source(make_registry: Any, capsys: py
         assert cli.main([*argv, "--registry", str(path)]) == 1
         err = capsys.readouterr().err
         assert f"{path.parent / 'sci.def'}:5: %files source 'wheels' does not exist" in err, err
+
+
+OFFLINE_TAILS = [
+    'FATAL:   While performing build: conveyor failed to get: Get "https://registry-1.docker.io/v2/": '
+    "dial tcp: lookup registry-1.docker.io on 10.10.0.1:53: no such host",
+    'Get "https://index.docker.io/v2/": dial tcp 54.1.2.3:443: connect: network is unreachable',
+    'Get "https://quay.io/v2/": dial tcp 127.0.0.1:443: connect: connection refused',
+    "W: Failed to fetch http://deb.debian.org/debian/dists/bookworm/InRelease  Temporary failure resolving "
+    "'deb.debian.org'",
+    "curl: (6) Could not resolve host: github.com; Temporary failure in name resolution",
+    "WARNING: Retrying (Retry(total=4)) after connection broken by 'NewConnectionError('<pip._vendor.urllib3"
+    ".connection.HTTPSConnection object>: Failed to establish a new connection: [Errno -3]')': /simple/numpy/",
+    "ERROR: Could not find a version that satisfies the requirement numpy (from versions: none)",
+]
+
+
+@pytest.mark.parametrize("tail", OFFLINE_TAILS)
+def test_a_build_that_cannot_reach_the_network_says_what_that_means(entry: registry.KernelEntry,
+                                                                    tail: str) -> None:
+    class Offline(FakeBuilder):
+        def build(self, recipe: Path, dest: Path, options: list[str], on_line: LineSink) -> None:
+            on_line(tail)
+            raise BuildError(recipe.stem, "apptainer build exited with code 255", f"step 1\n{tail}")
+
+    with pytest.raises(BuildError) as info:
+        build.build(entry, builder=Offline())
+    text = str(info.value)
+    assert "\nhint: this node could not reach the network (the log says: " in text
+    assert "Compute nodes of Narval and Rorqual have no internet" in text
+    assert "\"Compute nodes without internet\"" in text
+    assert text.index("hint:") < text.index("full build log:")
+
+
+def test_other_build_failures_get_no_network_hint(entry: registry.KernelEntry) -> None:
+    with pytest.raises(BuildError) as info:
+        build.build(entry, builder=FakeBuilder(fail=True))
+    assert "hint:" not in str(info.value) and info.value.hint == ""
+
+
+def test_docker_builds_get_the_network_hint_too(make_registry: Any) -> None:
+    from hpc_kernels.runtimes import docker
+
+    class OfflineCLI(docker.ContainerCLI):
+        def image_labels(self, image: str) -> dict[str, str] | None:
+            return None
+
+        def image_id(self, image: str) -> str | None:
+            return None
+
+        def build(self, recipe: Path, dest: Path, options: list[str], on_line: LineSink) -> None:
+            raise BuildError(recipe.stem, "podman build exited with code 125", OFFLINE_TAILS[0])
+
+    path = make_registry("kernels:\n  box:\n    def: box.def\n    runtime: podman\n",
+                         {"box.def": "Bootstrap: docker\nFrom: python:3.12-slim\n"})
+    entry = registry.load_file(path).kernels[0]
+    with pytest.raises(BuildError, match="hint: this node could not reach the network"):
+        docker.build_image(entry, cli=OfflineCLI("podman", "/bin/false"))

@@ -410,7 +410,7 @@ def build_image(
     the ``hpc-kernels.digest`` label, so a no-op build runs one ``image inspect`` and no build.
     """
     from hpc_kernels import paths
-    from hpc_kernels.build import BuildResult, input_digest
+    from hpc_kernels.build import BuildResult, input_digest, offline_hint
     from hpc_kernels.fsutil import locked, open_private
 
     if entry.recipe is None:
@@ -455,7 +455,7 @@ def build_image(
                 cli.build(entry.recipe, dockerfile, options, line_out)
             except BuildError as exc:
                 raise BuildError(entry.name, str(exc).split(": ", 1)[-1].split("\n", 1)[0],
-                                 exc.log_tail, str(log_path)) from None
+                                 exc.log_tail, str(log_path), exc.hint or offline_hint(exc.log_tail)) from None
             # Keep the converted Dockerfile beside the log: it is what was built.
             shutil.copyfile(dockerfile, log_path.with_suffix(".Dockerfile"))
         new_id = cli.image_id(tag)
