@@ -475,16 +475,23 @@ def _under(path: Path, root: Path) -> bool:
 def check_installed(name: str, kdir: Path, entry: KernelEntry | None, ctx: Context) -> list[Finding]:
     """Our installed kernel.json: does its launcher Python exist and import us, does its image exist?"""
     from hpc_kernels import kernelspec, proc
-    from hpc_kernels.launchspec import read_kernel_json
+    from hpc_kernels.launchspec import KernelSpecError, read_kernel_json
 
     try:
         data, spec = read_kernel_json(str(kdir / "kernel.json"))
-    except (OSError, ValueError) as exc:
-        return [Finding("launcher", FAIL, f"cannot read {kdir / 'kernel.json'}: {exc}",
+    except KernelSpecError as exc:  # hand-edited or half-written: the sentence names the field
+        return [Finding("launcher", FAIL, str(exc), f"hpc-kernels install {name}", name)]
+    except OSError as exc:
+        return [Finding("launcher", FAIL, f"cannot read {kdir / 'kernel.json'}: {exc.strerror or exc}.",
                         f"hpc-kernels install {name}", name)]
     findings: list[Finding] = []
-    argv = [str(a) for a in data.get("argv", [])]
-    python = argv[0] if argv else ""
+    raw_argv = data.get("argv")
+    if not (isinstance(raw_argv, list) and raw_argv and all(isinstance(a, str) for a in raw_argv)):
+        # Jupyter itself cannot start such a kernel; nothing below can be probed.
+        return [Finding("launcher", FAIL, f"the kernelspec {kdir / 'kernel.json'} is damaged: 'argv' must be "
+                        "a list of strings (the launcher's command line).", f"hpc-kernels install {name}", name)]
+    argv: list[str] = raw_argv
+    python = argv[0]
     if not (python and os.path.isfile(python) and os.access(python, os.X_OK)):
         findings.append(Finding("launcher", FAIL,
                                 f"kernelspec {kdir} starts '{python}', which does not exist any more "

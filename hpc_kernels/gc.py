@@ -54,13 +54,19 @@ def sweep_kernelspecs(dry_run: bool = False) -> list[Finding]:
 
     from hpc_kernels import kernelspec
     from hpc_kernels.fsutil import remove_tree
-    from hpc_kernels.launchspec import read_kernel_json
+    from hpc_kernels.launchspec import KernelSpecError, read_kernel_json
 
     found: list[Finding] = []
     for name, kdir in sorted(kernelspec.installed_ours().items()):
         try:
             _data, spec = read_kernel_json(str(kdir / "kernel.json"))
-        except (OSError, ValueError):
+        except KernelSpecError as exc:
+            # Damaged (hand-edited, half-written): say so and leave it; 'hpc-kernels install' repairs it.
+            found.append(Finding("kernelspecs", name, "left alone", str(exc)))
+            continue
+        except OSError as exc:
+            found.append(Finding("kernelspecs", name, "left alone",
+                                 f"cannot read {kdir / 'kernel.json'}: {exc.strerror or exc}"))
             continue
         if spec.runtime != "apptainer" or os.path.exists(spec.image):
             continue

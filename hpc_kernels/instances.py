@@ -33,7 +33,7 @@ import shlex
 import signal
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -285,26 +285,79 @@ def _load(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+def _is_str(v: Any) -> bool:
+    return isinstance(v, str)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _is_pid(v: Any) -> bool:
+    return _is_int(v) and v > 0
+
+
+def _is_number(v: Any) -> bool:
+    # NaN fails ``v >= 0``: a timeout or a time must be a real number.
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
+
+
+#: What each field of a record must be: records are files, and a damaged one must not kill the reaper.
+_RECORD_CHECKS: dict[str, Callable[[Any], bool]] = {
+    "name": lambda v: isinstance(v, str) and bool(NAME_RE.match(v)), "kernel": _is_str, "image": _is_str,
+    "user": _is_str, "host": _is_str, "job": _is_str, "pid": _is_pid, "pid_start": _is_int,
+    "started_at": _is_number, "idle_timeout": _is_number, "binary": _is_str,
+}
+_ATTACHMENT_CHECKS: dict[str, Callable[[Any], bool]] = {
+    "id": lambda v: isinstance(v, str) and bool(NAME_RE.match(v)), "pid": _is_pid, "pid_start": _is_int,
+    "connection_file": _is_str, "attached_at": _is_number,
+}
+
+
+def _bad_field(data: Any, checks: Mapping[str, Callable[[Any], bool]]) -> str | None:
+    """What is wrong with a record's data (None when every field is what we write)."""
+    if not isinstance(data, dict):
+        return "not a JSON object"
+    for key, check in checks.items():
+        if key not in data:
+            return f"it has no '{key}'"
+        if not check(data[key]):
+            return f"'{key}' is {data[key]!r}"
+    return None
+
+
 def read_record(d: Path) -> InstanceRecord | None:
-    """The instance record in ``d``, or None (missing or unreadable counts as no instance)."""
+    """The instance record in ``d``, or None (missing, unreadable or damaged counts as no instance:
+    :func:`record_problem` says which)."""
     data = _load(d / RECORD)
-    if data is None:
+    if data is None or _bad_field(data, _RECORD_CHECKS):
         return None
+    return InstanceRecord(**{k: data[k] for k in InstanceRecord.__dataclass_fields__})
+
+
+def record_problem(d: Path) -> str | None:
+    """Why the instance record in ``d`` exists but cannot be used; None when it is fine or absent."""
+    path = d / RECORD
     try:
-        return InstanceRecord(**{k: data[k] for k in InstanceRecord.__dataclass_fields__})
-    except (KeyError, TypeError):
+        raw = path.read_bytes()
+    except FileNotFoundError:
         return None
+    except OSError as exc:
+        return f"cannot read the instance record {path}: {exc.strerror}"
+    try:
+        bad = _bad_field(json.loads(raw), _RECORD_CHECKS)
+    except ValueError:
+        bad = "not valid JSON"
+    return f"the instance record {path} is damaged: {bad}" if bad else None
 
 
 def attachments(d: Path) -> list[Attachment]:
-    """Every attachment record in ``d`` (live or not)."""
+    """Every attachment record in ``d`` (live or not; damaged ones are skipped)."""
     found = []
     for path in sorted((d / KERNELS).glob("*.json")):
-        data = _load(path) or {}
-        try:
+        data = _load(path)
+        if data is not None and not _bad_field(data, _ATTACHMENT_CHECKS):
             found.append(Attachment(**{k: data[k] for k in Attachment.__dataclass_fields__}))
-        except (KeyError, TypeError):
-            continue
     return found
 
 
@@ -573,6 +626,10 @@ def reap(d: Path) -> int:
                         if again is not None:  # died behind our back: clear what it left
                             kill_marked(again.name)
                             _log(f"instance {again.name} is gone; state cleared")
+                        else:
+                            problem = record_problem(d)
+                            if problem:
+                                _log(f"{problem}; stopping instance {d.name}: {_stop_damaged(d)}")
                         forget(d)
                         os.close(fd)
                         fd = -1
@@ -602,6 +659,21 @@ def reap(d: Path) -> int:
     finally:
         if fd >= 0:
             os.close(fd)
+
+
+def _stop_damaged(d: Path) -> str:
+    """Stop the instance of ``d`` by its name (we hold its lock), whose record is damaged: without the
+    record nothing can tell when it is idle, and nothing would ever stop it. Says what happened."""
+    name = d.name
+    kill_marked(name)
+    try:
+        binary = apptainer.find_binary()
+        if not apptainer.list_instances(binary, name):
+            return "it was not running"
+        stopped = apptainer.stop_instance(binary, name, force=True, timeout=STOP_TIMEOUT)
+    except HpcKernelsError as exc:
+        return f"could not stop it ({exc})"
+    return "stopped" if stopped else "Apptainer refused to stop it"
 
 
 def _log(message: str) -> None:
@@ -683,6 +755,17 @@ def list_instances() -> list[InstanceStatus]:
     return found
 
 
+def damaged_records() -> list[str]:
+    """One sentence per instance of this host whose record is damaged (``list_instances`` skips them;
+    ``hpc-kernels gc`` stops such an instance)."""
+    found = []
+    for d in instance_dirs():
+        problem = record_problem(d) if read_record(d) is None else None
+        if problem:
+            found.append(f"{problem}; 'hpc-kernels gc' stops instance {d.name} and removes it.")
+    return found
+
+
 def _stop_locked(d: Path, record: InstanceRecord) -> int:
     """Stop the instance of ``record`` (we hold its lock) and everything attached; kernels it had."""
     if record.host != paths.hostname():  # pragma: no cover - host dirs make this impossible
@@ -761,8 +844,12 @@ def sweep_state(dry_run: bool = False) -> list[Finding]:
                 if not dry_run:
                     spawn_reaper(d)
             continue
-        why = "instance not running" if record is not None else "no instance record"
-        found.append(Finding("instances", d.name, "removed stale state", why))
+        problem = record_problem(d) if record is None else None
+        if problem:  # without its record nothing can tell when it is idle: stop it by name
+            found.append(Finding("instances", d.name, "stopped", f"{problem}; its state is removed too"))
+        else:
+            why = "instance not running" if record is not None else "no instance record"
+            found.append(Finding("instances", d.name, "removed stale state", why))
         if dry_run:
             continue
         with _lock(d / "lock", blocking=False) as held:
@@ -775,6 +862,8 @@ def sweep_state(dry_run: bool = False) -> list[Finding]:
                 continue
             if again is not None:
                 kill_marked(again.name)
+            elif record_problem(d):
+                _stop_damaged(d)
             forget(d)
     found += _sweep_untracked(tracked, dry_run)
     return found

@@ -116,7 +116,8 @@ def is_ours(kernel_dir: Path) -> bool:
         data = json.loads((kernel_dir / "kernel.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    return isinstance(data, dict) and isinstance(data.get("metadata", {}).get(MARKER), dict)
+    meta = data.get("metadata") if isinstance(data, dict) else None
+    return isinstance(meta, dict) and isinstance(meta.get(MARKER), dict)
 
 
 def install(entry: KernelEntry, target: Target, registry: Path | None = None) -> Path:

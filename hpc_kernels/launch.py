@@ -22,7 +22,7 @@ if not __package__:
 from collections.abc import Sequence
 
 from hpc_kernels.errors import HpcKernelsError
-from hpc_kernels.launchspec import LaunchSpec, read_kernel_json
+from hpc_kernels.launchspec import KernelSpecError, LaunchSpec, read_kernel_json
 
 
 def plan(spec: LaunchSpec, connection_file: str) -> tuple[list[str], dict[str, str], list[str]]:
@@ -76,6 +76,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     spec_file, connection_file = args
     try:
         _data, spec = read_kernel_json(spec_file)
+    except KernelSpecError as exc:  # a damaged kernel.json: the sentence names the field and the fix
+        print(f"hpc-kernels: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"hpc-kernels: cannot read the kernel spec {spec_file}: {exc.strerror or exc}.", file=sys.stderr)
+        return 1
+    try:
         return launch(spec, connection_file)
     except (OSError, ValueError) as exc:
         print(f"hpc-kernels: cannot read the kernel spec {spec_file}: {exc}", file=sys.stderr)

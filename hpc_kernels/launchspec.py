@@ -1,21 +1,40 @@
 """What a kernel's launcher needs to know, stored as data in kernel.json's metadata.
 
-Kept free of heavy imports: the launcher reads this on every kernel start.
+Kept free of heavy imports: the launcher reads this on every kernel start (``re`` and ``json`` are
+imported by the launcher anyway). A kernel.json is a file anyone can edit: :meth:`LaunchSpec.from_json`
+checks every field as strictly as the registry does, so a damaged one is one sentence naming the field
+and the fix, never a traceback in the launcher, the reaper, ``doctor`` or ``gc``.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
 from dataclasses import asdict, dataclass
 
 # Not ``typing.TYPE_CHECKING``: the launcher runs with ``python -S``, where importing typing costs ~3 ms.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import Any
 
 #: kernel.json ``metadata`` key that marks a kernelspec as ours.
 MARKER = "hpc_kernels"
 FORMAT = 1
+
+#: The values the registry accepts (registry.py uses these very tuples and patterns).
+MODES = ("exec", "instance")
+RUNTIMES = ("apptainer", "docker", "podman")
+GPU_CHOICES = ("auto", "nvidia", "rocm", "none")
+#: Jupyter's own rule for kernel names (jupyter_client.kernelspec._kernel_name_pat).
+KERNEL_NAME_RE = re.compile(r"^[a-z0-9._-]+$")
+ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+PASS_ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\*?$")
+
+
+class KernelSpecError(ValueError):
+    """A kernel.json of ours that cannot be used: ``str(err)`` is one sentence with the fix."""
 
 
 @dataclass(frozen=True)
@@ -48,20 +67,125 @@ class LaunchSpec:
         return data
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> LaunchSpec:
-        """Inverse of :meth:`to_json`; raises ``ValueError`` on data we did not write."""
+    def from_json(cls, data: Any, name: str = "") -> LaunchSpec:
+        """Inverse of :meth:`to_json`; raises :class:`KernelSpecError` (a ``ValueError``) naming the first
+        field that is missing or wrong, and the fix. ``name`` names the kernel when ``kernel`` itself is bad."""
+        if isinstance(data, dict) and isinstance(data.get("kernel"), str) and _is_name(data["kernel"]):
+            name = data["kernel"]
+        fix = f"reinstall with 'hpc-kernels install {name or 'NAME'}'"
         if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise ValueError("not an hpc-kernels launch spec (or one from another version)")
-        fields = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+            raise KernelSpecError(f"its '{MARKER}' metadata is not a launch spec of this version of "
+                                  f"hpc-kernels; {fix}.")
+        fields: dict[str, Any] = {}
+        for key, (required, check, expected) in _CHECKS.items():
+            if key not in data:
+                if required:
+                    raise KernelSpecError(f"it has no '{key}' ({expected}); {fix}.")
+                continue
+            value = data[key]
+            if not check(value):
+                raise KernelSpecError(f"'{key}' must be {expected}, not {_describe(value)}; {fix}.")
+            fields[key] = value
         for key in ("command", "binds", "pass_env", "runtime_args"):
             fields[key] = tuple(fields.get(key, ()))
-        fields["env"] = tuple(sorted(dict(fields.get("env", {})).items()))
+        fields["env"] = tuple(sorted(fields.get("env", {}).items()))
+        if "idle_timeout" in fields:
+            fields["idle_timeout"] = float(fields["idle_timeout"])
         return cls(**fields)
 
 
+def _is_name(v: Any) -> bool:
+    return isinstance(v, str) and bool(KERNEL_NAME_RE.match(v))
+
+
+def _is_str(v: Any) -> bool:
+    return isinstance(v, str)
+
+
+def _nonempty(v: Any) -> bool:
+    return isinstance(v, str) and bool(v.strip())
+
+
+def _str_list(v: Any) -> bool:
+    return isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v)  # tuples: to_json()'s own
+
+
+def _command(v: Any) -> bool:
+    return _str_list(v) and bool(v) and "{connection_file}" in v
+
+
+def _binds(v: Any) -> bool:
+    return _str_list(v) and all(b and b.count(":") <= 2 for b in v)
+
+
+def _env(v: Any) -> bool:
+    return isinstance(v, dict) and all(isinstance(k, str) and ENV_NAME_RE.match(k) and isinstance(x, str)
+                                       for k, x in v.items())
+
+
+def _pass_env(v: Any) -> bool:
+    return _str_list(v) and all(PASS_ENV_RE.match(x) for x in v)
+
+
+def _seconds(v: Any) -> bool:
+    # NaN fails ``v >= 0``; inf is allowed, as in the registry (never stop).
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
+
+
+#: Each field: (required, check, what it must be), in the order they are reported.
+_CHECKS: dict[str, tuple[bool, Callable[[Any], bool], str]] = {
+    "kernel": (True, _is_name, "a kernel name (lowercase letters, digits, '.', '_', '-')"),
+    "runtime": (True, lambda v: v in RUNTIMES, f"one of {', '.join(RUNTIMES)}"),
+    "mode": (True, lambda v: v in MODES, f"one of {', '.join(MODES)}"),
+    "image": (True, _nonempty, "the path of the kernel's image"),
+    "command": (True, _command, "a list of strings with the argument '{connection_file}'"),
+    "binds": (False, _binds, "a list of bind specs (src[:dst[:opts]])"),
+    "env": (False, _env, "an object of variable name to string"),
+    "pass_env": (False, _pass_env, "a list of variable names (NAME or PREFIX*)"),
+    "gpu": (False, lambda v: v in GPU_CHOICES, f"one of {', '.join(GPU_CHOICES)}"),
+    "runtime_args": (False, _str_list, "a list of strings"),
+    "idle_timeout": (False, _seconds, "a number of seconds (>= 0)"),
+    "container_image": (False, lambda v: v is None or _nonempty(v), "a container image name or null"),
+    "image_id": (False, _is_str, "a string"),
+    "registry": (False, _is_str, "a string"),
+    "runtime_hint": (False, _is_str, "a string"),
+}
+
+
+def _describe(value: Any) -> str:
+    """A JSON value as a user sees it in kernel.json."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return "a list" if value else "an empty list"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def read_kernel_json(path: str) -> tuple[dict[str, Any], LaunchSpec]:
-    """Load a kernel.json we wrote and its launch spec."""
-    with open(path, encoding="utf-8") as fh:
-        data = json.load(fh)
-    meta = data.get("metadata", {}).get(MARKER)
-    return data, LaunchSpec.from_json(meta)
+    """Load a kernel.json we wrote and its launch spec.
+
+    Raises ``OSError`` when the file cannot be read and :class:`KernelSpecError` (one sentence: the file,
+    the field, ``hpc-kernels install NAME``) when it is not what we write.
+    """
+    name = os.path.basename(os.path.dirname(os.path.abspath(path)))
+    with open(path, "rb") as fh:
+        raw = fh.read()
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:  # also UnicodeDecodeError: a file that is not text
+        raise KernelSpecError(f"the kernelspec {path} is damaged: not valid JSON ({exc}); reinstall with "
+                              f"'hpc-kernels install {name}'.") from None
+    meta = data.get("metadata") if isinstance(data, dict) else None
+    if not isinstance(meta, dict) or MARKER not in meta:
+        raise KernelSpecError(f"the kernelspec {path} was not written by hpc-kernels (no metadata."
+                              f"{MARKER}); reinstall with 'hpc-kernels install {name}'.")
+    try:
+        spec = LaunchSpec.from_json(meta[MARKER], name)
+    except KernelSpecError as exc:
+        raise KernelSpecError(f"the kernelspec {path} is damaged: {exc}") from None
+    return data, spec

@@ -7,7 +7,6 @@ reported with ``file:line``, all of them at once.
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,16 +16,18 @@ import yaml
 
 from hpc_kernels import paths
 from hpc_kernels.errors import RegistryError, UnknownKernelError, describe_value
+
+# One set of rules for the registry and for the kernel.json the launcher reads (launchspec checks it too).
+from hpc_kernels.launchspec import (
+    ENV_NAME_RE,
+    GPU_CHOICES,
+    KERNEL_NAME_RE,
+    MODES,
+    PASS_ENV_RE,
+    RUNTIMES,
+)
 from hpc_kernels.slurm_settings import UNSET, SlurmDefaults, from_mapping
 
-#: Jupyter's own rule for kernel names (jupyter_client.kernelspec._kernel_name_pat).
-KERNEL_NAME_RE = re.compile(r"^[a-z0-9._-]+$")
-ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-PASS_ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\*?$")
-
-MODES = ("exec", "instance")
-RUNTIMES = ("apptainer", "docker", "podman")
-GPU_CHOICES = ("auto", "nvidia", "rocm", "none")
 INTERRUPT_MODES = ("signal", "message")
 COMPRESSIONS = ("gzip", "lz4", "zstd", "xz", "lzo")
 DEFAULT_COMMAND = ("python", "-m", "ipykernel_launcher", "-f", "{connection_file}")

@@ -20,9 +20,13 @@ def run(args: argparse.Namespace) -> int:
 
     now = time.time()
     found = instances.list_instances()
+    problems = instances.damaged_records()
     if args.json:
-        ui.print_json({"host": paths.hostname(), "instances": [s.to_json(now) for s in found]})
+        ui.print_json({"host": paths.hostname(), "instances": [s.to_json(now) for s in found],
+                       "problems": problems})
         return 0
+    for problem in problems:
+        ui.say(problem, "warning:", "yellow")
     if not found:
         ui.note(f"no shared instances on this node ({ui.esc(paths.hostname())}).")
         return 0

@@ -26,7 +26,10 @@ def run(args: argparse.Namespace) -> int:
     entry = reg.get(args.name)
     installed = kernelspec.installed_ours().get(entry.name)
     if installed:
-        data, spec = read_kernel_json(str(installed / "kernel.json"))
+        try:
+            data, spec = read_kernel_json(str(installed / "kernel.json"))
+        except ValueError as exc:  # launchspec.KernelSpecError: a damaged kernel.json, one sentence
+            raise HpcKernelsError(str(exc)) from None
     else:
         dest = kernelspec.Target().kernels_dir() / entry.name / "kernel.json"
         data = kernelspec.kernel_json(entry, dest, reg.path)
