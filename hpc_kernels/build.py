@@ -36,7 +36,8 @@ class ImageState:
     """Where an image stands against its inputs."""
 
     # built | stale | missing | foreign (exists, not built by us) | external | external-missing
-    # | no-runtime (docker/podman absent or unreachable)
+    # | damaged (size or mtime differs from what we built: truncated, overwritten) | no-runtime
+    # (docker/podman absent or unreachable)
     status: str
     digest: str  # digest of the current inputs ("" for external images)
     recorded: str | None  # digest recorded with the image, if any
@@ -244,7 +245,9 @@ def image_state(entry: KernelEntry) -> ImageState:
     if entry.recipe is None:
         return ImageState("external" if entry.image.exists() else "external-missing", "", None)
     digest = input_digest(entry)
-    if not entry.image.exists():
+    try:
+        st = entry.image.stat()
+    except FileNotFoundError:
         return ImageState("missing", digest, None)
     stamp = read_stamp(entry.image)
     recorded = str(stamp.get("digest")) if stamp else None
@@ -253,7 +256,17 @@ def image_state(entry: KernelEntry) -> ImageState:
         # An image we did not build (no record beside it): never overwritten by a build.
         return ImageState("foreign", digest, None)
     status = "built" if recorded == digest else "stale"
+    if _changed_since_build(stamp, st):
+        status = "damaged"
     return ImageState(status, digest, recorded, float(built_at) if isinstance(built_at, (int, float)) else None)
+
+
+def _changed_since_build(stamp: dict[str, object], st: os.stat_result) -> bool:
+    """True when the image is not the file we built (truncated by a full disk or quota, copied over):
+    its size or mtime differs from the record. A stat, no hashing (``list`` looks at every image).
+    Records of earlier versions carry neither: nothing to compare."""
+    size, mtime = stamp.get("size"), stamp.get("mtime_ns")
+    return (isinstance(size, int) and size != st.st_size) or (isinstance(mtime, int) and mtime != st.st_mtime_ns)
 
 
 @contextlib.contextmanager
@@ -356,8 +369,10 @@ def build(
                     raise BuildError(entry.name, exc.reason, exc.log_tail, str(log_path),
                                      exc.hint or offline_hint(exc.log_tail)) from None
             os.replace(tmp, image)
+            st = image.stat()
             record = {"digest": digest, "built_at": time.time(), "recipe": str(entry.recipe),
-                      "options": build_options(entry), "log": str(log_path), "generator": "hpc-kernels"}
+                      "options": build_options(entry), "log": str(log_path), "generator": "hpc-kernels",
+                      "size": st.st_size, "mtime_ns": st.st_mtime_ns}
             atomic_write(stamp_path(image), json.dumps(record, indent=1) + "\n")
         finally:
             with contextlib.suppress(FileNotFoundError):

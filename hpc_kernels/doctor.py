@@ -277,6 +277,10 @@ def check_image(entry: KernelEntry) -> Finding:
         return Finding("image", FAIL, f"the image {entry.image} named in the registry does not exist.",
                        "fix 'image:' in the registry (paths are relative to the registry file), or add a "
                        "'def:' recipe and build it.", entry.name)
+    if state.status == "damaged":
+        return Finding("image", FAIL, f"the image {entry.image} is not the file hpc-kernels built: its size or "
+                       "modification time differs from the build record (truncated by a full disk or quota, "
+                       "or overwritten).", f"hpc-kernels build {entry.name}", entry.name)
     if state.status == "stale":
         return Finding("image", WARN, f"the image {entry.image} is older than its recipe or inputs.",
                        f"hpc-kernels build {entry.name}", entry.name)

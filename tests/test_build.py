@@ -276,3 +276,47 @@ def test_docker_builds_get_the_network_hint_too(make_registry: Any) -> None:
     entry = registry.load_file(path).kernels[0]
     with pytest.raises(BuildError, match="hint: this node could not reach the network"):
         docker.build_image(entry, cli=OfflineCLI("podman", "/bin/false"))
+
+
+def test_an_image_truncated_after_its_build_is_damaged_and_rebuilt(entry: registry.KernelEntry) -> None:
+    fake = FakeBuilder()
+    build.build(entry, builder=fake)
+    stamp = build.read_stamp(entry.image)
+    assert stamp is not None and stamp["size"] == entry.image.stat().st_size
+    whole = entry.image.read_bytes()
+    with entry.image.open("r+b") as fh:  # what a full disk or quota leaves after a copy
+        fh.truncate(len(whole) // 2)
+    assert build.image_state(entry).status == "damaged"
+    assert build.build(entry, builder=fake).action == "built" and len(fake.calls) == 2
+    assert entry.image.read_bytes() == whole and build.image_state(entry).status == "built"
+    # Overwritten with a file of the same size: the modification time tells.
+    entry.image.write_bytes(b"x" * len(whole))
+    assert build.image_state(entry).status == "damaged"
+
+
+def test_records_of_earlier_versions_without_size_are_trusted(entry: registry.KernelEntry) -> None:
+    import json
+
+    build.build(entry, builder=FakeBuilder())
+    stamp = build.read_stamp(entry.image)
+    assert stamp is not None
+    old = {k: v for k, v in stamp.items() if k not in ("size", "mtime_ns")}
+    build.stamp_path(entry.image).write_text(json.dumps(old))
+    entry.image.write_text("changed")
+    assert build.image_state(entry).status == "built"
+
+
+def test_list_and_doctor_show_a_damaged_image(entry: registry.KernelEntry,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from hpc_kernels import cli, doctor
+
+    build.build(entry, builder=FakeBuilder())
+    entry.image.write_bytes(b"")
+    registry_path = str(entry.recipe.parent / "kernels.yaml") if entry.recipe else ""
+    assert cli.main(["list", "--json", "--registry", registry_path]) == 0
+    assert json.loads(capsys.readouterr().out)["kernels"][0]["image_state"] == "damaged"
+    finding = doctor.check_image(entry)
+    assert finding.status == "fail" and "not the file hpc-kernels built" in finding.message
+    assert finding.fix == "hpc-kernels build sci"

@@ -60,6 +60,9 @@ def run(args: argparse.Namespace) -> int:
             if state in ("missing", "external-missing"):
                 ui.say(f"its image {ui.tilde(image)} does not exist yet: run 'hpc-kernels build {entry.name}'",
                        "note:", "yellow", indent="  ")
+            elif state == "damaged":
+                ui.say(f"its image is damaged (not the file that was built): run 'hpc-kernels build {entry.name}'",
+                       "note:", "yellow", indent="  ")
             elif state == "stale":
                 ui.say(f"its image is older than its recipe: run 'hpc-kernels build {entry.name}'",
                        "note:", "yellow", indent="  ")

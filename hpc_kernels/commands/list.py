@@ -9,7 +9,7 @@ HELP = "list the registry's kernels: mode, image state (built/stale/missing), in
 
 #: Colours of the image states in a terminal.
 COLOURS = {"built": "green", "stale": "yellow", "missing": "red", "foreign": "yellow", "external": "green",
-           "external-missing": "red", "no-runtime": "red"}
+           "external-missing": "red", "no-runtime": "red", "damaged": "red"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
