@@ -1,15 +1,17 @@
-"""Jupyter kernelspecs as data, installed and removed through jupyter_client.
+"""Jupyter kernelspecs as data, in the directories jupyter_core names, written and removed atomically.
 
 Our kernel.json carries ``metadata.hpc_kernels`` (the launch spec): that is both the launcher's
-input and the marker that lets us refuse to touch kernelspecs we did not write.
+input and the marker that lets us refuse to touch kernelspecs we did not write. A kernelspec directory
+is written complete beside its place and renamed into it, so a full disk never leaves half of one.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,8 +112,18 @@ def kernel_json(entry: KernelEntry, spec_file: Path, registry: Path | None = Non
     }
 
 
+#: Our temporaries beside the kernelspecs: a directory being written (renamed into place when complete),
+#: and one being replaced or removed. Named ``PREFIX<kernel>@<host>.<pid>.<random>``.
+STAGING_PREFIX = ".hpck-staging-"
+RETIRED_PREFIX = ".hpck-old-"
+#: A temporary whose process cannot be checked (another node wrote it) is a leftover after this long.
+LEFTOVER_AGE = 600.0
+
+
 def is_ours(kernel_dir: Path) -> bool:
-    """True when ``kernel_dir/kernel.json`` was written by hpc-kernels."""
+    """True when ``kernel_dir/kernel.json`` was written by hpc-kernels (and is not one of our temporaries)."""
+    if kernel_dir.name.startswith((STAGING_PREFIX, RETIRED_PREFIX)):
+        return False
     try:
         data = json.loads((kernel_dir / "kernel.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -120,27 +132,183 @@ def is_ours(kernel_dir: Path) -> bool:
     return isinstance(meta, dict) and isinstance(meta.get(MARKER), dict)
 
 
-def install(entry: KernelEntry, target: Target, registry: Path | None = None) -> Path:
-    """Install ``entry``'s kernelspec through ``KernelSpecManager.install_kernel_spec``."""
-    from jupyter_client.kernelspec import KernelSpecManager
+def half_written(kernel_dir: Path) -> bool:
+    """True for a kernelspec directory an interrupted install of ours left behind.
 
-    dest = target.kernels_dir() / entry.name
-    if dest.exists() and not is_ours(dest):
+    Earlier versions copied files into place (jupyter_client's ``install_kernel_spec``), and a full disk
+    left a 0-byte kernel.json that nothing recognised as ours any more. Such a directory holds only our
+    file names, logos that are (a start of) our own, and a kernel.json that is empty or cut-off
+    JSON naming hpc_kernels: there is nothing of the user's in it to lose.
+    """
+    if is_ours(kernel_dir) or not kernel_dir.is_dir() or kernel_dir.is_symlink():
+        return False
+    from importlib.resources import files
+
+    try:
+        names = {p.name for p in kernel_dir.iterdir()}
+        if not names <= {"kernel.json", *LOGO_FILES}:
+            return False
+        resources = files("hpc_kernels").joinpath("resources")
+        for logo in names & set(LOGO_FILES):
+            if not resources.joinpath(logo).read_bytes().startswith((kernel_dir / logo).read_bytes()):
+                return False
+        text = (kernel_dir / "kernel.json").read_bytes()  # a copy that failed still created it
+    except OSError:
+        return False
+    if not text.strip():
+        return True
+    try:
+        json.loads(text)
+    except ValueError:
+        return MARKER.encode() in text
+    return False  # complete JSON that is not ours: someone else's
+
+
+def install(entry: KernelEntry, target: Target, registry: Path | None = None) -> Path:
+    """Install ``entry``'s kernelspec atomically: the whole directory is written beside its place and
+    renamed into it, so Jupyter never sees a half-written one, whatever fails (a full disk, a quota)."""
+    kdir = target.kernels_dir()
+    dest = kdir / entry.name
+    if dest.exists() and not (is_ours(dest) or half_written(dest)):
         raise NotOursError(
             f"a kernelspec named '{entry.name}' already exists at {dest} and was not written by "
             "hpc-kernels; remove it yourself or rename the kernel in the registry."
         )
     data = kernel_json(entry, dest / "kernel.json", registry)
-    with tempfile.TemporaryDirectory(prefix="hpck-spec-") as src:
-        (Path(src) / "kernel.json").write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
-        _copy_logos(Path(src))
-        if dest.exists():
-            # jupyter_client would rmtree it too, but its errors name a bare 'kernel.json', not the path.
-            remove_tree(dest)
-        installed = KernelSpecManager().install_kernel_spec(
-            src, kernel_name=entry.name, user=target.user, prefix=target.prefix
-        )
-    return Path(installed)
+    try:
+        kdir.mkdir(parents=True, exist_ok=True)
+        remove_leftovers(kdir, entry.name)
+        staging = _temporary_name(kdir, STAGING_PREFIX, entry.name)
+        staging.mkdir()
+        try:
+            # kernel.json under another name until the directory is complete: Jupyter lists any
+            # directory with a kernel.json, even ours in the making.
+            _write_new(staging / "kernel.json.part", (json.dumps(data, indent=1) + "\n").encode())
+            _copy_logos(staging)
+            os.replace(staging / "kernel.json.part", staging / "kernel.json")
+        except BaseException:
+            _discard(staging)
+            raise
+    except OSError as exc:
+        raise HpcKernelsError(_write_failure(entry.name, kdir, exc)) from None
+    try:
+        _swap_in(staging, dest)
+    except BaseException:
+        _discard(staging)
+        raise
+    return dest
+
+
+def _write_failure(name: str, kdir: Path, exc: OSError) -> str:
+    """One sentence for a kernelspec that could not be written (nothing was changed)."""
+    where = f" ({exc.filename})" if exc.filename else ""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = ("free some space (on DRAC clusters 'diskusage_report' shows your quotas), then run "
+               f"'hpc-kernels install {name}' again")
+    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        fix = "install where you can write: --user (the default) or --prefix DIR"
+    else:
+        fix = f"fix that, then run 'hpc-kernels install {name}' again"
+    return (f"could not write the kernelspec '{name}' in {kdir}: {exc.strerror or exc}{where}; nothing was "
+            f"changed there: {fix}.")
+
+
+def _temporary_name(kdir: Path, prefix: str, name: str) -> Path:
+    import secrets
+
+    from hpc_kernels import paths
+
+    return kdir / f"{prefix}{name}@{paths.hostname()}.{os.getpid()}.{secrets.token_hex(4)}"
+
+
+def _write_new(path: Path, data: bytes) -> None:
+    """Create ``path`` with ``data``, flushed to disk (a full disk fails here, not later)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _swap_in(staging: Path, dest: Path) -> None:
+    """Rename the complete ``staging`` directory to ``dest``, replacing our earlier one.
+
+    The earlier one is renamed aside and removed afterwards; if it cannot be removed (a kernelspec
+    another user wrote in a shared prefix), everything is put back as it was and the error names the
+    file in ``dest``: no copy is left where Jupyter would list it under a temporary name.
+    """
+    if not dest.exists() and not dest.is_symlink():
+        os.rename(staging, dest)
+        return
+    retired = _temporary_name(dest.parent, RETIRED_PREFIX, dest.name)
+    os.rename(dest, retired)
+    try:
+        os.rename(staging, dest)
+    except BaseException:
+        os.rename(retired, dest)
+        raise
+    try:
+        if retired.is_symlink():  # a kernelspec that was a link: the link goes, not what it points to
+            retired.unlink()
+        else:
+            remove_tree(retired)  # its errors name the full path
+    except OSError as exc:
+        os.rename(dest, staging)
+        os.rename(retired, dest)
+        where = os.fsdecode(exc.filename) if exc.filename else ""
+        if where.startswith(str(retired)):
+            where = str(dest) + where[len(str(retired)):]
+        raise type(exc)(exc.errno, exc.strerror, where or str(dest)) from None
+
+
+def _discard(path: Path) -> None:
+    """Remove one of our temporaries, if it is there, its kernel.json first (so Jupyter stops listing it
+    even if the rest of the removal fails); errors are left for :func:`remove_leftovers`."""
+    import shutil
+
+    if path.is_symlink():  # a kernelspec that was a link: the link is ours to remove, not its target
+        with contextlib.suppress(OSError):
+            path.unlink()
+        return
+    with contextlib.suppress(OSError):
+        (path / "kernel.json").unlink()
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def remove_leftovers(kdir: Path, name: str) -> list[Path]:
+    """Remove the temporaries that an install or uninstall of kernel ``name`` in ``kdir`` left behind
+    when it was killed: those of a process of this node that is gone, and old ones of other nodes."""
+    import time
+
+    from hpc_kernels import paths
+
+    removed = []
+    for prefix in (STAGING_PREFIX, RETIRED_PREFIX):
+        for path in kdir.glob(f"{prefix}{name}@*"):
+            owner, _, rest = path.name[len(prefix) + len(name) + 1:].partition(".")
+            pid_text = rest.partition(".")[0]
+            try:
+                age = time.time() - path.lstat().st_mtime
+            except OSError:
+                continue
+            mine = owner == paths.hostname() and pid_text.isdigit()
+            if (mine and not _alive(int(pid_text))) or (not mine and age > LEFTOVER_AGE):
+                _discard(path)
+                removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _copy_logos(dest: Path) -> None:
@@ -149,12 +317,16 @@ def _copy_logos(dest: Path) -> None:
 
     resources = files("hpc_kernels").joinpath("resources")
     for name in LOGO_FILES:
-        (dest / name).write_bytes(resources.joinpath(name).read_bytes())
+        _write_new(dest / name, resources.joinpath(name).read_bytes())
 
 
 def uninstall(name: str, target: Target) -> Path:
-    """Remove our kernelspec ``name`` from ``target``; refuse one we did not write."""
-    dest = target.kernels_dir() / name
+    """Remove our kernelspec ``name`` from ``target`` (also what an interrupted install of ours left, and
+    its leftover temporaries); refuse one we did not write."""
+    kdir = target.kernels_dir()
+    dest = kdir / name
+    if kdir.is_dir():
+        remove_leftovers(kdir, name)
     if not dest.exists():
         elsewhere = [p for p in copies(name) if is_ours(p)]
         hint = ""
@@ -163,7 +335,7 @@ def uninstall(name: str, target: Target) -> Path:
             hint = (f"; Jupyter finds one in {elsewhere[0]}: "
                     + (f"'{reach}' removes it" if reach else "remove it yourself"))
         raise HpcKernelsError(f"no kernelspec named '{name}' in {dest.parent}{hint}.")
-    if not is_ours(dest):
+    if not (is_ours(dest) or half_written(dest)):
         raise NotOursError(f"the kernelspec at {dest} was not written by hpc-kernels; leaving it alone.")
     remove_tree(dest)
     return dest

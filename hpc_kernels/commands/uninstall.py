@@ -25,7 +25,8 @@ def run(args: argparse.Namespace) -> int:
     names = list(args.names)
     kdir = target.kernels_dir()
     if args.all:
-        names += [p.name for p in sorted(kdir.iterdir()) if kernelspec.is_ours(p)] if kdir.is_dir() else []
+        names += [p.name for p in sorted(kdir.iterdir())
+                  if kernelspec.is_ours(p) or kernelspec.half_written(p)] if kdir.is_dir() else []
         if not names:
             ui.say(f"nothing to remove: no kernelspecs of hpc-kernels in {ui.tilde(kdir)}.")
             return 0
