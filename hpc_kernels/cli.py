@@ -73,9 +73,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `hpc-kernels list | head`
         return 0
     except OSError as exc:
-        # A filesystem problem (permissions, quota, read-only /project...): one sentence, no traceback.
+        # A filesystem problem (permissions, quota, read-only /project...): one sentence, no traceback;
+        # in one of our own directories, that directory and how to move it.
+        from hpc_kernels.paths import unwritable_hint
+
         where = f" ({exc.filename})" if exc.filename else ""
-        _error(f"{exc.strerror or exc}{where}.")
+        _error(unwritable_hint(exc) or f"{exc.strerror or exc}{where}.")
         return 1
 
 

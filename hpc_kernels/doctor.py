@@ -46,7 +46,7 @@ PROBE_TIMEOUT = 60.0
 
 #: Every check's id, in the order a report lists them (docs/troubleshooting.md explains each).
 CHECKS = ("registry", "runtime", "runtime-version", "build-namespaces", "login-node", "environment",
-          "image", "binds", "ipykernel", "gpu", "kernel-env", "kernelspec", "launcher")
+          "state-dirs", "image", "binds", "ipykernel", "gpu", "kernel-env", "kernelspec", "launcher")
 
 
 @dataclass(frozen=True)
@@ -257,6 +257,45 @@ def check_environment(ctx: Context) -> list[Finding]:
     if not findings:
         findings.append(Finding("environment", OK, "no PYTHONPATH/LD_* leaks and no ~/.local site-packages."))
     return findings
+
+
+def check_state_dirs() -> list[Finding]:
+    """Can the directories kernels write at start be written? Jupyter's runtime directory (connection
+    files: no kernel starts without it) and our state directory (instance and container records, logs)."""
+    from jupyter_core.paths import jupyter_runtime_dir
+
+    checked = (
+        ("Jupyter's runtime directory", Path(jupyter_runtime_dir()),
+         "Jupyter writes every kernel's connection file there: no kernel can start",
+         "make it writable, or set JUPYTER_RUNTIME_DIR to a writable directory (e.g. a directory in "
+         "$SCRATCH) before starting Jupyter."),
+        ("hpc-kernels' state directory", paths.state_dir(),
+         "shared instances and Docker/Podman kernels cannot start, builds cannot write their logs",
+         "make it writable (is your home full or read-only? 'diskusage_report' on DRAC clusters), or set "
+         "HPC_KERNELS_STATE to a writable directory in the environment Jupyter starts from and in your shell."),
+    )
+    findings = []
+    for label, directory, effect, fix in checked:
+        problem = _unwritable(directory)
+        if problem:
+            findings.append(Finding("state-dirs", FAIL, f"{label} {directory} {problem}: {effect}.", fix))
+    if not findings:
+        shown = ", ".join(str(d) for _label, d, _effect, _fix in checked)
+        findings.append(Finding("state-dirs", OK, f"writable: {shown}."))
+    return findings
+
+
+def _unwritable(directory: Path) -> str | None:
+    """Why ``directory`` cannot be written (or created), None when it can. Creates nothing: the nearest
+    existing ancestor must be a writable directory."""
+    path = directory
+    while not os.path.lexists(path) and path != path.parent:
+        path = path.parent
+    if not path.is_dir():
+        return f"cannot be created: {path} is not a directory"
+    if not os.access(path, os.W_OK | os.X_OK):
+        return "is not writable" if path == directory else f"cannot be created: {path} is not writable"
+    return None
 
 
 # ----------------------------------------------------------------------------- kernel checks
@@ -595,6 +634,7 @@ def run_checks(registry: Registry | None, names: list[str] | None = None, ctx: C
         findings.append(optional)
     findings.append(check_login_node(ctx))
     findings += check_environment(ctx)
+    findings += check_state_dirs()
     installed = kernelspec.installed_ours()
     for entry in entries:
         findings += kernel_findings(entry, apptainer_bin, installed.get(entry.name), ctx)

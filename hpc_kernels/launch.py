@@ -84,10 +84,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     try:
         return launch(spec, connection_file)
-    except (OSError, ValueError) as exc:
-        print(f"hpc-kernels: cannot read the kernel spec {spec_file}: {exc}", file=sys.stderr)
     except HpcKernelsError as exc:
         print(f"hpc-kernels: {exc}", file=sys.stderr)
+    except OSError as exc:
+        # Not the kernel spec's fault (it was read): most often our state directory (a read-only home).
+        from hpc_kernels.paths import unwritable_hint
+
+        where = f" ({exc.filename})" if exc.filename else ""
+        reason = unwritable_hint(exc) or f"{exc.strerror or exc}{where}."
+        print(f"hpc-kernels: kernel '{spec.kernel}' could not start: {reason}", file=sys.stderr)
+    except ValueError as exc:
+        print(f"hpc-kernels: kernel '{spec.kernel}' could not start: {exc}", file=sys.stderr)
     return 1
 
 

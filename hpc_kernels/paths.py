@@ -67,3 +67,26 @@ def default_images_dir() -> Path:
     """``$HPC_KERNELS_IMAGES`` or ``<data dir>/images``."""
     override = os.environ.get("HPC_KERNELS_IMAGES")
     return Path(override) if override else data_dir() / "images"
+
+
+def unwritable_hint(exc: OSError) -> str | None:
+    """When ``exc`` failed on a path inside one of our directories (state, cache, data): one sentence
+    naming that directory as the cause, with the variable that moves it; None otherwise.
+
+    With ``$HOME`` read-only (a full or broken home quota), a kernel fails on the state directory; saying
+    "cannot write FILE" alone hides that the fix is the directory, or ``HPC_KERNELS_STATE``.
+    """
+    if not exc.filename:
+        return None
+    path = Path(os.fsdecode(exc.filename)).absolute()
+    why = exc.strerror or str(exc)
+    for label, directory, moves in (
+        ("state directory", state_dir(), "HPC_KERNELS_STATE (or XDG_STATE_HOME)"),
+        ("cache directory", cache_dir(), "XDG_CACHE_HOME"),
+        ("data directory", data_dir(), "HPC_KERNELS_DATA (or XDG_DATA_HOME)"),
+    ):
+        if path == directory.absolute() or directory.absolute() in path.parents:
+            return (f"hpc-kernels cannot write its {label} {directory} ({why}: {path}); make it writable "
+                    f"(is your home full or read-only?), or set {moves} to a writable directory, in the "
+                    "environment Jupyter starts from and in your shell alike.")
+    return None

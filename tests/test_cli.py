@@ -156,3 +156,19 @@ def test_doctor_reports_a_registry_that_is_not_text(tmp_path: Path) -> None:
     assert "Traceback" not in done.stderr
     registry_findings = [f for f in json.loads(done.stdout)["findings"] if f["check"] == "registry"]
     assert "looks like a binary file" in registry_findings[0]["message"]
+
+
+def test_a_filesystem_error_in_our_state_directory_names_it(monkeypatch: pytest.MonkeyPatch,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    import errno
+
+    from hpc_kernels import instances, paths
+
+    def denied(problems: object = None) -> list[object]:
+        raise PermissionError(errno.EACCES, "Permission denied", str(paths.host_state_dir() / "instances"))
+
+    monkeypatch.setattr(instances, "list_instances", denied)
+    assert cli.main(["instances"]) == 1
+    err = capsys.readouterr().err
+    assert f"hpc-kernels cannot write its state directory {paths.state_dir()} (Permission denied: " in err
+    assert "HPC_KERNELS_STATE" in err

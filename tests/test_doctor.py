@@ -466,3 +466,25 @@ def test_unknown_kernel_and_missing_registry(capsys: pytest.CaptureFixture[str],
     path = make_registry(f"kernels:\n  k:\n    image: {image}\n")
     assert cli.main(["doctor", "--registry", str(path), "nothere"]) == 1
     assert "no kernel named 'nothere'" in capsys.readouterr().err
+
+
+def test_unwritable_state_and_runtime_dirs(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    rc, report = run_doctor(capsys)
+    assert one(report, "state-dirs")["status"] == "ok"
+    blocker = tmp_path / "read-only-home"  # a file where a directory must be: unwritable even for root
+    blocker.write_text("")
+    monkeypatch.setenv("HPC_KERNELS_STATE", str(blocker / "state"))
+    monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(blocker / "runtime"))
+    rc, report = run_doctor(capsys)
+    runtime, state = sorted(findings(report, "state-dirs"), key=lambda f: "Jupyter's runtime" not in f["message"])
+    assert rc == 1 and state["status"] == runtime["status"] == "fail"
+    assert f"{blocker / 'runtime'} cannot be created: {blocker} is not a directory" in runtime["message"]
+    assert "JUPYTER_RUNTIME_DIR" in runtime["fix"]
+    assert f"{blocker / 'state'} cannot be created" in state["message"] and "HPC_KERNELS_STATE" in state["fix"]
+    # A directory without write permission (what a read-only home is for a user).
+    locked_dir = tmp_path / "locked"
+    locked_dir.mkdir()
+    monkeypatch.setenv("HPC_KERNELS_STATE", str(locked_dir))
+    monkeypatch.setattr(os, "access", lambda path, mode: str(path) != str(locked_dir))
+    assert any("is not writable" in f["message"] for f in findings(run_doctor(capsys)[1], "state-dirs"))

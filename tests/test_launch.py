@@ -240,3 +240,40 @@ def test_a_bad_name_from_a_hand_edited_kernel_json_is_refused() -> None:
     spec = replace(SPEC, env=(("OK", "1"), ("BAD NAME", "2")))
     with pytest.raises(HpcKernelsError, match="not a valid name"):
         apptainer.exec_command(spec, "/c.json", "/usr/bin/apptainer", {}, no_devices)
+
+
+def test_an_unwritable_state_directory_is_named_as_the_cause(tmp_path: Path) -> None:
+    """$HOME read-only (a broken quota): an instance kernel fails on our state directory, and says so
+    instead of blaming the kernel spec it has read fine."""
+    from hpc_kernels.kernelspec import launcher_argv
+
+    image = tmp_path / "x.sif"
+    image.write_text("")
+    spec = LaunchSpec(kernel="x", runtime="apptainer", mode="instance", image=str(image), command=SPEC.command)
+    spec_file = tmp_path / "kernel.json"
+    spec_file.write_text(json.dumps({"metadata": {"hpc_kernels": spec.to_json()}}))
+    blocker = tmp_path / "home-is-not-a-directory"  # as root, the one way to make a path unwritable
+    blocker.write_text("")
+    env = {**os.environ, "HPC_KERNELS_STATE": str(blocker / "state"), "HPC_KERNELS_APPTAINER": "/bin/true"}
+    done = subprocess.run([*launcher_argv(), str(spec_file), str(tmp_path / "kernel-1.json")],
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    (line,) = done.stderr.splitlines()
+    assert "cannot read the kernel spec" not in line
+    assert line.startswith(f"hpc-kernels: kernel 'x' could not start: hpc-kernels cannot write its state "
+                           f"directory {blocker / 'state'} (Not a directory: ")
+    assert "set HPC_KERNELS_STATE (or XDG_STATE_HOME) to a writable directory" in line
+
+
+def test_unwritable_hint_names_our_directories_only(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import errno
+
+    from hpc_kernels import paths
+
+    monkeypatch.setenv("HPC_KERNELS_STATE", str(tmp_path / "state"))
+    denied = PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "state" / "hosts" / "n1"))
+    hint = paths.unwritable_hint(denied)
+    assert hint is not None and hint.startswith(f"hpc-kernels cannot write its state directory {tmp_path}/state")
+    elsewhere = PermissionError(errno.EACCES, "Permission denied", "/project/x")
+    assert paths.unwritable_hint(elsewhere) is None
+    assert paths.unwritable_hint(OSError(errno.EIO, "I/O error")) is None
