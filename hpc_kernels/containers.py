@@ -67,6 +67,7 @@ def prepare(spec: LaunchSpec, connection_file: str, environ: Mapping[str, str] |
 
     env = dict(os.environ if environ is None else environ)
     cli = ContainerCLI(spec.runtime, _binary(spec.runtime, env))
+    mark_used(cli.name)
     cli.check_host_network()
     image = image_name(spec)
     local = image.startswith(LOCAL_PREFIX)
@@ -105,6 +106,26 @@ def _binary(runtime: str, env: Mapping[str, str]) -> str:
 def _labels(spec: LaunchSpec, role: str) -> dict[str, str]:
     return {LABEL_KERNEL: spec.kernel, LABEL_ROLE: role, LABEL_HOST: paths.hostname(),
             LABEL_OWNER: user_name()}
+
+
+def _mark(runtime: str) -> Path:
+    return paths.host_state_dir() / "containers" / f".used-{runtime}"
+
+
+def mark_used(runtime: str) -> None:
+    """Remember that a kernel of ours started containers with ``runtime`` on this host: ``gc`` asks that
+    runtime for leftovers only then (a kernelspec removed since may have left one behind)."""
+    from hpc_kernels.fsutil import open_private
+
+    marker = _mark(runtime)
+    if not marker.exists():
+        paths.private(marker.parent)  # per-user state, like the records beside it
+        os.close(open_private(marker, os.O_WRONLY | os.O_CREAT))
+
+
+def runtimes_marked() -> list[str]:
+    """The container runtimes :func:`mark_used` recorded on this host."""
+    return [r for r in ("docker", "podman") if _mark(r).exists()]
 
 
 # ----------------------------------------------------------------------------- one container per kernel
@@ -400,10 +421,15 @@ def launcher_alive(info: ContainerInfo) -> bool:
 
 
 def sweep(dry_run: bool = False) -> list[gc.Finding]:
-    """The ``hpc-kernels gc`` sweeper for Docker/Podman containers (see :func:`sweep_containers`)."""
+    """The ``hpc-kernels gc`` sweeper for Docker/Podman containers (see :func:`sweep_containers`); only
+    the runtimes a kernel uses are asked (:func:`hpc_kernels.gc.in_use`)."""
     reason = "per-kernel container whose launcher is gone, or shared container idle past its timeout"
     action = "would remove" if dry_run else "removed"
-    return [gc.Finding("containers", name, action, reason) for name in sweep_containers(dry_run=dry_run)]
+    runtimes = [r for r in ("podman", "docker") if gc.in_use(r)]
+    if not runtimes:
+        return []
+    return [gc.Finding("containers", name, action, reason)
+            for name in sweep_containers(runtimes, dry_run=dry_run)]
 
 
 def sweep_containers(runtimes: Sequence[str] = ("podman", "docker"), dry_run: bool = False) -> list[str]:

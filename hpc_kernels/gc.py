@@ -3,10 +3,15 @@
 A sweeper is ``fn(dry_run: bool) -> list[Finding]``, named in :data:`SWEEPERS` as
 ``"module:function"`` so that the list costs no import until ``gc`` runs; another runtime adds its
 own sweeper by appending one entry here.
+
+A sweeper runs a container program only when :func:`in_use` says a kernel uses it: asking Podman
+whether containers of ours exist starts its machinery (``~/.config/cni``, a ``/run/user/UID`` tree, a
+``catatonit`` process left running) on a cluster where every kernel is Apptainer's.
 """
 
 from __future__ import annotations
 
+import contextvars
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,12 +45,55 @@ def resolve(name: str) -> Sweeper:
     return fn
 
 
-def sweep(dry_run: bool = False, sweepers: tuple[str, ...] = SWEEPERS) -> list[Finding]:
-    """Run every sweeper; their findings, in order."""
-    found: list[Finding] = []
-    for name in sweepers:
-        found += resolve(name)(dry_run)
-    return found
+#: The runtimes in use during one :func:`sweep` (computed once, read by every sweeper).
+_IN_USE: contextvars.ContextVar[frozenset[str] | None] = contextvars.ContextVar("hpck_gc_in_use", default=None)
+
+
+def sweep(dry_run: bool = False, sweepers: tuple[str, ...] = SWEEPERS, registry: str | None = None) -> list[Finding]:
+    """Run every sweeper; their findings, in order. ``registry`` (``--registry``) adds its kernels'
+    runtimes to those in use (see :func:`runtimes_in_use`)."""
+    token = _IN_USE.set(runtimes_in_use(registry))
+    try:
+        found: list[Finding] = []
+        for name in sweepers:
+            found += resolve(name)(dry_run)
+        return found
+    finally:
+        _IN_USE.reset(token)
+
+
+def in_use(runtime: str) -> bool:
+    """May a sweeper run ``runtime`` (apptainer, docker, podman)? Only when a kernel uses it."""
+    known = _IN_USE.get()
+    return runtime in (known if known is not None else runtimes_in_use())
+
+
+def runtimes_in_use(registry: str | None = None) -> frozenset[str]:
+    """The runtimes a kernel of this user uses: named by an installed kernelspec of ours, by the registry
+    (``registry``, else the usual search; a registry that cannot be loaded is ignored unless named), or
+    by records of ours (instance state; the mark a Docker/Podman kernel leaves when it starts)."""
+    from hpc_kernels import containers, instances, kernelspec
+    from hpc_kernels import registry as registry_module
+    from hpc_kernels.errors import HpcKernelsError
+    from hpc_kernels.launchspec import read_kernel_json
+
+    found: set[str] = set()
+    for kdir in kernelspec.search_dirs():
+        for child in sorted(kdir.iterdir()) if kdir.is_dir() else []:
+            if kernelspec.is_ours(child):
+                try:
+                    found.add(read_kernel_json(str(child / "kernel.json"))[1].runtime)
+                except (OSError, ValueError):
+                    continue  # damaged: sweep_kernelspecs reports it
+    try:
+        found.update(entry.runtime for entry in registry_module.load(registry).kernels)
+    except HpcKernelsError:
+        if registry is not None:
+            raise
+    if instances.root().is_dir():
+        found.add("apptainer")
+    found.update(containers.runtimes_marked())
+    return frozenset(found)
 
 
 def sweep_kernelspecs(dry_run: bool = False) -> list[Finding]:

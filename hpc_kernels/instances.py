@@ -876,8 +876,10 @@ def our_name_pattern(user: str, host: str, owner: str) -> re.Pattern[str]:
 
 
 def _sweep_untracked(tracked: set[str], dry_run: bool) -> list[Finding]:
-    from hpc_kernels.gc import Finding
+    from hpc_kernels.gc import Finding, in_use
 
+    if not in_use("apptainer"):  # no kernel of ours uses Apptainer: none of its instances can be ours
+        return []
     try:
         binary = apptainer.find_binary()
     except HpcKernelsError:

@@ -214,7 +214,7 @@ def test_uninstall_says_what_remains_in_the_menu(reg: Path, group: Path, capsys:
 def test_gc_dry_run_says_what_it_would_do(reg: Path, capsys: pytest.CaptureFixture[str],
                                           monkeypatch: pytest.MonkeyPatch) -> None:
     # Only the kernelspec sweeper (the images of both kernels are missing): no runtime needed.
-    monkeypatch.setattr(gc, "sweep", lambda dry_run=False: gc.sweep_kernelspecs(dry_run))
+    monkeypatch.setattr(gc, "sweep", lambda dry_run=False, registry=None: gc.sweep_kernelspecs(dry_run))
     assert cli.main(["gc", "--dry-run"]) == 0
     err = capsys.readouterr().err
     assert "kernelspecs: sci: would remove (its image" in err

@@ -19,7 +19,7 @@ def run(args: argparse.Namespace) -> int:
 
     from hpc_kernels import gc, ui
 
-    found = gc.sweep(dry_run=args.dry_run)
+    found = gc.sweep(dry_run=args.dry_run, registry=args.registry)
     if args.json:
         ui.print_json({"dry_run": args.dry_run, "findings": [asdict(f) for f in found]})
         return 0
