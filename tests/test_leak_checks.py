@@ -45,9 +45,10 @@ def _wait(check: object, timeout: float = 30) -> None:
 
 def test_a_process_left_running_in_its_own_session_is_caught() -> None:
     before = leaks.snapshot()
-    subprocess.Popen(["setsid", "sleep", "300"], start_new_session=True)
-    _wait(lambda: any("sleep 300" in t.detail for t in leaks.processes() - before))
-    assert "sleep 300" in caught(before, "process", contains="sleep 300").detail
+    unique = f"sleep 300.{secrets.randbelow(10**6)}"  # a duration no other process has
+    subprocess.Popen(["setsid", *unique.split()], start_new_session=True)
+    _wait(lambda: any(unique in t.detail for t in leaks.processes() - before))
+    assert unique in caught(before, "process", contains=unique).detail
 
 
 @pytest.mark.apptainer
