@@ -34,8 +34,11 @@ for u in "$U1" "$U2"; do
   install -d -o "$u" -g "$(id -gn "$u")" -m 0700 "/run/user/$uid"
 done
 
-# udev's rule on every distribution (50-udev-default.rules: KERNEL=="fuse", MODE="0666").
+# udev's rules on every distribution (50-udev-default.rules: KERNEL=="fuse", MODE="0666"; and
+# KERNEL=="tun", MODE="0666", which rootless Podman's slirp4netns opens).
 chmod 0666 /dev/fuse
+[[ -e /dev/net/tun ]] || { mkdir -p /dev/net; mknod -m 0666 /dev/net/tun c 10 200; }
+chmod 0666 /dev/net/tun
 
 install -d -o root -g root -m 0755 "$(dirname "$PROJECT")"
 chown root:root "$(dirname "$PROJECT")"; chmod 0755 "$(dirname "$PROJECT")"

@@ -18,6 +18,7 @@ and prints the counts per mode and end. Exit status 1 when anything was left.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -42,7 +43,10 @@ from jupyter_client import KernelManager
 name, end, runtime_dir = sys.argv[1:4]
 for attempt in range(3):  # jupyter_client's port race: a kernel that dies at start-up is retried
     km = KernelManager(kernel_name=name, connection_file=os.path.join(runtime_dir, f"k-{os.getpid()}-{attempt}.json"))
-    km.start_kernel()
+    # The kernel's output goes to a log, not to our pipe: an orphaned kernel holding the pipe open would
+    # block the campaign, and ipykernel's banner would interleave with READY.
+    log = open(os.path.join(runtime_dir, f"k-{os.getpid()}-{attempt}.log"), "ab")
+    km.start_kernel(stdout=log, stderr=log)
     kc = km.client(); kc.start_channels()
     try:
         kc.wait_for_ready(timeout=120)
@@ -128,15 +132,31 @@ def cycle(mode: str, end: str, env: Mapping[str, str]) -> str:
     assert proc.stdout is not None
     line = proc.stdout.readline()
     if not line.startswith("READY"):
-        proc.kill()
-        _out, err = proc.communicate(timeout=60)
-        return f"client failed: {line.strip()} {err.strip()[-500:]}"
+        _end_client(proc)
+        return f"client failed: {line.strip()} {_stderr(proc)}"
     if end == "client-dies":
         os.kill(proc.pid, signal.SIGKILL)
-        proc.communicate(timeout=60)
+        proc.wait(timeout=60)
         return ""
-    _out, err = proc.communicate(timeout=180)
-    return "" if proc.returncode == 0 else f"client exit {proc.returncode}: {err.strip()[-500:]}"
+    try:
+        proc.wait(timeout=180)
+    except subprocess.TimeoutExpired:
+        _end_client(proc)
+        return f"client did not finish: {_stderr(proc)}"
+    return "" if proc.returncode == 0 else f"client exit {proc.returncode}: {_stderr(proc)}"
+
+
+def _end_client(proc: subprocess.Popen[str]) -> None:
+    """SIGKILL the client's session (its own; what it started in other sessions is the campaign's to find)."""
+    with contextlib.suppress(OSError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+
+
+def _stderr(proc: subprocess.Popen[str]) -> str:
+    assert proc.stderr is not None
+    lines = [ln for ln in proc.stderr.read().splitlines() if "Debugger warning" not in ln and "frozen" not in ln]
+    return " ".join(lines)[-500:]
 
 
 def campaign(modes: Sequence[str], cycles: int, root: Path, sif: str, settle: float = 30.0,

@@ -212,7 +212,7 @@ def remove(things: Iterable[Thing], homes: Iterable[str] = (), environ: Mapping[
         elif thing.kind == "container":
             runtime, _, cid = thing.ident.partition(":")
             cenv = {**env, "DOCKER_HOST": "unix:///run/docker.sock"} if runtime == "docker" else env
-            _run([runtime, "rm", "-f", "-t", "0", cid], cenv)
+            _run([runtime, "rm", "-f", cid], cenv)  # (docker rm has no -t; -f kills at once anyway)
         elif thing.kind == "job":
             _run(["scancel", thing.ident])
         elif thing.kind == "tmp":

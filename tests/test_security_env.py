@@ -33,7 +33,7 @@ NASTY = [*list("$`\\\"'(){}[];&|<>*?~!#%=^ \t\n\r,:@-+"), "\x01", "\x1b", "\x7f"
 FIXED = [
     "$(touch {marker}-a)", "`touch {marker}-b`", "${{HOME}}", "$HOME", "\\$(touch {marker}-c)", "a'b\"c",
     "\"; touch {marker}-d; \"", "'; touch {marker}-e; '", "end\\", "\\", "$", "line1\nline2", "", " padded ",
-    "$(cd;touch PWNED)", "x\\\ny", "!!", "%(name)s", "{connection_file}",
+    "$(cd;touch PWNED)", "x\\\ny", "!!", "%(name)s", "{{connection_file}}",
 ]
 
 
@@ -229,8 +229,8 @@ def test_a_notebook_named_to_inject_code_runs_nothing_and_the_kernel_sees_its_ex
 
     base, token, root = jupyter_server
     _install(make_registry, "sci", f"image: {base_sif}", {})
-    marker = tmp_path / "ran-by-name"
-    name = f"$(cd;touch PWNED)`touch {marker}`${{HOME}}.ipynb"
+    marker = root / "ran-by-name"  # the backticks would run in the kernel's working directory: the notebook's
+    name = "$(cd;touch PWNED)`touch ran-by-name`${HOME}.ipynb"
     (root / name).write_text(json.dumps({"cells": [], "metadata": {}, "nbformat": 4, "nbformat_minor": 5}))
     session = _http(f"{base}/api/sessions?token={token}", "POST",
                     {"path": name, "name": name, "type": "notebook", "kernel": {"name": "sci"}}, timeout=120)
