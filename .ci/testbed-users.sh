@@ -44,10 +44,10 @@ install -d -o root -g root -m 0755 "$(dirname "$PROJECT")"
 chown root:root "$(dirname "$PROJECT")"; chmod 0755 "$(dirname "$PROJECT")"
 install -d -o root -g "$G" -m 2770 "$PROJECT"
 
-echo "$U1 ALL=($U2) NOPASSWD: ALL" >/etc/sudoers.d/hpck-testbed.tmp
-chmod 0440 /etc/sudoers.d/hpck-testbed.tmp
-visudo -cf /etc/sudoers.d/hpck-testbed.tmp >/dev/null
-mv /etc/sudoers.d/hpck-testbed.tmp /etc/sudoers.d/hpck-testbed
+echo "$U1 ALL=($U2) NOPASSWD: ALL" >/etc/sudoers.d/hpck-testbed-$U1.tmp
+chmod 0440 /etc/sudoers.d/hpck-testbed-$U1.tmp
+visudo -cf /etc/sudoers.d/hpck-testbed-$U1.tmp >/dev/null
+mv /etc/sudoers.d/hpck-testbed-$U1.tmp /etc/sudoers.d/hpck-testbed-$U1
 
 max=$(cat /proc/sys/user/max_user_namespaces)
 [[ $max -gt 0 ]] || { echo "user namespaces are disabled (user.max_user_namespaces=0)" >&2; exit 1; }

@@ -55,7 +55,7 @@ for attempt in range(3):  # jupyter_client's port race: a kernel that dies at st
         kc.stop_channels(); km.shutdown_kernel(now=True)
 else:
     sys.exit("kernel never became ready")
-reply = kc.execute_interactive("print(6 * 7)", timeout=60)
+reply = kc.execute_interactive("print(6 * 7)", timeout=60, output_hook=lambda msg: None)
 assert reply["content"]["status"] == "ok", reply
 pid = km.provisioner.process.pid
 print("READY", pid, flush=True)
