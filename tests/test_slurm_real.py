@@ -154,10 +154,12 @@ def test_three_kernels_build_in_one_job_array(cluster: None, make_registry: Any)
 
 @pytest.mark.slurm
 @pytest.mark.apptainer
-def test_failing_recipe_fails_the_job_and_jobs_shows_the_log_tail(cluster: None, make_registry: Any) -> None:
+def test_failing_recipe_fails_the_job_and_jobs_shows_the_log_tail(cluster: None, make_registry: Any,
+                                                                  base_sif: Path) -> None:
+    # (A recipe whose own inputs are missing is refused before any job is submitted: test_build.py.)
     reg = make_registry(
         "kernels:\n  broken:\n    def: broken.def\n    image: images/broken.sif\n",
-        {"broken.def": "Bootstrap: scratch\n%files\n    missing-input.txt /payload.txt\n"},
+        {"broken.def": f"Bootstrap: localimage\nFrom: {base_sif}\n%post\n    echo cannot-build-this-kernel\n    exit 3\n"},
     )
     done = hpck("build", "broken", "--slurm", "--then-install", "--wait", *SMALL, "--registry", str(reg))
     assert done.returncode == 1
@@ -171,10 +173,10 @@ def test_failing_recipe_fails_the_job_and_jobs_shows_the_log_tail(cluster: None,
     assert listed.returncode == 0, listed.stderr
     assert "FAILED" in listed.stdout and "CANCELLED" in listed.stdout
     assert "last lines of" in listed.stdout
-    assert "cannot stat 'missing-input.txt'" in listed.stdout  # the build's own error, from the job log
+    assert "cannot-build-this-kernel" in listed.stdout  # the build's own output, from the job log
     rows = {r["kind"]: r for r in json.loads(hpck("jobs", "--json", timeout=60).stdout)}
     assert rows["build"]["state"] == "FAILED" and rows["build"]["exit_code"] == "1"
-    assert "missing-input.txt" in rows["build"]["log_tail"]
+    assert "cannot-build-this-kernel" in rows["build"]["log_tail"]
     assert rows["install"]["state"] == "CANCELLED"
 
 
