@@ -240,7 +240,8 @@ def test_a_notebook_named_to_inject_code_runs_nothing_and_the_kernel_sees_its_ex
         conn = runtime / f"kernel-{kernel_id}.json"
         client = BlockingKernelClient(connection_file=str(conn))
         client.load_connection_file()
-        client.start_channels()
+        # No heartbeat channel: a client without a manager would judge the kernel dead before its first beat.
+        client.start_channels(hb=False)
         try:
             client.wait_for_ready(timeout=120)
             content, out = run_cell(client, "import os, json; print('NAME=' + json.dumps(os.environ['JPY_SESSION_NAME']))")
