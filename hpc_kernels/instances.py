@@ -364,8 +364,9 @@ def launch(spec: LaunchSpec, connection_file: str) -> int:
         record = read_record(d)
         if record is None or not record.running():
             if record is not None:
-                # Dead (killed, node rebooted, stale state): whatever it left behind goes first.
-                clear_leftovers(record)
+                # Dead (killed, node rebooted, stale state): whatever it left behind goes first (maybe
+                # long after: from its starter's session only Apptainer's helpers).
+                clear_leftovers(record, late=True)
                 _clear_state(d)
             argv, start_env, warnings = apptainer.instance_start_command(
                 spec, name, cdir, str(d / "pid"), binary, environ
