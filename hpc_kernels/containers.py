@@ -4,13 +4,16 @@ Leak-free by construction. Killing a ``docker run``/``docker exec`` client does 
 started (measured: the container keeps running with its ports open), and jupyter_client's hard kill is
 SIGKILL to the launcher's whole process group. So before the launcher ``exec``s the client, it starts a
 *watcher* in its own session (outside that group): the watcher blocks on the launcher's pid (a pidfd;
-exec keeps the pid) and, whichever way the client ends, removes the kernel's container (``rm -f``) or, in
-a shared container, kills the kernel's process and stops the container once it has been idle for
-``idle_timeout`` seconds. ``sweep_containers()`` is the safety net for ``hpc-kernels gc``.
+exec keeps the pid) and on the Jupyter process the kernel lives for (``$JPY_PARENT_PID``: the server or
+client that started it), and, whichever way the client ends or when that process dies without shutting
+the kernel down, removes the kernel's container
+(``rm -f``) or, in a shared container, kills the kernel's process and stops the container once it has
+been idle for ``idle_timeout`` seconds. ``sweep()`` is the safety net for ``hpc-kernels gc``.
 
 Shared containers keep their bookkeeping in ``<host state dir>/containers/<name>/``: ``conn/`` (bound
 into the container: the kernels' connection files), ``kernels/<id>`` (the pid of each kernel's
-watcher: a kernel counts as live while its watcher runs), ``last_active`` (mtime) and ``lock``.
+watcher: a kernel counts as live while its watcher runs), ``last_active`` (mtime) and ``lock``. It is
+removed when the container is stopped; gc removes that of a container that is gone.
 """
 
 from __future__ import annotations
@@ -148,7 +151,7 @@ def _prepare_own(cli: ContainerCLI, spec: LaunchSpec, connection_file: str, env:
     argv, warnings = cli.run_argv(spec, connection_file, name, labels, cenv)
     client_env = {**env, **cenv}
     # The watcher is a host Python: it gets the host environment, not the kernel's (PYTHONPATH...).
-    spawn_watcher(["kernel", cli.name, cli.binary, str(os.getpid()), name], env)
+    spawn_watcher(["kernel", cli.name, cli.binary, str(os.getpid()), name, _parent_arg()], env)
     return argv, client_env, warnings
 
 
@@ -185,7 +188,8 @@ def _prepare_shared(cli: ContainerCLI, spec: LaunchSpec, connection_file: str, e
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
         watcher = spawn_watcher(
-            ["shared", cli.name, cli.binary, str(os.getpid()), name, kid, str(sdir), str(spec.idle_timeout)],
+            ["shared", cli.name, cli.binary, str(os.getpid()), name, kid, str(sdir), str(spec.idle_timeout),
+             _parent_arg()],
             env,
         )
         private_dir(sdir / "kernels")
@@ -241,8 +245,9 @@ def _same_image(a: str, b: str) -> bool:
     return a.removeprefix("sha256:") == b.removeprefix("sha256:")
 
 
-def live_kernels(sdir: Path) -> list[str]:
-    """IDs of the kernels of a shared container whose watcher still runs (stale records are dropped)."""
+def live_kernels(sdir: Path, prune: bool = True) -> list[str]:
+    """IDs of the kernels of a shared container whose watcher still runs (stale records are dropped,
+    unless not ``prune``)."""
     live = []
     kdir = sdir / "kernels"
     for ref in sorted(kdir.glob("*")) if kdir.is_dir() else []:
@@ -252,7 +257,7 @@ def live_kernels(sdir: Path) -> list[str]:
             pid = 0
         if pid > 0 and pid_alive(pid):
             live.append(ref.name)
-        else:
+        elif prune:
             with contextlib.suppress(OSError):
                 ref.unlink()
     return live
@@ -267,14 +272,34 @@ def idle_for(sdir: Path) -> float:
 
 
 def stop_if_idle(cli: ContainerCLI, name: str, sdir: Path, idle_timeout: float) -> bool:
-    """Remove the shared container when no kernel runs in it and none did for ``idle_timeout`` s."""
+    """Remove the shared container, and its bookkeeping, when no kernel runs in it and none did for
+    ``idle_timeout`` s."""
     from hpc_kernels.fsutil import locked
 
     with locked(sdir / "lock", timeout=LOCK_TIMEOUT, private=True):
         if live_kernels(sdir) or idle_for(sdir) < idle_timeout - 0.1:
             return False
         cli.remove(name)
+        forget_shared(sdir)
         return True
+
+
+def forget_shared(sdir: Path) -> None:
+    """Remove a shared container's bookkeeping directory (call with its lock held, the container gone).
+
+    Only the files we write go; the lock file last (fsutil.locked copes with a lock file removed under a
+    waiter); a file we did not write keeps the directory.
+    """
+    for path in [*(sdir / "conn").glob("*.json"), *(sdir / "kernels").glob("*"), sdir / "last_active"]:
+        with contextlib.suppress(OSError):
+            path.unlink()
+    for child in (sdir / "conn", sdir / "kernels"):
+        with contextlib.suppress(OSError):
+            child.rmdir()
+    with contextlib.suppress(OSError):
+        (sdir / "lock").unlink()
+    with contextlib.suppress(OSError):
+        sdir.rmdir()
 
 
 # ----------------------------------------------------------------------------- watcher
@@ -294,43 +319,81 @@ def spawn_watcher(args: Sequence[str], env: Mapping[str, str]) -> int:
     return proc.pid
 
 
-def wait_for_parent(pid: int) -> None:
-    """Block until our parent ``pid`` (the launcher, later the client it became) has exited."""
-    fd = -1
-    with contextlib.suppress(AttributeError, OSError):
-        fd = os.pidfd_open(pid)
-    try:
-        # Reparented already: the launcher died before we got here (and its pid may be reused).
-        if os.getppid() != pid:
-            return
-        if fd >= 0:
-            import select
+def _parent_arg() -> str:
+    """``PID:START`` of the Jupyter process the kernel lives for (``$JPY_PARENT_PID``: the server or client
+    that started it), ``0:0`` when there is none."""
+    ref = procfs.jupyter_parent()
+    return f"{ref.pid}:{ref.start}" if ref else "0:0"
 
-            select.select([fd], [], [])
-            return
-        while os.getppid() == pid:
-            time.sleep(0.5)
+
+def _parse_parent(arg: str) -> procfs.ProcRef | None:
+    pid, _, start = arg.partition(":")
+    return procfs.ProcRef(int(pid), int(start)) if int(pid) > 1 else None
+
+
+def wait_for_parent(pid: int, grandparent: procfs.ProcRef | None = None) -> bool:
+    """Block until our parent ``pid`` (the launcher, later the client it became) has exited, or until
+    ``grandparent`` (the process that started the launcher) has; True in the second case."""
+    fds: list[int] = []
+    for ref in [procfs.ProcRef(pid, 0), grandparent]:
+        if ref is not None:
+            with contextlib.suppress(AttributeError, OSError):
+                fds.append(os.pidfd_open(ref.pid))
+    try:
+        while True:
+            # Reparented: the launcher died (before we got here, too; its pid may be reused since).
+            if os.getppid() != pid:
+                return False
+            if grandparent is not None and not grandparent.alive():
+                return True
+            if len(fds) == 1 + (grandparent is not None):
+                import select
+
+                select.select(fds, [], [])
+            else:  # no pidfds (Linux < 5.3)
+                time.sleep(0.5)
     finally:
-        if fd >= 0:
+        for fd in fds:
             os.close(fd)
 
 
-def watch_kernel(cli: ContainerCLI, pid: int, name: str) -> None:
-    """Per-kernel container: once the client is gone, make sure the container is too."""
-    wait_for_parent(pid)
+def _end_client(pid: int, grace: float = 5.0) -> None:
+    """After the kernel's container or process was removed, its client exits; SIGKILL it if it has not."""
+    me = procfs.proc_ref(pid)
+    deadline = time.monotonic() + grace
+    while me is not None and me.alive() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if me is not None:
+        procfs.kill([me])
+
+
+def watch_kernel(cli: ContainerCLI, pid: int, name: str, parent: procfs.ProcRef | None = None) -> None:
+    """Per-kernel container: once the client is gone, make sure the container is too; once the Jupyter
+    process that started the kernel is gone, remove the container (which ends the client)."""
+    orphaned = wait_for_parent(pid, parent)
     cli.remove(name)
+    if orphaned:
+        print(f"hpc-kernels container watcher: container {name}: the process that started it is gone; "
+              "removed it", file=sys.stderr, flush=True)
+        _end_client(pid)
     time.sleep(SETTLE_SECONDS)
     if cli.inspect([name]):
         cli.remove(name)
 
 
-def watch_shared(cli: ContainerCLI, pid: int, name: str, kid: str, sdir: Path, idle_timeout: float) -> None:
-    """Shared container: once the client is gone, kill the kernel (exec does not), then idle-stop."""
+def watch_shared(cli: ContainerCLI, pid: int, name: str, kid: str, sdir: Path, idle_timeout: float,
+                 parent: procfs.ProcRef | None = None) -> None:
+    """Shared container: once the client is gone, or the Jupyter process that started the kernel, kill
+    the kernel (exec does not), then idle-stop."""
     from hpc_kernels.fsutil import locked
 
-    wait_for_parent(pid)
+    orphaned = wait_for_parent(pid, parent)
     marker = f"{SHARED_CONN_DIR}/{kid}.json"
     kill_kernel_processes(cli, name, marker)
+    if orphaned:
+        print(f"hpc-kernels container watcher: kernel {kid} in {name}: the process that started it is gone; "
+              "ended it", file=sys.stderr, flush=True)
+        _end_client(pid)
     with locked(sdir / "lock", timeout=LOCK_TIMEOUT, private=True):
         for path in (sdir / "kernels" / kid, sdir / "conn" / f"{kid}.json"):
             with contextlib.suppress(OSError):
@@ -428,8 +491,50 @@ def sweep(dry_run: bool = False) -> list[gc.Finding]:
     runtimes = [r for r in ("podman", "docker") if gc.in_use(r)]
     if not runtimes:
         return []
-    return [gc.Finding("containers", name, action, reason)
-            for name in sweep_containers(runtimes, dry_run=dry_run)]
+    found = [gc.Finding("containers", name, action, reason)
+             for name in sweep_containers(runtimes, dry_run=dry_run)]
+    found += [gc.Finding("containers", str(sdir), "would remove" if dry_run else "removed",
+                         "bookkeeping of a shared container that is gone")
+              for sdir in sweep_shared_dirs(runtimes, dry_run=dry_run)]
+    return found
+
+
+def sweep_shared_dirs(runtimes: Sequence[str] = ("podman", "docker"), dry_run: bool = False) -> list[Path]:
+    """Remove the bookkeeping (``containers/<name>/``) of shared containers that no installed runtime
+    has any more (stopped by hand, by a reboot, by a watcher that was killed); the directories removed.
+    Judges nothing when a runtime is installed but does not answer."""
+    from hpc_kernels.fsutil import locked
+
+    base = paths.host_state_dir() / "containers"
+    dirs = sorted(d for d in base.iterdir() if d.is_dir()) if base.is_dir() else []
+    clis: list[ContainerCLI] = []
+    for runtime in runtimes if dirs else ():
+        try:
+            clis.append(ContainerCLI(runtime))
+        except RuntimeNotFoundError:
+            continue
+
+    def exists(name: str) -> bool:
+        # ps fails (ToolError) when a daemon does not answer: then the container may well exist.
+        return any(cli.ids(f"name=^{name}$") for cli in clis)
+
+    removed = []
+    for sdir in dirs:
+        try:
+            if exists(sdir.name):
+                continue
+            if dry_run:
+                if not live_kernels(sdir, prune=False):
+                    removed.append(sdir)
+                continue
+            with locked(sdir / "lock", blocking=False, private=True) as held:
+                # Re-checked under its lock: a launch may have started it meanwhile (and holds the lock).
+                if held and not live_kernels(sdir) and not exists(sdir.name):
+                    forget_shared(sdir)
+                    removed.append(sdir)
+        except ToolError:
+            return removed
+    return removed
 
 
 def sweep_containers(runtimes: Sequence[str] = ("podman", "docker"), dry_run: bool = False) -> list[str]:
@@ -472,15 +577,16 @@ def sweep_containers(runtimes: Sequence[str] = ("podman", "docker"), dry_run: bo
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m hpc_kernels.containers kernel|shared RUNTIME BINARY PID NAME [KID DIR IDLE]``."""
+    """``python -m hpc_kernels.containers kernel|shared RUNTIME BINARY PID NAME [KID DIR IDLE] PARENT``
+    (PARENT: ``PID:START`` of the launcher's parent, ``0:0`` for none)."""
     args = list(sys.argv[1:] if argv is None else argv)
     try:
         role, runtime, binary, pid, name = args[:5]
         cli = ContainerCLI(runtime, binary)
-        if role == "kernel" and len(args) == 5:
-            watch_kernel(cli, int(pid), name)
-        elif role == "shared" and len(args) == 8:
-            watch_shared(cli, int(pid), name, args[5], Path(args[6]), float(args[7]))
+        if role == "kernel" and len(args) == 6:
+            watch_kernel(cli, int(pid), name, _parse_parent(args[5]))
+        elif role == "shared" and len(args) == 9:
+            watch_shared(cli, int(pid), name, args[5], Path(args[6]), float(args[7]), _parse_parent(args[8]))
         else:
             raise ValueError(f"bad arguments {args!r}")
     except (ValueError, HpcKernelsError) as exc:

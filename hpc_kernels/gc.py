@@ -33,6 +33,7 @@ Sweeper = Callable[[bool], list[Finding]]
 SWEEPERS: tuple[str, ...] = (
     "hpc_kernels.instances:sweep_state",
     "hpc_kernels.instances:sweep_orphans",
+    "hpc_kernels.watcher:sweep",
     "hpc_kernels.gc:sweep_kernelspecs",
     "hpc_kernels.containers:sweep",
 )

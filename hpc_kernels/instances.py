@@ -40,8 +40,9 @@ from typing import TYPE_CHECKING, Any
 
 from hpc_kernels import paths, procfs, selfexec
 from hpc_kernels.errors import HpcKernelsError, ToolError
-from hpc_kernels.fsutil import atomic_write, locked, open_private
+from hpc_kernels.fsutil import atomic_write, locked
 from hpc_kernels.launchspec import LaunchSpec
+from hpc_kernels.procfs import ProcRef, proc_ref
 from hpc_kernels.runtimes import apptainer
 
 if TYPE_CHECKING:
@@ -62,6 +63,8 @@ RECORD = "instance.json"
 KERNELS = "kernels"
 IDLE = "idle-since"
 START_TIMEOUT = 120.0
+#: Seconds a kernel whose Jupyter process died gets to exit on SIGTERM before SIGKILL.
+ORPHAN_GRACE = 3.0
 STOP_TIMEOUT = 60.0
 #: The longest a process of ours holds an instance's lock: a start that must replace a leftover
 #: instance (start, stop, start again), plus a margin. A longer wait means a stuck process.
@@ -69,33 +72,6 @@ LOCK_TIMEOUT = 2 * START_TIMEOUT + STOP_TIMEOUT + 30.0
 
 
 # ----------------------------------------------------------------------------- processes
-
-
-@dataclass(frozen=True)
-class ProcRef:
-    """A process, pinned by its start time so that a recycled pid never passes for it."""
-
-    pid: int
-    start: int
-
-    def alive(self) -> bool:
-        """True while the very same process runs (zombies count as dead)."""
-        current = proc_ref(self.pid)
-        return current is not None and current.start == self.start
-
-
-def proc_ref(pid: int) -> ProcRef | None:
-    """The live (non-zombie) process ``pid`` with its start time, or None."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as fh:
-            stat = fh.read()
-    except OSError:
-        return None
-    # The command name (field 2) may contain spaces and parentheses: split after its last ')'.
-    fields = stat[stat.rfind(")") + 2 :].split()
-    if len(fields) < 20 or fields[0] in ("Z", "X"):
-        return None
-    return ProcRef(pid, int(fields[19]))
 
 
 def marked_processes(instance: str) -> list[tuple[int, str]]:
@@ -127,6 +103,19 @@ def kill_marked(instance: str, attachments: set[str] | None = None) -> list[int]
         if (attachments is None or attachment in attachments) and _kill(pid):
             killed.append(pid)
     return killed
+
+
+def helpers_left(record: InstanceRecord, late: bool = False) -> list[procfs.ProcInfo]:
+    """Apptainer's helpers an ended instance left behind: a SIGKILL of its starter leaves its
+    ``squashfuse_ll`` running, reparented, holding the image (measured with Apptainer 1.4, unprivileged).
+    They are the rest of the starter's session; ``late`` (gc) keeps only Apptainer's own helper programs."""
+    starter = record.starter
+    return procfs.session_leftovers(starter, helpers_only=late) if starter is not None else []
+
+
+def clear_leftovers(record: InstanceRecord, late: bool = False) -> list[int]:
+    """SIGKILL what an ended instance left: its kernels' processes and Apptainer's helpers; their pids."""
+    return kill_marked(record.name) + procfs.kill(p.ref for p in helpers_left(record, late))
 
 
 # ----------------------------------------------------------------------------- identity and names
@@ -239,11 +228,20 @@ class InstanceRecord:
     started_at: float
     idle_timeout: float
     binary: str
+    #: The instance's ``Apptainer instance: USER [NAME]`` process, parent of ``pid``, and the leader of the
+    #: session its helpers (``squashfuse_ll``) run in: a SIGKILL of it leaves them behind (0: unknown).
+    starter_pid: int = 0
+    starter_start: int = 0
 
     @property
     def proc(self) -> ProcRef:
         """The instance's process (the one ``--pid-file`` names)."""
         return ProcRef(self.pid, self.pid_start)
+
+    @property
+    def starter(self) -> ProcRef | None:
+        """The instance's starter, when it was recorded."""
+        return ProcRef(self.starter_pid, self.starter_start) if self.starter_pid > 1 else None
 
     def running(self) -> bool:
         """True while the instance's process lives."""
@@ -259,10 +257,17 @@ class Attachment:
     pid_start: int
     connection_file: str
     attached_at: float
+    #: The Jupyter process the kernel lives for ($JPY_PARENT_PID): once it is gone, so is the kernel (0: none).
+    parent_pid: int = 0
+    parent_start: int = 0
 
     def alive(self) -> bool:
         """True while the kernel's ``apptainer exec`` (the former launcher) runs."""
         return ProcRef(self.pid, self.pid_start).alive()
+
+    def orphaned(self) -> bool:
+        """True when the process that started the kernel has exited (nobody can talk to the kernel now)."""
+        return self.parent_pid > 1 and not ProcRef(self.parent_pid, self.parent_start).alive()
 
 
 def root() -> Path:
@@ -332,7 +337,10 @@ def read_record(d: Path) -> InstanceRecord | None:
     data = _load(d / RECORD)
     if data is None or _bad_field(data, _RECORD_CHECKS):
         return None
-    return InstanceRecord(**{k: data[k] for k in InstanceRecord.__dataclass_fields__})
+    try:  # fields with a default may be missing (a record written by an earlier version)
+        return InstanceRecord(**{k: data[k] for k in InstanceRecord.__dataclass_fields__ if k in data})
+    except TypeError:
+        return None
 
 
 def record_problem(d: Path) -> str | None:
@@ -357,7 +365,8 @@ def attachments(d: Path) -> list[Attachment]:
     for path in sorted((d / KERNELS).glob("*.json")):
         data = _load(path)
         if data is not None and not _bad_field(data, _ATTACHMENT_CHECKS):
-            found.append(Attachment(**{k: data[k] for k in Attachment.__dataclass_fields__}))
+            with contextlib.suppress(TypeError):  # fields with a default may be missing (an earlier version)
+                found.append(Attachment(**{k: data[k] for k in Attachment.__dataclass_fields__ if k in data}))
     return found
 
 
@@ -419,8 +428,9 @@ def launch(spec: LaunchSpec, connection_file: str) -> int:
         record = read_record(d)
         if record is None or not record.running():
             if record is not None:
-                # Dead (killed, node rebooted, stale state): whatever it left behind goes first.
-                kill_marked(name)
+                # Dead (killed, node rebooted, stale state): whatever it left behind goes first (maybe
+                # long after: from its starter's session only Apptainer's helpers).
+                clear_leftovers(record, late=True)
                 _clear_state(d)
             argv, start_env, warnings = apptainer.instance_start_command(
                 spec, name, cdir, str(d / "pid"), binary, environ
@@ -429,8 +439,11 @@ def launch(spec: LaunchSpec, connection_file: str) -> int:
                 print(f"hpc-kernels: warning: {warning}", file=sys.stderr)
             record = _start(spec, ident, d, argv, start_env, binary)
         ensure_reaper(d)
+        # The Jupyter process that started us ($JPY_PARENT_PID): when it dies, the reaper ends this kernel.
+        parent = procfs.jupyter_parent()
         attachment = Attachment(
-            attachment_id, me.pid, me.start, os.path.abspath(connection_file), time.time()
+            attachment_id, me.pid, me.start, os.path.abspath(connection_file), time.time(),
+            parent.pid if parent else 0, parent.start if parent else 0,
         )
         atomic_write(d / KERNELS / f"{attachment_id}.json", json.dumps(asdict(attachment)) + "\n", private=True)
         with contextlib.suppress(FileNotFoundError):
@@ -494,13 +507,25 @@ def _start(spec: LaunchSpec, ident: Identity, d: Path, argv: list[str], env: dic
             f"instance '{ident.name}' exited right after it started; "
             "see its log in ~/.apptainer/instances/logs."
         )
+    starter = _starter_of(proc.pid)
     record = InstanceRecord(
         name=ident.name, kernel=spec.kernel, image=spec.image, user=ident.user, host=ident.host,
         job=ident.job, pid=proc.pid, pid_start=proc.start, started_at=time.time(),
         idle_timeout=spec.idle_timeout, binary=binary,
+        starter_pid=starter.pid if starter else 0, starter_start=starter.start if starter else 0,
     )
     atomic_write(d / RECORD, json.dumps(asdict(record), indent=1) + "\n", private=True)
     return record
+
+
+def _starter_of(pid: int) -> ProcRef | None:
+    """The ``Apptainer instance`` process above the instance's ``pid``: it leads the session its helpers
+    run in (None when it does not, e.g. another runtime's layout)."""
+    me = procfs.info(pid)
+    parent = procfs.info(me.ppid) if me is not None and me.ppid > 1 else None
+    if parent is None or parent.zombie or parent.sid != parent.pid:
+        return None
+    return parent.ref
 
 
 # ----------------------------------------------------------------------------- reaper
@@ -531,29 +556,11 @@ def ensure_reaper(d: Path) -> bool:
 
 def spawn_reaper(d: Path) -> None:
     """Start the reaper (``python -m hpc_kernels.instances reap DIR``, run as selfexec.module_argv does)
-    fully detached (double fork, new session).
-
-    Its own session keeps it out of the launcher's process group (jupyter_client kills that group);
-    the double fork keeps it from lingering as a zombie child of the kernel's runtime process.
-    """
-    log = open_private(paths.private(root()) / "reaper.log")
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - runs in the child
-        try:
-            os.setsid()
-            if os.fork() != 0:
-                os._exit(0)
-            os.chdir("/")
-            null = os.open(os.devnull, os.O_RDONLY)
-            os.dup2(null, 0)
-            os.dup2(log, 1)
-            os.dup2(log, 2)
-            argv = selfexec.module_argv("hpc_kernels.instances", "reap", str(d))
-            os.execv(argv[0], argv)
-        finally:
-            os._exit(127)
-    os.close(log)
-    os.waitpid(pid, 0)
+    fully detached (selfexec.spawn_detached: its own session keeps it out of the launcher's process
+    group, which jupyter_client kills; the double fork keeps it from lingering as a zombie child of the
+    kernel's runtime process). Its log is private, like the rest of the per-user state."""
+    log = paths.private(root()) / "reaper.log"
+    selfexec.spawn_detached(selfexec.module_argv("hpc_kernels.instances", "reap", str(d)), str(log))
 
 
 def _take_reaper_lock(d: Path, attempts: int = 10) -> int | None:
@@ -593,6 +600,9 @@ def prune(d: Path, name: str) -> list[Attachment]:
     live: list[Attachment] = []
     dead: list[Attachment] = []
     for att in attachments(d):
+        if att.alive() and att.orphaned():
+            end_orphan(att)
+            _log(f"kernel {att.id} of {name}: the process that started it ({att.parent_pid}) is gone; ended it")
         (live if att.alive() else dead).append(att)
     if dead:
         # A kernel whose runtime process died may have left processes in the container
@@ -602,6 +612,17 @@ def prune(d: Path, name: str) -> list[Attachment]:
             with contextlib.suppress(FileNotFoundError):
                 (d / KERNELS / f"{att.id}.json").unlink()
     return live
+
+
+def end_orphan(att: Attachment, grace: float = ORPHAN_GRACE) -> None:
+    """End a kernel whose Jupyter process died without shutting it down: SIGTERM to its runtime process
+    (Apptainer passes it on to the kernel), SIGKILL after ``grace`` seconds."""
+    proc = ProcRef(att.pid, att.pid_start)
+    procfs.kill([proc], signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while proc.alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    procfs.kill([proc])
 
 
 def reap(d: Path) -> int:
@@ -624,7 +645,7 @@ def reap(d: Path) -> int:
                     again = read_record(d)
                     if again is None or (record is not None and again.pid == record.pid):
                         if again is not None:  # died behind our back: clear what it left
-                            kill_marked(again.name)
+                            clear_leftovers(again)
                             _log(f"instance {again.name} is gone; state cleared")
                         else:
                             problem = record_problem(d)
@@ -783,7 +804,7 @@ def _stop_locked(d: Path, record: InstanceRecord) -> int:
     for att in attached:
         if att.alive():
             _kill(att.pid)
-    kill_marked(record.name)
+    clear_leftovers(record)
     forget(d)
     return len(attached)
 
@@ -846,25 +867,28 @@ def sweep_state(dry_run: bool = False) -> list[Finding]:
             continue
         problem = record_problem(d) if record is None else None
         if problem:  # without its record nothing can tell when it is idle: stop it by name
-            found.append(Finding("instances", d.name, "stopped", f"{problem}; its state is removed too"))
+            findings = [Finding("instances", d.name, "stopped", f"{problem}; its state is removed too")]
         else:
             why = "instance not running" if record is not None else "no instance record"
-            found.append(Finding("instances", d.name, "removed stale state", why))
+            findings = [Finding("instances", d.name, "removed stale state", why)]
+        # Its kernels' processes are the "orphans" sweeper's (after this one); Apptainer's helpers are ours.
+        helpers = helpers_left(record, late=True) if record is not None else []
+        findings += [Finding("orphans", f"pid {p.pid}", "killed",
+                             f"{p.comm} of instance {d.name}, which is not running") for p in helpers]
         if dry_run:
+            found += findings
             continue
         with _lock(d / "lock", blocking=False) as held:
             if not held:  # a launch is starting it right now
-                found.pop()
                 continue
             again = read_record(d)
             if again is not None and again.running():
-                found.pop()
                 continue
-            if again is not None:
-                kill_marked(again.name)
-            elif record_problem(d):
+            procfs.kill(p.ref for p in helpers)
+            if again is None and record_problem(d):
                 _stop_damaged(d)
             forget(d)
+            found += findings
     found += _sweep_untracked(tracked, dry_run)
     return found
 

@@ -2,8 +2,9 @@
 (``python -m hpc_kernels.launch KERNEL_JSON CONNECTION_FILE`` works too).
 
 It reads the launch spec from kernel.json, resolves the runtime *on this node, now* (apptainer,
-else singularity), picks GPU flags for the devices present, cleans the environment, and
-``exec``s the runtime, so jupyter_client's signals and kills reach it directly.
+else singularity), picks GPU flags for the devices present, cleans the environment, starts the
+kernel's watcher (hpc_kernels.watcher, or the container watcher / instance reaper of the other modes)
+and ``exec``s the runtime, so jupyter_client's signals and kills reach it directly.
 Imports stay minimal (the standard library and hpc_kernels only, never jupyter_core, yaml or rich):
 this runs on every kernel start.
 """
@@ -61,6 +62,12 @@ def launch(spec: LaunchSpec, connection_file: str) -> int:
         return int(instances.launch(spec, connection_file))
     else:
         argv, env, warnings = plan(spec, connection_file)
+        if spec.runtime == "apptainer":
+            # A watcher ends the kernel when Jupyter dies and kills what Apptainer leaves on a SIGKILL.
+            from hpc_kernels import watcher
+
+            env, more = watcher.arm(spec, env, argv[0])
+            warnings += more
     for warning in warnings:
         print(f"hpc-kernels: warning: {warning}", file=sys.stderr)
     os.execve(argv[0], argv, env)

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
 import stat
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -147,3 +150,125 @@ def test_launcher_refuses_docker_desktop_in_one_sentence(
     assert done.returncode == 1
     assert done.stderr.startswith("hpc-kernels: ") and "Docker Desktop" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+
+
+# ----------------------------------------------------------------------------- what is left when things die
+
+FAKE_CLI = """#!{python}
+import os, sys
+with open(os.environ["FAKE_CLI_LOG"], "a") as fh:
+    fh.write(" ".join(sys.argv[1:]) + "\\n")
+if os.environ.get("FAKE_CLI_FAIL"):
+    sys.exit(125)
+if sys.argv[1] == "ps":
+    for name in os.environ.get("FAKE_CLI_EXISTING", "").split():
+        if sys.argv[-1] == f"name=^{{name}}$":
+            print("id-" + name)
+"""
+
+
+@pytest.fixture
+def fake_podman(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A stand-in podman that logs each call (FAKE_CLI_LOG) and knows the containers FAKE_CLI_EXISTING."""
+    fake = tmp_path / "bin" / "podman"
+    fake.parent.mkdir()
+    fake.write_text(FAKE_CLI.format(python=sys.executable))
+    fake.chmod(0o755)
+    log = tmp_path / "podman.log"
+    log.touch()
+    monkeypatch.setenv("FAKE_CLI_LOG", str(log))
+    monkeypatch.setenv("HPC_KERNELS_PODMAN", str(fake))
+    monkeypatch.setenv("HPC_KERNELS_DOCKER", str(tmp_path / "no-docker"))
+    return log
+
+
+def _shared_state(name: str) -> Path:
+    sdir = containers.shared_dir(name)
+    for sub in ("conn", "kernels"):
+        (sdir / sub).mkdir(parents=True, exist_ok=True)
+    (sdir / "conn" / "k1.json").write_text("{}")
+    (sdir / "kernels" / "k1").write_text("999999999\n")  # its watcher is gone
+    (sdir / "last_active").touch()
+    os.utime(sdir / "last_active", (1, 1))
+    (sdir / "lock").touch()
+    return sdir
+
+
+def test_a_stopped_shared_container_leaves_no_state(fake_podman: Path) -> None:
+    sdir = _shared_state("hpck-u-box")
+    cli = ContainerCLI("podman", os.environ["HPC_KERNELS_PODMAN"])
+    assert containers.stop_if_idle(cli, "hpck-u-box", sdir, idle_timeout=1.0)
+    assert "rm -f -t 0 hpck-u-box" in fake_podman.read_text()
+    assert not sdir.exists()
+
+
+def test_gc_removes_the_state_of_shared_containers_that_are_gone(fake_podman: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    gone, here = _shared_state("hpck-u-gone"), _shared_state("hpck-u-here")
+    monkeypatch.setenv("FAKE_CLI_EXISTING", "hpck-u-here")
+    containers.mark_used("podman")  # gc asks only the runtimes our kernels use
+    found = [(f.target, f.action) for f in containers.sweep(dry_run=True) if f.target.startswith("/")]
+    assert found == [(str(gone), "would remove")]
+    assert gone.is_dir() and here.is_dir()
+    assert [f.target for f in containers.sweep() if f.target.startswith("/")] == [str(gone)]
+    assert not gone.exists() and here.is_dir()
+    # A runtime that does not answer: nothing can be judged, nothing is removed.
+    monkeypatch.setenv("FAKE_CLI_FAIL", "1")
+    monkeypatch.setenv("FAKE_CLI_EXISTING", "")
+    assert containers.sweep_shared_dirs() == [] and here.is_dir()
+
+
+LAUNCHER = """
+import os, sys, time
+from hpc_kernels import containers
+role = sys.argv[2]
+args = [role, "podman", sys.argv[1], str(os.getpid()), "hpck-x-1"]
+if role == "shared":
+    args += [sys.argv[4], sys.argv[3], "60"]
+containers.spawn_watcher(args + [containers._parent_arg()], os.environ)
+print("watching", flush=True)
+time.sleep(600)
+"""
+PARENT = """
+import os, subprocess, sys
+env = dict(os.environ, JPY_PARENT_PID=str(os.getpid()))  # as jupyter_client sets it
+p = subprocess.Popen([sys.executable, "-c", *sys.argv[1:]], stdout=sys.stdout, env=env)
+p.wait()
+"""
+
+
+@pytest.mark.parametrize("role", ["kernel", "shared"])
+def test_a_container_kernel_ends_when_the_process_that_started_it_dies(
+    fake_podman: Path, tmp_path: Path, role: str
+) -> None:
+    """The Jupyter server dies without shutting its kernel down: the watcher removes the kernel's container
+    (or, in a shared container, kills the kernel's process) and the client, as when the client dies."""
+    from hpc_kernels import procfs
+
+    sdir = _shared_state("hpck-x-1") if role == "shared" else tmp_path
+    kid = os.urandom(6).hex()
+    # The kernel in the shared container, as the host sees it: its argv names its connection file.
+    marker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
+                               f"/run/hpc-kernels/conn/{kid}.json"])
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, LAUNCHER, os.environ["HPC_KERNELS_PODMAN"], role,
+                               str(sdir), kid], stdout=subprocess.PIPE, text=True)
+    try:
+        assert parent.stdout is not None and parent.stdout.readline().strip() == "watching"
+        launcher = procfs.descendants(parent.pid)[0].ref
+        time.sleep(0.5)
+        assert "rm " not in fake_podman.read_text()
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 20  # the watcher gives the client 5 s to exit by itself
+        while launcher.alive() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not launcher.alive()  # the client ended with its kernel
+        if role == "kernel":
+            assert "rm -f -t 0 hpck-x-1" in fake_podman.read_text()
+        else:
+            assert marker.wait(timeout=5) == -signal.SIGKILL
+    finally:
+        for proc in (parent, marker):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()

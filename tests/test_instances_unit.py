@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from hpc_kernels import cli, gc, instances, kernelspec, registry
+from hpc_kernels import cli, gc, instances, kernelspec, procfs, registry
 from hpc_kernels.errors import HpcKernelsError
 from hpc_kernels.launchspec import LaunchSpec
 from hpc_kernels.runtimes import apptainer as appt
@@ -308,3 +311,96 @@ def test_a_second_reaper_leaves_at_once() -> None:
         assert instances._take_reaper_lock(d, attempts=2) is None
         assert instances.reap(d) == 0
     assert instances.read_record(d) is not None  # untouched
+
+
+# ----------------------------------------------------------------------------- what dies with a kernel
+
+
+def test_prune_ends_a_kernel_whose_jupyter_process_died() -> None:
+    """The process that started a kernel is gone (a server crash, a JupyterHub time limit): nobody can use
+    the kernel any more, so the reaper ends it (SIGTERM to its runtime process)."""
+    d = instances.instance_dir("hpck-unit")
+    (d / instances.KERNELS).mkdir(parents=True)
+    kernel = subprocess.Popen(["sleep", "60"])  # stands for the kernel's `apptainer exec instance://`
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    try:
+        me, k = instances.proc_ref(os.getpid()), instances.proc_ref(kernel.pid)
+        assert me is not None and k is not None
+        orphan = instances.Attachment(f"{k.pid}-{k.start}", k.pid, k.start, "/rt/a.json", 1.0, gone.pid, 1)
+        kept = instances.Attachment(f"{me.pid}-{me.start}", me.pid, me.start, "/rt/b.json", 1.0, me.pid, me.start)
+        old = {"id": "1-1", "pid": me.pid, "pid_start": me.start, "connection_file": "/rt/c.json",
+               "attached_at": 1.0}  # written by an earlier version: no parent recorded, never orphaned
+        for att in (orphan, kept):
+            (d / instances.KERNELS / f"{att.id}.json").write_text(json.dumps(asdict(att)))
+        (d / instances.KERNELS / "1-1.json").write_text(json.dumps(old))
+        assert [a.id for a in instances.prune(d, "hpck-unit")] == ["1-1", kept.id]
+        assert kernel.wait(timeout=10) == -signal.SIGTERM
+        assert sorted(p.name for p in (d / instances.KERNELS).iterdir()) == ["1-1.json", f"{kept.id}.json"]
+    finally:
+        if kernel.poll() is None:
+            kernel.kill()
+            kernel.wait()
+
+
+@pytest.fixture
+def dead_instance(tmp_path: Path) -> Iterator[tuple[Path, subprocess.Popen[bytes], int]]:
+    """An instance record whose process and starter are dead, the starter's helper (a stand-in named
+    squashfuse_ll, in the starter's session) still running: what a SIGKILL of Apptainer's starter leaves."""
+    helper = tmp_path / "squashfuse_ll"
+    helper.symlink_to("/bin/sleep")  # the process is named after the path it was run by
+    starter = subprocess.Popen(["sh", "-c", f"{helper} 300 & wait"], start_new_session=True)
+    try:
+        found: list[int] = []
+        deadline = time.monotonic() + 5
+        while not found and time.monotonic() < deadline:
+            found = [p.pid for p in procfs.session(starter.pid) if p.comm == "squashfuse_ll"]
+            time.sleep(0.05)
+        assert found
+        ref = instances.proc_ref(starter.pid)
+        assert ref is not None
+        name = instances.Identity("u", "py", "h", "", instances.owner_tag(), "0badcafe").name
+        d = instances.instance_dir(name)
+        d.mkdir(parents=True)
+        gone = subprocess.Popen(["true"])
+        gone.wait()
+        record = replace(_record(name, gone.pid, 1), starter_pid=ref.pid, starter_start=ref.start)
+        (d / instances.RECORD).write_text(json.dumps(asdict(record)))
+        starter.kill()  # SIGKILL of Apptainer's starter: its helper is left behind
+        starter.wait()
+        yield d, starter, found[0]
+    finally:
+        for p in procfs.session(starter.pid):
+            os.kill(p.pid, signal.SIGKILL)
+
+
+def test_reaper_kills_the_helpers_a_killed_starter_left(dead_instance: tuple[Path, Any, int]) -> None:
+    d, _starter, helper = dead_instance
+    assert instances.reap(d) == 0
+    deadline = time.monotonic() + 5
+    while procfs.proc_ref(helper) is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert procfs.proc_ref(helper) is None
+    assert not d.exists()
+
+
+def test_gc_names_and_kills_the_helpers_a_killed_starter_left(dead_instance: tuple[Path, Any, int]) -> None:
+    d, _starter, helper = dead_instance
+    dry = [(f.sweeper, f.target, f.action) for f in instances.sweep_state(dry_run=True)]
+    assert ("orphans", f"pid {helper}", "killed") in dry and ("instances", d.name, "removed stale state") in dry
+    assert procfs.proc_ref(helper) is not None and d.exists()
+    assert [(f.sweeper, f.target, f.action) for f in instances.sweep_state()] == dry
+    deadline = time.monotonic() + 5
+    while procfs.proc_ref(helper) is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert procfs.proc_ref(helper) is None and not d.exists()
+
+
+def test_records_of_an_earlier_version_still_load() -> None:
+    d = instances.instance_dir("hpck-unit")
+    d.mkdir(parents=True)
+    data = asdict(_record("hpck-unit", 1, 1))
+    del data["starter_pid"], data["starter_start"]
+    (d / instances.RECORD).write_text(json.dumps(data))
+    record = instances.read_record(d)
+    assert record is not None and record.starter is None and instances.helpers_left(record) == []

@@ -1,10 +1,12 @@
-"""``hpc-kernels gc``: sweep leftovers (stale instance state, orphaned kernels, kernelspecs without image)."""
+"""``hpc-kernels gc``: sweep leftovers (stale instance state, orphaned kernels, what killed kernels left,
+containers, kernelspecs without image)."""
 
 from __future__ import annotations
 
 import argparse
 
-HELP = "sweep leftovers: stale instance state, orphaned kernel processes, kernelspecs whose image is gone"
+HELP = ("sweep leftovers: stale instance state, orphaned kernel processes, what killed kernels left "
+        "(squashfuse_ll), kernelspecs whose image is gone")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
