@@ -146,7 +146,7 @@ def _prepare_own(cli: ContainerCLI, spec: LaunchSpec, connection_file: str, env:
     cli.remove(*cli.ids(f"label={LABEL_CONNECTION}={connection_file}"))
     name = container_name(spec.kernel)
     labels = _labels(spec, "kernel")
-    labels.update({LABEL_PID: str(os.getpid()), LABEL_PID_START: process_start(os.getpid()),
+    labels.update({LABEL_PID: str(os.getpid()), LABEL_PID_START: procfs.start_of(os.getpid()),
                    LABEL_CONNECTION: connection_file})
     argv, warnings = cli.run_argv(spec, connection_file, name, labels, cenv)
     client_env = {**env, **cenv}
@@ -255,7 +255,7 @@ def live_kernels(sdir: Path, prune: bool = True) -> list[str]:
             pid = int(ref.read_text(encoding="utf-8").strip() or "0")
         except (OSError, ValueError):
             pid = 0
-        if pid > 0 and pid_alive(pid):
+        if pid > 0 and procfs.alive(pid):
             live.append(ref.name)
         elif prune:
             with contextlib.suppress(OSError):
@@ -444,30 +444,6 @@ def namespaced_pid(pid: int) -> str:
     return ""
 
 
-def pid_alive(pid: int) -> bool:
-    """Whether ``pid`` exists (and is not a zombie)."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="utf-8") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
-
-
-def process_start(pid: int) -> str:
-    """A process's start time (clock ticks since boot; "" if unknown): pid + start is unique."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="utf-8") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return ""
-
-
 # ----------------------------------------------------------------------------- gc
 
 
@@ -477,10 +453,10 @@ def launcher_alive(info: ContainerInfo) -> bool:
         pid = int(info.labels.get(LABEL_PID, "0"))
     except ValueError:
         return False
-    if pid <= 0 or not pid_alive(pid):
+    if pid <= 0 or not procfs.alive(pid):
         return False
     recorded = info.labels.get(LABEL_PID_START, "")
-    return not recorded or recorded == process_start(pid)
+    return not recorded or recorded == procfs.start_of(pid)
 
 
 def sweep(dry_run: bool = False) -> list[gc.Finding]:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hpc_kernels import __version__
+from hpc_kernels import __version__, procfs
 from hpc_kernels.errors import HpcKernelsError, NotOursError
 from hpc_kernels.fsutil import remove_tree
 from hpc_kernels.launchspec import MARKER, LaunchSpec
@@ -295,20 +295,10 @@ def remove_leftovers(kdir: Path, name: str) -> list[Path]:
             except OSError:
                 continue
             mine = owner == paths.hostname() and pid_text.isdigit()
-            if (mine and not _alive(int(pid_text))) or (not mine and age > LEFTOVER_AGE):
+            if (mine and not procfs.alive(int(pid_text))) or (not mine and age > LEFTOVER_AGE):
                 _discard(path)
                 removed.append(path)
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _copy_logos(dest: Path) -> None:

@@ -82,6 +82,17 @@ def proc_ref(pid: int) -> ProcRef | None:
     return None if found is None or found.zombie else found.ref
 
 
+def alive(pid: int) -> bool:
+    """Whether ``pid`` is a live process (a zombie counts as dead): the one liveness test of the package."""
+    return pid > 0 and proc_ref(pid) is not None
+
+
+def start_of(pid: int) -> str:
+    """A process's start time as text (clock ticks since boot; "" if there is no such live process)."""
+    ref = proc_ref(pid)
+    return str(ref.start) if ref else ""
+
+
 def pids() -> Iterator[int]:
     """Every pid in /proc but our own."""
     me = os.getpid()
