@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hpc_kernels import paths
-from hpc_kernels.errors import BuildBusyError, BuildError, HpcKernelsError
-from hpc_kernels.fsutil import atomic_write, locked, open_private
+from hpc_kernels.errors import BuildBusyError, BuildError, HpcKernelsError, LockBusyError
+from hpc_kernels.fsutil import LockRecord, atomic_write, cluster_lock, open_private, share_for
 from hpc_kernels.registry import KernelEntry
 from hpc_kernels.runtimes.base import Builder
 
@@ -37,7 +37,8 @@ class ImageState:
 
     # built | stale | missing | foreign (exists, not built by us) | external | external-missing
     # | damaged (size or mtime differs from what we built: truncated, overwritten) | no-runtime
-    # (docker/podman absent or unreachable)
+    # (docker/podman absent or unreachable) | unreadable (this user may not read it: a group's image)
+    # | unchecked (readable, but its recipe or build record is not: whether it is stale cannot be told)
     status: str
     digest: str  # digest of the current inputs ("" for external images)
     recorded: str | None  # digest recorded with the image, if any
@@ -243,19 +244,35 @@ def image_state(entry: KernelEntry) -> ImageState:
 
         return docker.image_state(entry)
     if entry.recipe is None:
+        if not os.path.exists(entry.image) and os.path.lexists(entry.image.parent) and not \
+                os.access(entry.image.parent, os.X_OK):
+            return ImageState("unreadable", "", None)
+        if os.path.exists(entry.image) and not os.access(entry.image, os.R_OK):
+            return ImageState("unreadable", "", None)
         return ImageState("external" if entry.image.exists() else "external-missing", "", None)
-    digest = input_digest(entry)
+    try:
+        digest = input_digest(entry)
+    except PermissionError:  # a group's recipe (or %files) this user may not read: cannot tell if stale
+        digest = ""
     try:
         st = entry.image.stat()
     except FileNotFoundError:
         return ImageState("missing", digest, None)
+    except PermissionError:  # a directory on the way this user may not enter (doctor says which)
+        return ImageState("unreadable", digest, None)
+    if not os.access(entry.image, os.R_OK):
+        return ImageState("unreadable", digest, None)
     stamp = read_stamp(entry.image)
     recorded = str(stamp.get("digest")) if stamp else None
     built_at = stamp.get("built_at") if stamp else None
     if stamp is None:
+        if os.path.lexists(stamp_path(entry.image)):  # there, but not readable to this user
+            return ImageState("unchecked", digest, None)
         # An image we did not build (no record beside it): never overwritten by a build.
         return ImageState("foreign", digest, None)
     status = "built" if recorded == digest else "stale"
+    if not digest:
+        status = "unchecked"
     if _changed_since_build(stamp, st):
         status = "damaged"
     return ImageState(status, digest, recorded, float(built_at) if isinstance(built_at, (int, float)) else None)
@@ -329,15 +346,21 @@ def build(
     if not force and image_state(entry).status == "built":
         return BuildResult(entry.name, "up-to-date", entry.image, None, time.monotonic() - start)
     image = entry.image
-    lock = image.parent / f".{image.name}.lock"
-    with locked(lock, blocking=False) as held:
-        if not held:
-            if not wait:
-                raise BuildBusyError(
-                    f"another process is building '{entry.name}' ({image}); try again when it is done."
-                )
-            on_event(f"waiting for another build of '{entry.name}' to finish")
-    with locked(lock, blocking=True):
+    # A member of a group who may not write the group's images is told so (and who may) before anything.
+    from hpc_kernels import group
+
+    group.ensure_writable(image.parent, f"build '{entry.name}' into {image.parent}")
+
+    def waiting(holder: LockRecord | None) -> None:
+        who = f" ({holder.describe()})" if holder else ""
+        on_event(f"waiting for another build of '{entry.name}' to finish{who}")
+
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(cluster_lock(lock_path(image), wait=wait, on_wait=waiting))
+        except LockBusyError as exc:
+            raise BuildBusyError(f"another process is building '{entry.name}' ({image}): {exc.holder}; try "
+                                 "again when it is done.") from None
         # The build we waited for may have produced exactly what we want.
         state = image_state(entry)
         if not force and state.status == "built":
@@ -350,8 +373,12 @@ def build(
             )
         digest = state.digest
         adapter = builder or default_builder(entry)  # a missing runtime fails here, before any file is written
+        # In a group tree, members' commands read the recipe and its %files (to tell whether the image is
+        # up to date): a maintainer's editor may have written them 0600.
+        group.publish_inputs([entry.recipe, *recipe_inputs(entry.recipe)[0]])
         _remove_stale_temporaries(image)
-        tmp = image.parent / f".{image.name}.tmp-{os.getpid()}"
+        # Unique across the nodes that share the directory (pids are per node).
+        tmp = image.parent / f".{image.name}.tmp-{paths.hostname()}.{os.getpid()}"
         log_path = paths.private(paths.log_dir()) / f"build-{entry.name}-{time.strftime('%Y%m%d-%H%M%S')}.log"
         try:
             log_fd = open_private(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
@@ -368,7 +395,10 @@ def build(
                 except BuildError as exc:
                     raise BuildError(entry.name, exc.reason, exc.log_tail, str(log_path),
                                      exc.hint or offline_hint(exc.log_tail)) from None
-            os.replace(tmp, image)
+            share = share_for(image.parent)
+            if share is not None:  # a group's image: readable by the group, whatever the umask
+                share.publish_file(tmp)
+            os.replace(tmp, image)  # running kernels keep the old inode; the next start gets this one
             st = image.stat()
             record = {"digest": digest, "built_at": time.time(), "recipe": str(entry.recipe),
                       "options": build_options(entry), "log": str(log_path), "generator": "hpc-kernels",
@@ -378,6 +408,12 @@ def build(
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
     return BuildResult(entry.name, "built", image, log_path, time.monotonic() - start)
+
+
+def lock_path(image: Path) -> Path:
+    """The build lock of ``image`` (a :func:`~hpc_kernels.fsutil.cluster_lock`: builds of one image on
+    several nodes, by several users of a group, exclude each other)."""
+    return image.parent / f".{image.name}.build-lock"
 
 
 def _remove_stale_temporaries(image: Path) -> None:

@@ -22,6 +22,7 @@ COMMANDS = (
     "show",
     "run",
     "module",
+    "group",
     "jobs",
     "instances",
     "stop",

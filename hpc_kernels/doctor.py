@@ -46,7 +46,7 @@ PROBE_TIMEOUT = 60.0
 
 #: Every check's id, in the order a report lists them (docs/troubleshooting.md explains each).
 CHECKS = ("registry", "runtime", "runtime-version", "build-namespaces", "login-node", "environment",
-          "state-dirs", "image", "binds", "ipykernel", "gpu", "kernel-env", "kernelspec", "launcher")
+          "state-dirs", "group", "image", "binds", "ipykernel", "gpu", "kernel-env", "kernelspec", "launcher")
 
 
 @dataclass(frozen=True)
@@ -309,6 +309,19 @@ def check_image(entry: KernelEntry) -> Finding:
         return Finding("image", OK, f"{entry.runtime} image {entry.container_image} (not checked).",
                        kernel=entry.name)
     state = build.image_state(entry)
+    if state.status == "unreadable":
+        from hpc_kernels import group
+
+        why = group.explain_unreadable(entry.image) or f"you cannot read {entry.image}"
+        return Finding("image", FAIL, f"the image {entry.image} cannot be used by you: {why}",
+                       "the kernel cannot start for you until that is fixed (see the sentence above).", entry.name)
+    if state.status == "unchecked":
+        from hpc_kernels import group
+
+        unread = [p for p in (entry.recipe, build.stamp_path(entry.image)) if p is not None]
+        why = next((w for w in (group.explain_unreadable(p) for p in unread) if w), "its recipe cannot be read")
+        return Finding("image", WARN, f"the image {entry.image} is readable, but whether it is up to date cannot be "
+                       f"told: {why}", "the kernel starts; only the check of its recipe is skipped.", entry.name)
     if state.status == "missing":
         return Finding("image", FAIL, f"the image {entry.image} has not been built.",
                        f"hpc-kernels build {entry.name}", entry.name)
@@ -374,7 +387,7 @@ def _command_module(command: tuple[str, ...]) -> str | None:
 
 def check_ipykernel(entry: KernelEntry, binary: str, ctx: Context) -> Finding | None:
     """Run the kernel's Python inside the image, as the launcher would, and import ipykernel there."""
-    if entry.runtime != "apptainer" or not entry.image.exists():
+    if entry.runtime != "apptainer" or not os.access(entry.image, os.R_OK):
         return None
     program = entry.command[0]
     if not os.path.basename(program).startswith("python"):
@@ -471,6 +484,20 @@ def check_kernelspec(entry: KernelEntry, ctx: Context) -> Finding:
     found = kernelspec.visible(entry.name)
     dirs = ", ".join(str(d) for d in kernelspec.search_dirs())
     if found is None:
+        from hpc_kernels import group
+
+        for spec in kernelspec.unreadable(entry.name):
+            why = group.explain_unreadable(spec / "kernel.json")
+            if why:
+                return Finding("kernelspec", FAIL, f"Jupyter does not list the kernelspec {spec}: {why}",
+                               "restart your JupyterLab session once it is fixed.", entry.name)
+        module = _module_hint(entry, ctx)
+        if module:
+            return Finding("kernelspec", FAIL,
+                           f"no kernelspec '{entry.name}' in the directories Jupyter searches: {dirs}; it is "
+                           f"published in the group tree {module[0]}, whose module is not loaded here.",
+                           f"{module[1]}, then restart your JupyterLab session (in JupyterHub: put the 'module "
+                           "use' line in ~/.bashrc, or load the module in the Software Modules panel).", entry.name)
         return Finding("kernelspec", FAIL,
                        f"no kernelspec '{entry.name}' in the directories Jupyter searches: {dirs}.",
                        f"run 'hpc-kernels install {entry.name}' (if you installed it with --prefix DIR, add "
@@ -507,6 +534,99 @@ def check_kernelspec(entry: KernelEntry, ctx: Context) -> Finding:
                    kernel=entry.name)
 
 
+def _module_hint(entry: KernelEntry, ctx: Context) -> tuple[Path, str] | None:
+    """For a kernel published in a group tree that Jupyter does not see: the tree and the module command
+    that shows it (``module use`` only when the tree's modulefiles are not on MODULEPATH yet)."""
+    from hpc_kernels import group
+
+    tree = group.tree_of_registry(entry.origin)
+    if tree is None or not os.path.isfile(tree.prefix / "share/jupyter/kernels" / entry.name / "kernel.json"):
+        return None
+    used = os.path.normpath(tree.modulefiles) in {os.path.normpath(p) for p in
+                                                  ctx.environ.get("MODULEPATH", "").split(":") if p}
+    command = f"module load {tree.module_name}"
+    return tree.root, command if used else f"module use {tree.modulefiles} && {command}"
+
+
+def check_group(registry: Registry, ctx: Context) -> list[Finding]:
+    """A registry of a group tree (or one that extends it): is this user in the group, does the tree
+    let the group in, is its module loaded?"""
+    from hpc_kernels import access, group
+
+    trees: list[group.GroupTree] = []
+    for path in (registry.path, registry.base.path if registry.base else None):
+        tree = group.tree_of_registry(path)
+        if tree is not None and tree.root not in {t.root for t in trees}:
+            trees.append(tree)
+    findings = []
+    for tree in trees:
+        what = f"the group tree {tree.root} of {tree.group}"
+        if tree.gid >= 0 and not access.in_group(tree.gid) and os.stat(tree.root).st_uid != ctx.uid:
+            if access.listed_in_group(tree.gid, ctx.user):
+                findings.append(Finding("group", FAIL, f"{what}: you were added to {tree.group} after this "
+                                        "session started, so it does not count yet.",
+                                        "log out and in again (a new JupyterHub session too), or "
+                                        f"'newgrp {tree.group}'."))
+            else:
+                findings.append(Finding("group", FAIL,
+                                        f"{what}: you ({ctx.user}) are not in the group {tree.group}.",
+                                        f"ask {tree.maintainer} or your PI to add you (on DRAC the PI adds group "
+                                        "members in CCDB), then log in again."))
+            continue
+        closed = _closed_entries(tree)
+        if closed:
+            shown = ", ".join(str(p) for p in closed[:3]) + (" …" if len(closed) > 3 else "")
+            findings.append(Finding("group", WARN, f"{what}: {len(closed)} entries of it are not readable by the "
+                                    f"group ({shown}).",
+                                    f"{tree.maintainer} can run 'hpc-kernels group init {tree.root}' (it repairs "
+                                    "the modes of their files); files of other users: their owners, with chmod."))
+            continue
+        jupyter = os.path.normpath(tree.prefix / "share" / "jupyter")
+        loaded = jupyter in {os.path.normpath(p) for p in ctx.environ.get("JUPYTER_PATH", "").split(":") if p}
+        mode = "members may write" if tree.members_write else f"maintained by {tree.maintainer}"
+        if loaded:
+            findings.append(Finding("group", OK, f"{what} ({mode}): you are in the group, it is readable by the "
+                                    f"group, and its module is loaded."))
+        else:
+            used = os.path.normpath(tree.modulefiles) in {os.path.normpath(p) for p in
+                                                          ctx.environ.get("MODULEPATH", "").split(":") if p}
+            command = f"module load {tree.module_name}"
+            findings.append(Finding("group", WARN, f"{what} ({mode}): its kernels are not on Jupyter's search path "
+                                    "here (its module is not loaded).",
+                                    command if used else f"module use {tree.modulefiles} && {command} (and the "
+                                    "'module use' line in ~/.bashrc, for JupyterHub's Software Modules panel)."))
+    return findings
+
+
+#: A tree with more entries than this is not searched to the end by ``doctor`` (a big venv inside it).
+_CLOSED_SCAN_LIMIT = 50000
+
+
+def _closed_entries(tree: Any) -> list[Path]:
+    """Entries of the tree the group cannot read (directories: enter); world-writable ones too."""
+    import stat
+
+    closed: list[Path] = []
+    seen = 0
+    for directory, dirs, files in os.walk(tree.root):
+        for name in [*dirs, *files]:
+            seen += 1
+            path = Path(directory) / name
+            try:
+                st = os.lstat(path)
+            except OSError:
+                continue
+            if stat.S_ISLNK(st.st_mode):
+                continue
+            need = 0o050 if stat.S_ISDIR(st.st_mode) else 0o040
+            if st.st_mode & 0o002 or (st.st_gid == tree.gid and st.st_mode & need != need) or \
+                    (st.st_gid != tree.gid and st.st_mode & (need >> 3) != need >> 3):
+                closed.append(path)
+        if seen > _CLOSED_SCAN_LIMIT:
+            break
+    return closed
+
+
 def _under(path: Path, root: Path) -> bool:
     try:
         path.resolve().relative_to(root.resolve())
@@ -535,7 +655,18 @@ def check_installed(name: str, kdir: Path, entry: KernelEntry | None, ctx: Conte
                         "a list of strings (the launcher's command line).", f"hpc-kernels install {name}", name)]
     argv: list[str] = raw_argv
     python = argv[0]
-    if not (python and os.path.isfile(python) and os.access(python, os.X_OK)):
+    from hpc_kernels import group
+
+    closed = [why for why in (group.explain_unreadable(Path(python), os.X_OK) if python else None,
+                              *(group.explain_unreadable(Path(a)) for a in _launcher_prefix(argv)[1:]
+                                if os.path.isabs(a))) if why]
+    if closed:
+        findings.append(Finding("launcher", FAIL, f"kernelspec {kdir} starts hpc-kernels' launcher "
+                                f"({' '.join(_launcher_prefix(argv))}), which you cannot run: {closed[0]}",
+                                "the maintainer should install hpc-kernels where the group can read it (a venv in "
+                                "the group tree, then 'hpc-kernels group init' on the tree and 'hpc-kernels install' "
+                                "again).", name))
+    elif not (python and os.path.isfile(python) and os.access(python, os.X_OK)):
         findings.append(Finding("launcher", FAIL,
                                 f"kernelspec {kdir} starts '{python}', which does not exist any more "
                                 "(was the virtualenv that installed it removed?).",
@@ -560,7 +691,7 @@ def check_installed(name: str, kdir: Path, entry: KernelEntry | None, ctx: Conte
             findings.append(Finding("launcher", OK, f"launcher {' '.join(_launcher_prefix(argv))} starts.",
                                     kernel=name))
     if spec.runtime == "apptainer" and not os.path.exists(spec.image) and (
-            entry is None or spec.image != str(entry.image)):
+            entry is None or spec.image != str(entry.image)) and group.explain_unreadable(Path(spec.image)) is None:
         findings.append(Finding("launcher", FAIL,
                                 f"kernelspec {kdir} points at the image {spec.image}, which does not exist.",
                                 f"'hpc-kernels install {name}' again (the registry's image path changed), or "
@@ -635,6 +766,8 @@ def run_checks(registry: Registry | None, names: list[str] | None = None, ctx: C
     findings.append(check_login_node(ctx))
     findings += check_environment(ctx)
     findings += check_state_dirs()
+    if registry is not None:
+        findings += check_group(registry, ctx)
     installed = kernelspec.installed_ours()
     for entry in entries:
         findings += kernel_findings(entry, apptainer_bin, installed.get(entry.name), ctx)

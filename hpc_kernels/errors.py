@@ -75,6 +75,15 @@ class LockBusyError(HpcKernelsError):
     """A lock we need is held by another process: another user's (never waited for), or one of ours
     that did not let go within the time allowed; the message names the holder when we can tell."""
 
+    def __init__(self, message: str, holder: str = "") -> None:
+        self.holder = holder  # "pid 123 of user bob on cn12, since 14:02:11", when known
+        super().__init__(message)
+
+
+class NoWriteAccessError(HpcKernelsError):
+    """Refusing, before anything is written, to change a directory the user cannot write (a group's
+    install in /project maintained by someone else); the message says who can."""
+
 
 class NotOursError(HpcKernelsError):
     """Refusing to overwrite or remove a file hpc-kernels did not write."""

@@ -19,7 +19,7 @@ from typing import Any
 
 from hpc_kernels import __version__, procfs
 from hpc_kernels.errors import HpcKernelsError, NotOursError
-from hpc_kernels.fsutil import remove_tree
+from hpc_kernels.fsutil import Share, make_dirs, remove_tree, share_for
 from hpc_kernels.launchspec import MARKER, LaunchSpec
 from hpc_kernels.registry import KernelEntry
 
@@ -140,7 +140,7 @@ def half_written(kernel_dir: Path) -> bool:
     file names, logos that are (a start of) our own, and a kernel.json that is empty or cut-off
     JSON naming hpc_kernels: there is nothing of the user's in it to lose.
     """
-    if is_ours(kernel_dir) or not kernel_dir.is_dir() or kernel_dir.is_symlink():
+    if is_ours(kernel_dir) or not os.path.isdir(kernel_dir) or kernel_dir.is_symlink():
         return False
     from importlib.resources import files
 
@@ -169,22 +169,32 @@ def install(entry: KernelEntry, target: Target, registry: Path | None = None) ->
     renamed into it, so Jupyter never sees a half-written one, whatever fails (a full disk, a quota)."""
     kdir = target.kernels_dir()
     dest = kdir / entry.name
-    if dest.exists() and not (is_ours(dest) or half_written(dest)):
+    from hpc_kernels import group
+
+    group.ensure_writable(kdir, f"install the kernelspec '{entry.name}' in {kdir}",
+                          _own_copy_hint(target, "install"))
+    _refuse_unreadable(dest, "replace")
+    if os.path.lexists(dest) and not (is_ours(dest) or half_written(dest)):
         raise NotOursError(
             f"a kernelspec named '{entry.name}' already exists at {dest} and was not written by "
             "hpc-kernels; remove it yourself or rename the kernel in the registry."
         )
     data = kernel_json(entry, dest / "kernel.json", registry)
     try:
-        kdir.mkdir(parents=True, exist_ok=True)
+        # In a group directory (setgid /project): the group's modes, whatever the umask (fsutil.Share).
+        share = share_for(kdir)
+        make_dirs(kdir, share)
         remove_leftovers(kdir, entry.name)
         staging = _temporary_name(kdir, STAGING_PREFIX, entry.name)
         staging.mkdir()
         try:
+            if share is not None:
+                share.own(staging)
+                os.chmod(staging, share.dir_mode())
             # kernel.json under another name until the directory is complete: Jupyter lists any
             # directory with a kernel.json, even ours in the making.
-            _write_new(staging / "kernel.json.part", (json.dumps(data, indent=1) + "\n").encode())
-            _copy_logos(staging)
+            _write_new(staging / "kernel.json.part", (json.dumps(data, indent=1) + "\n").encode(), share)
+            _copy_logos(staging, share)
             os.replace(staging / "kernel.json.part", staging / "kernel.json")
         except BaseException:
             _discard(staging)
@@ -221,16 +231,37 @@ def _temporary_name(kdir: Path, prefix: str, name: str) -> Path:
     return kdir / f"{prefix}{name}@{paths.hostname()}.{os.getpid()}.{secrets.token_hex(4)}"
 
 
-def _write_new(path: Path, data: bytes) -> None:
-    """Create ``path`` with ``data``, flushed to disk (a full disk fails here, not later)."""
+def _write_new(path: Path, data: bytes, share: Share | None = None) -> None:
+    """Create ``path`` with ``data``, flushed to disk (a full disk fails here, not later); in a group
+    directory with the group's mode (``share``), elsewhere as the umask says."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
+        if share is not None:
+            os.fchmod(fd, share.file_mode(0o644))
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]
         os.fsync(fd)
     finally:
         os.close(fd)
+    if share is not None:
+        share.own(path)
+
+
+def _own_copy_hint(target: Target, verb: str) -> str:
+    return "" if target.user else f"pass --user to {verb} your own copy"
+
+
+def _refuse_unreadable(dest: Path, verb: str) -> None:
+    """A kernelspec this user cannot read is not "someone else's": say what stops them instead."""
+    from hpc_kernels import group
+
+    if not os.path.lexists(dest):
+        return
+    why = group.explain_unreadable(dest / "kernel.json") if os.path.lexists(dest / "kernel.json") or \
+        not os.access(dest, os.R_OK | os.X_OK) else None
+    if why:
+        raise HpcKernelsError(f"cannot {verb} the kernelspec {dest}: {why}")
 
 
 def _swap_in(staging: Path, dest: Path) -> None:
@@ -240,7 +271,7 @@ def _swap_in(staging: Path, dest: Path) -> None:
     another user wrote in a shared prefix), everything is put back as it was and the error names the
     file in ``dest``: no copy is left where Jupyter would list it under a temporary name.
     """
-    if not dest.exists() and not dest.is_symlink():
+    if not os.path.lexists(dest):
         os.rename(staging, dest)
         return
     retired = _temporary_name(dest.parent, RETIRED_PREFIX, dest.name)
@@ -301,13 +332,13 @@ def remove_leftovers(kdir: Path, name: str) -> list[Path]:
     return removed
 
 
-def _copy_logos(dest: Path) -> None:
+def _copy_logos(dest: Path, share: Share | None = None) -> None:
     """Put our logo files (package data in ``hpc_kernels/resources``) into ``dest``."""
     from importlib.resources import files
 
     resources = files("hpc_kernels").joinpath("resources")
     for name in LOGO_FILES:
-        _write_new(dest / name, resources.joinpath(name).read_bytes())
+        _write_new(dest / name, resources.joinpath(name).read_bytes(), share)
 
 
 def uninstall(name: str, target: Target) -> Path:
@@ -315,9 +346,14 @@ def uninstall(name: str, target: Target) -> Path:
     its leftover temporaries); refuse one we did not write."""
     kdir = target.kernels_dir()
     dest = kdir / name
-    if kdir.is_dir():
+    if os.path.lexists(dest):
+        from hpc_kernels import group
+
+        group.ensure_writable(kdir, f"remove the kernelspec '{name}' from {kdir}", _own_copy_hint(target, "remove"))
+        _refuse_unreadable(dest, "remove")
+    if kdir.is_dir() and os.access(kdir, os.W_OK | os.X_OK):
         remove_leftovers(kdir, name)
-    if not dest.exists():
+    if not os.path.lexists(dest):
         elsewhere = [p for p in copies(name) if is_ours(p)]
         hint = ""
         if elsewhere:
@@ -357,9 +393,11 @@ def installed_ours_all() -> dict[str, list[Path]]:
     """
     found: dict[str, list[Path]] = {}
     for kdir in unique_search_dirs():
-        if not kdir.is_dir():
+        try:
+            children = sorted(kdir.iterdir())
+        except OSError:  # missing, or a directory this user cannot read
             continue
-        for child in sorted(kdir.iterdir()):
+        for child in children:
             if is_ours(child):
                 found.setdefault(child.name, []).append(child)
     return found
@@ -372,7 +410,19 @@ def installed_ours() -> dict[str, Path]:
 
 def copies(name: str) -> list[Path]:
     """Every kernelspec directory named ``name`` that Jupyter can see (ours or not), the one it uses first."""
-    return [kdir / name for kdir in unique_search_dirs() if (kdir / name / "kernel.json").is_file()]
+    return [kdir / name for kdir in unique_search_dirs() if os.path.isfile(kdir / name / "kernel.json")]
+
+
+def unreadable(name: str) -> list[Path]:
+    """Kernelspec directories named ``name`` on Jupyter's search path that this user cannot read (so
+    Jupyter does not list them): a group's kernelspec written with a restrictive umask, say."""
+    found = []
+    for kdir in unique_search_dirs():
+        spec = kdir / name
+        if os.path.lexists(spec) and not os.path.isfile(spec / "kernel.json") and (
+                not os.access(spec, os.R_OK | os.X_OK) or os.path.lexists(spec / "kernel.json")):
+            found.append(spec)
+    return found
 
 
 @dataclass(frozen=True)
@@ -397,7 +447,7 @@ def placements(names: Iterable[str], target: Target) -> dict[str, Placement]:
         for kdir, is_target in dirs:
             if is_target:
                 on_path = True
-            elif (kdir / name / "kernel.json").is_file():
+            elif os.path.isfile(kdir / name / "kernel.json"):
                 (behind if on_path else ahead).append(kdir / name)
         found[name] = Placement(on_path, tuple(ahead), tuple(behind))
     return found
@@ -427,7 +477,7 @@ def command(verb: str, name: str, spec_dir: Path) -> str | None:
 def visible(name: str) -> Path | None:
     """The kernelspec directory Jupyter would use for ``name`` (ours or not)."""
     for kdir in search_dirs():
-        if (kdir / name / "kernel.json").is_file():
+        if os.path.isfile(kdir / name / "kernel.json"):
             return kdir / name
     return None
 

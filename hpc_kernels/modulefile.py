@@ -33,6 +33,8 @@ from hpc_kernels.errors import HpcKernelsError, NotOursError, UsageError
 from hpc_kernels.fsutil import atomic_write
 
 DEFAULT_NAME = "container-kernels"
+#: The default name of a member's own module over the group's (which is ``container-kernels``).
+LAYERED_NAME = "my-kernels"
 DEFAULT_APPTAINER_MODULE = "apptainer"
 PATH_STYLES = ("auto", "relative", "absolute")
 TEMPLATE = "container-kernels.lua.tmpl"
@@ -84,6 +86,10 @@ class ModuleConfig:
     version: str = __version__
     apptainer_module: str | None = DEFAULT_APPTAINER_MODULE
     path_style: str = "auto"
+    #: A member's own module over their group's (their registry ``extends`` the group's): the group's
+    #: module, loaded first (``depends_on``), and the modulefile tree it lives in.
+    over_module: str | None = None
+    over_tree: Path | None = None
 
     def __post_init__(self) -> None:
         if not _NAME_RE.match(self.name):
@@ -97,8 +103,13 @@ class ModuleConfig:
             raise UsageError(f"path style must be one of {', '.join(PATH_STYLES)}, not '{self.path_style}'.")
         # Lmod writes these paths into the shell code it hands `module load`: a line break there
         # breaks that code (PATH replaced); ':' would split one PATH entry into two.
+        if self.over_module is not None and not _MODULE_RE.match(self.over_module):
+            raise UsageError(f"the group's module name '{self.over_module}' is not a module name.")
+        if self.over_module is not None and self.over_module == self.name:
+            raise UsageError(f"your module would have the name of your group's, '{self.name}', and Lmod loads only "
+                             "one module of a name: give yours another with --name (e.g. --name my-kernels).")
         named = {"--dir": self.tree, "--prefix": self.prefix, "the hpc-kernels program": self.program,
-                 "--registry": self.registry}
+                 "--registry": self.registry, "the group's module tree": self.over_tree}
         for what, path in named.items():
             found = None if path is None else templates.control_character(str(path))
             if found is not None:
@@ -167,6 +178,7 @@ class ModulePlan:
             "program": str(cfg.program),
             "registry": str(cfg.registry) if cfg.registry else None,
             "apptainer_module": cfg.apptainer_module,
+            "over_module": cfg.over_module,
             "relative_paths": any_relative(cfg, self.relative),
             "use": f"module use {cfg.tree} && module load {cfg.name}",
             "files": [f.to_json() for f in self.files],
@@ -294,6 +306,17 @@ def _apptainer_block(config: ModuleConfig) -> templates.Block:
     ).rstrip("\n"))
 
 
+def _group_block(config: ModuleConfig) -> templates.Block:
+    if config.over_module is None:
+        return templates.Block("")
+    use = (f"prepend_path(\"MODULEPATH\", {lua_string(os.path.normpath(config.over_tree))})\n"
+           if config.over_tree is not None else "")
+    return templates.Block(
+        "-- Your registry extends your group's: its module first, then yours prepended before it on\n"
+        "-- JUPYTER_PATH, so that a kernel of yours with the name of one of the group's wins.\n"
+        f"{use}depends_on({lua_string(config.over_module)})\n\n")
+
+
 def render_modulefile(config: ModuleConfig, relative: bool) -> str:
     """The Lua text of ``<name>/<version>.lua``."""
     registry = (
@@ -315,6 +338,7 @@ def render_modulefile(config: ModuleConfig, relative: bool) -> str:
         ),
         root_block=_root_block(config, relative),
         apptainer_block=_apptainer_block(config),
+        group_block=_group_block(config),
         jupyter_path=lua_path(config.jupyter_path, config, relative),
         bin_dir=lua_path(config.bin_dir, config, relative),
         registry_block=registry,
@@ -369,6 +393,10 @@ def _refuse_foreign(files: tuple[PlannedFile, ...], verb: str) -> None:
 
 def write(module_plan: ModulePlan) -> list[Path]:
     """Write every planned file atomically; refuse (before writing anything) to replace a file not ours."""
+    from hpc_kernels import group
+
+    for f in module_plan.files:  # a member of a group tree they may not write: refused before anything
+        group.ensure_writable(f.path.parent, f"write the {f.kind} {f.path}")
     # Look again now rather than trusting the plan: a file may have appeared since it was made.
     _refuse_foreign(tuple(_planned(f.path, f.kind, f.text, f.mode) for f in module_plan.files), "overwrite")
     for f in module_plan.files:
@@ -378,7 +406,12 @@ def write(module_plan: ModulePlan) -> list[Path]:
 
 def remove(config: ModuleConfig) -> list[Path]:
     """Remove the modulefile and the wrapper we wrote; refuse files we did not write."""
+    from hpc_kernels import group
+
     files = plan(config).files
+    for f in files:
+        if f.exists:
+            group.ensure_writable(f.path.parent, f"remove the {f.kind} {f.path}")
     _refuse_foreign(files, "remove")
     removed = []
     for f in files:

@@ -121,6 +121,11 @@ def check(path: Path, text: str | None = None) -> list[Stage]:
     if text is None:
         try:
             text = path.read_text(encoding="utf-8", errors="replace")
+        except PermissionError as exc:  # a group's recipe: say who can fix it
+            from hpc_kernels.group import explain_unreadable
+
+            why = explain_unreadable(path)
+            raise RecipeError(f"cannot read the recipe {path}: {why or f'{exc.strerror}.'}") from None
         except OSError as exc:
             raise RecipeError(f"cannot read the recipe {path}: {exc.strerror}.") from None
     try:

@@ -63,6 +63,7 @@ class KernelEntry:
     container_image: str | None
     line: int
     slurm: SlurmDefaults = UNSET  # kernel's `slurm:` over `defaults: slurm:` (build --slurm)
+    origin: Path | None = None  # the registry file that defines it (another one than yours: `extends`)
 
     @property
     def env_dict(self) -> dict[str, str]:
@@ -77,6 +78,18 @@ class Registry:
     path: Path
     source: str
     kernels: tuple[KernelEntry, ...] = field(default=())
+    #: The registry this one extends (``extends:``, a group's): its kernels are here too, except those
+    #: this one defines itself (``overridden``: yours win).
+    base: Registry | None = None
+    overridden: tuple[str, ...] = ()
+
+    def own(self) -> list[KernelEntry]:
+        """The kernels this registry file defines itself (not those of the registry it extends)."""
+        return [e for e in self.kernels if e.origin in (None, self.path)]
+
+    def origin(self, entry: KernelEntry) -> Path:
+        """The registry file that defines ``entry``."""
+        return entry.origin or self.path
 
     def get(self, name: str) -> KernelEntry:
         """The kernel called ``name``; :class:`UnknownKernelError` names the known ones."""
@@ -87,9 +100,10 @@ class Registry:
         raise UnknownKernelError(f"no kernel named '{name}' in {self.path} (known: {known}).")
 
     def select(self, names: list[str], all_: bool) -> list[KernelEntry]:
-        """The entries named (in the order given), or all of them with ``all_``."""
+        """The entries named (in the order given), or with ``all_`` every kernel this file defines: those of
+        a registry it extends (the group's) are built and installed by that registry's maintainers."""
         if all_:
-            return list(self.kernels)
+            return self.own()
         return [self.get(n) for n in names]
 
 
@@ -188,14 +202,20 @@ def _parse(text: str) -> Any:
         return yaml.load(text, Loader=_PyLoader)
 
 
-def load_file(path: Path, source: str = "--registry") -> Registry:
-    """Parse and validate one registry file; raise :class:`RegistryError` with every problem."""
+def load_file(path: Path, source: str = "--registry", _chain: tuple[Path, ...] = ()) -> Registry:
+    """Parse and validate one registry file (and the one it ``extends``); raise :class:`RegistryError`
+    with every problem."""
     try:
         data = path.read_bytes()
     except FileNotFoundError:
         raise RegistryError([f"{path}: registry file not found (found via {source})."]) from None
     except IsADirectoryError:
         raise RegistryError([f"{path}: is a directory, not a registry file (found via {source})."]) from None
+    except PermissionError as exc:
+        from hpc_kernels.group import explain_unreadable
+
+        why = explain_unreadable(path) or exc.strerror
+        raise RegistryError([f"{path}: cannot read the registry (found via {source}): {why}"]) from None
     except OSError as exc:
         raise RegistryError([f"{path}: cannot read the registry: {exc.strerror}."]) from None
     text = decode_text(path, data, "a YAML registry")
@@ -212,7 +232,23 @@ def load_file(path: Path, source: str = "--registry") -> Registry:
                              "is this really the registry, a text file?"]) from None
     except yaml.YAMLError as exc:
         raise RegistryError([f"{path}: not valid YAML: {exc}."]) from None
-    return _Validator(path, source).registry(doc)
+    validator = _Validator(path, source)
+    reg = validator.registry(doc)
+    if validator.extends is None:
+        return reg
+    return _extend(reg, validator.extends, validator.extends_line, (*_chain, path))
+
+
+def _extend(reg: Registry, base_path: Path, line: int, chain: tuple[Path, ...]) -> Registry:
+    """``reg`` with the kernels of the registry it extends (a group's), its own names winning."""
+    if os.path.realpath(base_path) in {os.path.realpath(p) for p in chain}:
+        raise RegistryError([f"{reg.path}:{line}: 'extends: {base_path}' makes a loop "
+                             f"({' -> '.join(str(p) for p in (*chain, base_path))})."])
+    base = load_file(base_path, f"'extends' at {reg.path}:{line}", chain)
+    names = {e.name for e in reg.kernels}
+    overridden = tuple(e.name for e in base.kernels if e.name in names)
+    merged = reg.kernels + tuple(e for e in base.kernels if e.name not in names)
+    return Registry(reg.path, reg.source, merged, base=base, overridden=overridden)
 
 
 def decode_text(path: Path, data: bytes, what: str) -> str:
@@ -233,7 +269,7 @@ def decode_text(path: Path, data: bytes, what: str) -> str:
         ) from None
 
 
-_TOP_KEYS = {"defaults", "kernels"}
+_TOP_KEYS = {"defaults", "kernels", "extends"}
 # Keys allowed both under `defaults:` and in each kernel.
 _SHARED_KEYS = {
     "runtime", "mode", "binds", "env", "pass_env", "gpu", "interrupt_mode", "runtime_args",
@@ -249,6 +285,8 @@ class _Validator:
         self.source = source
         self.base = path.parent
         self.problems: list[str] = []
+        self.extends: Path | None = None
+        self.extends_line = 0
 
     def err(self, line: int, text: str) -> None:
         self.problems.append(f"{self.path}:{line}: {text}")
@@ -265,7 +303,15 @@ class _Validator:
         for key in doc:
             if key not in _TOP_KEYS:
                 self.err(doc.lines.get(str(key), doc.line),
-                         f"unknown top-level key '{key}' (expected: defaults, kernels).")
+                         f"unknown top-level key '{key}' (expected: defaults, kernels, extends).")
+        if "extends" in doc:
+            value = doc["extends"]
+            self.extends_line = doc.lines.get("extends", 1)
+            if isinstance(value, str) and value.strip():
+                self.extends = self._path(value)
+            else:
+                self.err(self.extends_line, "'extends' must be the path of another registry (a group's "
+                         f"kernels.yaml), not {describe_value(value)}.")
         defaults = doc.get("defaults") or _empty()
         if not isinstance(defaults, _Map):
             self.err(doc.lines.get("defaults", 1), "'defaults' must be a mapping.")
@@ -434,6 +480,7 @@ class _Validator:
             container_image=container_image,
             line=line,
             slurm=slurm,
+            origin=self.path,
         )
 
     def _slurm(self, name: str, body: _Map, defaults: _Map) -> SlurmDefaults:

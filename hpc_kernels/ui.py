@@ -99,15 +99,19 @@ def selected(registry: Any, args: Any) -> list[Any]:
         raise UsageError("name at least one kernel, or pass --all.")
     if args.names and args.all:
         raise UsageError("give kernel names or --all, not both.")
-    if args.all and not registry.kernels:
+    chosen = list(registry.select(args.names, args.all))
+    if args.all and not chosen:
         plain_note(no_kernels_note(registry))
-    return list(registry.select(args.names, args.all))
+    return chosen
 
 
 def no_kernels_note(registry: Any) -> str:
-    """What to say about a registry with no kernels: which file, and how to add one."""
+    """What to say about a registry with no kernels (of its own): which file, and how to add one."""
+    extended = getattr(registry, "base", None)
+    theirs = (f"; --all acts on your own kernels only: those of {tilde(extended.path)}, which it extends, are "
+              "its maintainers' (name one to act on it)") if extended is not None and registry.kernels else ""
     return (f"no kernels in {tilde(registry.path)}: add one under 'kernels:' (a name, and a 'def' recipe or "
-            "an 'image'; see docs/registry.md).")
+            f"an 'image'; see docs/registry.md){theirs}.")
 
 
 # ----------------------------------------------------------------------------- listings

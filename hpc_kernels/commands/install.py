@@ -10,7 +10,9 @@ from hpc_kernels import ui
 if TYPE_CHECKING:
     from pathlib import Path
 
+    from hpc_kernels.group import GroupTree
     from hpc_kernels.kernelspec import Placement, Target
+    from hpc_kernels.registry import Registry
 
 HELP = "install Jupyter kernelspecs so the kernels appear in the JupyterLab kernel menu"
 
@@ -18,7 +20,8 @@ HELP = "install Jupyter kernelspecs so the kernels appear in the JupyterLab kern
 def add_target(parser: argparse.ArgumentParser) -> None:
     """``--user`` (default), ``--prefix DIR`` or ``--sys-prefix``."""
     where = parser.add_mutually_exclusive_group()
-    where.add_argument("--user", action="store_true", help="the user's Jupyter data dir (default)")
+    where.add_argument("--user", action="store_true",
+                       help="the user's Jupyter data dir (default; with the registry of a group tree: the tree)")
     where.add_argument("--prefix", metavar="DIR", help="DIR/share/jupyter/kernels (e.g. for a module tree)")
     where.add_argument("--sys-prefix", action="store_true", help="this Python environment's share/jupyter/kernels")
 
@@ -38,20 +41,23 @@ def run(args: argparse.Namespace) -> int:
     is written: one kernel name, one copy the user can see. With ``--user``/``--prefix``/``--sys-prefix``
     the copy is written and the output says which copy Jupyter uses.
     """
-    from hpc_kernels import build, kernelspec, registry
+    from hpc_kernels import build, group, kernelspec, registry
 
     reg = registry.load(args.registry)
     entries = ui.selected(reg, args)
-    target = kernelspec.Target.from_flags(args.prefix, args.sys_prefix)
     explicit = bool(args.user or args.prefix or args.sys_prefix)
+    tree = group.tree_of_registry(reg.path)
+    # The registry of a group tree publishes into the tree (kernelspecs and module), for every member.
+    target = kernelspec.Target.from_flags(str(tree.prefix) if tree and not explicit else args.prefix,
+                                          args.sys_prefix)
     places = kernelspec.placements([entry.name for entry in entries], target)
     if not explicit:
         for entry in entries:
             if places[entry.name].ahead:
-                raise _hidden_error(entry.name, places[entry.name].ahead[0], target)
+                raise _hidden_error(entry.name, places[entry.name].ahead[0], target, reg)
     done = []
     for entry in entries:
-        path = kernelspec.install(entry, target, reg.path)
+        path = kernelspec.install(entry, target, reg.origin(entry))
         state = build.image_state(entry).status
         image = str(entry.image) if entry.runtime == "apptainer" else str(entry.container_image)
         done.append({"kernel": entry.name, "kernelspec": str(path), "image": image, "image_state": state})
@@ -70,19 +76,55 @@ def run(args: argparse.Namespace) -> int:
                 ui.say(f"'{entry.runtime}' is not installed here: the kernel needs it to start",
                        "note:", "yellow", indent="  ")
             _say_placement(entry.name, path, places[entry.name])
+    published = _publish_module(tree, target, reg.path) if tree and done else None
     if args.json:
         ui.print_json(done)
     elif done:
+        if published is not None and tree is not None:
+            ui.say(f"the module of the group {tree.group}: {published}", "✓", "green")
+            ui.say(f"members: module use {tree.modulefiles} && module load {tree.module_name}", indent="  ")
         ui.say("Restart your JupyterLab session (or reload the page) to see new kernels in the menu.")
     return 0
 
 
-def _hidden_error(name: str, first: Path, target: Target) -> Exception:
+def _publish_module(tree: GroupTree, target: Target, registry: Path) -> Path | None:
+    """After installing into a group tree's prefix: (re)write the tree's module, so that one command
+    (``build --then-install``) publishes everything members load. Returns the modulefile (None when
+    the kernelspecs went elsewhere)."""
+    import os
+
+    from hpc_kernels import group, modulefile
+
+    if target.prefix is None or os.path.realpath(target.prefix) != os.path.realpath(tree.prefix):
+        return None
+    group.publish_inputs([registry])  # members' hpc-kernels read it (HPC_KERNELS_REGISTRY of the module)
+    config = modulefile.ModuleConfig(tree=tree.modulefiles, prefix=tree.prefix, program=modulefile.current_program(),
+                                     registry=registry, name=tree.module_name)
+    plan = modulefile.plan(config)
+    if any(not f.exists or _differs(f.path, f.text) for f in plan.files):
+        modulefile.write(plan)
+    return config.modulefile
+
+
+def _differs(path: Path, text: str) -> bool:
+    try:
+        return path.read_text(encoding="utf-8") != text
+    except OSError:
+        return True
+
+
+def _hidden_error(name: str, first: Path, target: Target, reg: Registry | None = None) -> Exception:
     """Refusing a copy Jupyter would not use: which copy it uses instead, and the two ways on."""
     from hpc_kernels import kernelspec
     from hpc_kernels.errors import HpcKernelsError
 
     where = target.kernels_dir()
+    if reg is not None and name in reg.overridden and reg.base is not None:
+        return HpcKernelsError(
+            f"your kernel '{name}' overrides the one of {reg.base.path}, whose kernelspec ({first}) comes first "
+            "on Jupyter's search path (the group's module); to put yours first, publish your kernels as a module "
+            "that loads the group's before them: 'hpc-kernels module install --all', then 'module load "
+            "my-kernels' (or pass --user to install the hidden copy anyway).")
     if not kernelspec.is_ours(first):
         return HpcKernelsError(
             f"a kernelspec '{name}' in {where} would be hidden: Jupyter uses the '{name}' in {first}, which "

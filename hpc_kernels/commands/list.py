@@ -9,7 +9,8 @@ HELP = "list the registry's kernels: mode, image state (built/stale/missing), in
 
 #: Colours of the image states in a terminal.
 COLOURS = {"built": "green", "stale": "yellow", "missing": "red", "foreign": "yellow", "external": "green",
-           "external-missing": "red", "no-runtime": "red", "damaged": "red"}
+           "external-missing": "red", "no-runtime": "red", "damaged": "red", "unreadable": "red",
+           "unchecked": "yellow"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,30 +27,50 @@ def run(args: argparse.Namespace) -> int:
     rows: list[dict[str, object]] = []
     cells: list[list[ui.CellLike]] = []
     notes: list[str] = []
+    base = reg.base
+    theirs = _base_label(base.path) if base is not None else ""
     for entry in reg.kernels:
         state = build.image_state(entry).status
         image = str(entry.image) if entry.runtime == "apptainer" else entry.container_image
         copies = installed.get(entry.name, [])
+        overrides = str(base.path) if base is not None and entry.name in reg.overridden else None
         rows.append({
             "kernel": entry.name, "display_name": entry.display_name, "runtime": entry.runtime,
             "mode": entry.mode, "image": image, "image_state": state,
             "installed": str(copies[0]) if copies else None, "shadowed": [str(p) for p in copies[1:]],
+            "registry": str(reg.origin(entry)), "overrides": overrides,
         })
-        cells.append([entry.name, f"{entry.runtime}/{entry.mode}", ui.tilde(image) if image else "—",
+        row: list[ui.CellLike] = [entry.name]
+        if base is not None:  # a registry that extends another (a group's): whose is each kernel
+            mine = reg.origin(entry) == reg.path
+            row.append(ui.Cell(f"yours, over {theirs}" if overrides else "yours" if mine else theirs,
+                               "cyan" if mine else ""))
+        cells.append([*row, f"{entry.runtime}/{entry.mode}", ui.tilde(image) if image else "—",
                       ui.Cell(state, COLOURS.get(state, "")), ui.tilde(copies[0]) if copies else "—"])
         notes += [_hidden_note(entry.name, copies[0], hidden) for hidden in copies[1:]]
+    if base is not None and reg.overridden and not args.json:
+        notes.append(f"{', '.join(reg.overridden)}: yours, from {ui.tilde(reg.path)}, instead of {theirs}'s "
+                     f"in {ui.tilde(base.path)} (a kernel of your registry wins over one of the same name there).")
     if args.json:
         ui.print_json({"registry": str(reg.path), "found_via": reg.source, "kernels": rows})
         return 0
     if not rows:
         ui.plain_note(ui.no_kernels_note(reg))
         return 0
-    columns = (ui.Column("kernel"), ui.Column("runtime/mode"), ui.Column("image", long=True),
-               ui.Column("state"), ui.Column("installed", long=True))
-    ui.print_rows(columns, cells, title=f"{ui.tilde(reg.path)} (found via {reg.source})")
+    columns = (ui.Column("kernel"), *((ui.Column("from"),) if base is not None else ()), ui.Column("runtime/mode"),
+               ui.Column("image", long=True), ui.Column("state"), ui.Column("installed", long=True))
+    extends = f", extending {ui.tilde(base.path)}" if base is not None else ""
+    ui.print_rows(columns, cells, title=f"{ui.tilde(reg.path)} (found via {reg.source}{extends})")
     for text in notes:
         ui.plain_note(text)
     return 0
+
+
+def _base_label(path: Path) -> str:
+    """How ``list`` names the registry another one extends: "the group" for a group tree's."""
+    from hpc_kernels import group
+
+    return "the group" if group.tree_of_registry(path) is not None else "the base"
 
 
 def _hidden_note(name: str, used: Path, hidden: Path) -> str:

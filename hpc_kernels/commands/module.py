@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from hpc_kernels.group import GroupTree
     from hpc_kernels.modulefile import ModuleConfig
 
 HELP = "write an Lmod modulefile ('module load container-kernels') that lists our kernels in Jupyter"
@@ -42,7 +43,8 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefix", metavar="PREFIX",
                         help="the Jupyter prefix whose share/jupyter goes on JUPYTER_PATH, as given to "
                              "'hpc-kernels install --prefix' (default: ~/.local/share/hpc-kernels/prefix)")
-    parser.add_argument("--name", default=modulefile.DEFAULT_NAME, help="module name (default: %(default)s)")
+    parser.add_argument("--name", help=f"module name (default: {modulefile.DEFAULT_NAME}; over a group's module: "
+                                       f"{modulefile.LAYERED_NAME})")
     parser.add_argument("--module-version", metavar="VERSION",
                         help="module version (default: hpc-kernels' own)")
     dep = parser.add_mutually_exclusive_group()
@@ -75,19 +77,52 @@ def _registry_path(explicit: str | None) -> Path | None:
 
 
 def config_from_args(args: argparse.Namespace) -> ModuleConfig:
-    """The module configuration the flags describe."""
-    from hpc_kernels import __version__, modulefile
+    """The module configuration the flags describe.
 
+    With the registry of a group tree (``hpc-kernels group init``), the tree's own places are the defaults.
+    With a registry that extends a group's, the module loads the group's module first and puts its own
+    kernels before the group's (Lmod's ``depends_on``).
+    """
+    from hpc_kernels import __version__, group, modulefile
+
+    registry = _registry_path(getattr(args, "registry", None))
+    tree = group.tree_of_registry(registry)
+    base = _base_tree(registry) if tree is None else None
+    default_tree = tree.modulefiles if tree else modulefile.default_tree()
+    default_prefix = tree.prefix if tree else modulefile.default_prefix()
+    if tree:
+        default_name = tree.module_name
+    elif base:
+        default_name = modulefile.LAYERED_NAME
+    else:
+        default_name = modulefile.DEFAULT_NAME
     return modulefile.ModuleConfig(
-        tree=_abs(args.dir) if args.dir else modulefile.default_tree(),
-        prefix=_abs(args.prefix) if args.prefix else modulefile.default_prefix(),
+        tree=_abs(args.dir) if args.dir else default_tree,
+        prefix=_abs(args.prefix) if args.prefix else default_prefix,
         program=modulefile.current_program(),
-        registry=_registry_path(getattr(args, "registry", None)),
-        name=args.name,
+        registry=registry,
+        name=args.name or default_name,
         version=args.module_version or __version__,
         apptainer_module=None if args.no_apptainer_module else args.apptainer_module,
         path_style=args.paths,
+        over_module=base.module_name if base else None,
+        over_tree=base.modulefiles if base else None,
     )
+
+
+def _base_tree(registry: Path | None) -> GroupTree | None:
+    """The group tree of the registry that ``registry`` extends, if any."""
+    from hpc_kernels import group
+    from hpc_kernels import registry as registry_module
+    from hpc_kernels.errors import HpcKernelsError
+
+    if registry is None:
+        return None
+    try:
+        base = registry_module.load_file(registry).base
+    except HpcKernelsError:
+        return None  # 'module install NAME' reports the registry's problems when it loads it
+    return group.tree_of_registry(base.path) if base is not None else None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -133,10 +168,11 @@ def _install(config: ModuleConfig, args: argparse.Namespace) -> int:
     if args.names or args.all:
         reg = registry.load(getattr(args, "registry", None))
         target = kernelspec.Target(user=False, prefix=str(config.prefix))
-        if args.all and not reg.kernels:
+        chosen = reg.select(args.names, args.all)
+        if args.all and not chosen:
             ui.plain_note(ui.no_kernels_note(reg))
-        for entry in reg.select(args.names, args.all):
-            kernelspec.install(entry, target, reg.path)
+        for entry in chosen:
+            kernelspec.install(entry, target, reg.origin(entry))
             installed.append(entry.name)
     written = modulefile.write(module_plan)
     kernels = modulefile.our_kernelspecs(config)

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from hpc_kernels.commands.install import add_target
+
+if TYPE_CHECKING:
+    from hpc_kernels.group import GroupTree
 
 HELP = "remove kernelspecs that hpc-kernels installed"
 
@@ -22,6 +26,10 @@ def run(args: argparse.Namespace) -> int:
     from hpc_kernels.errors import UsageError
 
     target = kernelspec.Target.from_flags(args.prefix, args.sys_prefix)
+    if not (args.user or args.prefix or args.sys_prefix):
+        tree = _group_tree(args.registry)
+        if tree is not None:  # the registry of a group tree: its kernelspecs are the tree's
+            target = kernelspec.Target.from_flags(str(tree.prefix), False)
     names = list(args.names)
     kdir = target.kernels_dir()
     if args.all:
@@ -43,3 +51,15 @@ def run(args: argparse.Namespace) -> int:
             ui.say(f"'{name}' is still in Jupyter's kernel menu: it now uses the copy in "
                    f"{ui.tilde(remaining[0])}{how}.", "!", "yellow", indent="  ")
     return 0
+
+
+def _group_tree(explicit: str | None) -> GroupTree | None:
+    """The group tree of the registry in use, if it is a group's (no registry at all is fine here)."""
+    from hpc_kernels import group, registry
+    from hpc_kernels.errors import RegistryError
+
+    try:
+        path, _source = registry.locate(explicit)
+    except RegistryError:
+        return None
+    return group.tree_of_registry(path)
