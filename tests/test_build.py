@@ -149,7 +149,7 @@ def test_concurrent_build_without_wait_reports_busy(entry: registry.KernelEntry)
     queue = ctx.Queue()
     first = ctx.Process(target=_build_in_child, args=(entry, True, queue))
     first.start()
-    lock = entry.image.parent / ".sci.sif.lock"
+    lock = build.lock_path(entry.image)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and not (lock.exists() and lock.read_text().strip()):
         time.sleep(0.05)

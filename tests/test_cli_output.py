@@ -281,11 +281,11 @@ def test_a_build_that_waits_for_another_says_so_when_piped(reg: Path, capsys: py
                                                            monkeypatch: pytest.MonkeyPatch,
                                                            isolated_home: Path) -> None:
     monkeypatch.setattr(build, "default_builder", lambda entry: FakeBuilder())
-    lock = isolated_home / ".local/share/hpc-kernels/images/.sci.sif.lock"
+    lock = build.lock_path(isolated_home / ".local/share/hpc-kernels/images/sci.sif")
     held, release = threading.Event(), threading.Event()
 
     def other_build() -> None:
-        with fsutil.locked(lock):
+        with fsutil.cluster_lock(lock):
             held.set()
             release.wait(10)
 

@@ -218,7 +218,8 @@ def test_registry_settings_reach_the_job_and_wait_timeout_gives_up(
 ) -> None:
     """The registry's slurm: settings are the job's resources; --wait-timeout gives up on a job that is
     still going (here: its build waits for the image lock this test holds), which keeps running."""
-    from hpc_kernels.fsutil import locked
+    from hpc_kernels.build import lock_path
+    from hpc_kernels.fsutil import cluster_lock
 
     reg = make_registry(
         """\
@@ -235,7 +236,7 @@ def test_registry_settings_reach_the_job_and_wait_timeout_gives_up(
     images = reg.parent / "images"
     images.mkdir()
     job = ""
-    with locked(images / ".held.sif.lock"):
+    with cluster_lock(lock_path(images / "held.sif")):
         try:
             done = hpck("build", "held", "--slurm", "--wait-timeout", "3", "--registry", str(reg), timeout=120)
             (record,) = slurm.load_records()
