@@ -244,10 +244,9 @@ def image_state(entry: KernelEntry) -> ImageState:
 
         return docker.image_state(entry)
     if entry.recipe is None:
-        if not os.path.exists(entry.image) and os.path.lexists(entry.image.parent) and not \
-                os.access(entry.image.parent, os.X_OK):
-            return ImageState("unreadable", "", None)
-        if os.path.exists(entry.image) and not os.access(entry.image, os.R_OK):
+        from hpc_kernels import access
+
+        if access.blocker(entry.image) is not None:  # a group's image (or a directory on its way) closed to us
             return ImageState("unreadable", "", None)
         return ImageState("external" if entry.image.exists() else "external-missing", "", None)
     try:

@@ -561,7 +561,11 @@ def check_group(registry: Registry, ctx: Context) -> list[Finding]:
     findings = []
     for tree in trees:
         what = f"the group tree {tree.root} of {tree.group}"
-        if tree.gid >= 0 and not access.in_group(tree.gid) and os.stat(tree.root).st_uid != ctx.uid:
+        try:
+            owner = os.stat(tree.root).st_uid
+        except OSError:
+            owner = -1
+        if tree.gid >= 0 and not access.in_group(tree.gid) and owner != ctx.uid:
             if access.listed_in_group(tree.gid, ctx.user):
                 findings.append(Finding("group", FAIL, f"{what}: you were added to {tree.group} after this "
                                         "session started, so it does not count yet.",

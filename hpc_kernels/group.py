@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import sys
 import time
@@ -30,6 +31,8 @@ from hpc_kernels import __version__
 from hpc_kernels.errors import HpcKernelsError, NoWriteAccessError, UsageError
 
 MARKER = ".hpc-kernels-group.json"
+#: User and module names as the marker may hold them (no white space, quotes or control characters).
+_PLAIN_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+@-]*$")
 FORMAT = 1
 MEMBERS = ("read", "write")
 DEFAULT_MODULE = "container-kernels"
@@ -110,9 +113,13 @@ def _read_marker(root: Path) -> GroupTree:
         if not isinstance(data, dict) or data.get("generator") != "hpc-kernels":
             raise ValueError("not ours")
         st = os.stat(root)
+        maintainer = str(data.get("maintainer") or access.user_name(st.st_uid))
+        module = str(data.get("module") or DEFAULT_MODULE)
+        # Printed in messages and written into modulefiles: plain names only, else what the directory says.
+        if not (_PLAIN_RE.match(maintainer) and _PLAIN_RE.match(module)):
+            raise ValueError("not plain names")
         return GroupTree(root, access.group_name(st.st_gid), st.st_gid, data.get("members") == "write",
-                         str(data.get("maintainer") or access.user_name(st.st_uid)),
-                         str(data.get("module") or DEFAULT_MODULE), float(data.get("created_at") or 0.0))
+                         maintainer, module, float(data.get("created_at") or 0.0))
     except (OSError, ValueError, TypeError):
         return _from_stat(root)
 
@@ -220,6 +227,8 @@ def init(root: Path, group: str | None = None, members: str | None = None,
     previous = find_tree(root) if (root / MARKER).exists() else None
     if members is not None and members not in MEMBERS:
         raise UsageError(f"--members must be one of {', '.join(MEMBERS)}, not {members!r}.")
+    if module_name is not None and not _PLAIN_RE.match(module_name):
+        raise UsageError(f"--module-name {module_name!r} must be letters, digits, '.', '_', '+' or '-'.")
     members_write = (members == "write") if members is not None else bool(previous and previous.members_write)
     gid = _choose_group(root, group)
     gname = access.group_name(gid)

@@ -417,3 +417,32 @@ def test_an_image_this_user_cannot_read_is_unreadable_not_a_traceback(built_entr
         assert build.image_state(built_entry).status == "unchecked"
     finally:
         os.chmod(built_entry.recipe, 0o644)
+
+
+def test_group_init_warns_when_members_cannot_run_this_hpc_kernels(setgid_dir: Path, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Kernelspecs run the Python that installed them: one in the maintainer's 0700 home starts for nobody else."""
+    home = tmp_path / "home"
+    (home / "venv/bin").mkdir(parents=True)
+    python = home / "venv/bin/python"
+    python.write_text("")
+    os.chmod(python, 0o755)
+    os.chmod(home, 0o700)
+    monkeypatch.setattr("sys.executable", str(python))
+    done = group.init(setgid_dir / "kernels")
+    assert len(done.warnings) == 1
+    # (the first closed directory on the way: pytest's own base directory is 0700 too)
+    assert f"cannot reach the Python that runs hpc-kernels ({python}): " in done.warnings[0]
+    assert " is drwx------, so kernelspecs and the module you publish would not start for them" in done.warnings[0]
+    assert f"python3 -m venv {setgid_dir / 'kernels/venv'}" in done.warnings[0]
+
+
+def test_group_marker_values_are_plain_names(setgid_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["group", "init", str(setgid_dir / "k"), "--module-name", "bad name"]) == 2
+    assert "--module-name 'bad name' must be" in capsys.readouterr().err
+    done = group.init(setgid_dir / "k")
+    marker = done.tree.root / group.MARKER
+    data = json.loads(marker.read_text())
+    marker.write_text(json.dumps({**data, "maintainer": "evil\x1b[2J", "module": "x\ny"}))
+    tree = group.find_tree(done.tree.root)
+    assert tree is not None and tree.maintainer == _me() and tree.module_name == "container-kernels"
