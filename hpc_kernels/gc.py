@@ -80,7 +80,11 @@ def runtimes_in_use(registry: str | None = None) -> frozenset[str]:
 
     found: set[str] = set()
     for kdir in kernelspec.search_dirs():
-        for child in sorted(kdir.iterdir()) if kdir.is_dir() else []:
+        try:
+            children = sorted(kdir.iterdir())
+        except OSError:  # missing, or a directory this user may not read (a group's)
+            continue
+        for child in children:
             if kernelspec.is_ours(child):
                 try:
                     found.add(read_kernel_json(str(child / "kernel.json"))[1].runtime)
@@ -118,6 +122,15 @@ def sweep_kernelspecs(dry_run: bool = False) -> list[Finding]:
                                  f"cannot read {kdir / 'kernel.json'}: {exc.strerror or exc}"))
             continue
         if spec.runtime != "apptainer" or os.path.exists(spec.image):
+            continue
+        from pathlib import Path
+
+        from hpc_kernels import access
+
+        if access.blocker(Path(spec.image)) is not None:  # it may well exist: we may not look (a group's)
+            found.append(Finding("kernelspecs", name, "left alone",
+                                 f"cannot tell whether its image {spec.image} exists: a directory on its way is "
+                                 "closed to you"))
             continue
         if not os.access(kdir.parent, os.W_OK):
             found.append(Finding("kernelspecs", name, "left alone",

@@ -59,6 +59,8 @@ kernels:
 """
 RECIPE = "Bootstrap: localimage\nFrom: {base}\n%post\n  echo {tag} > /group-marker\n{extra}"
 READ_MARKER = "print(open('/group-marker').read().strip())"
+#: Build jobs take one CPU: the test bed's compute node has two, which other tests' jobs may share.
+SMALL_JOB = ("--time", "10", "--cpus", "1", "--mem", "1G")
 
 
 # ----------------------------------------------------------------------------- the two users
@@ -552,7 +554,7 @@ def test_slurm_build_then_install_publishes_for_the_group(member: Member, tree_r
     registry.write_text(REGISTRY.split("  shared:")[0])  # one kernel: one job, then the install job
     write_recipe(tree_root, base_sif, "from-slurm")
     done = maintainer("build", "--all", "--registry", str(registry), "--slurm", "--then-install", "--wait",
-                      "--time", "0:10:00", timeout=900)
+                      *SMALL_JOB, timeout=900)
     assert done.returncode == 0, done.stderr + done.stdout
     assert (tree_root / "modulefiles/container-kernels").is_dir()
     assert_group_readable_only(tree_root)
@@ -562,3 +564,43 @@ def test_slurm_build_then_install_publishes_for_the_group(member: Member, tree_r
         assert kernels.cell(kernels.start("demo")) == "from-slurm"
     finally:
         kernels.close()
+
+
+@pytest.mark.slurm
+@pytest.mark.apptainer
+def test_builds_on_the_compute_node_and_here_exclude_each_other(member: Member, tree_root: Path, base_sif: Path,
+                                                                apptainer_bin: str) -> None:
+    """The build lock across nodes (where Lustre's flock may be node-local): the maintainer's build job on the
+    compute node holds it, its record says so, and the member's build on the login node waits for it, by name,
+    then finds the image up to date."""
+    from hpc_kernels import fsutil, paths
+
+    done = maintainer("group", "init", str(tree_root), "--members", "write")
+    assert done.returncode == 0, done.stderr
+    registry = tree_root / "kernels.yaml"
+    registry.write_text(REGISTRY.split("  shared:")[0])
+    write_recipe(tree_root, base_sif, "cross-node", extra="  sleep 8\n", mode=0o640)
+    job = subprocess.Popen([sys.executable, "-m", "hpc_kernels", "build", "demo", "--registry", str(registry),
+                            "--slurm", "--wait", *SMALL_JOB], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, preexec_fn=lambda: os.umask(0o077))
+    try:
+        lock = tree_root / "images" / ".demo.sif.build-lock"
+        deadline = time.monotonic() + 180
+        record = None
+        while time.monotonic() < deadline and record is None and job.poll() is None:
+            record = fsutil.LockRecord.read(lock)
+            time.sleep(0.2)
+        assert record is not None, "the build job never took the lock"
+        assert record.host != paths.hostname() and record.user == pwd.getpwuid(os.getuid()).pw_name
+        theirs = member.hpck("build", "demo", "--registry", str(registry), timeout=300)
+        assert theirs.returncode == 0, theirs.stderr
+        assert (f"waiting for another build of 'demo' to finish (pid {record.pid} of user {record.user} on "
+                f"{record.host}, since ") in theirs.stderr
+        assert "demo: up to date" in theirs.stderr
+    finally:
+        out, err = job.communicate(timeout=600)
+    assert job.returncode == 0, err + out
+    check = subprocess.run([apptainer_bin, "exec", str(tree_root / "images/demo.sif"), "cat", "/group-marker"],
+                           capture_output=True, text=True, timeout=120, check=False)
+    assert check.stdout.strip() == "cross-node", check.stderr
+    assert not list((tree_root / "images").glob(".demo.sif.*"))

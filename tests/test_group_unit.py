@@ -446,3 +446,25 @@ def test_group_marker_values_are_plain_names(setgid_dir: Path, capsys: pytest.Ca
     marker.write_text(json.dumps({**data, "maintainer": "evil\x1b[2J", "module": "x\ny"}))
     tree = group.find_tree(done.tree.root)
     assert tree is not None and tree.maintainer == _me() and tree.module_name == "container-kernels"
+
+
+@needs_non_root
+def test_gc_leaves_a_kernelspec_whose_image_it_may_not_look_at(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """A member's gc must not take a group's image it cannot see for a missing one (and remove the kernelspec)."""
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "x.sif").write_bytes(b"sif")
+    reg = tmp_path / "k.yaml"
+    reg.write_text(f"kernels:\n  sci: {{image: {images / 'x.sif'}}}\n")
+    assert cli.main(["install", "sci", "--registry", str(reg)]) == 0
+    os.chmod(images, 0o000)
+    try:
+        from hpc_kernels import gc
+
+        found = gc.sweep_kernelspecs()
+    finally:
+        os.chmod(images, 0o755)
+    assert [(f.action, f.reason.split(":")[0]) for f in found] == [
+        ("left alone", f"cannot tell whether its image {images / 'x.sif'} exists")]
+    assert kernelspec.installed_ours()["sci"].is_dir()
