@@ -59,6 +59,8 @@ kernels:
 """
 RECIPE = "Bootstrap: localimage\nFrom: {base}\n%post\n  echo {tag} > /group-marker\n{extra}"
 READ_MARKER = "print(open('/group-marker').read().strip())"
+#: ``jupyter kernelspec list --json``, the venv's own (what the member would type).
+JUPYTER_KERNELSPEC_LIST = [str(Path(sys.executable).parent / "jupyter"), "kernelspec", "list", "--json"]
 #: Build jobs take one CPU: the test bed's compute node has two, which other tests' jobs may share.
 SMALL_JOB = ("--time", "10", "--cpus", "1", "--mem", "1G")
 
@@ -293,7 +295,7 @@ def test_maintainer_publishes_and_member_runs_both_modes(member: Member, tree_ro
     publish(tree_root, base_sif)
     assert_group_readable_only(tree_root)  # with umask 077: the group reads everything, others nothing
     module = (tree_root / "modulefiles", "container-kernels")
-    listed = member.run([sys.executable, "-m", "jupyter_client.kernelspecapp", "list", "--json"], module)
+    listed = member.run(JUPYTER_KERNELSPEC_LIST, module)
     assert listed.returncode == 0, listed.stderr
     specs = json.loads(listed.stdout)["kernelspecs"]
     for name in ("demo", "shared"):
@@ -336,7 +338,7 @@ def test_a_plain_setgid_directory_works_for_the_second_user(member: Member, tree
         done = maintainer(*args, "--registry", str(registry))
         assert done.returncode == 0, done.stderr
     jupyter_path = f"JUPYTER_PATH={tree_root / 'share/jupyter'}"
-    listed = member.run(["env", jupyter_path, sys.executable, "-m", "jupyter_client.kernelspecapp", "list", "--json"])
+    listed = member.run(["env", jupyter_path, *JUPYTER_KERNELSPEC_LIST])
     assert listed.returncode == 0, listed.stderr
     assert json.loads(listed.stdout)["kernelspecs"]["demo"]["resource_dir"] == str(
         tree_root / "share/jupyter/kernels/demo")
@@ -532,7 +534,7 @@ def test_member_layers_their_registry_over_the_groups(member: Member, tree_root:
     done = member.hpck("module", "install", "--all", "--registry", str(mine))
     assert done.returncode == 0, done.stderr
     module = (member.home / "modulefiles", "my-kernels")
-    listed = member.run([sys.executable, "-m", "jupyter_client.kernelspecapp", "list", "--json"], module)
+    listed = member.run(JUPYTER_KERNELSPEC_LIST, module)
     assert listed.returncode == 0, listed.stderr
     specs = json.loads(listed.stdout)["kernelspecs"]
     assert specs["demo"]["spec"]["display_name"] == "Demo (mine)"
