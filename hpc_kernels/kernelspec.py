@@ -70,6 +70,7 @@ def launch_spec(entry: KernelEntry, registry: Path | None = None) -> LaunchSpec:
         container_image=entry.container_image,
         registry=str(registry) if registry else "",
         runtime_hint=_runtime_hint(entry.runtime),
+        job=entry.job,
     )
 
 
@@ -80,6 +81,14 @@ def _runtime_hint(runtime: str) -> str:
     if runtime == "apptainer":
         return shutil.which("apptainer") or shutil.which("singularity") or ""
     return shutil.which(runtime) or ""
+
+
+def display_name(entry: KernelEntry) -> str:
+    """The name in the kernel menu: a job kernel's shows its resources (``Python (torch) [job: 1 GPU, 32G,
+    2:00:00]``), so choosing it is choosing what it asks Slurm for."""
+    if entry.job is None:
+        return entry.display_name
+    return f"{entry.display_name} [job: {entry.job.summary()}]"
 
 
 def launcher_argv(python: str = sys.executable) -> list[str]:
@@ -105,7 +114,7 @@ def kernel_json(entry: KernelEntry, spec_file: Path, registry: Path | None = Non
     meta["installed_by"] = f"hpc-kernels {__version__}"
     return {
         "argv": [*launcher_argv(python), str(spec_file), "{connection_file}"],
-        "display_name": entry.display_name,
+        "display_name": display_name(entry),
         "language": entry.language,
         "interrupt_mode": entry.interrupt_mode,
         "metadata": {MARKER: meta, "debugger": False},

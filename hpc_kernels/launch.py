@@ -46,6 +46,12 @@ def plan(spec: LaunchSpec, connection_file: str) -> tuple[list[str], dict[str, s
 
 def launch(spec: LaunchSpec, connection_file: str) -> int:
     """Start the kernel for ``spec``; returns only on error (or for supervised modes)."""
+    if spec.job is not None:
+        # A job kernel: the kernel runs in a Slurm allocation of its own; we relay to it (not a hot path:
+        # the job's queueing dominates).
+        from hpc_kernels import jobkernel
+
+        return jobkernel.launch(spec, connection_file)
     if spec.runtime == "apptainer" and not os.path.exists(spec.image):
         raise HpcKernelsError(
             f"the image of kernel '{spec.kernel}' is missing ({spec.image}); build it with "

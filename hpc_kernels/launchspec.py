@@ -37,6 +37,39 @@ class KernelSpecError(ValueError):
     """A kernel.json of ours that cannot be used: ``str(err)`` is one sentence with the fix."""
 
 
+#: Keys of a kernel's ``job:`` (registry) and of the launch spec's ``job`` object.
+JOB_KEYS = ("gpus", "time", "mem", "cpus", "account", "partition", "extra_args")
+#: What a Slurm option value may not hold (it is written on an ``#SBATCH`` line): white space, quotes,
+#: backslashes, '#', control characters. The registry checks more strictly (slurm_settings.check).
+_SBATCH_UNSAFE = re.compile(r"[\s\"'\\#\x00-\x1f\x7f-\x9f]")
+#: ``gpus``: a count, or ``type:count`` (``h100:1``) as ``--gpus-per-node`` takes it.
+GPUS_RE = re.compile(r"^(?:[A-Za-z0-9_.-]+:)?[0-9]+$")
+
+
+@dataclass(frozen=True)
+class JobRequest:
+    """The Slurm allocation a job kernel runs in (``job:`` in the registry); values already validated."""
+
+    time: str = "1:00:00"
+    mem: str = "4G"
+    cpus: int = 1
+    gpus: str = ""
+    account: str | None = None
+    partition: str | None = None
+    extra_args: tuple[str, ...] = ()
+
+    def summary(self) -> str:
+        """The resources as a display name shows them: ``1 GPU, 32G, 2:00:00``."""
+        parts = []
+        if self.gpus and self.gpus.rsplit(":", 1)[-1] != "0":
+            kind, _, count = self.gpus.rpartition(":")
+            parts.append(f"{count} {kind + ' ' if kind else ''}GPU{'s' if count != '1' else ''}")
+        if self.cpus != 1:
+            parts.append(f"{self.cpus} CPUs")
+        parts += [self.mem, self.time]
+        return ", ".join(parts)
+
+
 @dataclass(frozen=True)
 class LaunchSpec:
     """Everything the launcher decides from; resolved against the node only at launch."""
@@ -58,6 +91,8 @@ class LaunchSpec:
     #: The runtime found when the kernelspec was installed: used when the server's PATH has none
     #: (a JupyterHub session where `module load apptainer` was not done).
     runtime_hint: str = ""
+    #: Set for a job kernel: the kernel runs in a Slurm allocation of its own (hpc_kernels.jobkernel).
+    job: JobRequest | None = None
 
     def to_json(self) -> dict[str, Any]:
         """Plain JSON data (tuples become lists)."""
@@ -91,6 +126,9 @@ class LaunchSpec:
         fields["env"] = tuple(sorted(fields.get("env", {}).items()))
         if "idle_timeout" in fields:
             fields["idle_timeout"] = float(fields["idle_timeout"])
+        job = fields.get("job")
+        if job is not None:
+            fields["job"] = JobRequest(**{**job, "extra_args": tuple(job.get("extra_args", ()))})
         return cls(**fields)
 
 
@@ -127,6 +165,23 @@ def _pass_env(v: Any) -> bool:
     return _str_list(v) and all(PASS_ENV_RE.match(x) for x in v)
 
 
+def _job_value(key: str, v: Any) -> bool:
+    if key == "cpus":
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+    if key == "extra_args":
+        return _str_list(v) and all(a.startswith("-") and not _SBATCH_UNSAFE.search(a) for a in v)
+    if key in ("account", "partition") and v is None:
+        return True
+    if key == "gpus":
+        return isinstance(v, str) and (v == "" or bool(GPUS_RE.match(v)))
+    return isinstance(v, str) and bool(v) and not _SBATCH_UNSAFE.search(v)
+
+
+def _job(v: Any) -> bool:
+    return v is None or (isinstance(v, dict) and set(v) <= set(JOB_KEYS)
+                         and all(_job_value(k, x) for k, x in v.items()))
+
+
 def _seconds(v: Any) -> bool:
     # NaN fails ``v >= 0``; inf is allowed, as in the registry (never stop).
     return isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
@@ -149,6 +204,7 @@ _CHECKS: dict[str, tuple[bool, Callable[[Any], bool], str]] = {
     "image_id": (False, _is_str, "a string"),
     "registry": (False, _is_str, "a string"),
     "runtime_hint": (False, _is_str, "a string"),
+    "job": (False, _job, f"null or an object with the keys {', '.join(JOB_KEYS)} holding Slurm values"),
 }
 
 

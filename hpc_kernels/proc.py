@@ -71,3 +71,25 @@ def _text(data: bytes | str | None) -> str:
     if data is None:
         return ""
     return data.decode(errors="replace") if isinstance(data, bytes) else data
+
+
+def spawn(
+    argv: Sequence[str],
+    *,
+    env: Mapping[str, str] | None = None,
+    new_session: bool = False,
+    stdout: int | None = None,
+    stderr: int | None = None,
+) -> subprocess.Popen[bytes]:
+    """Start ``argv`` (never through a shell) without waiting: a long-lived child (a kernel, a watcher).
+
+    stdin is /dev/null; stdout and stderr are inherited unless given (file descriptors). ``new_session``:
+    its own session and process group (signals to ours do not reach it; ``killpg`` reaches all of it).
+    Raises :class:`RuntimeNotFoundError` when the program does not exist.
+    """
+    args = [os.fspath(a) for a in argv]
+    try:
+        return subprocess.Popen(args, env=dict(env) if env is not None else None, stdin=subprocess.DEVNULL,
+                                stdout=stdout, stderr=stderr, start_new_session=new_session, close_fds=True)
+    except FileNotFoundError as exc:
+        raise RuntimeNotFoundError(f"'{args[0]}' was not found; is it installed and on PATH?") from exc

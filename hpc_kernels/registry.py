@@ -25,8 +25,9 @@ from hpc_kernels.launchspec import (
     MODES,
     PASS_ENV_RE,
     RUNTIMES,
+    JobRequest,
 )
-from hpc_kernels.slurm_settings import UNSET, SlurmDefaults, from_mapping
+from hpc_kernels.slurm_settings import UNSET, SlurmDefaults, from_mapping, job_from_mapping
 
 INTERRUPT_MODES = ("signal", "message")
 COMPRESSIONS = ("gzip", "lz4", "zstd", "xz", "lzo")
@@ -64,6 +65,8 @@ class KernelEntry:
     line: int
     slurm: SlurmDefaults = UNSET  # kernel's `slurm:` over `defaults: slurm:` (build --slurm)
     origin: Path | None = None  # the registry file that defines it (another one than yours: `extends`)
+    #: A job kernel: it runs in a Slurm allocation of its own (docs/job-kernels.md).
+    job: JobRequest | None = None
 
     @property
     def env_dict(self) -> dict[str, str]:
@@ -276,7 +279,7 @@ _SHARED_KEYS = {
     "fakeroot", "compression", "idle_timeout", "language", "command", "slurm",
 }
 _DEFAULT_ONLY = {"images_dir"}
-_KERNEL_ONLY = {"def", "image", "display_name"}
+_KERNEL_ONLY = {"def", "image", "display_name", "job"}
 
 
 class _Validator:
@@ -457,6 +460,12 @@ class _Validator:
                 self.err(line,
                          f"kernel '{name}' needs 'def' (a recipe to build) or 'image' (an existing container image).")
         slurm = self._slurm(name, body, defaults)
+        job: JobRequest | None = None
+        if "job" in body:
+            job = job_from_mapping(body["job"], f"kernel '{name}'", body.lines["job"], self.err, slurm)
+            if runtime != "apptainer" or mode != "exec":
+                self.err(body.lines["job"], f"kernel '{name}' cannot run in a Slurm job of its own: 'job' needs "
+                                            f"runtime apptainer and mode exec (it has {runtime}, {mode}).")
         if len(self.problems) > before:
             return None
         return KernelEntry(
@@ -481,6 +490,7 @@ class _Validator:
             line=line,
             slurm=slurm,
             origin=self.path,
+            job=job,
         )
 
     def _slurm(self, name: str, body: _Map, defaults: _Map) -> SlurmDefaults:

@@ -198,3 +198,92 @@ def from_mapping(value: Any, where: str, line: int, err: Callable[[int, str], No
             result[key] = checked
     return SlurmDefaults(**result)
 
+
+
+# ----------------------------------------------------------------------------- job kernels
+
+#: Built-in resources of a job kernel (``job:``): one CPU for an hour, like a small interactive job.
+JOB_DEFAULT_TIME = "1:00:00"
+JOB_DEFAULT_MEM = "4G"
+JOB_DEFAULT_CPUS = 1
+
+#: sbatch options a job kernel's ``extra_args`` cannot set (hpc-kernels sets them, or a key does).
+_JOB_MANAGED = {
+    **{k: v for k, v in _MANAGED.items() if k not in ("--array", "-a", "--dependency", "-d")},
+    "--gpus-per-node": "use the 'gpus' key", "--gpus": "use the 'gpus' key", "-G": "use the 'gpus' key",
+    "--gres": "use the 'gpus' key", "--job-name": "hpc-kernels names the job", "-J": "hpc-kernels names the job",
+    "--signal": "hpc-kernels asks for the time-limit warning itself",
+    "--array": "a kernel runs in one job", "-a": "a kernel runs in one job",
+    "--dependency": "a kernel's job starts when Slurm can start it",
+    "-d": "a kernel's job starts when Slurm can start it",
+}
+
+JOB_EXPECTED = {
+    **EXPECTED,
+    "gpus": 'a number of GPUs (e.g. 1) or type:count (e.g. "h100:1")',
+}
+JOB_KEYS = ("gpus", "time", "mem", "cpus", "account", "partition", "extra_args")
+_GPUS_RE = re.compile(r"^(?:[A-Za-z0-9_.-]+:)?[0-9]+$")
+
+
+def check_gpus(raw: Any) -> str | None:
+    """A ``gpus`` value as the text ``--gpus-per-node`` takes ("" for none), or None when it is not one."""
+    if isinstance(raw, int) and not isinstance(raw, bool):
+        return str(raw) if raw > 0 else ("" if raw == 0 else None)
+    if isinstance(raw, str) and _GPUS_RE.match(raw.strip()):
+        return raw.strip()
+    return None
+
+
+def job_from_mapping(value: Any, where: str, line: int, err: Callable[[int, str], None],
+                     slurm: SlurmDefaults = UNSET) -> Any:
+    """Validate a kernel's ``job:`` mapping; returns a :class:`~hpc_kernels.launchspec.JobRequest`.
+
+    Precedence: the ``job:`` key, then (account and partition only) the kernel's ``slurm:`` over
+    ``defaults: slurm:`` (``slurm``), then the built-in job defaults. Problems go to ``err(line, text)``
+    with the line of the key.
+    """
+    from hpc_kernels.launchspec import JobRequest
+
+    if not isinstance(value, Mapping):
+        err(line, f"'job' in {where} must be a mapping (keys: {', '.join(JOB_KEYS)}; {{}} for the defaults), "
+                  f"not {describe_value(value)}.")
+        return JobRequest()
+    lines: Mapping[str, int] = getattr(value, "lines", {})
+
+    def at(key: str) -> int:
+        return lines.get(key, line)
+
+    for key in value:
+        if key not in JOB_KEYS:
+            import difflib
+
+            close = difflib.get_close_matches(str(key), JOB_KEYS, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else f" (expected: {', '.join(JOB_KEYS)})"
+            err(at(str(key)), f"unknown key '{key}' in the job settings of {where}{hint}.")
+    got: dict[str, Any] = {}
+    for key in JOB_KEYS:
+        if key not in value:
+            continue
+        raw = value[key]
+        if key == "gpus":
+            checked = check_gpus(raw)
+        elif key == "extra_args" and isinstance(raw, list) and all(isinstance(a, str) for a in raw):
+            managed = [a.split("=", 1)[0] for a in raw if a.split("=", 1)[0] in _JOB_MANAGED]
+            for flag in managed:
+                err(at(key), f"'job: extra_args' in {where} cannot set {flag}: {_JOB_MANAGED[flag]}.")
+            if managed:
+                continue
+            checked = check(key, raw)
+        else:
+            checked = check(key, raw)
+        if checked is None:
+            err(at(key), f"'job: {key}' in {where} must be {JOB_EXPECTED[key]}, not {describe_value(raw)}.")
+        else:
+            got[key] = checked
+    return JobRequest(
+        time=got.get("time", JOB_DEFAULT_TIME), mem=got.get("mem", JOB_DEFAULT_MEM),
+        cpus=got.get("cpus", JOB_DEFAULT_CPUS), gpus=got.get("gpus", ""),
+        account=got.get("account", slurm.account), partition=got.get("partition", slurm.partition),
+        extra_args=tuple(got.get("extra_args", ())),
+    )

@@ -44,6 +44,23 @@ class JobInfo:
     source: str = ""  # squeue | scontrol | sacct
 
 
+@dataclass(frozen=True)
+class JobDetails:
+    """Where one job stands, for a job kernel's progress messages (``squeue``, else ``scontrol``)."""
+
+    job_id: str
+    state: str
+    reason: str = ""
+    start: str = ""  # the (estimated) start time Slurm gives, "" when it gives none
+    node: str = ""
+    time_limit: str = ""
+
+    @property
+    def final(self) -> bool:
+        """It will not run (again)."""
+        return self.state.split("|")[0] in FINAL_STATES
+
+
 class Slurm:
     """The Slurm client programs, as found on PATH."""
 
@@ -93,6 +110,40 @@ class Slurm:
             return None
         return parse_sacct(result.stdout)
 
+    def details(self, job_id: str) -> JobDetails | None:
+        """State, reason, (estimated) start, node and time limit of one job; None when Slurm forgot it."""
+        result = run(["squeue", "-h", "-j", job_id, "-o", "%i|%T|%r|%S|%N|%l"], check=False, timeout=QUERY_TIMEOUT)
+        for line in result.stdout.splitlines() if result.returncode == 0 else []:
+            parts = line.strip().split("|")
+            if len(parts) >= 6 and parts[0] == job_id:
+                return JobDetails(job_id, parts[1].upper(), _known(parts[2]), _known(parts[3]),
+                                  _known(parts[4]), _known(parts[5]))
+        result = run(["scontrol", "show", "job", "-o", job_id], check=False, timeout=QUERY_TIMEOUT)
+        fields: dict[str, str] = {}
+        for token in result.stdout.split() if result.returncode == 0 else []:
+            key, sep, value = token.partition("=")
+            if sep and key not in fields:
+                fields[key] = value
+        if fields.get("JobId") != job_id or "JobState" not in fields:
+            return None
+        return JobDetails(job_id, fields["JobState"].upper(), _known(fields.get("Reason", "")),
+                          _known(fields.get("StartTime", "")), _known(fields.get("NodeList", "")),
+                          _known(fields.get("TimeLimit", "")))
+
+    def named(self, prefix: str) -> dict[str, str]:
+        """This user's live jobs whose name starts with ``prefix``: job id -> name."""
+        if shutil.which("squeue") is None:
+            return {}
+        import getpass
+
+        result = run(["squeue", "-h", "-u", getpass.getuser(), "-o", "%i|%j"], check=False, timeout=QUERY_TIMEOUT)
+        found = {}
+        for line in result.stdout.splitlines() if result.returncode == 0 else []:
+            job, _, name = line.strip().partition("|")
+            if job.isdigit() and name.startswith(prefix):
+                found[job] = name
+        return found
+
     def cancel(self, job_ids: Iterable[str]) -> None:
         """``scancel`` the given jobs (unknown or finished ones are ignored)."""
         ids = sorted(set(job_ids))
@@ -101,6 +152,12 @@ class Slurm:
 
 
 # ----------------------------------------------------------------------------- parsing
+
+
+def _known(value: str) -> str:
+    """Slurm's placeholders for "not known" as ""."""
+    return "" if value in ("N/A", "(null)", "None", "Unknown", "n/a") else value
+
 
 
 def parse_parsable(stdout: str) -> str:
