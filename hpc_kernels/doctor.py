@@ -46,7 +46,8 @@ PROBE_TIMEOUT = 60.0
 
 #: Every check's id, in the order a report lists them (docs/troubleshooting.md explains each).
 CHECKS = ("registry", "runtime", "runtime-version", "build-namespaces", "login-node", "environment",
-          "state-dirs", "group", "image", "binds", "ipykernel", "gpu", "kernel-env", "kernelspec", "launcher")
+          "state-dirs", "group", "image", "binds", "ipykernel", "gpu", "slurm-job", "kernel-env", "kernelspec",
+          "launcher")
 
 
 @dataclass(frozen=True)
@@ -428,8 +429,8 @@ def check_ipykernel(entry: KernelEntry, binary: str, ctx: Context) -> Finding | 
 
 def check_gpu(entry: KernelEntry, ctx: Context) -> Finding | None:
     """A kernel that asks for a GPU vendor on a node without that GPU runs without one."""
-    if entry.gpu not in ("nvidia", "rocm"):
-        return None
+    if entry.gpu not in ("nvidia", "rocm") or entry.job is not None:
+        return None  # a job kernel's GPU is on the node of its job, not here
     from hpc_kernels.runtimes.apptainer import gpu_flag
 
     flag, warning = gpu_flag(entry.gpu, ctx.exists)
@@ -442,6 +443,34 @@ def check_gpu(entry: KernelEntry, ctx: Context) -> Finding | None:
         "the kernel would start without it.",
         "start the session on a GPU node (e.g. JupyterHub's GPU option, or 'salloc --gpus=1'); "
         "'gpu: auto' uses a GPU only when the node has one.", entry.name)
+
+
+def check_slurm_job(entry: KernelEntry, ctx: Context) -> Finding | None:
+    """A job kernel's allocation, asked of Slurm with ``sbatch --test-only``: an account it does not know,
+    a partition that does not exist, a request over the queue's limits are said before the first start."""
+    if entry.job is None:
+        return None
+    import shutil
+
+    from hpc_kernels import jobkernel
+    from hpc_kernels.kernelspec import launch_spec
+
+    summary = entry.job.summary()
+    if shutil.which("sbatch", path=ctx.environ.get("PATH")) is None:
+        return Finding("slurm-job", FAIL, f"kernel '{entry.name}' runs in a Slurm job of its own ({summary}), but "
+                       "'sbatch' is not on PATH here.",
+                       "start Jupyter where Slurm's commands are (a login node, or a JupyterHub session of the "
+                       "cluster), or 'module load' your site's Slurm module.", entry.name)
+    try:
+        answer = jobkernel.test_only(launch_spec(entry))
+    except HpcKernelsError as exc:
+        return Finding("slurm-job", FAIL, f"Slurm would refuse the job of kernel '{entry.name}' ({summary}): "
+                       f"{str(exc).removeprefix('sbatch rejected the job: ')}",
+                       "fix 'job:' in the registry (account, partition, time, mem, gpus) and run "
+                       f"'hpc-kernels install {entry.name}' again; 'sinfo -s' lists the partitions, "
+                       "'sacctmgr show assoc user=$USER' your accounts.", entry.name)
+    return Finding("slurm-job", OK, f"Slurm accepts the job of kernel '{entry.name}' ({summary}): {answer}",
+                   kernel=entry.name)
 
 
 def check_kernel_env(entry: KernelEntry) -> Finding | None:
@@ -731,7 +760,8 @@ def kernel_findings(entry: KernelEntry, apptainer_bin: str | None, installed: Pa
     # A missing bind source makes the probe fail for that reason only: skip it then.
     probe = check_ipykernel(entry, apptainer_bin, ctx) if apptainer_bin and (
         binds is None or binds.status == OK) else None
-    found = [check_image(entry), binds, probe, check_gpu(entry, ctx), check_kernel_env(entry),
+    found = [check_image(entry), binds, probe, check_gpu(entry, ctx), check_slurm_job(entry, ctx),
+             check_kernel_env(entry),
              check_kernelspec(entry, ctx)]
     result = [f for f in found if f is not None]
     if installed is not None:

@@ -36,6 +36,7 @@ SWEEPERS: tuple[str, ...] = (
     "hpc_kernels.watcher:sweep",
     "hpc_kernels.gc:sweep_kernelspecs",
     "hpc_kernels.containers:sweep",
+    "hpc_kernels.jobkernel:sweep",
 )
 
 

@@ -186,13 +186,13 @@ def test_only(spec: LaunchSpec) -> str:
     """``sbatch --test-only`` of this kernel's job: Slurm's answer (where and when it would start), or an
     HpcKernelsError with the rejection as one sentence (no account, unknown partition, over a limit)."""
     from hpc_kernels.proc import run
-    from hpc_kernels.runtimes.slurm import SlurmError, rejection_sentence
+    from hpc_kernels.runtimes.slurm import JOB_HINTS, SlurmError, rejection_sentence
 
     script, args = sbatch_plan(spec, "0" * 16, sessions_dir() / "doctor.json")
     result = run(["sbatch", "--test-only", *args], check=False, input_text=script, timeout=60)
     said = (result.stderr + result.stdout).strip()
     if result.returncode != 0:
-        raise SlurmError(rejection_sentence(said))
+        raise SlurmError(rejection_sentence(said, JOB_HINTS))
     return said.removeprefix("sbatch: ")
 
 
@@ -273,11 +273,11 @@ class Launcher:
             self._submit()
 
     def _submit(self) -> None:
-        from hpc_kernels.runtimes.slurm import Slurm
+        from hpc_kernels.runtimes.slurm import JOB_HINTS, Slurm
 
         script, args = sbatch_plan(self.spec, self.sid, self.session_file)
         paths.private(_logs_dir())
-        job_id = Slurm().submit(script, args)
+        job_id = Slurm().submit(script, args, JOB_HINTS)
         self.job_id = job_id
         self._write_session(job_id=job_id, state="queued", submitted_at=time.time())
         _record_job(job_id, self.spec.kernel, script, args)

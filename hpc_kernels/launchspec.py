@@ -66,8 +66,29 @@ class JobRequest:
             parts.append(f"{count} {kind + ' ' if kind else ''}GPU{'s' if count != '1' else ''}")
         if self.cpus != 1:
             parts.append(f"{self.cpus} CPUs")
-        parts += [self.mem, self.time]
+        parts += [self.mem, human_time(self.time)]
         return ", ".join(parts)
+
+
+_SLURM_TIME_RE = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
+
+
+def human_time(value: str) -> str:
+    """A Slurm time limit as a menu shows it: ``2:00:00`` -> ``2 h``, ``90`` -> ``1 h 30 min``, ``1-0`` -> ``1 d``."""
+    match = _SLURM_TIME_RE.match(value.strip())
+    if not match:
+        return value
+    days, first, second, third = match.groups()
+    if days is not None:
+        minutes = int(days) * 1440 + int(first) * 60 + int(second or 0)
+    elif third is not None:
+        minutes = int(first) * 60 + int(second)
+    else:
+        minutes = int(first)  # minutes, or minutes:seconds
+    d, rest = divmod(minutes, 1440)
+    h, m = divmod(rest, 60)
+    text = " ".join(f"{n} {unit}" for n, unit in ((d, "d"), (h, "h"), (m, "min")) if n)
+    return text or value
 
 
 @dataclass(frozen=True)

@@ -542,7 +542,7 @@ def wait(job_ids: Sequence[str], *, timeout: float | None = None, interval: floa
 
 _JOB_ID_RE = re.compile(r"^\d+$")
 _TASK_ID_RE = re.compile(r"^\d+(?:_\d+)?$")
-_LOG_NAME_RE = re.compile(r"^(?:build|install)-\d+(?:_\d+)?\.out$")
+_LOG_NAME_RE = re.compile(r"^(?:build|install|kernel)-\d+(?:_\d+)?\.out$")
 
 
 @dataclass(frozen=True)

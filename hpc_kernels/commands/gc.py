@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 HELP = ("sweep leftovers: stale instance state, orphaned kernel processes, what killed kernels left "
-        "(squashfuse_ll), kernelspecs whose image is gone")
+        "(squashfuse_ll), kernelspecs whose image is gone, job kernels' Slurm jobs whose launcher is gone")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
 
 #: Past-tense actions of the sweepers (gc.Finding.action) and what --dry-run says instead.
 _PLANNED = {"removed": "would remove", "restarted": "would restart", "stopped": "would stop",
-            "killed": "would kill", "left": "would leave"}
+            "killed": "would kill", "left": "would leave", "cancelled": "would cancel"}
 
 
 def would(action: str) -> str:

@@ -62,7 +62,8 @@ def run(args: argparse.Namespace) -> int:
         image = str(entry.image) if entry.runtime == "apptainer" else str(entry.container_image)
         done.append({"kernel": entry.name, "kernelspec": str(path), "image": image, "image_state": state})
         if not args.json:
-            ui.say(f"installed kernelspec '{entry.name}' ({entry.display_name}) in {ui.tilde(path)}", "✓", "green")
+            shown = kernelspec.display_name(entry)
+            ui.say(f"installed kernelspec '{entry.name}' ({shown}) in {ui.tilde(path)}", "✓", "green")
             if state in ("missing", "external-missing"):
                 ui.say(f"its image {ui.tilde(image)} does not exist yet: run 'hpc-kernels build {entry.name}'",
                        "note:", "yellow", indent="  ")

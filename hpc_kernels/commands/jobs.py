@@ -13,7 +13,8 @@ from hpc_kernels import ui
 if TYPE_CHECKING:
     from hpc_kernels.slurm import SubmittedJob, TaskStatus
 
-HELP = "show the Slurm jobs of 'build --slurm', their state, and the log tail of failed ones"
+HELP = ("show the Slurm jobs of 'build --slurm' and of job kernels, their state, and the log tail of failed "
+        "ones")
 
 #: ``build`` flags that only mean something with ``--slurm``.
 SLURM_ONLY = ("account", "time", "mem", "cpus", "partition", "wait", "wait_timeout", "then_install", "dry_run")

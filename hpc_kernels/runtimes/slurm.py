@@ -70,16 +70,18 @@ class Slurm:
         """True when ``sbatch`` is on PATH."""
         return shutil.which("sbatch") is not None
 
-    def submit(self, script: str, args: Sequence[str] = ()) -> str:
+    def submit(self, script: str, args: Sequence[str] = (), hints: Sequence[tuple[re.Pattern[str], str]] = (),
+               ) -> str:
         """Submit ``script`` (given on stdin) with ``sbatch --parsable``; returns the job id.
 
-        A rejection (bad time, unknown partition, impossible resources) becomes one sentence.
+        A rejection (bad time, unknown partition, impossible resources) becomes one sentence, with the fix
+        from ``hints`` (default: in terms of ``build --slurm``'s flags).
         """
         if not self.available():
             raise RuntimeNotFoundError(NOT_FOUND_HINT)
         result = run(["sbatch", "--parsable", *args], check=False, input_text=script, timeout=QUERY_TIMEOUT)
         if result.returncode != 0:
-            raise SlurmError(rejection_sentence(result.stderr or result.stdout))
+            raise SlurmError(rejection_sentence(result.stderr or result.stdout, hints or _HINTS))
         return parse_parsable(result.stdout)
 
     def queue(self, job_ids: Iterable[str]) -> dict[str, JobInfo]:
@@ -221,7 +223,20 @@ _HINTS = (
 )
 
 
-def rejection_sentence(output: str) -> str:
+#: The fixes for a job kernel's job, in terms of the registry's ``job:`` keys.
+JOB_HINTS = (
+    (re.compile(r"processors|memory|node configuration|cpu", re.I),
+     "ask for less with the kernel's job: cpus and job: mem"),
+    (re.compile(r"gres|gpu", re.I), "job: gpus must be a count or type:count this cluster has "
+                                    "(sinfo -o '%P %G' lists them)"),
+    (re.compile(r"time", re.I), "job: time is minutes or [D-]HH:MM:SS, within the partition's limit"),
+    (re.compile(r"partition", re.I), "set job: partition to one that 'sinfo -s' lists, or leave it out"),
+    (re.compile(r"account|association", re.I), "set job: account (or slurm: account) to one of yours, "
+                                               "e.g. def-yourpi"),
+)
+
+
+def rejection_sentence(output: str, hints: Sequence[tuple[re.Pattern[str], str]] = _HINTS) -> str:
     """sbatch's complaint as one sentence with the fix we know (first, most specific error line)."""
     messages: list[str] = []
     for raw in output.splitlines():
@@ -234,5 +249,5 @@ def rejection_sentence(output: str) -> str:
         if text and text not in messages:
             messages.append(text)
     reason = messages[0] if messages else "no reason given"
-    hint = next((h for pattern, h in _HINTS if pattern.search(reason)), "")
+    hint = next((h for pattern, h in hints if pattern.search(reason)), "")
     return f"sbatch rejected the job: {reason}" + (f" ({hint})." if hint else ".")
