@@ -155,6 +155,9 @@ class Agent:
             signal.signal(signum, lambda _s, _f: None)  # handled through the wakeup fd
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         self.loop.watch(read_fd, selectors.EVENT_READ, lambda _m: self._signals(read_fd))
+        for signum in EARLY:  # the launcher hears of them once it is attached (it usually is within a second)
+            self.loop.call_later(2.0, lambda signum=signum: os.write(write_fd, bytes([signum])))
+        EARLY.clear()
         self.loop.every(0.25, self._tick)
         self.loop.every(PING_INTERVAL, self._ping)
         try:
@@ -334,8 +337,15 @@ class Agent:
             self.kill_timer = self.loop.call_later(KILL_AFTER, kill)
 
 
+#: Signals that came before the agent's loop could take them (a job whose time limit is within the warning's
+#: minute gets SIGUSR1 at once): kept, and handled when the loop starts.
+EARLY: list[int] = []
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the job: ``jobagent.py SESSION_FILE``."""
+    # First of all: SIGUSR1's default action ends the process, and Slurm may send it right away.
+    signal.signal(signal.SIGUSR1, lambda signum, _frame: EARLY.append(signum))
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) != 1:
         print("usage: jobagent.py SESSION_FILE", file=sys.stderr)

@@ -458,6 +458,16 @@ class Launcher:
         while (details is None or details.state not in FINAL_STATES) and time.monotonic() < deadline:
             time.sleep(0.5)
             details = Slurm().details(self.job_id)
+        if details is not None and details.state not in FINAL_STATES:
+            # The job runs but its agent is gone (killed, crashed): nothing can use the allocation any more.
+            cancel_session(self.session, "its agent stopped answering")
+            self._write_session(state="ended", ended="lost its agent (the job was cancelled)")
+            say(self.spec.kernel, f"the agent in Slurm job {self.job_id} stopped answering; the job was cancelled "
+                                  f"(its output: {_logs_dir() / f'kernel-{self.job_id}.out'}). Start a new kernel "
+                                  "for a new allocation.")
+            self.exit_code = 1
+            self.loop.stop()
+            return
         state = details.state if details else "UNKNOWN"
         self._job_ended(state, details.reason if details else "", details.time_limit if details else "")
 

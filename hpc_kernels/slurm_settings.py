@@ -245,6 +245,10 @@ def job_from_mapping(value: Any, where: str, line: int, err: Callable[[int, str]
     """
     from hpc_kernels.launchspec import JobRequest
 
+    if value is None:
+        err(line, f"'job' in {where} is empty: write 'job: {{}}' for the default resources ({JOB_DEFAULT_CPUS} CPU, "
+                  f"{JOB_DEFAULT_MEM}, {JOB_DEFAULT_TIME}), or give its keys ({', '.join(JOB_KEYS)}).")
+        return JobRequest()
     if not isinstance(value, Mapping):
         err(line, f"'job' in {where} must be a mapping (keys: {', '.join(JOB_KEYS)}; {{}} for the defaults), "
                   f"not {describe_value(value)}.")

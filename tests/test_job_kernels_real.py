@@ -284,11 +284,13 @@ def test_gc_cancels_a_kernel_job_whose_launcher_and_watcher_are_gone(
         wait_until("launcher and watcher gone", lambda: not alive(launcher) and not alive(watcher), 10)
         dry = subprocess.run([sys.executable, "-m", "hpc_kernels", "gc", "--dry-run"], capture_output=True,
                              text=True, timeout=60)
-        assert f"kernel-jobs: job {job} (jk): would cancel (its launcher and watcher are gone)" in dry.stdout
+        assert f"kernel-jobs: job {job} (jk): would cancel (its launcher and watcher are gone)" in \
+            " ".join(dry.stderr.split())
         assert squeue(job) == "RUNNING"
         done = subprocess.run([sys.executable, "-m", "hpc_kernels", "gc"], capture_output=True, text=True,
                               timeout=60)
-        assert f"kernel-jobs: job {job} (jk): cancelled (its launcher and watcher are gone)" in done.stdout
+        assert f"kernel-jobs: job {job} (jk): cancelled (its launcher and watcher are gone)" in \
+            " ".join(done.stderr.split())
         nothing_left(job, [launcher, watcher], timeout=30)
     finally:
         km.cleanup_resources()
@@ -298,8 +300,9 @@ def test_the_agent_ends_the_job_when_launcher_and_watcher_are_both_killed(
     cluster: None, base_sif: Path, make_registry: Any, tmp_path: Path,
 ) -> None:
     """The dead man's switch: nothing on the login node is left to cancel; the job ends itself."""
-    from hpc_kernels import jobagent
     from jupyter_client.manager import KernelManager
+
+    from hpc_kernels import jobagent
 
     install(make_registry, base_sif, '{time: "10", mem: 500M}')
     km = KernelManager(kernel_name=KERNEL)

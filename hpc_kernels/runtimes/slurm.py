@@ -230,9 +230,9 @@ JOB_HINTS = (
     (re.compile(r"gres|gpu", re.I), "job: gpus must be a count or type:count this cluster has "
                                     "(sinfo -o '%P %G' lists them)"),
     (re.compile(r"time", re.I), "job: time is minutes or [D-]HH:MM:SS, within the partition's limit"),
-    (re.compile(r"partition", re.I), "set job: partition to one that 'sinfo -s' lists, or leave it out"),
     (re.compile(r"account|association", re.I), "set job: account (or slurm: account) to one of yours, "
                                                "e.g. def-yourpi"),
+    (re.compile(r"partition", re.I), "set job: partition to one that 'sinfo -s' lists, or leave it out"),
 )
 
 
