@@ -155,9 +155,14 @@ class Agent:
             signal.signal(signum, lambda _s, _f: None)  # handled through the wakeup fd
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         self.loop.watch(read_fd, selectors.EVENT_READ, lambda _m: self._signals(read_fd))
-        for signum in EARLY:  # the launcher hears of them once it is attached (it usually is within a second)
-            self.loop.call_later(2.0, lambda signum=signum: os.write(write_fd, bytes([signum])))
-        EARLY.clear()
+        if EARLY:  # the launcher hears of them once it is attached (it usually is within a second)
+            early = bytes(EARLY)
+            EARLY.clear()
+
+            def replay() -> None:
+                os.write(write_fd, early)
+
+            self.loop.call_later(2.0, replay)
         self.loop.every(0.25, self._tick)
         self.loop.every(PING_INTERVAL, self._ping)
         try:
