@@ -33,6 +33,7 @@ Bench = Callable[[Config], list[Row]]
 def _benches() -> dict[str, Bench]:
     from benchmarks.cli_speed import bench_cli
     from benchmarks.compression import bench_compression
+    from benchmarks.jobkernels import bench_jobkernel
     from benchmarks.kernels import bench_memory, bench_start
     from benchmarks.podman import bench_podman
 
@@ -42,10 +43,11 @@ def _benches() -> dict[str, Bench]:
         "memory": bench_memory,
         "compression": bench_compression,
         "podman": bench_podman,
+        "jobkernel": bench_jobkernel,
     }
 
 
-NAMES = ("cli", "start", "memory", "compression", "podman")
+NAMES = ("cli", "start", "memory", "compression", "podman", "jobkernel")
 
 
 def machine(env: dict[str, str]) -> dict[str, str]:
@@ -97,7 +99,7 @@ def render(rows: list[Row], info: dict[str, str], seconds: float) -> None:
         value = (
             ""
             if r.value is None
-            else (f"{r.value:.3f} {r.unit}" if r.unit == "s" else f"{r.value:.1f} {r.unit}")
+            else (f"{r.value:.3f} {r.unit}" if r.unit in ("s", "ms") else f"{r.value:.1f} {r.unit}")
         )
         ratio = "" if r.ratio is None else f"{r.ratio:.2f}x"
         verdict = {True: "[green]met[/]", False: "[red]missed[/]", None: ""}[r.ok]

@@ -37,7 +37,17 @@ from typing import Any
 
 from hpc_kernels import paths
 from hpc_kernels.errors import HpcKernelsError
-from hpc_kernels.jobwire import CHANNELS, Control, Loop, Relay, proof, read_json, write_json_private
+from hpc_kernels.jobwire import (
+    CHANNELS,
+    DEAD_AFTER,
+    PING_INTERVAL,
+    Control,
+    Loop,
+    Relay,
+    proof,
+    read_json,
+    write_json_private,
+)
 from hpc_kernels.launchspec import JobRequest, LaunchSpec
 
 #: After its launcher died, the watcher waits this long for a successor (a restart) before cancelling.
@@ -336,6 +346,7 @@ class Launcher:
         self.loop.watch(read_fd, selectors.EVENT_READ, lambda _m: self._signals(read_fd))
         self._watch_parent()
         self.loop.every(0.5, self._tick)
+        self.loop.every(PING_INTERVAL, self._ping)
         self.loop.every(POLL_INTERVAL, self._poll_job)
         self._poll_job()
         try:
@@ -373,7 +384,15 @@ class Launcher:
         self.exit_code = 0
         self.loop.stop()
 
+    def _ping(self) -> None:
+        """The agent's dead man's switch is our silence: say something every few seconds."""
+        if self.control is not None:
+            self.control.send({"op": "ping"})
+
     def _tick(self) -> None:
+        if self.control is not None and self.control.silent_for() > DEAD_AFTER:
+            self.control.close()  # the agent (or its node) went silent: _lost says what became of the job
+            return
         if self.control is None and self.job_id:
             agent = read_json(self.agent_file)
             if agent and str(agent.get("job_id")) == self.job_id:

@@ -40,16 +40,27 @@ def run(args: argparse.Namespace) -> int:
         problem = None
     except HpcKernelsError as exc:
         command, warnings, problem = None, [], str(exc)
+    job_script: str | None = None
+    if spec.job is not None:  # a job kernel: the container command runs in its Slurm job, on the job's node
+        from hpc_kernels import jobkernel
+
+        script, extra = jobkernel.sbatch_plan(spec, "<sid>", jobkernel.sessions_dir() / "<sid>.json")
+        job_script = f"# submitted with: {shlex.join(['sbatch', '--parsable', *extra])}\n{script}"
     if args.json:
         ui.print_json({"kernel": entry.name, "installed": str(installed) if installed else None,
                        "kernel_json": data, "command": argv if command else None, "problem": problem,
-                       "warnings": warnings})
+                       "warnings": warnings, "job_script": job_script})
         return 0
     out = ui.console()
     where = installed / "kernel.json" if installed else "not installed; would be written by install"
     out.print(f"[bold]kernel.json[/] ({ui.esc(where)}):")
     out.print(json.dumps(data, indent=1), markup=False)
-    out.print("[bold]launcher runs[/] (on this node, now):")
+    if job_script is not None:
+        out.print("[bold]its Slurm job[/] (the launcher submits it, then relays to the kernel in it):")
+        out.print(job_script.rstrip("\n"), markup=False)
+        out.print("[bold]the job's agent runs[/] (on the job's node; GPU flags and binds are decided there):")
+    else:
+        out.print("[bold]launcher runs[/] (on this node, now):")
     out.print(command if command else f"(cannot resolve: {problem})", markup=False)
     for warning in warnings:
         out.print(f"[yellow]warning:[/] {ui.esc(warning)}")
