@@ -236,6 +236,7 @@ class Launcher:
         self.ready = False
         self.ending = ""
         self.node = ""
+        self.lost = False
 
     # ------------------------------------------------------------------ session and job
 
@@ -457,6 +458,11 @@ class Launcher:
         elif event == "exited":
             code = int(message.get("code") or 0)
             self.exit_code = code
+            if code and self._job_is_ending():
+                # Slurm signals every process of the job at its end (the time limit, scancel): the kernel
+                # may die of it before the agent says so. Then it is the job's end, not the kernel's.
+                self._lost()
+                return
             if code:
                 say(self.spec.kernel, f"the kernel exited with code {code} (its output is in "
                                       f"{_logs_dir() / f'kernel-{self.job_id}.out'}).")
@@ -464,12 +470,22 @@ class Launcher:
         elif event == "ending":
             self.ending = "the job is ending"
 
+    def _job_is_ending(self) -> bool:
+        """Whether Slurm is ending the job (or has): not RUNNING any more."""
+        from hpc_kernels.runtimes.slurm import Slurm
+
+        details = Slurm().details(self.job_id)
+        return details is None or details.state != "RUNNING" or self.ending != ""
+
     def _lost(self) -> None:
         """The agent's connection ended without the kernel's exit: the job ended (or the node failed)."""
-        if self.loop.stopped:
+        if self.loop.stopped or self.lost:
             return
-        self.control = None
+        self.lost = True
+        control, self.control = self.control, None
         self.ready = False
+        if control is not None:
+            control.close()  # on_close is this method again: it returns at once (self.lost)
         from hpc_kernels.runtimes.slurm import Slurm
 
         deadline = time.monotonic() + 15.0

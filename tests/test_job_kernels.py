@@ -309,3 +309,22 @@ def test_gc_without_job_kernels_asks_slurm_nothing(monkeypatch: pytest.MonkeyPat
 
     monkeypatch.setattr(slurm.Slurm, "named", boom)
     assert jobkernel.sweep(dry_run=True) == []
+
+
+def test_show_prints_a_job_kernels_script_and_install_names_its_resources(
+    make_registry: Any, capsys: pytest.CaptureFixture[str],
+) -> None:
+    from hpc_kernels import cli
+
+    reg = make_registry("kernels:\n  gpu:\n    image: /nonexistent/gpu.sif\n"
+                        "    job: {gpus: 1, time: \"2:00:00\", mem: 32G, account: def-prof}\n")
+    assert cli.main(["show", "gpu", "--json", "--registry", str(reg)]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["kernel_json"]["display_name"] == "Python (gpu) [job: 1 GPU, 32G, 2 h]"
+    script = shown["job_script"]
+    assert script.startswith("# submitted with: sbatch --parsable\n#!/bin/bash\n")
+    assert "#SBATCH --account=def-prof\n" in script and "#SBATCH --gpus-per-node=1\n" in script
+    assert "#SBATCH --job-name=hpck-kernel-gpu-<sid>\n" in script
+    assert cli.main(["install", "gpu", "--registry", str(reg)]) == 0
+    assert "installed kernelspec 'gpu' (Python (gpu) [job: 1 GPU, 32G, 2 h])" in " ".join(
+        capsys.readouterr().err.split())

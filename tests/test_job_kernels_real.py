@@ -153,6 +153,13 @@ def test_lifecycle_start_execute_interrupt_restart_shutdown(
         assert reply["status"] == "ok" and out.split() == [job, "False"]
         assert f"restarting in its Slurm job {job} (the same allocation)" in log.read_text()
         assert squeue(job) == "RUNNING"
+        # A hard restart (jupyter_client SIGKILLs the launcher's process group) stays in the job too.
+        second = launcher_pid(km)
+        km.restart_kernel(now=True)
+        kc.wait_for_ready(timeout=120)
+        assert launcher_pid(km) != second and not alive(second)
+        reply, out = run_cell(kc, "import os; print(os.environ['SLURM_JOB_ID'])")
+        assert reply["status"] == "ok" and out.split() == [job]
         watcher = int(session()["watcher_pid"])
         second = launcher_pid(km)
     finally:
