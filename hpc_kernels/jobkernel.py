@@ -591,9 +591,15 @@ def watch(session_file: str, launcher: int) -> None:
             return  # a successor took over; its own watcher looks after it from now on
         final = not os.path.exists(str(session.get("connection_file")))
         if session.get("state") == "ended":
+            # Its job is over. The record refuses automatic restarts (which would resubmit) until the kernel
+            # is shut down for good; after GRACE s it is left for 'hpc-kernels gc'.
             if final:
                 remove_session(str(session["sid"]))
-            return  # its job is over; the record stays to refuse an automatic resubmission
+                return
+            if time.monotonic() >= deadline:
+                return
+            time.sleep(0.2)
+            continue
         if final or time.monotonic() >= deadline:
             cancel_session(session, "the kernel was shut down" if final else
                            f"its launcher is gone and no restart came within {GRACE:g} s")
