@@ -237,6 +237,8 @@ class Launcher:
         self.ending = ""
         self.node = ""
         self.lost = False
+        self.step: Any = None  # srun's Popen, in an allocation the user holds
+        self.step_log: Path | None = None
 
     # ------------------------------------------------------------------ session and job
 
@@ -315,6 +317,8 @@ class Launcher:
         finally:
             os.close(fd)
         self.job_id = job_id
+        self.step = step
+        self.step_log = log
         self._write_session(job_id=job_id, reused=True, state="queued", srun_pid=step.pid,
                             srun_start=_start_of(step.pid), submitted_at=time.time())
         say(self.spec.kernel, f"starting in your allocation {job_id} (HPC_KERNELS_JOB_ID) as a job step "
@@ -393,6 +397,19 @@ class Launcher:
     def _tick(self) -> None:
         if self.control is not None and self.control.silent_for() > DEAD_AFTER:
             self.control.close()  # the agent (or its node) went silent: _lost says what became of the job
+            return
+        if self.control is None and self.step is not None and self.step.poll() is not None:
+            from hpc_kernels.proc import tail
+
+            said = ""
+            if self.step_log is not None:
+                with contextlib.suppress(OSError):
+                    said = tail(self.step_log.read_text(encoding="utf-8", errors="replace"), 3)
+            say(self.spec.kernel, f"srun could not start the kernel's agent in your allocation {self.job_id} "
+                                  f"(exit code {self.step.returncode}){': ' + said if said else ''}.")
+            self._write_session(state="ended", ended="could not start a step in it")
+            self.exit_code = 1
+            self.loop.stop()
             return
         if self.control is None and self.job_id:
             agent = read_json(self.agent_file)

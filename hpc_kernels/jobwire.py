@@ -14,7 +14,6 @@ Standard library only: the launcher imports it on every job-kernel start, the ag
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import hmac
 import json
@@ -185,7 +184,7 @@ class Pipe:
                 incoming.extend(data)
                 other = self.backend if from_client else self.client
                 if other is not None:  # send at once: most messages fit, and this saves a loop turn
-                    with _ignore_would_block():
+                    with contextlib.suppress(BlockingIOError):  # the rest waits for EVENT_WRITE
                         sent = other.send(incoming)
                         del incoming[:sent]
         except OSError:
@@ -215,14 +214,6 @@ class Pipe:
                 self.loop.forget(sock)
                 sock.close()
         self.on_close(self)
-
-
-class _ignore_would_block:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: Any, exc: Any, tb: Any) -> bool:
-        return isinstance(exc, BlockingIOError) or (isinstance(exc, OSError) and exc.errno == errno.EAGAIN)
 
 
 class Relay:
@@ -317,7 +308,7 @@ class Control:
         if self.closed:
             return
         self.outbox.extend(json.dumps(obj).encode() + b"\n")
-        with _ignore_would_block():
+        with contextlib.suppress(BlockingIOError):  # the rest waits for EVENT_WRITE
             sent = self.sock.send(self.outbox)
             del self.outbox[:sent]
         self._update()

@@ -374,3 +374,23 @@ def test_a_kernel_in_an_allocation_the_user_holds(cluster: None, base_sif: Path,
     finally:
         subprocess.run(["scancel", alloc], capture_output=True, timeout=30)
         wait_until("the allocation to end", lambda: squeue(alloc) == "", 30)
+
+
+def test_an_allocation_that_is_not_there_is_one_message(cluster: None, base_sif: Path, make_registry: Any,
+                                                        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from jupyter_client.manager import KernelManager
+
+    install(make_registry, base_sif, '{time: "10", mem: 500M}')
+    monkeypatch.setenv("HPC_KERNELS_JOB_ID", "999999")
+    log = tmp_path / "server.log"
+    km = KernelManager(kernel_name=KERNEL)
+    kc = start(km, log, ready=False)
+    try:
+        wait_until("the launcher to give up", lambda: not km.is_alive(), 60)
+        text = log.read_text()
+        assert "srun could not start the kernel's agent in your allocation 999999 (exit code 1)" in text, text
+        assert "Traceback" not in text
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+    wait_until("the session record to go", lambda: jobkernel.load_sessions() == [], 30)
