@@ -117,6 +117,8 @@ class Agent:
         self.node_file = session_file[: -len(".json")] + ".node.json"
         self.key = str(session["key"]).encode()
         self.scheme = str(session.get("signature_scheme", "hmac-sha256"))
+        extra = session.get("connection_extra")
+        self.extra: dict[str, Any] = extra if isinstance(extra, dict) else {}
         self.spec: LaunchSpec = LaunchSpec.from_json(session["spec"])
         self.loop = Loop()
         self.address = node_address(dict(os.environ))
@@ -278,9 +280,13 @@ class Agent:
                 raise HpcKernelsError(f"the image {self.spec.image} does not exist on node "
                                       f"{socket.gethostname()}; build it with 'hpc-kernels build {self.spec.kernel}'")
             ports = dict(zip(CHANNELS, free_ports(self.address, len(CHANNELS))))
-            connection: dict[str, Any] = {f"{name}_port": port for name, port in ports.items()}
+            # The client's own fields (kernel_name, CurveZMQ keys…) as they are: the relay carries bytes only,
+            # so what the client and the kernel agree on stays between them.
+            connection: dict[str, Any] = dict(self.extra)
+            connection.update({f"{name}_port": port for name, port in ports.items()})
             connection.update({"ip": self.address, "key": self.key.decode(), "transport": "tcp",
-                               "signature_scheme": self.scheme, "kernel_name": self.spec.kernel})
+                               "signature_scheme": self.scheme})
+            connection.setdefault("kernel_name", self.spec.kernel)
             write_json_private(self.node_file, connection)
             binary = apptainer.find_binary(fallback=self.spec.runtime_hint)
             argv, env, warnings = apptainer.exec_command(self.spec, self.node_file, binary, os.environ)

@@ -91,6 +91,8 @@ class Connection:
     ports: dict[str, int]
     key: str
     signature_scheme: str
+    #: Everything else of the file (kernel_name, jupyter_session, CurveZMQ keys…): the node's copy gets it too.
+    extra: dict[str, Any]
 
 
 def read_connection(path: str) -> Connection:
@@ -111,8 +113,10 @@ def read_connection(path: str) -> Connection:
         if not isinstance(port, int) or not 0 < port < 65536:
             raise HpcKernelsError(f"the connection file {path} has no valid {name}_port.")
         ports[name] = port
+    own = {"ip", "key", "transport", "signature_scheme", *(f"{name}_port" for name in CHANNELS)}
     return Connection(str(data.get("ip") or "127.0.0.1"), ports, key,
-                      str(data.get("signature_scheme") or "hmac-sha256"))
+                      str(data.get("signature_scheme") or "hmac-sha256"),
+                      {k: v for k, v in data.items() if k not in own})
 
 
 # ----------------------------------------------------------------------------- sessions
@@ -273,7 +277,8 @@ class Launcher:
         else:
             self.session = {"generator": "hpc-kernels", "format": SESSION_FORMAT, "sid": self.sid,
                             "kernel": self.spec.kernel, "key": self.conn.key,
-                            "signature_scheme": self.conn.signature_scheme, "spec": self.spec.to_json(),
+                            "signature_scheme": self.conn.signature_scheme, "connection_extra": self.conn.extra,
+                            "spec": self.spec.to_json(),
                             "job_id": "", "reused": False, "state": "submitting", "ended": "",
                             "created_at": time.time(), **me}
             self._write_session()

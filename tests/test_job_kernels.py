@@ -189,6 +189,7 @@ def test_connection_file_checks(tmp_path: Path) -> None:
     path.write_text(json.dumps(base))
     conn = jobkernel.read_connection(str(path))
     assert conn.ports == {"shell": 5000, "iopub": 5001, "stdin": 5002, "control": 5003, "hb": 5004}
+    assert conn.extra == {}
     for change, message in (({"key": ""}, "a job kernel needs a signed connection"),
                             ({"transport": "ipc"}, "a job kernel needs the tcp transport"),
                             ({"hb_port": "x"}, "has no valid hb_port")):

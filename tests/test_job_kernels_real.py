@@ -133,6 +133,7 @@ def test_lifecycle_start_execute_interrupt_restart_shutdown(
         assert json.loads(Path(km.connection_file).read_text())["ip"] == "127.0.0.1"
         node = json.loads((jobkernel.sessions_dir() / f"{session()['sid']}.node.json").read_text())
         assert node["ip"] == "10.250.0.2" and node["key"] == km.session.key.decode()
+        assert node["kernel_name"] == KERNEL  # the client's own fields travel along
 
         # Interrupt during a long cell.
         msg_id = kc.execute("import time; time.sleep(120)")
