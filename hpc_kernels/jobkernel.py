@@ -149,7 +149,7 @@ def remove_session(sid: str) -> None:
 
 def launcher_alive(session: dict[str, Any], pid_key: str = "launcher_pid") -> bool:
     """Whether the process recorded under ``pid_key`` still runs on this host (same pid, same start)."""
-    from hpc_kernels.containers import pid_alive, process_start
+    from hpc_kernels.procfs import alive, start_of
 
     if session.get("host") != paths.hostname():
         return True  # another login node's: not ours to judge
@@ -157,10 +157,10 @@ def launcher_alive(session: dict[str, Any], pid_key: str = "launcher_pid") -> bo
         pid = int(session.get(pid_key) or 0)
     except (TypeError, ValueError):
         return False
-    if pid <= 0 or not pid_alive(pid):
+    if pid <= 0 or not alive(pid):
         return False
     recorded = str(session.get(pid_key.replace("_pid", "_start")) or "")
-    return not recorded or recorded == process_start(pid)
+    return not recorded or recorded == start_of(pid)
 
 
 # ----------------------------------------------------------------------------- the job script
@@ -251,10 +251,10 @@ class Launcher:
         write_json_private(str(self.session_file), self.session)
 
     def _claim_or_submit(self) -> None:
-        from hpc_kernels.containers import process_start
+        from hpc_kernels.procfs import start_of
 
         paths.private(sessions_dir())
-        me = {"host": paths.hostname(), "launcher_pid": os.getpid(), "launcher_start": process_start(os.getpid()),
+        me = {"host": paths.hostname(), "launcher_pid": os.getpid(), "launcher_start": start_of(os.getpid()),
               "connection_file": self.connection_file}
         old = read_json(str(self.session_file))
         if old and old.get("generator") == "hpc-kernels":
@@ -549,9 +549,9 @@ def _logs_dir() -> Path:
 
 
 def _start_of(pid: int) -> str:
-    from hpc_kernels.containers import process_start
+    from hpc_kernels.procfs import start_of
 
-    return process_start(pid)
+    return start_of(pid)
 
 
 def _record_job(job_id: str, kernel: str, script: str, args: list[str]) -> None:

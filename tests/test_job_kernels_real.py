@@ -79,9 +79,9 @@ def session() -> dict[str, Any]:
 
 
 def alive(pid: int) -> bool:
-    from hpc_kernels.containers import pid_alive
+    from hpc_kernels.procfs import alive as live
 
-    return pid_alive(pid)
+    return live(pid)
 
 
 def nothing_left(job: str, pids: list[int], timeout: float = 120.0) -> None:
