@@ -30,6 +30,7 @@ import signal
 import socket
 import time
 
+from hpc_kernels import procfs
 from hpc_kernels.jobwire import (
     CHANNELS,
     DEAD_AFTER,
@@ -130,6 +131,7 @@ class Agent:
         self.launcher: Control | None = None
         self.unproven: dict[Control, str] = {}
         self.kernel: subprocess.Popen[bytes] | None = None
+        self.kernel_ref: procfs.ProcRef | None = None
         self.kernel_ports: dict[str, int] = {}
         self.kernel_ready = False
         self.kernel_started = 0.0
@@ -300,6 +302,7 @@ class Agent:
         self.kernels_started += 1
         log(f"starting kernel #{self.kernels_started}: {' '.join(argv)}")
         self.kernel = spawn(argv, env=env, new_session=True)
+        self.kernel_ref = procfs.proc_ref(self.kernel.pid)
         self.kernel_ports = ports
         self.kernel_ready = False
         self.kernel_started = time.monotonic()
@@ -324,6 +327,23 @@ class Agent:
         with contextlib.suppress(OSError):
             os.unlink(self.node_file)
         self._tell({"event": "exited", "code": code})
+        if self.launcher is not None:
+            self.launcher.flush()
+        self._kill_leftovers()
+
+    def _kill_leftovers(self) -> None:
+        """What the kernel's session still holds once its leader (Apptainer) ended: Apptainer puts
+        ``squashfuse_ll`` in a process group of its own, which a group kill misses (the exec kernels'
+        watcher does the same on a login node, hpc_kernels.watcher)."""
+        ref, self.kernel_ref = self.kernel_ref, None
+        if ref is None:
+            return
+        deadline = time.monotonic() + 2.0  # a clean exit unmounts and ends them by itself: let it
+        while procfs.session_leftovers(ref) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        killed = procfs.kill(p.ref for p in procfs.session_leftovers(ref))
+        if killed:
+            log(f"killed what the kernel left: {killed}")
 
     def _stop_kernel(self, wait: bool = False) -> None:
         """SIGTERM the kernel's process group now, SIGKILL it after :data:`KILL_AFTER` s."""

@@ -134,7 +134,8 @@ def test_lifecycle_start_execute_interrupt_restart_shutdown(
         assert client["ip"] == "127.0.0.1"
         node = json.loads((jobkernel.sessions_dir() / f"{session()['sid']}.node.json").read_text())
         assert node["ip"] == "10.250.0.2" and node["key"] == km.session.key.decode()
-        assert node["kernel_name"] == client["kernel_name"]  # the client's own fields travel along
+        # The client's own fields travel along (the kernel rewrites its copy of the file, so: the record).
+        assert session()["connection_extra"]["kernel_name"] == client["kernel_name"] == KERNEL
 
         # Interrupt during a long cell.
         msg_id = kc.execute("import time; time.sleep(120)")
