@@ -103,7 +103,7 @@ def bench_jobkernel(cfg: Config) -> list[Row]:
 
 
 def _relay_rows(cfg: Config) -> list[Row]:
-    from jupyter_client.blocking import BlockingKernelClient
+    from jupyter_client.blocking.client import BlockingKernelClient
 
     from hpc_kernels import jobkernel
 
