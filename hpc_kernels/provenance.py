@@ -51,13 +51,33 @@ def record_fields(prepared: Prepared, image: Path) -> dict[str, Any]:
     labels = image_labels(image) or {}
     ours = {k: v for k, v in labels.items() if k.startswith(LABEL_PREFIX)} or dict(prepared.labels)
     packages = ours.get(Label.PACKAGES.value)
+    found = packages.split() if packages else (packages_in(image) if labels else None)
     return {
         "build_id": prepared.labels.get(Label.BUILD_ID.value),
         "labels": ours,
-        "packages": packages.split() if packages else None,
+        "packages": found,
         "staged": prepared.staged is not None,
         "derived_recipe": str(prepared.recipe),
     }
+
+
+def packages_in(image: Path, pythons: tuple[str, ...] = ("python3", "python")) -> list[str] | None:
+    """The packages the image's Python sees, asked of the image (``apptainer exec``): for an image whose recipe
+    has no %post (no shell to write the label with). None when it has no Python."""
+    from hpc_kernels.proc import run
+    from hpc_kernels.recipegen import FREEZE, Label
+    from hpc_kernels.runtimes.apptainer import find_binary
+
+    for python in pythons:
+        try:
+            done = run([find_binary(), "-q", "exec", "--cleanenv", "--contain", str(image), python, "-c", FREEZE],
+                       check=False, timeout=120)
+        except HpcKernelsError:
+            return None
+        line = done.stdout.strip().splitlines()[-1:] if done.returncode == 0 else []
+        if line and line[0].startswith(Label.PACKAGES.value + " "):
+            return line[0].split()[1:]
+    return None
 
 
 @dataclass(frozen=True)
@@ -97,10 +117,13 @@ def image_info(entry: KernelEntry, *, read_image: bool = True) -> ImageInfo | No
     if not ours and not stamp:
         return None
     packages = ours.get(Label.PACKAGES.value)
+    recorded = stamp.get("packages")
+    if not packages and isinstance(recorded, list):  # asked of the image after its build (no %post)
+        packages = " ".join(str(p) for p in recorded)
     built_at = stamp.get("built_at")
     build_id = ours.get(Label.BUILD_ID.value) or (str(stamp["build_id"]) if stamp.get("build_id") else None)
     return ImageInfo(entry.image, build_id, float(built_at) if isinstance(built_at, (int, float)) else None,
-                     ours, tuple(packages.split()) if packages else None, source)
+                     ours, tuple(packages.split()) if packages is not None else None, source)
 
 
 def build_id(entry: KernelEntry) -> str | None:

@@ -216,14 +216,17 @@ def derive(src: Source, how: Derivation) -> str:
                       *preamble(src.text)]
     for stage in stages:
         final = stage.index == len(stages) - 1
+        # A %post of ours needs a shell in the image: only where the recipe runs one already (or where
+        # requirements must be installed), so an image without /bin/sh (scratch, distroless) still builds.
+        has_post = any(name.split()[0] == "%post" for name, _b, _e in sections(lines, stage.body, stage.end))
         out += _header(lines, stage, src, how)
-        if how.offline:
+        if how.offline and has_post:
             out += ["%post", "    # hpc-kernels, staged build: pip installs from the staged wheels only, never from "
                     "an index.", "    export PIP_NO_INDEX=1"]
             if how.wheels is not None:
                 out.append(f"    export PIP_FIND_LINKS={WHEELS_DIR}")
         out += _body(lines, stage, src)
-        out += _additions(how, final)
+        out += _additions(how, final, has_post)
     return "\n".join(out) + "\n"
 
 
@@ -304,15 +307,16 @@ def _absolute_files_line(line: str, origin: Path) -> str:
     return f"{indent}{quote_path(str(origin / src), '%files source')}" + (f" {rest}" if rest else "")
 
 
-def _additions(how: Derivation, final: bool) -> list[str]:
+def _additions(how: Derivation, final: bool, has_post: bool) -> list[str]:
     out: list[str] = []
     files: list[str] = []
-    if how.wheels is not None and how.offline:
-        files.append(f"    {quote_path(str(how.wheels), 'wheelhouse')} {WHEELS_DIR}")
     install = how.install if final else None
+    wheels = how.wheels if how.offline and has_post else None
+    if wheels is not None:
+        files.append(f"    {quote_path(str(wheels), 'wheelhouse')} {WHEELS_DIR}")
     if install is not None:
         if install.staged:
-            if install.directory != how.wheels:
+            if install.directory != wheels:
                 files.append(f"    {quote_path(str(install.directory), 'wheelhouse')} {WHEELS_DIR}")
             if install.pip_wheel is not None:
                 wheel = install.pip_wheel
@@ -321,13 +325,16 @@ def _additions(how: Derivation, final: bool) -> list[str]:
             files.append(f"    {quote_path(str(install.directory), 'requirements')} {REQ_DIR}")
     if files:
         out += ["", "%files", *files]
-    if final:
+    if final and (has_post or install is not None):
         out += ["", "%post", "    # Added by hpc-kernels: the kernel's requirements, then what is inside (labels)."]
         out += _find_python(how.pythons)
         if install is not None:
             out += _install_lines(install)
         out += _packages_label()
         out.append(f"    rm -rf {WORK_DIR}")
+    elif files:  # the wheels of this stage's own pip: not kept in the image (a later stage copies what it needs)
+        out += ["", "%post", f"    rm -rf {WORK_DIR}"]
+    if final:
         out += ["", "%labels", *(f"    {key} {_label_value(value)}" for key, value in how.labels)]
     return out
 

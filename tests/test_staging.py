@@ -346,6 +346,17 @@ def test_without_staging_a_registry_base_is_pinned_to_its_digest(tmp_path: Path)
     assert "PIP_NO_INDEX" not in text and "Registry:" not in text
 
 
+def test_an_image_without_a_shell_gets_no_post_section_of_ours(tmp_path: Path) -> None:
+    """Bootstrap: scratch (or a distroless base) has no /bin/sh: a %post of ours would fail a build that works."""
+    text = "Bootstrap: scratch\n%files\n    payload.txt /payload.txt\n"
+    src = recipegen.Source(text, tmp_path / "k.def", tmp_path, "k.def")
+    for offline in (False, True):
+        derived = recipegen.derive(src, recipegen.Derivation((("org.hpc-kernels.version", "9"),), offline=offline,
+                                                             wheels=tmp_path / "wheels"))
+        assert "%post" not in derived and "/.hpck" not in derived
+        assert derived.endswith("%labels\n    org.hpc-kernels.version 9\n")
+
+
 def test_values_that_would_break_a_recipe_are_refused(tmp_path: Path) -> None:
     src = recipegen.Source("Bootstrap: docker\nFrom: x:1\n", None, tmp_path, "gen")
     with pytest.raises(recipegen.RecipeGenError, match="cannot be written into a recipe header"):

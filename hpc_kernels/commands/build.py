@@ -156,10 +156,9 @@ def stage_and_report(entry: KernelEntry, *, pull: bool, lock: bool, quiet: bool 
     parts = [f"base {b.shown}@{b.digest[:19]}" for b in result.bases]
     if result.wheelhouse is not None and result.probe is not None:
         parts.append(f"{len(result.wheelhouse.wheels)} wheel(s) for Python {result.probe.python}")
-    what = ", ".join(parts) or "nothing to fetch"
     how = f"fetched {', '.join(result.fetched)}" if result.fetched else "all from the cache"
-    if not quiet:
-        ui.say(f"{name}: staged {what} ({how}, {result.seconds:.1f} s)", "✓", "green")
+    if parts and not quiet:  # nothing to stage (a local base, no packages): nothing to say
+        ui.say(f"{name}: staged {', '.join(parts)} ({how}, {result.seconds:.1f} s)", "✓", "green")
     if lock:
         path = staging.write_lock(entry, result)
         if not quiet:
