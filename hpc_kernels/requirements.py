@@ -32,6 +32,7 @@ _PYTHON_HEADERS = (
 _OPTION_WITH_FILE = {"-r": "requirement", "--requirement": "requirement", "-c": "constraint",
                      "--constraint": "constraint"}
 _REFUSED_OPTIONS = ("-e", "--editable")
+_DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
 
 
 class RequirementsError(HpcKernelsError):
@@ -312,9 +313,15 @@ def read_lock(path: Path) -> LockInfo | None:
         key, colon, value = raw[1:].partition(":")
         if colon:
             fields[key.strip()] = value.strip()
-    return LockInfo(fields.get("python") or None, tuple(fields.get("platforms", "").split()),
-                    fields.get("base") or None, fields.get("base-digest") or None,
-                    fields.get("requirements-digest") or None, fields.get("kernel") or None)
+    # Values go into paths and recipes: only well-formed ones are kept (a hand-edited header loses the rest).
+    python = fields.get("python", "")
+    base_digest = fields.get("base-digest", "")
+    requirements_digest = fields.get("requirements-digest", "")
+    return LockInfo(python if re.fullmatch(r"\d+\.\d+", python) else None,
+                    tuple(fields.get("platforms", "").split()), fields.get("base") or None,
+                    base_digest if _DIGEST_RE.fullmatch(base_digest) else None,
+                    requirements_digest if _DIGEST_RE.fullmatch(requirements_digest) else None,
+                    fields.get("kernel") or None)
 
 
 def lock_text(*, kernel: str, version: str, python: str, platforms: list[str], base: str, base_digest: str,

@@ -506,6 +506,7 @@ def _stage_base(entry: KernelEntry, need: Needs, remote: Remote, *, online: bool
     record = _ref_record(ref)
     if not digest and not pull:
         digest = str(_read_json(record).get("digest") or "")
+        digest = digest if oci.DIGEST_RE.match(digest) else ""  # a damaged record: looked up again
     if not digest or (pull and not ref.digest and not pinned):
         if not online:
             raise _not_staged(entry, f"the base image {ref} ({where})")
@@ -716,7 +717,13 @@ def _wheelhouse(entry: KernelEntry, need: Needs, probe: Probe, extras: Sequence[
     path = _dir("wheels") / key
     manifest = _read_json(path / "hpck-wheels.json")
     if manifest.get("key") == key:
-        return Wheelhouse(path, key, tuple(Wheel(**w) for w in manifest.get("wheels", [])))
+        with contextlib.suppress(TypeError, KeyError):  # a damaged manifest: staged again (or named missing)
+            return Wheelhouse(path, key, tuple(Wheel(str(w["file"]), str(w["name"]), str(w["version"]),
+                                                     str(w["sha256"])) for w in manifest.get("wheels", [])))
+    if path.exists() and online:
+        from hpc_kernels.fsutil import remove_tree
+
+        remove_tree(path)  # ours, and damaged: its rename-in would fail
     if not online:
         raise _not_staged(entry, f"the Python packages for Python {probe.python}")
     inputs: list[str] = []
@@ -908,7 +915,9 @@ def write_lock(entry: KernelEntry, result: Staged, need: Needs | None = None) ->
                            "'requirements:', no pip install in the recipe's %post): there is nothing to lock.")
     if entry.lock.exists() and requirements.read_lock(entry.lock) is None:
         raise StagingError(f"{entry.lock} exists and is not a lock hpc-kernels wrote: move it away first.")
-    sources = [str(r.path) for r in ([need.own_base] if need.own_base else []) + list(need.post)]
+    home = entry.lock.parent.parent
+    sources = [os.path.relpath(r.path, home) if home in r.path.parents else str(r.path)
+               for r in ([need.own_base] if need.own_base else []) + list(need.post)]
     sources += list(need.post_specs) + list(result.extras)
     final = result.final
     text = requirements.lock_text(
@@ -1053,8 +1062,8 @@ def _pin(entry: KernelEntry, need: Needs, remote: Remote, on_event: EventSink) -
             from hpc_kernels.errors import BuildError
 
             raise BuildError(entry.name, f"{need.shown_line(remote.line)}: {exc}") from None
-        on_event(f"note: could not look up the digest of {remote.ref} ({exc}); the image's labels will not "
-                 "name its base's digest")
+        on_event(f"note: could not look up the digest of {remote.ref} ({str(exc).rstrip('.')}); the image's "
+                 "labels will not name its base's digest")
         return ""
 
 

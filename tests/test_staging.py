@@ -247,6 +247,15 @@ def test_the_python_a_lock_was_made_for(tmp_path: Path, header: str, python: str
                             f"{python}.")
 
 
+def test_a_hand_edited_lock_header_cannot_reach_paths_or_recipes(tmp_path: Path) -> None:
+    lock = tmp_path / "k.txt"
+    lock.write_text(f"{requirements.LOCK_MARK}\n# python: 3.x; rm -rf /\n# base-digest: ../../../etc/passwd\n"
+                    "# requirements-digest: sha256:" + "a" * 64 + "\nsix==1.17.0\n")
+    info = requirements.read_lock(lock)
+    assert info is not None and info.python is None and info.base_digest is None
+    assert info.requirements_digest == "sha256:" + "a" * 64
+
+
 # ----------------------------------------------------------------------------- what a recipe needs
 
 
