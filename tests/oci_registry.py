@@ -111,18 +111,20 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
         process.wait(timeout=15)
 
 
-def oci_layout(rootfs_tar: Path, dest: Path, tag: str) -> Path:
-    """A one-layer OCI image layout of ``rootfs_tar`` (uncompressed layer: no gzip of 250 MB) at ``dest``."""
+def oci_layout(rootfs_tar: Path, dest: Path, tag: str, extra: tuple[Path, ...] = ()) -> Path:
+    """An OCI image layout at ``dest``: ``rootfs_tar`` as its first layer, then the ``extra`` layer tars
+    (uncompressed layers: no gzip of 250 MB)."""
     blobs = dest / "blobs" / "sha256"
     blobs.mkdir(parents=True, exist_ok=True)
-    h = hashlib.sha256()
-    with rootfs_tar.open("rb") as src, (blobs / "layer.tmp").open("wb") as out:
-        for chunk in iter(lambda: src.read(1 << 20), b""):
-            h.update(chunk)
-            out.write(chunk)
-    layer = h.hexdigest()
-    (blobs / "layer.tmp").rename(blobs / layer)
-    size = (blobs / layer).stat().st_size
+    layers: list[tuple[str, int]] = []
+    for tar in (rootfs_tar, *extra):
+        h = hashlib.sha256()
+        with tar.open("rb") as src, (blobs / "layer.tmp").open("wb") as out:
+            for chunk in iter(lambda: src.read(1 << 20), b""):
+                h.update(chunk)
+                out.write(chunk)
+        (blobs / "layer.tmp").rename(blobs / h.hexdigest())
+        layers.append((h.hexdigest(), (blobs / h.hexdigest()).stat().st_size))
 
     def blob(data: dict[str, object]) -> tuple[str, int]:
         raw = json.dumps(data, separators=(",", ":")).encode()
@@ -134,20 +136,48 @@ def oci_layout(rootfs_tar: Path, dest: Path, tag: str) -> Path:
         "architecture": "amd64", "os": "linux",
         "config": {"Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
                    "Cmd": ["/bin/bash"]},
-        "rootfs": {"type": "layers", "diff_ids": [f"sha256:{layer}"]},
+        "rootfs": {"type": "layers", "diff_ids": [f"sha256:{digest}" for digest, _size in layers]},
         "history": [{"created_by": "hpc-kernels tests: the test bed's Debian rootfs"}],
     })
     manifest, manifest_size = blob({
         "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
         "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": f"sha256:{config}",
                    "size": config_size},
-        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": f"sha256:{layer}",
-                    "size": size}],
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": f"sha256:{digest}",
+                    "size": size} for digest, size in layers],
     })
     (dest / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [{
         "mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": f"sha256:{manifest}",
         "size": manifest_size, "annotations": {"org.opencontainers.image.ref.name": tag}}]}))
     (dest / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+    return dest
+
+
+def pip_layer(wheel: Path, dest: Path, site: str = "usr/local/lib/python3.11/dist-packages") -> Path:
+    """A layer tar that installs the pip ``wheel`` (a zip) into the image's ``site`` directory: an image with
+    ``python3 -m pip``, like most bases researchers start from."""
+    import io
+    import tarfile
+    import zipfile
+
+    with zipfile.ZipFile(wheel) as whl, tarfile.open(dest, "w") as tar:
+        files = [m for m in whl.infolist() if not m.is_dir()]
+        dirs = sorted({str(Path(site, m.filename).parent) for m in files} | {site})
+        done: set[str] = set()
+        for directory in dirs:  # parents first, each once
+            parts = Path(directory).parts
+            for n in range(1, len(parts) + 1):
+                name = "/".join(parts[:n])
+                if name not in done:
+                    done.add(name)
+                    info = tarfile.TarInfo(name)
+                    info.type, info.mode, info.mtime = tarfile.DIRTYPE, 0o755, 0
+                    tar.addfile(info)
+        for member in files:
+            data = whl.read(member)
+            info = tarfile.TarInfo(f"{site}/{member.filename}")
+            info.size, info.mode, info.mtime = len(data), 0o644, 0
+            tar.addfile(info, io.BytesIO(data))
     return dest
 
 

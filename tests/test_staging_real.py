@@ -26,6 +26,8 @@ from tests.test_slurm_real import SMALL, cluster, kernelspec_dir  # noqa: F401 -
 
 ROOTFS = Path(os.environ.get("HPCK_TEST_ROOTFS_TAR", CACHE / "rootfs.tar"))
 REPOSITORY, TAG = "hpck/debian", "bookworm"
+#: The same image with pip in it (a second layer), like the python:3.12-slim of defs/science.def.
+WITH_PIP = "hpck/debian-pip"
 COMMAND = '[python3, -m, ipykernel_launcher, -f, "{connection_file}"]'
 
 
@@ -39,11 +41,18 @@ def loopback_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[oci_
     if not ROOTFS.is_file():
         pytest.skip(f"the test image's {ROOTFS} is missing (bash .ci/build-test-image.sh builds it)")
     root = tmp_path_factory.mktemp("registry")
-    layout = oci_registry.oci_layout(ROOTFS, root / "layout", TAG)
+    wheels = root / "pip"
+    got = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                          "--python-version", "3.11", "--dest", str(wheels), "pip"],
+                         capture_output=True, text=True, timeout=300)
+    if got.returncode != 0:
+        pytest.skip(f"pip cannot download from its index here: {got.stderr.strip()[-300:]}")
+    pip_tar = oci_registry.pip_layer(next(wheels.glob("pip-*.whl")), root / "pip-layer.tar")
     with oci_registry.serve(root / "server", binary) as registry:
-        oci_registry.push(layout, TAG, f"{registry.host}/{REPOSITORY}:{TAG}", skopeo)
-        (root / "layout").rename(root / "pushed")  # 250 MB we no longer need
-        subprocess.run(["rm", "-rf", str(root / "pushed")], check=True)
+        for name, extra in ((REPOSITORY, ()), (WITH_PIP, (pip_tar,))):
+            layout = oci_registry.oci_layout(ROOTFS, root / "layout", TAG, extra)
+            oci_registry.push(layout, TAG, f"{registry.host}/{name}:{TAG}", skopeo)
+            subprocess.run(["rm", "-rf", str(layout)], check=True)  # 250 MB we no longer need
         yield registry
 
 
@@ -78,22 +87,38 @@ def test_a_prebuild_job_builds_offline_from_a_base_and_wheels_staged_on_the_logi
     host = loopback_registry.host
     reg = make_registry(
         f"defaults:\n  images_dir: images\n  command: {COMMAND}\n"
-        "kernels:\n  offl:\n    def: offl.def\n    requirements: requirements.txt\n",
+        "kernels:\n  offl:\n    def: offl.def\n    requirements: requirements.txt\n"
+        "  sci:\n    def: sci.def\n",
         {"offl.def": f"Bootstrap: docker\nFrom: {host}/{REPOSITORY}:{TAG}\n\n"
                      "%post\n    echo built-offline > /etc/hpck-staged-marker\n",
-         "requirements.txt": "attrs\n"},
+         "requirements.txt": "attrs\n",
+         # The shape of defs/science.def: its own %post installs a requirement file it copies in, with the
+         # image's pip (Debian's Python is externally managed, hence --break-system-packages).
+         "sci.def": f"Bootstrap: docker\nFrom: {host}/{WITH_PIP}:{TAG}\n\n%files\n"
+                    "    sci-requirements.txt /build/requirements.txt\n\n%post\n"
+                    "    python3 -m pip install --break-system-packages --no-cache-dir -r /build/requirements.txt\n"
+                    "    rm -rf /build\n",
+         "sci-requirements.txt": "six==1.15.0\nattrs\n"},  # the image has six 1.16.0
     )
-    done = hpck("build", "offl", "--slurm", "--then-install", "--wait", "--json", *SMALL, "--registry", str(reg))
+    done = hpck("build", "offl", "sci", "--slurm", "--then-install", "--wait", "--json", *SMALL,
+                "--registry", str(reg))
     assert done.returncode == 0, done.stderr
     digest = loopback_registry.manifest_digest(REPOSITORY, TAG)
     # Staged here, on the login node, before the job was submitted.
     assert f"offl: staged base docker://{host}/{REPOSITORY}:{TAG}@{digest[:19]}" in done.stderr
     assert "wheel(s) for Python 3.11 (fetched base docker://" in done.stderr
+    assert f"sci: staged base docker://{host}/{WITH_PIP}:{TAG}@" in done.stderr
     records = {r["kind"]: r for r in slurm.load_records()}
     script = Path(records["build"]["script"]).read_text()
-    assert f'"$kernel" --registry {reg} --offline' in script
-    rows = {r["kind"]: r for r in json.loads(done.stdout)}
-    assert rows["build"]["state"] == "COMPLETED" and rows["install"]["state"] == "COMPLETED"
+    assert f'"$kernel" --registry {reg} --offline' in script and records["build"]["array"] is True
+    assert {(r["kind"], r["state"]) for r in json.loads(done.stdout)} == {("build", "COMPLETED"),
+                                                                          ("install", "COMPLETED")}
+
+    # sci: the recipe's own `pip install -r` ran in the job, offline, from the wheels staged for that file.
+    sci = json.loads((reg.parent / "images" / "sci.sif.hpck.json").read_text())
+    sci_recipe = Path(sci["derived_recipe"]).read_text()
+    assert "export PIP_NO_INDEX=1\n    export PIP_FIND_LINKS=/.hpck/wheels\n" in sci_recipe
+    assert "six==1.15.0" in sci["packages"] and any(p.startswith("attrs==") for p in sci["packages"])
 
     # The job built the derived recipe: the staged SIF as its base, the wheels copied in, pip without an index.
     stamp = json.loads((reg.parent / "images" / "offl.sif.hpck.json").read_text())
