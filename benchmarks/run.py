@@ -36,6 +36,7 @@ def _benches() -> dict[str, Bench]:
     from benchmarks.jobkernels import bench_jobkernel
     from benchmarks.kernels import bench_memory, bench_start
     from benchmarks.podman import bench_podman
+    from benchmarks.staging import bench_staging
 
     return {
         "cli": bench_cli,
@@ -44,10 +45,11 @@ def _benches() -> dict[str, Bench]:
         "compression": bench_compression,
         "podman": bench_podman,
         "jobkernel": bench_jobkernel,
+        "staging": bench_staging,
     }
 
 
-NAMES = ("cli", "start", "memory", "compression", "podman", "jobkernel")
+NAMES = ("cli", "start", "memory", "compression", "podman", "jobkernel", "staging")
 
 
 def machine(env: dict[str, str]) -> dict[str, str]:

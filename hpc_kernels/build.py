@@ -24,6 +24,7 @@ from hpc_kernels.errors import BuildBusyError, BuildError, HpcKernelsError, Lock
 from hpc_kernels.fsutil import LockRecord, atomic_write, cluster_lock, open_private, share_for
 from hpc_kernels.registry import KernelEntry
 from hpc_kernels.runtimes.base import Builder
+from hpc_kernels.staging_settings import Fetch
 
 DIGEST_FORMAT = "hpck-build-1"
 STAMP_SUFFIX = ".hpck.json"
@@ -72,14 +73,14 @@ OFFLINE_PATTERNS = tuple(re.compile(p, re.IGNORECASE) for p in (
 ))
 
 
-def offline_hint(log_tail: str) -> str:
-    """A hint for a build log that says the network could not be reached ("" when it does not)."""
+def offline_hint(log_tail: str, entry: KernelEntry | None = None, staged: bool = False) -> str:
+    """A hint for a build log that says the network could not be reached ("" when it does not): the
+    registry's ``staging:`` setting, or (a staged build) what staging does not cover."""
+    from hpc_kernels.staging import offline_hint as hint
+
     for line in reversed(log_tail.splitlines()):
         if any(p.search(line) for p in OFFLINE_PATTERNS):
-            return (f"this node could not reach the network (the log says: {line.strip()[:200]}). "
-                    "Compute nodes of Narval and Rorqual have no internet: build on a node that has it, or "
-                    "make the recipe work offline as the README's \"Compute nodes without internet\" section "
-                    "shows (a local base image with 'Bootstrap: localimage', a wheelhouse copied in with %files).")
+            return hint(entry, line, staged)
     return ""
 
 
@@ -192,25 +193,39 @@ def _resolve(base: Path, value: str) -> Path:
 
 
 def input_digest(entry: KernelEntry) -> str:
-    """sha256 over the recipe, its %files sources, a localimage base (size+mtime) and the options."""
-    if entry.recipe is None:
+    """sha256 over the recipe, its %files sources, a localimage base (size+mtime), the options, and
+    (:func:`hpc_kernels.staging.digest_parts`) a generated recipe, requirement files and the kernel's lock."""
+    if not entry.buildable:
         return ""
     h = hashlib.sha256()
     h.update(DIGEST_FORMAT.encode())
     h.update(entry.runtime.encode())
     h.update(json.dumps(build_options(entry)).encode())
+    if entry.recipe is None or entry.requirements is not None or (entry.lock is not None and entry.lock.exists()):
+        from hpc_kernels.staging import digest_parts  # not for a plain recipe: `list` digests every kernel
+
+        for part in digest_parts(entry):
+            h.update(part)
+    if entry.recipe is None:
+        if entry.base is not None and entry.base.transport.value == "local":
+            _hash_base(h, Path(entry.base.repository))
+        return h.hexdigest()
     data = entry.recipe.read_bytes()  # read once: `list` digests every kernel of the registry
     h.update(data)
     sources, base = recipe_inputs(entry.recipe, data.decode("utf-8", errors="replace"))
     for src in sources:
         _hash_tree(h, src, entry.recipe.parent)
     if base is not None:
-        try:
-            st = base.stat()
-            h.update(f"base:{base}:{st.st_size}:{st.st_mtime_ns}".encode())
-        except OSError:
-            h.update(f"base:{base}:missing".encode())
+        _hash_base(h, base)
     return h.hexdigest()
+
+
+def _hash_base(h: hashlib._Hash, base: Path) -> None:
+    try:
+        st = base.stat()
+        h.update(f"base:{base}:{st.st_size}:{st.st_mtime_ns}".encode())
+    except OSError:
+        h.update(f"base:{base}:missing".encode())
 
 
 def _hash_tree(h: hashlib._Hash, path: Path, root: Path) -> None:
@@ -243,7 +258,7 @@ def image_state(entry: KernelEntry) -> ImageState:
         from hpc_kernels.runtimes import docker
 
         return docker.image_state(entry)
-    if entry.recipe is None:
+    if not entry.buildable:
         from hpc_kernels import access
 
         if access.blocker(entry.image) is not None:  # a group's image (or a directory on its way) closed to us
@@ -325,15 +340,22 @@ def build(
     builder: Builder | None = None,
     on_line: EventSink = lambda _line: None,
     on_event: EventSink = lambda _msg: None,
+    fetch: Fetch | None = None,
 ) -> BuildResult:
-    """Build ``entry``'s image if its inputs changed (or ``force``); atomically; one builder at a time."""
-    if entry.recipe is None:
+    """Build ``entry``'s image if its inputs changed (or ``force``); atomically; one builder at a time.
+
+    ``fetch``: where the build takes its base image and Python packages from (default: the registry's
+    ``staging:``, :func:`hpc_kernels.staging.default_fetch`); every Apptainer build runs a derived recipe
+    (:func:`hpc_kernels.staging.prepare`) that labels the image with what is inside it.
+    """
+    if not entry.buildable:
         raise BuildError(entry.name, "it has no 'def' recipe in the registry (its image is used as is)")
     # Before anything runs: a header that does not name what the build starts from is refused, and a
     # missing %files source is named (Apptainer would find it only after pulling the base image).
-    from hpc_kernels import recipe
+    from hpc_kernels import provenance, recipe, staging
 
-    recipe.check(entry.recipe)
+    if entry.recipe is not None:
+        recipe.check(entry.recipe)
     check_inputs(entry)
     if entry.runtime in ("docker", "podman"):
         from hpc_kernels.runtimes import docker
@@ -372,9 +394,20 @@ def build(
             )
         digest = state.digest
         adapter = builder or default_builder(entry)  # a missing runtime fails here, before any file is written
-        # In a group tree, members' commands read the recipe and its %files (to tell whether the image is
-        # up to date): a maintainer's editor may have written them 0600.
-        group.publish_inputs([entry.recipe, *recipe_inputs(entry.recipe)[0]])
+        # In a group tree, members' commands read the recipe, its %files and the requirement file (to tell
+        # whether the image is up to date): a maintainer's editor may have written them 0600.
+        inputs = [entry.recipe, *recipe_inputs(entry.recipe)[0]] if entry.recipe is not None else []
+        group.publish_inputs(inputs + ([entry.requirements] if entry.requirements is not None else []))
+        fetch = fetch or staging.default_fetch(entry)
+        try:
+            prepared = staging.prepare(entry, digest=digest, build_id=provenance.new_build_id(digest), fetch=fetch,
+                                       on_event=on_event)
+        except BuildError:
+            raise
+        except HpcKernelsError as exc:  # staging, requirement files: one sentence, before anything is built
+            raise BuildError(entry.name, str(exc).removeprefix(f"kernel '{entry.name}': ")) from None
+        for note in prepared.notes:
+            on_event(f"note: {note}")
         _remove_stale_temporaries(image)
         # Unique across the nodes that share the directory (pids are per node).
         tmp = image.parent / f".{image.name}.tmp-{paths.hostname()}.{os.getpid()}"
@@ -382,7 +415,8 @@ def build(
         try:
             log_fd = open_private(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
             with os.fdopen(log_fd, "w", encoding="utf-8") as log, build_environment():
-                log.write(f"# hpc-kernels build of '{entry.name}' from {entry.recipe}\n")
+                log.write(f"# hpc-kernels build of '{entry.name}' from {prepared.labels.get('org.hpc-kernels.recipe')}"
+                          f" (derived recipe: {prepared.recipe}; inputs: {fetch.value})\n")
 
                 def line_out(line: str) -> None:
                     log.write(line + "\n")
@@ -390,10 +424,10 @@ def build(
                     on_line(line)
 
                 try:
-                    adapter.build(entry.recipe, tmp, build_options(entry), line_out)
+                    adapter.build(prepared.recipe, tmp, build_options(entry), line_out)
                 except BuildError as exc:
-                    raise BuildError(entry.name, exc.reason, exc.log_tail, str(log_path),
-                                     exc.hint or offline_hint(exc.log_tail)) from None
+                    hint = exc.hint or offline_hint(exc.log_tail, entry, staged=prepared.staged is not None)
+                    raise BuildError(entry.name, exc.reason, exc.log_tail, str(log_path), hint) from None
             share = share_for(image.parent)
             if share is not None:  # a group's image: readable by the group, whatever the umask
                 share.publish_file(tmp)
@@ -402,6 +436,7 @@ def build(
             record = {"digest": digest, "built_at": time.time(), "recipe": str(entry.recipe),
                       "options": build_options(entry), "log": str(log_path), "generator": "hpc-kernels",
                       "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+            record.update(provenance.record_fields(prepared, image))
             atomic_write(stamp_path(image), json.dumps(record, indent=1) + "\n")
         finally:
             with contextlib.suppress(FileNotFoundError):

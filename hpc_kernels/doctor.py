@@ -181,7 +181,7 @@ def check_runtime_version(binary: str, ctx: Context) -> Finding:
 
 def check_build_namespaces(ctx: Context, entries: Iterable[KernelEntry]) -> Finding | None:
     """Can this user build here? Unprivileged builds need user namespaces (and subuids for --fakeroot)."""
-    buildable = [e for e in entries if e.recipe is not None and e.runtime == "apptainer"]
+    buildable = [e for e in entries if e.buildable and e.runtime == "apptainer"]
     if not buildable:
         return None
     if ctx.uid == 0:

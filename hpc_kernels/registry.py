@@ -7,10 +7,11 @@ reported with ``file:line``, all of them at once.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import yaml
 
@@ -28,6 +29,10 @@ from hpc_kernels.launchspec import (
     JobRequest,
 )
 from hpc_kernels.slurm_settings import UNSET, SlurmDefaults, from_mapping, job_from_mapping
+from hpc_kernels.staging_settings import Staging
+
+if TYPE_CHECKING:  # image references are parsed only for kernels with `base:` (the registry loads on every command)
+    from hpc_kernels import oci
 
 INTERRUPT_MODES = ("signal", "message")
 COMPRESSIONS = ("gzip", "lz4", "zstd", "xz", "lzo")
@@ -36,6 +41,8 @@ DEFAULT_IDLE_TIMEOUT = 300.0
 #: lz4 squashfs: kernels start in ~0.8x the time of gzip (Apptainer's default), images ~+40 %
 #: (measured: docs/performance.md).
 DEFAULT_COMPRESSION = "lz4"
+#: ``python:`` is a Python version written major.minor (the official ``python:<version>-slim`` image).
+PYTHON_VERSION_RE = re.compile(r"^3\.\d{1,2}$")
 
 SEARCH_ORDER = "--registry PATH, $HPC_KERNELS_REGISTRY, ./kernels.yaml, then the user config dir"
 
@@ -67,11 +74,35 @@ class KernelEntry:
     origin: Path | None = None  # the registry file that defines it (another one than yours: `extends`)
     #: A job kernel: it runs in a Slurm allocation of its own (docs/job-kernels.md).
     job: JobRequest | None = None
+    python: str | None = None  # `python: "3.12"`: the recipe is generated from python:3.12-slim
+    base: oci.ImageRef | None = None  # `base:`: the recipe is generated from this image
+    requirements: Path | None = None  # requirements.txt, pyproject.toml or a pip-compatible lock
+    staging: Staging = Staging.AUTO
 
     @property
     def env_dict(self) -> dict[str, str]:
         """``env`` as a dict (kept as sorted pairs so the dataclass stays hashable)."""
         return dict(self.env)
+
+    @property
+    def buildable(self) -> bool:
+        """hpc-kernels builds its image: it has a ``def`` recipe, or ``python:``/``base:`` to generate one."""
+        return self.recipe is not None or self.python is not None or self.base is not None
+
+    @property
+    def recipe_origin(self) -> Path:
+        """The directory relative paths of the kernel's recipe are read from."""
+        if self.recipe is not None:
+            return self.recipe.parent
+        return self.origin.parent if self.origin is not None else Path.cwd()
+
+    @property
+    def lock(self) -> Path | None:
+        """Where 'build --lock' writes this kernel's lock (``<registry>.locks/<name>.txt``, beside the registry
+        that defines it); builds use it while it exists."""
+        if self.origin is None:
+            return None
+        return self.origin.with_name(f"{self.origin.stem}.locks") / f"{self.name}.txt"
 
 
 @dataclass(frozen=True)
@@ -276,10 +307,10 @@ _TOP_KEYS = {"defaults", "kernels", "extends"}
 # Keys allowed both under `defaults:` and in each kernel.
 _SHARED_KEYS = {
     "runtime", "mode", "binds", "env", "pass_env", "gpu", "interrupt_mode", "runtime_args",
-    "fakeroot", "compression", "idle_timeout", "language", "command", "slurm",
+    "fakeroot", "compression", "idle_timeout", "language", "command", "slurm", "staging",
 }
 _DEFAULT_ONLY = {"images_dir"}
-_KERNEL_ONLY = {"def", "image", "display_name", "job"}
+_KERNEL_ONLY = {"def", "image", "display_name", "job", "python", "base", "requirements"}
 
 
 class _Validator:
@@ -434,6 +465,9 @@ class _Validator:
             self.err(body.lines.get("display_name", line),
                      f"'display_name' of kernel '{name}' must be a non-empty string.")
 
+        staging = Staging(get("staging", lambda v: v in [s.value for s in Staging],
+                              f"one of {', '.join(s.value for s in Staging)}", Staging.AUTO.value))
+        python, base, requirements = self._generated(name, body, line, runtime)
         recipe: Path | None = None
         container_image: str | None = None
         if "def" in body:
@@ -450,8 +484,10 @@ class _Validator:
             image_value = None
         if runtime == "apptainer":
             image = self._path(image_value) if image_value else images_dir / f"{name}.sif"
-            if recipe is None and not image_value:
-                self.err(line, f"kernel '{name}' needs 'def' (a recipe to build) or 'image' (an existing .sif).")
+            if recipe is None and not image_value and python is None and base is None \
+                    and "python" not in body and "base" not in body:
+                self.err(line, f"kernel '{name}' needs 'def' (a recipe to build), 'python' or 'base' (to build "
+                         "from requirement files), or 'image' (an existing .sif).")
         else:
             # docker/podman: `image` names a container image (name:tag); built images get a local tag.
             container_image = image_value or f"localhost/hpc-kernels/{name}:latest"
@@ -491,7 +527,80 @@ class _Validator:
             slurm=slurm,
             origin=self.path,
             job=job,
+            python=python,
+            base=base,
+            requirements=requirements,
+            staging=staging,
         )
+
+    def _generated(self, name: str, body: _Map, line: int,
+                   runtime: str) -> tuple[str | None, oci.ImageRef | None, Path | None]:
+        """``python:``, ``base:`` and ``requirements:`` of a kernel, checked together."""
+        if not any(k in body for k in ("python", "base", "requirements")):
+            return None, None, None
+        python: str | None = None
+        base: oci.ImageRef | None = None
+        requirements: Path | None = None
+        given = [k for k in ("python", "base", "requirements") if k in body]
+        if given and runtime != "apptainer":
+            self.err(body.lines[given[0]], f"'{given[0]}' of kernel '{name}' builds Apptainer images only; "
+                     f"kernel '{name}' has runtime '{runtime}' (write a recipe with 'def' instead).")
+            return None, None, None
+        if "python" in body:
+            value = body["python"]
+            if isinstance(value, float) or (isinstance(value, int) and not isinstance(value, bool)):
+                self.err(body.lines["python"], f"'python' of kernel '{name}' must be a quoted version such as "
+                         f"\"3.12\" (YAML reads {value} as a number, and 3.10 as 3.1).")
+            elif not isinstance(value, str) or not PYTHON_VERSION_RE.match(value.strip()):
+                self.err(body.lines["python"], f"'python' of kernel '{name}' must be a Python version such as "
+                         f"\"3.12\", not {describe_value(value)}.")
+            else:
+                python = value.strip()
+        if "base" in body:
+            value = body["base"]
+            if not _nonempty_str(value):
+                self.err(body.lines["base"], f"'base' of kernel '{name}' must be an image: a reference such as "
+                         "python:3.12-slim or docker://..., or the path of a .sif.")
+            else:
+                base = self._base(name, value.strip(), body.lines["base"])
+        if python is not None and "base" in body:
+            self.err(body.lines["base"], f"kernel '{name}' has both 'python' and 'base': give one ('python: "
+                     "\"3.12\"' means the image python:3.12-slim).")
+        if "def" in body and ("python" in body or "base" in body):
+            key = "python" if "python" in body else "base"
+            self.err(body.lines[key], f"kernel '{name}' has both 'def' and '{key}': a recipe names its own base "
+                     f"(Bootstrap:/From:); drop '{key}', or drop 'def' to let hpc-kernels write the recipe.")
+        if "requirements" in body:
+            value = body["requirements"]
+            if not _nonempty_str(value):
+                self.err(body.lines["requirements"], f"'requirements' of kernel '{name}' must be the path of a "
+                         "requirements.txt, a pyproject.toml or a pip-compatible lock.")
+            else:
+                requirements = self._path(value)
+                if not requirements.is_file():
+                    self.err(body.lines["requirements"], f"requirement file '{value}' of kernel '{name}' not found "
+                             f"(looked for {requirements}).")
+            if not any(k in body for k in ("def", "python", "base")):
+                self.err(body.lines["requirements"], f"kernel '{name}' has 'requirements' but nothing to install "
+                         "them into: add 'python: \"3.12\"', a 'base' image, or a 'def' recipe.")
+        return python, base, requirements
+
+    def _base(self, name: str, value: str, line: int) -> oci.ImageRef | None:
+        """A ``base:`` image: a registry or library reference, or a local image (relative to the registry)."""
+        from hpc_kernels import oci
+
+        local = "://" not in value and (value.startswith(("/", ".", "~", "$")) or value.endswith(".sif"))
+        if local:
+            path = self._path(value)
+            if not path.exists():
+                self.err(line, f"base image '{value}' of kernel '{name}' not found (looked for {path}).")
+                return None
+            return oci.ImageRef(oci.Transport.LOCAL, repository=str(path))
+        try:
+            return oci.parse(value)
+        except oci.ImageRefError as exc:
+            self.err(line, f"'base' of kernel '{name}': {exc}")
+            return None
 
     def _slurm(self, name: str, body: _Map, defaults: _Map) -> SlurmDefaults:
         """`slurm:` of the kernel over `slurm:` of defaults, key by key (see hpc_kernels.slurm_settings)."""

@@ -98,7 +98,8 @@ def test_build_install_and_run_a_real_kernel(project: Path, only_apptainer: Path
     assert done.returncode == 0, done.stderr
     assert image.is_file() and "built" in done.stderr and "log:" in done.stderr
     calls = only_apptainer.read_text().splitlines()
-    assert [c.split()[0] for c in calls] == ["--version", "build"]  # spython ran `singularity` → our shim → apptainer
+    # spython ran `singularity` → our shim → apptainer; then the new image's labels are read back (its record)
+    assert [c.split()[0] for c in calls] == ["--version", "build", "inspect"]
 
     # A no-op build runs no apptainer process at all.
     before = only_apptainer.read_text()

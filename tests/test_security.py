@@ -284,7 +284,9 @@ def test_a_directory_is_a_base_only_when_it_is_a_sandbox(make_registry: Any, bui
     (sandbox / ".singularity.d").mkdir(parents=True)
     (path.parent / "one.def").write_text(f"Bootstrap: localimage\nFrom: {sandbox}\n")
     assert cli.main(["build", "one", "--registry", str(path)]) == 0
-    assert builder.calls == [path.parent / "one.def"]
+    (built,) = builder.calls  # the recipe derived from one.def (labels added), with the sandbox as its base
+    assert built.read_text().startswith(f"# Derived by hpc-kernels from {path.parent / 'one.def'};")
+    assert f"\nFrom: {sandbox}\n" in built.read_text()
 
 
 def test_complete_headers_build(make_registry: Any, builder: RecordingBuilder) -> None:

@@ -92,7 +92,8 @@ def test_dry_run_prints_scripts_and_submits_nothing(
     out = capsys.readouterr().out
     assert rc == 0
     assert out.count("#!/bin/bash") == 2 and "--dependency=afterok:<build job id>" in out
-    assert f"-m hpc_kernels build \"$kernel\" --registry {path} --force\n" in out
+    # staging: auto (the default): the job builds from what was staged here, without network
+    assert f"-m hpc_kernels build \"$kernel\" --registry {path} --force --offline\n" in out
     assert f"#SBATCH --time={slurm.DEFAULT_TIME}" in out
     assert not slurm.jobs_dir().exists()
 

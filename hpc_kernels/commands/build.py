@@ -14,6 +14,8 @@ if TYPE_CHECKING:
     from rich.progress import Progress
 
     from hpc_kernels.build import BuildResult
+    from hpc_kernels.registry import KernelEntry
+    from hpc_kernels.staging_settings import Fetch
 
 HELP = "build kernel images from their .def recipes (only when the inputs changed)"
 
@@ -27,6 +29,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fakeroot", action="store_true",
                         help="build with --fakeroot (for recipes that need root; no sudo is ever used)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    group = parser.add_argument_group(
+        "staging (compute nodes without internet)",
+        "The registry's 'staging:' (auto, always, never) says when hpc-kernels fetches a build's base image and "
+        "Python packages on this node first, so the build needs no network: 'auto' stages for --slurm.")
+    group.add_argument("--offline", action="store_true",
+                       help="build from the inputs staged before, never from the network (what a --slurm job "
+                            "runs); kernels with 'staging: never' build as their recipe says")
+    group.add_argument("--lock", action="store_true",
+                       help="resolve the Python packages anew, stage them, and write the versions (and the base's "
+                            "digest) to <registry>.locks/NAME.txt beside the registry: later builds install "
+                            "exactly those")
+    group.add_argument("--pull", action="store_true",
+                       help="look up the base images' tags again (staging reuses the digest it found first)")
     from hpc_kernels.commands import jobs
 
     jobs.add_build_arguments(parser)
@@ -40,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
 
     if jobs.slurm_requested(args):
         return jobs.run_build(args)
+    _check_staging_flags(args)
 
     reg = registry.load(args.registry)
     entries = ui.selected(reg, args)
@@ -49,7 +65,13 @@ def run(args: argparse.Namespace) -> int:
     results: list[dict[str, object]] = []
     failures: list[str] = []
     for entry in entries:
-        if not args.force and entry.recipe is not None:
+        try:
+            fetch = stage_first(entry, args)
+        except HpcKernelsError as exc:  # nothing was built or written: one sentence
+            failures.append(str(exc))
+            results.append({"kernel": entry.name, "action": "failed", "error": str(exc)})
+            continue
+        if not args.force and entry.buildable and not (args.lock or args.pull):
             # The no-op path, answered without a live progress display (a thread per kernel) or rich.progress.
             t0 = time.monotonic()
             if build.image_state(entry).status == "built":
@@ -72,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
 
             try:
                 result = build.build(entry, force=args.force, wait=not args.no_wait,
-                                     on_line=on_line, on_event=on_event)
+                                     on_line=on_line, on_event=on_event, fetch=fetch)
             except BuildError as exc:
                 failures.append(str(exc))
                 results.append({"kernel": entry.name, "action": "failed", "error": str(exc),
@@ -90,6 +112,57 @@ def run(args: argparse.Namespace) -> int:
             raise HpcKernelsError(failures[0])
         raise HpcKernelsError(f"{len(failures)} of {len(entries)} builds failed:\n" + "\n".join(failures))
     return 0
+
+
+def _check_staging_flags(args: argparse.Namespace) -> None:
+    from hpc_kernels.errors import UsageError
+
+    if args.offline and (args.lock or args.pull):
+        raise UsageError("--offline builds from what was staged; --lock and --pull stage anew: give one or the other.")
+
+
+def stage_first(entry: KernelEntry, args: argparse.Namespace, *, quiet: bool = False) -> Fetch | None:
+    """Stage ``entry``'s inputs on this node when the build should not fetch them itself (``staging: always``,
+    ``--lock``, ``--pull``) and write its lock with ``--lock``; the :class:`~hpc_kernels.staging_settings.Fetch` its
+    build then uses (None: the registry's default)."""
+    from hpc_kernels.staging_settings import Fetch, Staging
+
+    if entry.runtime != "apptainer" or not entry.buildable:
+        return None
+    if args.offline:
+        return Fetch.STAGED if entry.staging is not Staging.NEVER else Fetch.NETWORK
+    if not (args.lock or args.pull or entry.staging is Staging.ALWAYS):
+        return None
+    if entry.staging is Staging.ALWAYS and not (args.lock or args.pull or args.force):
+        from hpc_kernels import build
+
+        if build.image_state(entry).status == "built":
+            return Fetch.STAGED  # up to date: nothing to stage (the build is a no-op)
+    stage_and_report(entry, pull=args.pull, lock=args.lock, quiet=quiet)
+    return Fetch.STAGED
+
+
+def stage_and_report(entry: KernelEntry, *, pull: bool, lock: bool, quiet: bool = False) -> None:
+    """Stage ``entry`` (and write its lock with ``lock``), saying on stderr what was fetched."""
+    from hpc_kernels import staging
+
+    name = entry.name
+
+    def event(msg: str) -> None:
+        if not quiet:
+            ui.say(f"{name}: {msg}", "…")
+
+    result = staging.stage(entry, pull=pull, fresh_lock=lock, on_event=event)
+    parts = [f"base {b.shown}@{b.digest[:19]}" for b in result.bases]
+    if result.wheelhouse is not None and result.probe is not None:
+        parts.append(f"{len(result.wheelhouse.wheels)} wheel(s) for Python {result.probe.python}")
+    how = f"fetched {', '.join(result.fetched)}" if result.fetched else "all from the cache"
+    if parts and not quiet:  # nothing to stage (a local base, no packages): nothing to say
+        ui.say(f"{name}: staged {', '.join(parts)} ({how}, {result.seconds:.1f} s)", "✓", "green")
+    if lock:
+        path = staging.write_lock(entry, result)
+        if not quiet:
+            ui.say(f"{name}: wrote the lock {ui.tilde(path)}", "✓", "green")
 
 
 def _progress(err: Console, kernel: str, enabled: bool) -> Progress:

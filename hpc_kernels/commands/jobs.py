@@ -160,6 +160,9 @@ def run_build(args: argparse.Namespace) -> int:
         raise UsageError("--cpus must be at least 1.")
     if args.wait_timeout is not None and args.wait_timeout <= 0:
         raise UsageError("--wait-timeout must be a number of seconds > 0.")
+    if getattr(args, "offline", False):
+        raise UsageError("--offline is for a build here: a --slurm job builds from the inputs staged on this node "
+                         "by itself (the registry's 'staging:', default 'auto').")
     flags = _flags(args)
     reg = registry.load(args.registry)
     entries = ui.selected(reg, args)
@@ -169,9 +172,18 @@ def run_build(args: argparse.Namespace) -> int:
         entries = [dataclasses.replace(e, fakeroot=True) for e in entries]
     build_args = (["--force"] if args.force else []) + (["--fakeroot"] if fakeroot else [])
     err = ui.console(stderr=True)
-    unbuildable = [e.name for e in entries if e.recipe is None]
+    unbuildable = [e.name for e in entries if not e.buildable]
     if unbuildable:
         raise UsageError(f"nothing to build for {', '.join(unbuildable)}: no 'def' recipe in {reg.path}.")
+    from hpc_kernels import recipe
+
+    for entry in entries:  # a recipe the job would refuse is refused before anything is staged or printed
+        if entry.recipe is not None:
+            recipe.check(entry.recipe)
+    staged: set[str] = set()
+    if getattr(args, "lock", False) or getattr(args, "pull", False):
+        # Locks are written before anything else: they are inputs of the build (its digest covers them).
+        _stage_for_jobs([e for e in entries if e.runtime == "apptainer"], args, staged)
     to_build = entries if args.force or args.dry_run else [
         e for e in entries if build.image_state(e).status != "built"
     ]
@@ -189,7 +201,15 @@ def run_build(args: argparse.Namespace) -> int:
     install = [e.name for e in entries] if args.then_install else []
     # Resources: flag > kernel's slurm: > defaults: slurm: > built-in (an install-only job: the selection's).
     options = slurm.job_options(to_build or entries, flags)
+    # Staging, here on the login node: the job then builds without network (compute nodes have none).
+    from hpc_kernels.staging_settings import Staging
+
+    _stage_for_jobs([e for e in to_build if e.runtime == "apptainer" and e.staging is not Staging.NEVER
+                     and e.name not in staged], args, staged)
+    if any(e.name in staged for e in to_build):
+        build_args.append("--offline")
     if args.dry_run:
+        _print_recipes(to_build, staged)
         _print_scripts(to_build, install, reg.path, options, build_args)
         return 0
     submitted = slurm.submit_builds(to_build, reg.path, options, build_args=build_args, install=install)
@@ -202,6 +222,35 @@ def run_build(args: argparse.Namespace) -> int:
     timeout = args.wait_timeout if args.wait_timeout is not None else \
         slurm.default_wait_timeout(options, submitted)
     return _wait(submitted, args.json, timeout)
+
+
+def _stage_for_jobs(entries: list[Any], args: argparse.Namespace, staged: set[str]) -> None:
+    """Stage each of ``entries`` (and write its lock with --lock); a failure submits nothing."""
+    from hpc_kernels.commands.build import stage_and_report
+    from hpc_kernels.errors import HpcKernelsError
+    from hpc_kernels.staging_settings import Staging
+
+    for entry in entries:
+        try:
+            # On stderr, also with --json: it says why the command is not done yet.
+            stage_and_report(entry, pull=bool(getattr(args, "pull", False)), lock=bool(getattr(args, "lock", False)))
+        except HpcKernelsError as exc:
+            raise HpcKernelsError(f"no job submitted: {exc}") from None
+        if entry.staging is not Staging.NEVER:  # a kernel with 'staging: never' still builds as its recipe says
+            staged.add(entry.name)
+
+
+def _print_recipes(to_build: list[Any], staged: set[str]) -> None:
+    """``--dry-run``: the recipe each job task builds, derived from the kernel's (never written over)."""
+    from hpc_kernels import staging
+
+    for entry in to_build:
+        if entry.runtime != "apptainer":
+            continue
+        how = "from the inputs staged on this node, without network" if entry.name in staged else \
+            "as its recipe says (staging: never): the job fetches what it needs"
+        text = staging.preview(entry, staged_inputs=entry.name in staged)
+        sys.stdout.write(f"# the recipe the job builds for kernel '{entry.name}', {how}:\n{text}\n")
 
 
 def _flags(args: argparse.Namespace) -> Any:

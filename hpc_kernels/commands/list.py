@@ -16,11 +16,14 @@ COLOURS = {"built": "green", "stale": "yellow", "missing": "red", "foreign": "ye
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``list``."""
     parser.add_argument("--json", action="store_true", help="print JSON for scripts")
+    parser.add_argument("--builds", action="store_true",
+                        help="also show each image's build id (the one 'show NAME' prints and the image's labels "
+                             "carry)")
 
 
 def run(args: argparse.Namespace) -> int:
     """Render the registry's kernels (or JSON); name the copies of a kernelspec that another copy hides."""
-    from hpc_kernels import build, kernelspec, registry, ui
+    from hpc_kernels import build, kernelspec, provenance, registry, ui
 
     reg = registry.load(args.registry)
     installed = kernelspec.installed_ours_all()
@@ -34,9 +37,10 @@ def run(args: argparse.Namespace) -> int:
         image = str(entry.image) if entry.runtime == "apptainer" else entry.container_image
         copies = installed.get(entry.name, [])
         overrides = str(base.path) if base is not None and entry.name in reg.overridden else None
+        build_id = provenance.build_id(entry) if state not in ("missing", "external", "external-missing") else None
         rows.append({
             "kernel": entry.name, "display_name": entry.display_name, "runtime": entry.runtime,
-            "mode": entry.mode, "image": image, "image_state": state,
+            "mode": entry.mode, "image": image, "image_state": state, "build_id": build_id,
             "installed": str(copies[0]) if copies else None, "shadowed": [str(p) for p in copies[1:]],
             "registry": str(reg.origin(entry)), "overrides": overrides,
         })
@@ -46,7 +50,8 @@ def run(args: argparse.Namespace) -> int:
             row.append(ui.Cell(f"yours, over {theirs}" if overrides else "yours" if mine else theirs,
                                "cyan" if mine else ""))
         cells.append([*row, f"{entry.runtime}/{entry.mode}", ui.tilde(image) if image else "—",
-                      ui.Cell(state, COLOURS.get(state, "")), ui.tilde(copies[0]) if copies else "—"])
+                      ui.Cell(state, COLOURS.get(state, "")), *([build_id or "—"] if args.builds else []),
+                      ui.tilde(copies[0]) if copies else "—"])
         notes += [_hidden_note(entry.name, copies[0], hidden) for hidden in copies[1:]]
     if base is not None and reg.overridden and not args.json:
         notes.append(f"{', '.join(reg.overridden)}: yours, from {ui.tilde(reg.path)}, instead of {theirs}'s "
@@ -58,7 +63,8 @@ def run(args: argparse.Namespace) -> int:
         ui.plain_note(ui.no_kernels_note(reg))
         return 0
     columns = (ui.Column("kernel"), *((ui.Column("from"),) if base is not None else ()), ui.Column("runtime/mode"),
-               ui.Column("image", long=True), ui.Column("state"), ui.Column("installed", long=True))
+               ui.Column("image", long=True), ui.Column("state"), *((ui.Column("build"),) if args.builds else ()),
+               ui.Column("installed", long=True))
     extends = f", extending {ui.tilde(base.path)}" if base is not None else ""
     ui.print_rows(columns, cells, title=f"{ui.tilde(reg.path)} (found via {reg.source}{extends})")
     for text in notes:
