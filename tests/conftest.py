@@ -34,11 +34,37 @@ def isolated_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.
     monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(home / ".local/share/jupyter/runtime"))
     monkeypatch.setenv("IPYTHONDIR", str(home / ".ipython"))
     monkeypatch.setenv("PYDEVD_DISABLE_FILE_VALIDATION", "1")
+    # Nothing beyond loopback: no best-effort digest lookup of a registry base (in this process or a child).
+    monkeypatch.setenv("HPC_KERNELS_NO_LOOKUP", "1")
     for var in ("JUPYTER_PATH", "HPC_KERNELS_REGISTRY", "HPC_KERNELS_DATA", "HPC_KERNELS_STATE",
                 "HPC_KERNELS_IMAGES", "APPTAINER_BIND", "SLURM_TMPDIR", "HPC_KERNELS_APPTAINER"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.chdir(home)
     return home
+
+
+@pytest.fixture(autouse=True)
+def loopback_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Registry requests from this process go to loopback only (the test bed's own registry); any other
+    host fails at once as unreachable, before a DNS lookup: tests never send traffic off this machine."""
+    import ipaddress
+    import urllib.parse
+
+    from hpc_kernels import oci
+
+    real = oci._request
+
+    def guarded(method: str, url: str, headers: dict[str, str], ref: Any, timeout: float) -> Any:
+        host = urllib.parse.urlsplit(url).hostname or ""
+        try:
+            local = host == "localhost" or ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            local = False
+        if not local:
+            raise oci.RegistryError("unreachable", f"cannot reach the registry {host} (tests stay on loopback).")
+        return real(method, url, headers, ref, timeout)
+
+    monkeypatch.setattr(oci, "_request", guarded)
 
 
 @pytest.fixture(autouse=True)
