@@ -446,6 +446,10 @@ class _Validator:
             if not ENV_NAME_RE.match(str(key)):
                 self.err(_line(body, defaults, "env"),
                          f"environment variable name {key!r} of kernel '{name}' is not valid.")
+            if any("\ud800" <= c <= "\udfff" for c in str(value)):  # YAML's "\ud83d\ude42" is two lone halves
+                self.err(_line(body, defaults, "env"),
+                         f"the value of {key} of kernel '{name}' holds a lone UTF-16 surrogate (a \\uD8xx escape): "
+                         "write the character itself, or \\U0001XXXX for characters beyond U+FFFF.")
             env[str(key)] = str(value)
         pass_env = tuple(get("pass_env", _str_list_or_empty, "a list of variable names (NAME or PREFIX*)", []))
         for var in pass_env:

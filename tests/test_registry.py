@@ -169,3 +169,11 @@ def test_a_registry_that_is_not_text_is_one_sentence_with_its_line(
         registry.load_file(path)
     (problem,) = info.value.problems
     assert problem.startswith(f"{path}:{line}: ") and expected in problem
+
+
+def test_an_env_value_with_a_lone_surrogate_is_one_sentence(make_registry: Any) -> None:
+    """JSON-style escapes of an emoji ("\\ud83d\\ude42") reach PyYAML as two lone halves, which no process can be
+    given: refused at load with the fix, not a UnicodeEncodeError at launch."""
+    path = make_registry('kernels:\n  k:\n    image: /x.sif\n    env: {X: "a\\ud83d\\ude42"}\n')
+    with pytest.raises(registry.RegistryError, match="lone UTF-16 surrogate"):
+        registry.load(path)

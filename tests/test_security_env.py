@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from hpc_kernels import kernelspec, registry
 from tests.conftest import run_cell, start_ready_kernel
@@ -50,7 +51,9 @@ def generated(marker: str, count: int, seed: int) -> list[str]:
 
 def registry_text(name: str, extra: str, values: dict[str, str]) -> str:
     # JSON is YAML: every value written as a double-quoted, escaped scalar.
-    env = ", ".join(f"{k}: {json.dumps(v)}" for k, v in values.items())
+    # PyYAML's own quoting (double-quoted, with \x, \u and \U escapes where needed): the loader reads it back
+    # exactly (JSON's surrogate-pair escapes would come back as two lone surrogates).
+    env = yaml.safe_dump(values, default_flow_style=True, width=10**9).strip()[1:-1]
     return f"""
         kernels:
           {name}:
