@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hpc_kernels import paths
 from hpc_kernels.errors import BuildBusyError, BuildError, HpcKernelsError, LockBusyError
@@ -25,6 +26,10 @@ from hpc_kernels.fsutil import LockRecord, atomic_write, cluster_lock, open_priv
 from hpc_kernels.registry import KernelEntry
 from hpc_kernels.runtimes.base import Builder
 from hpc_kernels.staging_settings import Fetch
+
+if TYPE_CHECKING:
+    from hpc_kernels.buildtemp import BuildTemp
+    from hpc_kernels.imagecheck import Probe
 
 DIGEST_FORMAT = "hpck-build-1"
 STAMP_SUFFIX = ".hpck.json"
@@ -301,17 +306,22 @@ def _changed_since_build(stamp: dict[str, object], st: os.stat_result) -> bool:
 
 
 @contextlib.contextmanager
-def build_environment() -> Iterator[None]:
-    """DRAC's advice for builds, for this process only: no APPTAINER_BIND, cache/tmp on node-local disk."""
+def build_environment(temp: BuildTemp | None = None) -> Iterator[None]:
+    """DRAC's advice for builds, for this process only: no APPTAINER_BIND, the cache on node-local disk; and,
+    for the build ``temp``, its private ``APPTAINER_TMPDIR`` and the record its guard reads."""
     saved = dict(os.environ)
     for var in ("APPTAINER_BIND", "SINGULARITY_BIND", "APPTAINER_BINDPATH", "SINGULARITY_BINDPATH"):
         os.environ.pop(var, None)
     tmp = os.environ.get("SLURM_TMPDIR")
-    if tmp:
-        for var, sub in (("APPTAINER_CACHEDIR", "apptainer-cache"), ("APPTAINER_TMPDIR", "apptainer-tmp")):
-            if var not in saved:
-                os.environ[var] = str(Path(tmp) / sub)
-                Path(os.environ[var]).mkdir(parents=True, exist_ok=True)
+    if tmp and "APPTAINER_CACHEDIR" not in saved:
+        os.environ["APPTAINER_CACHEDIR"] = str(Path(tmp) / "apptainer-cache")
+        Path(os.environ["APPTAINER_CACHEDIR"]).mkdir(parents=True, exist_ok=True)
+    if temp is not None:
+        from hpc_kernels import buildtemp
+
+        os.environ["APPTAINER_TMPDIR"] = str(temp.tmpdir)
+        os.environ.pop("SINGULARITY_TMPDIR", None)
+        os.environ[buildtemp.ENV_RECORD] = str(temp.record)
     try:
         yield
     finally:
@@ -319,12 +329,58 @@ def build_environment() -> Iterator[None]:
         os.environ.update(saved)
 
 
+@contextlib.contextmanager
+def build_workspace(entry: KernelEntry, note: EventSink) -> Iterator[BuildTemp]:
+    """The places of one build (:mod:`hpc_kernels.buildtemp`), made under the image's lock after sweeping
+    what killed builds of the image left; removed afterwards. When the build fails or is interrupted, its
+    processes are stopped first (their guard watches the record this cancels)."""
+    from hpc_kernels import buildtemp
+
+    for line in buildtemp.sweep_image(entry.image):
+        note(f"hpc-kernels: {line}")
+    temp = buildtemp.create(entry.name, entry.image)
+    try:
+        yield temp
+    except BaseException:
+        buildtemp.cancel(temp)
+        buildtemp.wait_for_guard(temp)
+        raise
+    finally:
+        for problem in buildtemp.remove(temp):
+            note(f"hpc-kernels: could not remove {problem} ('hpc-kernels gc' will try again)")
+
+
+def verify_image(entry: KernelEntry, image: str, adapter: Builder, note: EventSink, log_path: Path) -> Probe:
+    """A built image that cannot start its kernel is a failed build: look into it before it replaces the
+    previous image, and find the Python the kernel runs (:mod:`hpc_kernels.imagecheck`)."""
+    from hpc_kernels import imagecheck
+
+    note("hpc-kernels: checking that the new image can start the kernel")
+    try:
+        found = imagecheck.probe(entry, adapter.runner(entry, image))
+    except imagecheck.ImageCheckError as exc:
+        raise BuildError(entry.name, f"the new image cannot start the kernel: {exc.reason}; {exc.fix} "
+                         "(the previous image, if any, is kept)", log_path=str(log_path)) from None
+    except imagecheck.ProbeFailed as exc:
+        raise BuildError(entry.name, f"the new image could not be started to check it: {exc} "
+                         "(the previous image, if any, is kept)", log_path=str(log_path)) from None
+    note(f"hpc-kernels: the kernel runs '{found.program}' ('{found.checked}' works in the image)"
+         if found.checked != "exists" else f"hpc-kernels: the kernel's program '{found.program}' is in the image")
+    return found
+
+
 def default_builder(entry: KernelEntry) -> Builder:
     """The adapter that builds images for ``entry.runtime``."""
     if entry.runtime == "apptainer":
+        from hpc_kernels.errors import RuntimeNotFoundError
         from hpc_kernels.runtimes.apptainer import Apptainer
 
-        return Apptainer()
+        try:
+            return Apptainer()
+        except RuntimeNotFoundError as exc:
+            # Kernels fall back to the Apptainer recorded at install time; a build does not: say so.
+            raise RuntimeNotFoundError(f"building '{entry.name}' needs Apptainer on PATH (installed kernels can "
+                                       f"start without it, builds cannot): {exc}") from None
     if entry.runtime in ("docker", "podman"):
         from hpc_kernels.runtimes.docker import ContainerCLI
 
@@ -408,55 +464,41 @@ def build(
             raise BuildError(entry.name, str(exc).removeprefix(f"kernel '{entry.name}': ")) from None
         for note in prepared.notes:
             on_event(f"note: {note}")
-        _remove_stale_temporaries(image)
-        # Unique across the nodes that share the directory (pids are per node).
-        tmp = image.parent / f".{image.name}.tmp-{paths.hostname()}.{os.getpid()}"
         log_path = paths.private(paths.log_dir()) / f"build-{entry.name}-{time.strftime('%Y%m%d-%H%M%S')}.log"
-        try:
-            log_fd = open_private(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-            with os.fdopen(log_fd, "w", encoding="utf-8") as log, build_environment():
-                log.write(f"# hpc-kernels build of '{entry.name}' from {prepared.labels.get('org.hpc-kernels.recipe')}"
-                          f" (derived recipe: {prepared.recipe}; inputs: {fetch.value})\n")
+        log_fd = open_private(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        with os.fdopen(log_fd, "w", encoding="utf-8") as log:
+            log.write(f"# hpc-kernels build of '{entry.name}' from {prepared.labels.get('org.hpc-kernels.recipe')}"
+                      f" (derived recipe: {prepared.recipe}; inputs: {fetch.value})\n")
 
-                def line_out(line: str) -> None:
-                    log.write(line + "\n")
-                    log.flush()
-                    on_line(line)
+            def line_out(line: str) -> None:
+                log.write(line + "\n")
+                log.flush()
+                on_line(line)
 
+            with build_workspace(entry, line_out) as temp, build_environment(temp):
                 try:
-                    adapter.build(prepared.recipe, tmp, build_options(entry), line_out)
+                    adapter.build(prepared.recipe, temp.temp_image, build_options(entry), line_out)
                 except BuildError as exc:
                     hint = exc.hint or offline_hint(exc.log_tail, entry, staged=prepared.staged is not None)
                     raise BuildError(entry.name, exc.reason, exc.log_tail, str(log_path), hint) from None
-            share = share_for(image.parent)
-            if share is not None:  # a group's image: readable by the group, whatever the umask
-                share.publish_file(tmp)
-            os.replace(tmp, image)  # running kernels keep the old inode; the next start gets this one
-            st = image.stat()
-            record = {"digest": digest, "built_at": time.time(), "recipe": str(entry.recipe),
-                      "options": build_options(entry), "log": str(log_path), "generator": "hpc-kernels",
-                      "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-            record.update(provenance.record_fields(prepared, image))
-            atomic_write(stamp_path(image), json.dumps(record, indent=1) + "\n")
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
+                found = verify_image(entry, str(temp.temp_image), adapter, line_out, log_path)
+                share = share_for(image.parent)
+                if share is not None:  # a group's image: readable by the group, whatever the umask
+                    share.publish_file(temp.temp_image)
+                os.replace(temp.temp_image, image)  # running kernels keep the old inode; the next start gets this
+                st = image.stat()
+                record = {"digest": digest, "built_at": time.time(), "recipe": str(entry.recipe),
+                          "options": build_options(entry), "log": str(log_path), "generator": "hpc-kernels",
+                          "size": st.st_size, "mtime_ns": st.st_mtime_ns, **found.record()}
+                record.update(provenance.record_fields(prepared, image))
+                atomic_write(stamp_path(image), json.dumps(record, indent=1) + "\n")
     return BuildResult(entry.name, "built", image, log_path, time.monotonic() - start)
 
 
 def lock_path(image: Path) -> Path:
     """The build lock of ``image`` (a :func:`~hpc_kernels.fsutil.cluster_lock`: builds of one image on
     several nodes, by several users of a group, exclude each other)."""
-    return image.parent / f".{image.name}.build-lock"
+    from hpc_kernels import buildtemp
 
+    return buildtemp.image_lock(image)
 
-def _remove_stale_temporaries(image: Path) -> None:
-    # Called under the image lock: any temporary left is from a killed build.
-    for stale in image.parent.glob(f".{image.name}.tmp-*"):
-        with contextlib.suppress(OSError):
-            if stale.is_dir():
-                import shutil
-
-                shutil.rmtree(stale)
-            else:
-                stale.unlink()

@@ -9,6 +9,7 @@ programs through :func:`hpc_kernels.proc.run`, with time-outs.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -113,8 +114,14 @@ def _user_name() -> str:
 # ----------------------------------------------------------------------------- host checks
 
 
-def check_runtime(ctx: Context, runtime: str = "apptainer") -> tuple[Finding, str | None]:
-    """Is the container program on PATH? Returns the finding and the binary (None when absent)."""
+def check_runtime(ctx: Context, runtime: str = "apptainer",
+                  fallbacks: Mapping[str, str] | None = None) -> tuple[Finding, str | None]:
+    """Which container program the kernels will use; returns the finding and the binary (None when none).
+
+    For Apptainer this follows the launcher: ``$HPC_KERNELS_APPTAINER``, ``apptainer`` or ``singularity`` on
+    PATH, else the one each kernelspec recorded when it was installed (``fallbacks``: installed kernel name
+    to that path), so a JupyterHub session without ``module load apptainer`` is reported as it is.
+    """
     import shutil
 
     if runtime == "apptainer":
@@ -123,9 +130,7 @@ def check_runtime(ctx: Context, runtime: str = "apptainer") -> tuple[Finding, st
         try:
             binary = apptainer.find_binary(ctx.environ)
         except RuntimeNotFoundError as exc:
-            return Finding("runtime", FAIL, f"no Apptainer: {exc}",
-                           "on DRAC clusters run 'module load apptainer' (it is not in StdEnv) before "
-                           "starting Jupyter, or set HPC_KERNELS_APPTAINER to the program's path."), None
+            return _runtime_fallback(ctx, str(exc), fallbacks or {})
         return Finding("runtime", OK, f"Apptainer found: {binary}"), binary
     found = shutil.which(runtime, path=ctx.environ.get("PATH"))
     if not found:
@@ -133,6 +138,34 @@ def check_runtime(ctx: Context, runtime: str = "apptainer") -> tuple[Finding, st
                        f"install {runtime} (Docker/Podman are for laptops and workstations; HPC clusters "
                        "offer Apptainer: set 'runtime: apptainer' there)."), None
     return Finding("runtime", OK, f"{runtime} found: {found}"), found
+
+
+def _runtime_fallback(ctx: Context, problem: str, fallbacks: Mapping[str, str]) -> tuple[Finding, str | None]:
+    """No Apptainer on PATH: what each installed kernel's launcher falls back to (the install-time one)."""
+    from hpc_kernels.runtimes import apptainer
+
+    fix = ("on DRAC clusters run 'module load apptainer' (it is not in StdEnv) before starting Jupyter, or set "
+           "HPC_KERNELS_APPTAINER to the program's path.")
+    if ctx.environ.get("HPC_KERNELS_APPTAINER"):  # a bad override stops the launcher too: no fallback
+        return Finding("runtime", FAIL, f"no Apptainer: {problem}", fix), None
+    usable: dict[str, str] = {}
+    for name, hint in sorted(fallbacks.items()):
+        with contextlib.suppress(RuntimeNotFoundError):
+            usable[name] = apptainer.find_binary(ctx.environ, fallback=hint)
+    stranded = sorted(set(fallbacks) - set(usable))
+    if not usable:
+        none = (f"; the installed kernels ({', '.join(stranded)}) recorded none that still exists" if stranded
+                else "")
+        return Finding("runtime", FAIL, f"no Apptainer: {problem}{none}", fix), None
+    binaries = sorted(set(usable.values()))
+    uses = "; ".join(f"{b} ({', '.join(n for n, u in usable.items() if u == b)})" for b in binaries)
+    message = (f"no Apptainer on PATH, but the installed kernels start with the one recorded when they were "
+               f"installed (the launcher's fallback): {uses}")
+    builds = "'hpc-kernels build' needs it on PATH: 'module load apptainer' first."
+    if stranded:
+        return Finding("runtime", WARN, f"{message}; {', '.join(stranded)} recorded none that exists and will "
+                       "not start.", fix + " Or reinstall those kernels where Apptainer is on PATH."), binaries[0]
+    return Finding("runtime", OK, f"{message}. {builds}"), binaries[0]
 
 
 def parse_version(text: str) -> tuple[str, tuple[int, ...]] | None:
@@ -378,29 +411,42 @@ def _launcher_prefix(argv: list[str]) -> list[str]:
     return argv[:i + 2] if i < len(argv) and argv[i] == "-m" else argv[:i + 1]
 
 
-def _command_module(command: tuple[str, ...]) -> str | None:
-    """The module a ``python -m MODULE`` command runs."""
-    for i, arg in enumerate(command[:-1]):
-        if arg == "-m":
-            return command[i + 1]
-    return None
+def _source_exists(bind: str, ctx: Context) -> bool:
+    """Does the source of ``bind`` (variables expanded like the launcher does) exist on this node?"""
+    source = _expandvars(bind, ctx.environ).split(":", 1)[0]
+    return bool(source) and ctx.exists(source)
 
 
-def check_ipykernel(entry: KernelEntry, binary: str, ctx: Context) -> Finding | None:
-    """Run the kernel's Python inside the image, as the launcher would, and import ipykernel there."""
-    if entry.runtime != "apptainer" or not os.access(entry.image, os.R_OK):
+def check_ipykernel(entry: KernelEntry, binary: str | None, ctx: Context) -> Finding | None:
+    """Run the kernel's Python inside the image, as the launcher would, and import ipykernel there.
+
+    Never skipped in silence: without a runtime or an image the finding says it was not checked and why. A
+    bind source missing on this node (a ``binds`` failure of its own) is left out of the probe.
+    """
+    from hpc_kernels import imagecheck
+
+    if entry.runtime != "apptainer":
         return None
-    program = entry.command[0]
-    if not os.path.basename(program).startswith("python"):
+    if not entry.image.exists():
+        return Finding("ipykernel", WARN, f"not checked: the image {entry.image} does not exist (see 'image').",
+                       "build or fix the image, then run doctor again.", entry.name)
+    if not os.access(entry.image, os.R_OK):
+        return None  # check_image says who may read it (a group's image the group cannot read)
+    if binary is None:
+        return Finding("ipykernel", WARN, "not checked: no Apptainer to run the image with (see 'runtime').",
+                       "make Apptainer available ('module load apptainer'), then run doctor again.", entry.name)
+    command = imagecheck.kernel_command(entry)
+    program = command[0]
+    if not imagecheck.is_python(program):
         return Finding("ipykernel", OK, f"'{program}' is not a Python: not probed.", kernel=entry.name)
-    module = _command_module(entry.command) or "ipykernel"
-    # ipykernel_launcher is a module of the ipykernel distribution; importing ipykernel also
-    # catches a broken install (pyzmq missing) that a mere file lookup would not.
-    code = "import ipykernel" if module in ("ipykernel_launcher", "ipykernel") else f"import {module}"
+    code = imagecheck.import_code(command)
     from hpc_kernels import kernelspec, proc
     from hpc_kernels.runtimes import apptainer
 
-    spec = dataclasses.replace(kernelspec.launch_spec(entry), command=(program, "-c", code))
+    missing = [b for b in entry.binds if not _source_exists(b, ctx)]
+    without = f" (without the missing bind source(s) {', '.join(missing)})" if missing else ""
+    spec = dataclasses.replace(kernelspec.launch_spec(entry), command=(program, "-c", code),
+                               binds=tuple(b for b in entry.binds if b not in missing))
     with tempfile.NamedTemporaryFile(prefix="hpck-doctor-", suffix=".json") as conn:
         argv, env, _warnings = apptainer.exec_command(spec, conn.name, binary, ctx.environ, ctx.exists)
         try:
@@ -410,13 +456,16 @@ def check_ipykernel(entry: KernelEntry, binary: str, ctx: Context) -> Finding | 
                            "try again on a less busy node (or inside a job).", entry.name)
     out = (result.stderr + result.stdout).strip()
     if result.returncode == 0:
-        return Finding("ipykernel", OK, f"'{program} -c \"{code}\"' works in the image.", kernel=entry.name)
-    if "executable file not found" in out or "no such file or directory" in out.lower():
-        return Finding("ipykernel", FAIL,
-                       f"the kernel's program '{program}' does not exist in {entry.image}.",
-                       f"set 'command:' of kernel '{entry.name}' to the image's Python, e.g. [python3, -m, "
-                       "ipykernel_launcher, -f, \"{connection_file}\"], then 'hpc-kernels install "
-                       f"{entry.name}'.", entry.name)
+        return Finding("ipykernel", OK, f"'{program} -c \"{code}\"' works in the image{without}.",
+                       kernel=entry.name)
+    if imagecheck.classify(result.returncode, out) == "missing":
+        fix = (f"set 'command:' of kernel '{entry.name}' to the image's Python, e.g. [python3, -m, "
+               "ipykernel_launcher, -f, \"{connection_file}\"], then 'hpc-kernels install "
+               f"{entry.name}'." if entry.command_given else
+               f"run 'hpc-kernels install {entry.name}': it looks for the image's Python (python3, then python) "
+               "and uses it (an image with neither needs Python and ipykernel in its recipe's %post).")
+        return Finding("ipykernel", FAIL, f"the kernel's program '{program}' does not exist in {entry.image}.",
+                       fix, entry.name)
     if "ModuleNotFoundError" in out or "ImportError" in out:
         return Finding("ipykernel", FAIL,
                        f"'{code}' fails in {entry.image}: {_last_line(out)}",
@@ -757,9 +806,7 @@ def kernel_findings(entry: KernelEntry, apptainer_bin: str | None, installed: Pa
                     ctx: Context) -> list[Finding]:
     """Every per-kernel check, in report order; checks that do not apply return nothing."""
     binds = check_binds(entry, ctx)
-    # A missing bind source makes the probe fail for that reason only: skip it then.
-    probe = check_ipykernel(entry, apptainer_bin, ctx) if apptainer_bin and (
-        binds is None or binds.status == OK) else None
+    probe = check_ipykernel(entry, apptainer_bin, ctx)
     found = [check_image(entry), binds, probe, check_gpu(entry, ctx), check_slurm_job(entry, ctx),
              check_kernel_env(entry),
              check_kernelspec(entry, ctx)]
@@ -786,10 +833,12 @@ def run_checks(registry: Registry | None, names: list[str] | None = None, ctx: C
             entries = [registry.get(n) for n in names]
         findings.append(Finding("registry", OK, f"{registry.path} (found via {registry.source}), "
                                                 f"{len(registry.kernels)} kernel(s)."))
+    installed = kernelspec.installed_ours()
     runtimes = sorted({e.runtime for e in entries}) or ["apptainer"]
+    fallbacks = runtime_hints(installed, {e.name for e in entries} if names else None)
     binaries: dict[str, str | None] = {}
     for runtime in runtimes:
-        finding, binaries[runtime] = check_runtime(ctx, runtime)
+        finding, binaries[runtime] = check_runtime(ctx, runtime, fallbacks)
         findings.append(finding)
     apptainer_bin = binaries.get("apptainer")
     if apptainer_bin:
@@ -802,7 +851,6 @@ def run_checks(registry: Registry | None, names: list[str] | None = None, ctx: C
     findings += check_state_dirs()
     if registry is not None:
         findings += check_group(registry, ctx)
-    installed = kernelspec.installed_ours()
     for entry in entries:
         findings += kernel_findings(entry, apptainer_bin, installed.get(entry.name), ctx)
     if not names:
@@ -812,6 +860,23 @@ def run_checks(registry: Registry | None, names: list[str] | None = None, ctx: C
                 findings += check_installed(name, kdir, None, ctx)
     return Report(tuple(findings), tuple(str(d) for d in kernelspec.search_dirs()),
                   str(registry.path) if registry else None)
+
+
+def runtime_hints(installed: Mapping[str, Path], only: set[str] | None = None) -> dict[str, str]:
+    """The Apptainer each installed kernel's launcher falls back to (recorded at install time; "" if none)."""
+    from hpc_kernels.launchspec import read_kernel_json
+
+    hints: dict[str, str] = {}
+    for name, kdir in installed.items():
+        if only is not None and name not in only:
+            continue
+        try:
+            _data, spec = read_kernel_json(str(kdir / "kernel.json"))
+        except (OSError, ValueError):
+            continue
+        if spec.runtime == "apptainer":
+            hints[name] = spec.runtime_hint
+    return hints
 
 
 def load_registry(explicit: str | None) -> tuple[Registry | None, str | None]:

@@ -12,7 +12,7 @@ import errno
 import json
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,13 +54,16 @@ class Target:
 
 
 def launch_spec(entry: KernelEntry, registry: Path | None = None) -> LaunchSpec:
-    """The launcher's input for ``entry``."""
+    """The launcher's input for ``entry`` (its command with the Python found in the image, when the registry
+    gives none: :func:`hpc_kernels.imagecheck.kernel_command`)."""
+    from hpc_kernels import imagecheck
+
     return LaunchSpec(
         kernel=entry.name,
         runtime=entry.runtime,
         mode=entry.mode,
         image=str(entry.image),
-        command=entry.command,
+        command=imagecheck.kernel_command(entry),
         binds=entry.binds,
         env=entry.env,
         pass_env=entry.pass_env,
@@ -173,9 +176,17 @@ def half_written(kernel_dir: Path) -> bool:
     return False  # complete JSON that is not ours: someone else's
 
 
-def install(entry: KernelEntry, target: Target, registry: Path | None = None) -> Path:
+def install(entry: KernelEntry, target: Target, registry: Path | None = None,
+            on_note: Callable[[str], None] | None = None) -> Path:
     """Install ``entry``'s kernelspec atomically: the whole directory is written beside its place and
-    renamed into it, so Jupyter never sees a half-written one, whatever fails (a full disk, a quota)."""
+    renamed into it, so Jupyter never sees a half-written one, whatever fails (a full disk, a quota).
+
+    An image whose Python has not been found yet (given as is, or built by an older hpc-kernels) is looked
+    into first (:func:`hpc_kernels.imagecheck.probe_for_install`): one that cannot start its kernel is
+    refused with the fix, before anything is written; ``on_note`` hears when the image could not be checked.
+    """
+    from hpc_kernels import imagecheck
+
     kdir = target.kernels_dir()
     dest = kdir / entry.name
     from hpc_kernels import group
@@ -188,6 +199,9 @@ def install(entry: KernelEntry, target: Target, registry: Path | None = None) ->
             f"a kernelspec named '{entry.name}' already exists at {dest} and was not written by "
             "hpc-kernels; remove it yourself or rename the kernel in the registry."
         )
+    _found, note = imagecheck.probe_for_install(entry)
+    if note and on_note:
+        on_note(note)
     data = kernel_json(entry, dest / "kernel.json", registry)
     try:
         # In a group directory (setgid /project): the group's modes, whatever the umask (fsutil.Share).

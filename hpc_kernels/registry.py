@@ -36,7 +36,9 @@ if TYPE_CHECKING:  # image references are parsed only for kernels with `base:` (
 
 INTERRUPT_MODES = ("signal", "message")
 COMPRESSIONS = ("gzip", "lz4", "zstd", "xz", "lzo")
-DEFAULT_COMMAND = ("python", "-m", "ipykernel_launcher", "-f", "{connection_file}")
+#: The kernel's command when the registry gives none; the Python is the one found in the image
+#: (python3, else python: hpc_kernels.imagecheck), python3 until an image has been looked into.
+DEFAULT_COMMAND = ("python3", "-m", "ipykernel_launcher", "-f", "{connection_file}")
 DEFAULT_IDLE_TIMEOUT = 300.0
 #: lz4 squashfs: kernels start in ~0.8x the time of gzip (Apptainer's default), images ~+40 %
 #: (measured: docs/performance.md).
@@ -78,6 +80,9 @@ class KernelEntry:
     base: oci.ImageRef | None = None  # `base:`: the recipe is generated from this image
     requirements: Path | None = None  # requirements.txt, pyproject.toml or a pip-compatible lock
     staging: Staging = Staging.AUTO
+    #: True when the registry (the kernel or its defaults) sets ``command``: used as given, never
+    #: adapted to the Python found in the image.
+    command_given: bool = False
 
     @property
     def env_dict(self) -> dict[str, str]:
@@ -535,6 +540,7 @@ class _Validator:
             base=base,
             requirements=requirements,
             staging=staging,
+            command_given="command" in body or "command" in defaults,
         )
 
     def _generated(self, name: str, body: _Map, line: int,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +36,14 @@ class FakeBuilder:
 
     name = "fake"
 
-    def __init__(self, fail: bool = False, delay: float = 0.0) -> None:
+    def __init__(self, fail: bool = False, delay: float = 0.0,
+                 programs: dict[str, str] | None = None) -> None:
         self.calls: list[list[str]] = []
         self.fail = fail
         self.delay = delay
+        #: What the built image holds: program -> what running it with '-c CODE' prints and does.
+        self.programs = {"python3": "ok"} if programs is None else programs
+        self.ran: list[list[str]] = []
 
     def version(self) -> str:
         return "fake 1"
@@ -51,6 +56,19 @@ class FakeBuilder:
             on_line("FATAL: %post failed")
             raise BuildError(recipe.stem, "apptainer build exited with code 255", "FATAL: %post failed")
         dest.write_text("image from " + recipe.read_text())
+
+    def runner(self, entry: registry.KernelEntry, image: str) -> Callable[[Sequence[str]], tuple[int, str]]:
+        def run(argv: Sequence[str]) -> tuple[int, str]:
+            assert Path(image).read_text().startswith("image from")  # the new image, before it replaces the old
+            self.ran.append(list(argv))
+            behaviour = self.programs.get(argv[0])
+            if behaviour is None:
+                return 255, f'FATAL:   "{argv[0]}": executable file not found in $PATH'
+            if behaviour == "ok":
+                return 0, ""
+            return 1, f"Traceback (most recent call last):\n{behaviour}"
+
+        return run
 
 
 @pytest.fixture
@@ -113,6 +131,7 @@ def test_failed_build_keeps_the_good_image(entry: registry.KernelEntry) -> None:
     assert info.value.log_path and Path(info.value.log_path).read_text().count("FATAL") == 1
     assert entry.image.read_text() == good
     assert not list(entry.image.parent.glob(".sci.sif.tmp-*"))
+    assert not list(entry.image.parent.glob(".sci.sif.build-*"))
     assert build.image_state(entry).status == "stale"
 
 
@@ -160,16 +179,26 @@ def test_concurrent_build_without_wait_reports_busy(entry: registry.KernelEntry)
     assert sorted([queue.get(timeout=5), queue.get(timeout=5)]) == ["built", "busy"]
 
 
-def test_build_environment_follows_drac_advice(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_build_environment_follows_drac_advice(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                               entry: registry.KernelEntry) -> None:
+    from hpc_kernels import buildtemp
+
     monkeypatch.setenv("APPTAINER_BIND", "/project,/scratch")
     monkeypatch.setenv("SLURM_TMPDIR", str(tmp_path))
     monkeypatch.delenv("APPTAINER_CACHEDIR", raising=False)
-    with build.build_environment():
+    monkeypatch.delenv("APPTAINER_TMPDIR", raising=False)
+    entry.image.parent.mkdir(parents=True, exist_ok=True)
+    temp = buildtemp.create(entry.name, entry.image)
+    # The build's private temporary directory is on the node-local disk of the job, named after the build.
+    assert temp.tmpdir.parent == tmp_path and temp.tmpdir.name.startswith("hpck-build-sci-")
+    with build.build_environment(temp):
         assert "APPTAINER_BIND" not in os.environ
         assert os.environ["APPTAINER_CACHEDIR"] == str(tmp_path / "apptainer-cache")
-        assert os.environ["APPTAINER_TMPDIR"] == str(tmp_path / "apptainer-tmp")
+        assert os.environ["APPTAINER_TMPDIR"] == str(temp.tmpdir)
+        assert os.environ[buildtemp.ENV_RECORD] == str(temp.workdir / "owner.json")
     assert os.environ["APPTAINER_BIND"] == "/project,/scratch"
-    assert "APPTAINER_CACHEDIR" not in os.environ
+    assert "APPTAINER_CACHEDIR" not in os.environ and "APPTAINER_TMPDIR" not in os.environ
+    assert buildtemp.remove(temp) == [] and not temp.tmpdir.exists() and not temp.workdir.exists()
 
 
 def test_entry_without_recipe_is_not_buildable(make_registry: Any) -> None:

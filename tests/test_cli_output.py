@@ -255,6 +255,9 @@ class FakeBuilder:
         time.sleep(self.delay)
         dest.write_text("an image")
 
+    def runner(self, entry: Any, image: str) -> Any:
+        return lambda argv: (0, "")  # the image has what its kernel runs
+
 
 def test_build_results_have_no_blank_lines_when_piped(reg: Path, capsys: pytest.CaptureFixture[str],
                                                        monkeypatch: pytest.MonkeyPatch) -> None:

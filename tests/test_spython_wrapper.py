@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -9,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from hpc_kernels import buildguard
 from hpc_kernels.errors import BuildError
 from hpc_kernels.runtimes import apptainer
 
@@ -57,7 +59,9 @@ def test_success_streams_lines_through_a_private_shim(monkeypatch: pytest.Monkey
     assert call["sudo"] is False and call["options"] == ["--fakeroot"] and call["stream"] is True
     assert call["cwd"] == str(recipe.parent)  # %files paths resolve beside the recipe
     shim = Path(call["singularity"])
-    assert "exec /opt/x/bin/apptainer \"$@\" 2>&1" in shim.read_text()
+    # The runtime runs under the build guard (its processes die with hpc-kernels), stderr merged into stdout.
+    guard = shlex.join(buildguard.argv())
+    assert f"exec {guard} /opt/x/bin/apptainer \"$@\" 2>&1" in shim.read_text()
     assert __import__("os").environ["PATH"] == before  # the user's PATH is untouched afterwards
 
 

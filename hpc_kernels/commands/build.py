@@ -105,6 +105,8 @@ def run(args: argparse.Namespace) -> int:
                 results.append({"kernel": entry.name, "action": "failed", "error": str(exc)})
                 continue
         _record(result, results, args.json)
+        if result.action == "built" and not args.json:
+            _note_outdated_kernelspec(entry)
     if args.json:
         ui.print_json(results)
     if failures:
@@ -163,6 +165,26 @@ def stage_and_report(entry: KernelEntry, *, pull: bool, lock: bool, quiet: bool 
         path = staging.write_lock(entry, result)
         if not quiet:
             ui.say(f"{name}: wrote the lock {ui.tilde(path)}", "✓", "green")
+
+
+def _note_outdated_kernelspec(entry: KernelEntry) -> None:
+    """After a build: when the kernelspec Jupyter uses runs another command than the new image needs (the
+    build found only 'python' where the kernelspec says 'python3'), say that it must be installed again."""
+    from hpc_kernels import kernelspec
+    from hpc_kernels.launchspec import read_kernel_json
+
+    kdir = kernelspec.visible(entry.name)
+    if kdir is None or not kernelspec.is_ours(kdir):
+        return
+    try:
+        _data, installed = read_kernel_json(str(kdir / "kernel.json"))
+    except (OSError, ValueError):
+        return
+    wanted = kernelspec.launch_spec(entry).command
+    if installed.command != wanted:
+        update = kernelspec.command("install", entry.name, kdir) or f"hpc-kernels install {entry.name}"
+        ui.say(f"the installed kernelspec ({ui.tilde(kdir)}) runs '{installed.command[0]}', the new image needs "
+               f"'{wanted[0]}': run '{update}'.", "note:", "yellow", indent="  ")
 
 
 def _progress(err: Console, kernel: str, enabled: bool) -> Progress:

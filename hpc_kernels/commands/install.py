@@ -57,13 +57,16 @@ def run(args: argparse.Namespace) -> int:
                 raise _hidden_error(entry.name, places[entry.name].ahead[0], target, reg)
     done = []
     for entry in entries:
-        path = kernelspec.install(entry, target, reg.origin(entry))
+        notes: list[str] = []
+        path = kernelspec.install(entry, target, reg.origin(entry), on_note=notes.append)
         state = build.image_state(entry).status
         image = str(entry.image) if entry.runtime == "apptainer" else str(entry.container_image)
         done.append({"kernel": entry.name, "kernelspec": str(path), "image": image, "image_state": state})
         if not args.json:
             shown = kernelspec.display_name(entry)
             ui.say(f"installed kernelspec '{entry.name}' ({shown}) in {ui.tilde(path)}", "✓", "green")
+            for note in notes:
+                ui.say(note, "note:", "yellow", indent="  ")
             if state in ("missing", "external-missing"):
                 ui.say(f"its image {ui.tilde(image)} does not exist yet: run 'hpc-kernels build {entry.name}'",
                        "note:", "yellow", indent="  ")

@@ -40,6 +40,22 @@ def check_supported(entry: KernelEntry) -> None:
         )
 
 
+def installed_runtime_hint(name: str) -> str:
+    """The runtime the kernelspec Jupyter uses for ``name`` recorded at install time (the launcher's last
+    resort when none is on PATH), or ""."""
+    from hpc_kernels import kernelspec
+    from hpc_kernels.launchspec import read_kernel_json
+
+    kdir = kernelspec.visible(name)
+    if kdir is None or not kernelspec.is_ours(kdir):
+        return ""
+    try:
+        _data, spec = read_kernel_json(str(kdir / "kernel.json"))
+    except (OSError, ValueError):
+        return ""
+    return spec.runtime_hint
+
+
 def run(args: argparse.Namespace) -> int:
     """Resolve the kernel's container command now and become it (or print it with ``--dry-run``)."""
     import os
@@ -62,7 +78,8 @@ def run(args: argparse.Namespace) -> int:
             f"the image of kernel '{entry.name}' is missing ({spec.image}); build it with "
             f"'hpc-kernels build {entry.name}'."
         )
-    binary = apptainer.find_binary()
+    # Like the launcher: apptainer/singularity on PATH, else the one recorded when the kernel was installed.
+    binary = apptainer.find_binary(fallback=installed_runtime_hint(entry.name))
     argv, env, warnings = apptainer.run_command(spec, command, binary, os.environ)
     for warning in warnings:
         print(f"hpc-kernels: warning: {warning}", file=sys.stderr)

@@ -21,7 +21,8 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from hpc_kernels.runtimes.base import LineSink
+    from hpc_kernels.registry import KernelEntry
+    from hpc_kernels.runtimes.base import ImageRunner, LineSink
 
 #: Where the connection file appears inside the container. Not under /tmp: Apptainer binds the
 #: host's /tmp, and a bind target there would be created on the (shared) host /tmp.
@@ -286,6 +287,12 @@ class Apptainer:
         if not dest.exists():
             raise BuildError(recipe.stem, "the build reported success but wrote no image", _tail(lines))
 
+    def runner(self, entry: KernelEntry, image: str) -> ImageRunner:
+        """``apptainer exec`` of the built image under the kernel's rules (no binds): see imagecheck."""
+        from hpc_kernels import imagecheck
+
+        return imagecheck.probe_spec_runner(entry, image, self.binary)
+
 
 def _tail(lines: list[str], n: int = 25) -> str:
     kept = [ln for ln in lines if ln.strip()]
@@ -305,15 +312,20 @@ def _cwd(path: Path) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _spython_sees(binary: str) -> Iterator[None]:
-    """Put a private ``singularity`` shim first on PATH for this process only, during the build."""
+    """Put a private ``singularity`` shim first on PATH for this process only, during the build.
+
+    The shim runs the runtime under :mod:`hpc_kernels.buildguard`, which ties the build's processes to
+    this one (they die with it, whichever way it dies).
+    """
     import shlex
 
-    from hpc_kernels import paths, templates
+    from hpc_kernels import buildguard, paths, templates
     from hpc_kernels.fsutil import atomic_write
 
     shim_dir = paths.cache_dir() / "spython-bin"
     shim = shim_dir / "singularity"
-    text = templates.render("singularity-shim.sh.tmpl", runtime=shlex.quote(binary))
+    guard = shlex.join(buildguard.argv())
+    text = templates.render("singularity-shim.sh.tmpl", guard=guard, runtime=shlex.quote(binary))
     if not shim.exists() or shim.read_text() != text:
         atomic_write(shim, text, mode=0o755)
     old = os.environ.get("PATH", "")

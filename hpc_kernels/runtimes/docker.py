@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from hpc_kernels.errors import BuildBusyError, BuildError, HpcKernelsError, RuntimeNotFoundError, ToolError
 from hpc_kernels.launchspec import LaunchSpec
-from hpc_kernels.runtimes.base import LineSink
+from hpc_kernels.runtimes.base import ImageRunner, LineSink
 
 if TYPE_CHECKING:
     from hpc_kernels.build import BuildResult, ImageState
@@ -305,6 +305,25 @@ class ContainerCLI:
         written at ``dest`` and run ``build OPTIONS -f dest CONTEXT`` (options carry ``-t``/``--label``)."""
         atomic_dockerfile(recipe, dest)
         stream(self.build_argv(dest, recipe.parent, options), recipe.stem, on_line)
+
+    def runner(self, entry: KernelEntry, image: str) -> ImageRunner:
+        """``run --rm`` of ``image`` (name or ID) with the kernel's environment, no network, no binds."""
+        from hpc_kernels.runtimes.apptainer import container_env
+
+        def run_in(argv: Sequence[str]) -> tuple[int, str]:
+            from hpc_kernels.proc import run
+
+            spec = LaunchSpec(entry.name, entry.runtime, entry.mode, image, entry.command, env=entry.env,
+                              pass_env=entry.pass_env)
+            command = [self.binary, "run", "--rm", "--network=none", *label_args({LABEL_KERNEL: entry.name}),
+                       *env_args(container_env(spec, os.environ)), image, *argv]
+            try:
+                result = run(command, check=False, timeout=180)
+            except ToolError as exc:
+                return -1, str(exc)
+            return result.returncode, result.stderr + result.stdout
+
+        return run_in
 
 
 def image_name(spec: LaunchSpec) -> str:
