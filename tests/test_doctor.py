@@ -71,6 +71,36 @@ def test_runtime_not_found_names_the_module(monkeypatch: pytest.MonkeyPatch,
     assert "module load apptainer" in finding["fix"]
 
 
+def test_runtime_off_path_is_the_one_recorded_at_install(tmp_path: Path, make_registry: MakeRegistry,
+                                                         monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """A JupyterHub session without 'module load apptainer': the kernels start through the Apptainer recorded
+    at install time (the launcher's fallback), so doctor says that, and which one, instead of a failure."""
+    cvmfs = fake_runtime(tmp_path, "apptainer version 1.4.5")
+    image = tmp_path / "k.sif"
+    image.write_text("an image")
+    path = make_registry(f"kernels:\n  k:\n    image: {image}\n    command: {PY3_COMMAND}\n")
+    monkeypatch.setenv("PATH", f"{cvmfs.parent}{os.pathsep}{os.environ['PATH']}")
+    assert cli.main(["install", "--registry", str(path), "k"]) == 0
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+    _rc, report = run_doctor(capsys, "--registry", str(path))
+    finding = one(report, "runtime")
+    assert finding["status"] == "ok", finding
+    assert "no Apptainer on PATH" in finding["message"] and f"{cvmfs} (k)" in finding["message"]
+    assert "'hpc-kernels build' needs it on PATH" in finding["message"]
+    assert one(report, "runtime-version")["status"] == "ok"  # probed with the recorded one
+    assert one(report, "ipykernel", "k")["status"] == "ok"  # so is the image (the stand-in says yes)
+    # The recorded program gone too: then no kernel can start.
+    cvmfs.unlink()
+    rc, report = run_doctor(capsys, "--registry", str(path))
+    finding = one(report, "runtime")
+    assert rc == 1 and finding["status"] == "fail" and "recorded none that still exists" in finding["message"]
+    probe = one(report, "ipykernel", "k")
+    assert probe["status"] == "warn" and probe["message"].startswith("not checked: no Apptainer")
+
+
 def fake_runtime(tmp_path: Path, banner: str) -> Path:
     """A program that answers `--version` like an old runtime (we cannot install Apptainer 1.0 here)."""
     prog = tmp_path / "old-bin" / "apptainer"
@@ -196,12 +226,23 @@ def test_image_missing_stale_and_deleted(make_registry: MakeRegistry, tmp_path: 
 @pytest.mark.apptainer
 def test_python_missing_in_image(on_path: str, base_sif: Path, make_registry: MakeRegistry,
                                  capsys: pytest.CaptureFixture[str]) -> None:
-    # The registry's default command runs `python`; the test image (like many Debian images) has python3 only.
-    path = make_registry(f"kernels:\n  base:\n    image: {base_sif}\n")
+    # A registry command that runs `python`; the test image (like many Debian images) has python3 only.
+    path = base_registry(make_registry, base_sif, command='[python, -m, ipykernel_launcher, -f, "{connection_file}"]')
     rc, report = run_doctor(capsys, "--registry", str(path), "base")
     finding = one(report, "ipykernel", "base")
     assert rc == 1 and finding["status"] == "fail"
     assert "'python' does not exist" in finding["message"] and "python3" in finding["fix"]
+
+
+@pytest.mark.apptainer
+def test_without_a_command_the_python_of_the_image_is_probed(on_path: str, base_sif: Path,
+                                                             make_registry: MakeRegistry,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    # No `command:`: the default runs python3 (until `install` records the Python it finds in the image).
+    path = make_registry(f"kernels:\n  base:\n    image: {base_sif}\n")
+    _rc, report = run_doctor(capsys, "--registry", str(path), "base")
+    finding = one(report, "ipykernel", "base")
+    assert finding["status"] == "ok" and "python3" in finding["message"], finding
 
 
 @pytest.mark.apptainer
@@ -240,7 +281,9 @@ def test_missing_bind_source(on_path: str, base_sif: Path, make_registry: MakeRe
     finding = one(report, "binds", "base")
     assert rc == 1 and finding["status"] == "fail"
     assert str(data) in finding["message"] and "$HPCK_TEST_SCRATCH" in finding["message"]
-    assert findings(report, "ipykernel", "base") == []  # the probe would only fail for the same reason
+    # The probe still runs, without the missing binds, and says so (it is never skipped in silence).
+    probe = one(report, "ipykernel", "base")
+    assert probe["status"] == "ok" and "without the missing bind source(s)" in probe["message"], probe
     # What Apptainer itself says about such a bind: the kernel could not start.
     done = subprocess.run([on_path, "exec", "--bind", f"{data}:/data", str(base_sif), "true"],
                           capture_output=True, text=True, timeout=120)
@@ -251,6 +294,23 @@ def test_missing_bind_source(on_path: str, base_sif: Path, make_registry: MakeRe
     monkeypatch.setenv("HPCK_TEST_SCRATCH", str(scratch))
     rc, report = run_doctor(capsys, "--registry", str(path), "base")
     assert one(report, "binds", "base")["status"] == "ok"
+    assert one(report, "ipykernel", "base")["status"] == "ok"
+
+
+@pytest.mark.apptainer
+def test_no_apptainer_on_path_but_installed_kernels_start(on_path: str, base_sif: Path, make_registry: MakeRegistry,
+                                                          tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """The quickstart's promise, for real: installed with Apptainer on PATH, checked in a session without it."""
+    path = make_registry(f"kernels:\n  base:\n    image: {base_sif}\n")
+    assert cli.main(["install", "--registry", str(path), "base"]) == 0
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+    rc, report = run_doctor(capsys, "--registry", str(path))
+    assert [f for f in report["findings"] if f["status"] == "fail"] == [] and rc == 0
+    assert "no Apptainer on PATH, but the installed kernels start with" in one(report, "runtime")["message"]
+    assert os.path.realpath(on_path) in os.path.realpath(one(report, "runtime")["message"].split(": ")[1].split(" (")[0])
     assert one(report, "ipykernel", "base")["status"] == "ok"
 
 

@@ -98,8 +98,10 @@ def test_build_install_and_run_a_real_kernel(project: Path, only_apptainer: Path
     assert done.returncode == 0, done.stderr
     assert image.is_file() and "built" in done.stderr and "log:" in done.stderr
     calls = only_apptainer.read_text().splitlines()
-    # spython ran `singularity` → our shim → apptainer; then the new image's labels are read back (its record)
-    assert [c.split()[0] for c in calls] == ["--version", "build", "inspect"]
+    # spython ran `singularity` → our shim → the build guard → apptainer; then the new image was checked
+    # (exec) and its labels read back for its record (inspect).
+    assert [c.split()[0] for c in calls] == ["--version", "build", "-q", "inspect"] and " exec " in calls[2]
+    assert "import ipykernel" in calls[2]
 
     # A no-op build runs no apptainer process at all.
     before = only_apptainer.read_text()
@@ -201,3 +203,42 @@ def test_kill_of_the_kernel_takes_the_container_down(project: Path, only_apptain
 def test_list_shows_image_states(project: Path, only_apptainer: Path) -> None:
     listing = json.loads(hk("list", "--json", "--registry", str(project)).stdout)
     assert {r["kernel"]: r["image_state"] for r in listing["kernels"]} == {"sci": "missing", "broken": "missing"}
+
+
+def test_an_image_with_only_python3_starts_without_a_command(base_sif: Path, make_registry: Any,
+                                                             only_apptainer: Path, kernel_manager: Any) -> None:
+    """The test image, like every Debian/Ubuntu image, has python3 and no python: with no `command:` in the
+    registry, install finds python3 in it, and the kernel starts (it used to die: 'python' not found)."""
+    reg = make_registry(f"kernels:\n  plain:\n    image: {base_sif}\n")
+    done = hk("install", "plain", "--registry", str(reg))
+    assert done.returncode == 0, done.stderr
+    shown = json.loads(hk("show", "plain", "--json", "--registry", str(reg)).stdout)
+    assert shown["kernel_json"]["metadata"]["hpc_kernels"]["command"][0] == "python3"
+    km, kc = start_ready_kernel(lambda: kernel_manager("plain"), attempts=1)
+    try:
+        assert run_cell(kc, "import sys; print(sys.version_info[0])")[1].strip() == "3"
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+
+
+def test_a_built_image_that_cannot_start_its_kernel_keeps_the_old_one(make_registry: Any, base_sif: Path,
+                                                                      only_apptainer: Path) -> None:
+    """No `command:`: the build finds python3 with ipykernel in the new image and records it; a recipe that
+    loses ipykernel fails the build, which names the fix and keeps the previous image."""
+    good = f"Bootstrap: localimage\nFrom: {base_sif}\n\n%post\n    echo fine\n"
+    reg = make_registry("defaults:\n  images_dir: images\nkernels:\n  k:\n    def: k.def\n", {"k.def": good})
+    image = reg.parent / "images" / "k.sif"
+    done = hk("build", "k", "--registry", str(reg))
+    assert done.returncode == 0, done.stderr
+    stamp = json.loads((image.parent / "k.sif.hpck.json").read_text())
+    assert (stamp["program"], stamp["program_check"]) == ("python3", "import ipykernel")
+    before = image.stat().st_mtime_ns
+
+    (reg.parent / "k.def").write_text(good + "    rm -rf /usr/lib/python3/dist-packages/ipykernel\n")
+    done = hk("build", "k", "--registry", str(reg))
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert "the new image cannot start the kernel" in done.stderr
+    assert "No module named 'ipykernel'" in done.stderr and "python3 -m pip install ipykernel" in done.stderr
+    assert image.stat().st_mtime_ns == before
+    assert sorted(p.name for p in image.parent.iterdir()) == [".k.sif.lock", "k.sif", "k.sif.hpck.json"]

@@ -108,6 +108,31 @@ def test_dry_run_prints_the_command(make_registry: Callable[..., Path], setup: t
                           "APPTAINERENV_SLURM_JOB_ID=4242"]
 
 
+def test_run_falls_back_to_the_apptainer_recorded_at_install(make_registry: Callable[..., Path],
+                                                             setup: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
+    """Like the kernel's launcher: with no Apptainer on PATH, the one that was there at install time."""
+    _data, env = setup
+    image = tmp_path / "sci.sif"
+    image.write_bytes(b"")  # only printed, never run
+    cvmfs = tmp_path / "cvmfs" / "apptainer"
+    cvmfs.parent.mkdir()
+    cvmfs.write_text("#!/bin/sh\nexit 0\n")
+    cvmfs.chmod(0o755)
+    path = make_registry(REGISTRY.format(image=image))
+    done = cli_run(["install", "--registry", str(path), "sci"], dict(env, PATH=f"{cvmfs.parent}:{env['PATH']}"),
+                   tmp_path)
+    assert done.returncode == 0, done.stderr
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    env["PATH"] = str(empty)  # a session where nobody ran 'module load apptainer'
+    done = cli_run(["run", "--registry", str(path), "--dry-run", "sci", "--", "python3", "-V"], env, tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert str(cvmfs) in shlex.split(done.stdout)
+    # Not installed: nothing to fall back to, and the error says what to load.
+    done = cli_run(["run", "--registry", str(path), "--dry-run", "gpu"], env, tmp_path)
+    assert done.returncode == 1 and "module load apptainer" in done.stderr and "Traceback" not in done.stderr
+
+
 @pytest.mark.apptainer
 def test_exit_code_environment_binds_and_stdin(make_registry: Callable[..., Path], base_sif: Path,
                                                apptainer_bin: str, setup: tuple[Path, dict[str, str]],
