@@ -157,10 +157,11 @@ def jobs(user: str) -> set[Thing]:
 
 
 def build_temps(uid: int | None = None) -> set[Thing]:
-    """Apptainer's build temporaries in /tmp owned by this user (``build-temp-*``, ``bundle-temp-*``)."""
+    """Apptainer's build temporaries in /tmp owned by this user (``build-temp-*``, ``bundle-temp-*``), and the
+    private temporary directories of our builds (``hpck-build-*``, where Apptainer's go since builds have one)."""
     uid = os.getuid() if uid is None else uid
     found: set[Thing] = set()
-    for path in glob.glob("/tmp/build-temp-*") + glob.glob("/tmp/bundle-temp-*"):
+    for path in glob.glob("/tmp/build-temp-*") + glob.glob("/tmp/bundle-temp-*") + glob.glob("/tmp/hpck-build-*"):
         try:
             if os.lstat(path).st_uid == uid:
                 found.add(Thing("tmp", path))

@@ -139,3 +139,11 @@ def test_a_build_temporary_is_caught() -> None:
     path = Path(f"/tmp/build-temp-{secrets.token_hex(4)}")
     path.mkdir()
     assert caught(before, "tmp", contains=str(path)).ident == str(path)
+
+
+@pytest.mark.apptainer
+def test_a_private_build_tmpdir_is_caught() -> None:
+    before = leaks.snapshot()
+    path = Path(f"/tmp/hpck-build-leak-vm-{secrets.token_hex(4)}")
+    path.mkdir()
+    assert caught(before, "tmp", contains=str(path)).ident == str(path)
