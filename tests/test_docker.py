@@ -272,3 +272,59 @@ def test_a_container_kernel_ends_when_the_process_that_started_it_dies(
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+def _logging_cli(tmp_path: Path) -> tuple[ContainerCLI, Path]:
+    """The real adapter pointed at a stand-in program that logs its arguments and says nothing."""
+    log = tmp_path / "calls.log"
+    program = tmp_path / "docker"
+    program.write_text(f'#!/bin/sh\necho "$*" >> {log}\n')
+    program.chmod(program.stat().st_mode | stat.S_IXUSR)
+    return ContainerCLI("docker", str(program)), log
+
+
+@pytest.mark.parametrize("old_id", ["sha256:old", None])
+def test_a_new_image_that_cannot_start_its_kernel_gives_the_tag_back(tmp_path: Path, old_id: str | None,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from hpc_kernels import registry
+
+    reg = tmp_path / "kernels.yaml"
+    reg.write_text("kernels:\n  k:\n    runtime: docker\n    image: localhost/hpc-kernels/k:latest\n")
+    entry = registry.load_file(reg).kernels[0]
+    cli, log = _logging_cli(tmp_path)
+    ran: list[list[str]] = []
+
+    def runner(_entry: object, image: str) -> object:
+        assert image == "sha256:new"
+
+        def run(argv: list[str]) -> tuple[int, str]:
+            ran.append(list(argv))
+            return 127, 'exec: "python3": executable file not found in $PATH'
+
+        return run
+
+    monkeypatch.setattr(cli, "runner", runner)
+    tag = "localhost/hpc-kernels/k:latest"
+    with pytest.raises(BuildError, match="the kernel's program 'python3' does not exist in the image"):
+        docker._verify_or_restore(entry, cli, tag, old_id, "sha256:new", tmp_path / "b.log", lambda _l: None)
+    assert ran == [["python3", "-c", "import ipykernel"]]  # the command as written: no other Python is tried
+    calls = log.read_text().splitlines()
+    assert calls[0] == (f"tag sha256:old {tag}" if old_id else f"rmi {tag}")
+    # Fine images keep their tag.
+    log.unlink()
+    monkeypatch.setattr(cli, "runner", lambda _e, _i: (lambda argv: (0, "")))
+    docker._verify_or_restore(entry, cli, tag, old_id, "sha256:new", tmp_path / "b.log", lambda _l: None)
+    assert not log.exists()
+
+
+def test_the_probe_container_runs_without_network_under_the_kernels_environment(tmp_path: Path) -> None:
+    from hpc_kernels import registry
+
+    reg = tmp_path / "kernels.yaml"
+    reg.write_text("kernels:\n  k:\n    runtime: podman\n    image: x:1\n    env: {HPCK_X: '1'}\n")
+    entry = registry.load_file(reg).kernels[0]
+    cli, log = _logging_cli(tmp_path)
+    assert cli.runner(entry, "sha256:new")(["python3", "-c", "import ipykernel"]) == (0, "")
+    words = log.read_text().split()
+    assert words[:3] == ["run", "--rm", "--network=none"] and "HPCK_X" in words
+    assert words[-5:] == ["sha256:new", "python3", "-c", "import", "ipykernel"]

@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 
 from hpc_kernels import build, containers, kernelspec, registry
+from hpc_kernels.errors import BuildError
 from hpc_kernels.runtimes.docker import ContainerCLI
 from tests.conftest import run_cell, start_ready_kernel
 
@@ -314,6 +315,25 @@ def test_build_from_def_through_spython_then_noop(
         assert build.image_state(entry).status == "stale"
     finally:
         CountingCLI.builds = 0
+        sh(podman, "rmi", "-f", tag)
+
+
+def test_a_built_image_that_cannot_start_its_kernel_keeps_the_old_tag(podman: str, make_registry: Any) -> None:
+    name = f"probe-{secrets.token_hex(3)}"
+    recipe = f"Bootstrap: docker\nFrom: {TEST_IMAGE}\n\n%post\n    echo one > /etc/hpck-built\n"
+    path = make_registry(f"kernels:\n  {name}:\n    runtime: podman\n    def: k.def\n", {"k.def": recipe})
+    entry = registry.load(path).get(name)
+    tag = str(entry.container_image)
+    try:
+        assert build.build(entry).action == "built"
+        good = sh(podman, "image", "inspect", "--format", "{{.Id}}", tag).stdout
+        # The kernel's `python3 -m ipykernel_launcher` cannot start in this one: the build fails, the tag stays.
+        (path.parent / "k.def").write_text(recipe + "    rm -rf /usr/lib/python3/dist-packages/ipykernel\n")
+        with pytest.raises(BuildError, match="No module named 'ipykernel'"):
+            build.build(entry)
+        assert sh(podman, "image", "inspect", "--format", "{{.Id}}", tag).stdout == good
+        assert build.image_state(entry).status == "stale"
+    finally:
         sh(podman, "rmi", "-f", tag)
 
 

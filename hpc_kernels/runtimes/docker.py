@@ -477,8 +477,38 @@ def build_image(
                                  exc.log_tail, str(log_path), exc.hint or offline_hint(exc.log_tail)) from None
             # Keep the converted Dockerfile beside the log: it is what was built.
             shutil.copyfile(dockerfile, log_path.with_suffix(".Dockerfile"))
-        new_id = cli.image_id(tag)
+            new_id = cli.image_id(tag)
+            if new_id and new_id != old_id:
+                _verify_or_restore(entry, cli, tag, old_id, new_id, log_path, line_out)
         if old_id and new_id and old_id != new_id:
             with contextlib.suppress(ToolError):
                 cli.remove_dangling(old_id)  # the previous build, unless a container still uses it
     return BuildResult(entry.name, "built", Path(tag), log_path, time.monotonic() - start)
+
+
+def _verify_or_restore(entry: KernelEntry, cli: ContainerCLI, tag: str, old_id: str | None, new_id: str,
+                       log_path: Path, note: LineSink) -> None:
+    """A new image that cannot start its kernel is a failed build: the tag goes back to the previous image.
+
+    Docker/Podman kernels run their command as written (no Python is looked for, unlike Apptainer images):
+    the default command's ``python3`` must import ipykernel.
+    """
+    import dataclasses
+
+    from hpc_kernels import imagecheck
+    from hpc_kernels.proc import run
+
+    note("hpc-kernels: checking that the new image can start the kernel")
+    try:
+        imagecheck.probe(dataclasses.replace(entry, command_given=True), cli.runner(entry, new_id))
+        return
+    except (imagecheck.ImageCheckError, imagecheck.ProbeFailed) as exc:
+        problem = exc
+    if old_id:
+        run([cli.binary, "tag", old_id, tag], check=False, timeout=60)
+    else:
+        run([cli.binary, "rmi", tag], check=False, timeout=120)
+    with contextlib.suppress(ToolError):
+        cli.remove_dangling(new_id)
+    raise BuildError(entry.name, f"the new image cannot start the kernel: {problem} (the previous image, if any, "
+                     "is kept)", log_path=str(log_path))
