@@ -338,7 +338,13 @@ def build_workspace(entry: KernelEntry, note: EventSink) -> Iterator[BuildTemp]:
 
     for line in buildtemp.sweep_image(entry.image):
         note(f"hpc-kernels: {line}")
-    temp = buildtemp.create(entry.name, entry.image)
+    try:
+        temp = buildtemp.create(entry.name, entry.image)
+    except OSError as exc:
+        where = exc.filename or entry.image.parent
+        raise BuildError(entry.name, f"cannot prepare the build's temporary files in {where}: "
+                         f"{exc.strerror or exc}; the images directory and $APPTAINER_TMPDIR (else $SLURM_TMPDIR, "
+                         "else /tmp) must be writable") from None
     try:
         yield temp
     except BaseException:

@@ -6,7 +6,7 @@ A build of ``IMAGE`` works in two places of its own:
   (``image.sif``, renamed over ``IMAGE`` when the build succeeds) and ``owner.json`` (host, pid, the
   process's start time and boot id, the paths below). Once it is removed, a build process that somehow
   outlived its owner cannot write its image there (Apptainer does not create the parent directory).
-* a private ``APPTAINER_TMPDIR`` on node-local disk, ``hpck-build-KERNEL-HOST-PID/`` under the user's
+* a private ``APPTAINER_TMPDIR`` on node-local disk, ``hpck-build-UID-KERNEL-HOST-PID/`` under the user's
   ``$APPTAINER_TMPDIR``, else ``$SLURM_TMPDIR``, else the system's temporary directory (where Apptainer
   unpacks the root file system: hundreds of MB; an unprivileged build cannot work on NFS/Lustre).
 
@@ -173,15 +173,20 @@ def create(kernel: str, image: Path) -> BuildTemp:
     tag = _SAFE.sub("_", f"{owner.host}-{owner.pid}")
     temp = BuildTemp(
         kernel=kernel, image=image, workdir=image.parent / f".{image.name}{WORK_INFIX}{tag}",
-        tmpdir=tmp_base() / f"{TMP_PREFIX}{_SAFE.sub('_', kernel)}-{tag}",
+        # The uid too: /tmp is shared, and another user's killed build may have had our pid.
+        tmpdir=tmp_base() / f"{TMP_PREFIX}{os.getuid()}-{_SAFE.sub('_', kernel)}-{tag}",
         index=index_dir() / f"{_SAFE.sub('_', kernel)}.{owner.pid}.json", owner=owner, started_at=time.time())
     text = json.dumps(temp.to_json(), indent=1) + "\n"
     atomic_write(temp.index, text)
-    for leftover in (temp.workdir, temp.tmpdir):  # a build of ours with this pid that was killed
-        remove_tree(leftover)
-    temp.workdir.mkdir(parents=True)
-    atomic_write(temp.record, text)
-    temp.tmpdir.mkdir(mode=0o700, parents=True)
+    try:
+        for leftover in (temp.workdir, temp.tmpdir):  # a build of ours with this pid that was killed
+            remove_tree(leftover)
+        temp.workdir.mkdir(parents=True)
+        atomic_write(temp.record, text)
+        temp.tmpdir.mkdir(mode=0o700, parents=True)
+    except OSError:
+        remove(temp)  # nothing half-made stays (the index too, once the rest is gone)
+        raise
     return temp
 
 

@@ -190,7 +190,7 @@ def test_build_environment_follows_drac_advice(monkeypatch: pytest.MonkeyPatch, 
     entry.image.parent.mkdir(parents=True, exist_ok=True)
     temp = buildtemp.create(entry.name, entry.image)
     # The build's private temporary directory is on the node-local disk of the job, named after the build.
-    assert temp.tmpdir.parent == tmp_path and temp.tmpdir.name.startswith("hpck-build-sci-")
+    assert temp.tmpdir.parent == tmp_path and temp.tmpdir.name.startswith(f"hpck-build-{os.getuid()}-sci-")
     with build.build_environment(temp):
         assert "APPTAINER_BIND" not in os.environ
         assert os.environ["APPTAINER_CACHEDIR"] == str(tmp_path / "apptainer-cache")

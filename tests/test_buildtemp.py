@@ -47,7 +47,7 @@ def fake_temp(entry: registry.KernelEntry, owner: buildtemp.Owner, heartbeat_age
     tag = f"{owner.host}-{owner.pid}"
     temp = buildtemp.BuildTemp(
         kernel=entry.name, image=entry.image, workdir=entry.image.parent / f".{entry.image.name}.build-{tag}",
-        tmpdir=buildtemp.tmp_base() / f"hpck-build-{entry.name}-{tag}",
+        tmpdir=buildtemp.tmp_base() / f"hpck-build-{os.getuid()}-{entry.name}-{tag}",
         index=buildtemp.index_dir(owner.host) / f"{entry.name}.{owner.pid}.json", owner=owner,
         started_at=time.time())
     text = json.dumps(temp.to_json())
@@ -83,7 +83,7 @@ def test_a_build_works_in_its_own_places_and_removes_them(entry: registry.Kernel
     dest, tmpdir, record = seen
     host = paths.hostname()
     assert dest.parent.name == f".sci.sif.build-{host}-{os.getpid()}" and dest.parent.parent == entry.image.parent
-    assert tmpdir.parent == Path(os.environ["APPTAINER_TMPDIR"]) and tmpdir.name == f"hpck-build-sci-{host}-{os.getpid()}"
+    assert tmpdir.parent == Path(os.environ["APPTAINER_TMPDIR"]) and tmpdir.name == f"hpck-build-{os.getuid()}-sci-{host}-{os.getpid()}"
     assert record == dest.parent / "owner.json"
     assert not dest.parent.exists() and not tmpdir.exists()
     assert sorted(p.name for p in entry.image.parent.iterdir()) == [".sci.sif.lock", "sci.sif", "sci.sif.hpck.json"]
@@ -217,3 +217,15 @@ def test_without_a_build_record_the_guard_is_the_runtime(tmp_path: Path) -> None
     done = subprocess.run([*buildguard.argv(), "/bin/sh", "-c", "echo $$; exit 3"], capture_output=True, text=True,
                           env={k: v for k, v in os.environ.items() if k != buildtemp.ENV_RECORD})
     assert done.returncode == 3 and done.stdout.strip().isdigit()
+
+
+def test_an_unwritable_temporary_directory_is_one_sentence(entry: registry.KernelEntry, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    locked_dir = tmp_path / "readonly"
+    locked_dir.mkdir(mode=0o500)
+    monkeypatch.setenv("APPTAINER_TMPDIR", str(locked_dir / "sub"))
+    if os.access(locked_dir, os.W_OK):
+        pytest.skip("running as root: permissions do not stop us")
+    with pytest.raises(build.BuildError, match=r"cannot prepare the build's temporary files in .*readonly/sub"):
+        build.build(entry, builder=FakeBuilder())
+    assert list(buildtemp.index_dir().iterdir()) == []  # nothing half-made is left behind
