@@ -199,6 +199,23 @@ def test_sigkill_of_the_process_group_during_post(project: Path, tmp_path: Path)
     assert images_entries(project) == []
 
 
+def test_ctrl_c_stops_the_build_and_removes_its_files(project: Path, tmp_path: Path) -> None:
+    """A terminal's Ctrl-C reaches hpc-kernels (the foreground process group), which stops the build through its
+    guard, removes what the build made and exits 130."""
+    atmp = Path(os.environ["APPTAINER_TMPDIR"])
+    log = tmp_path / "build.log"
+    cli = start_build(project, log)
+    try:
+        snapshot = wait_for_phase(cli, "post", log)
+    finally:
+        os.kill(cli.pid, signal.SIGINT)
+    assert cli.wait(30) == 130, log.read_text(errors="replace")
+    lived = wait_until(lambda: not survivors(snapshot), 60)
+    assert survivors(snapshot) == [] and lived < DIE_WITHIN
+    assert leftovers(atmp) == [] and images_entries(project) == []  # gone by the time it exited
+    assert "Traceback" not in log.read_text(errors="replace")
+
+
 def test_what_a_hard_kill_leaves_is_swept_by_gc_and_by_the_next_build(project: Path, tmp_path: Path) -> None:
     """Every process of the build SIGKILLed at once (the guard too, as the OOM killer or a node reboot would):
     ``gc --dry-run`` names what is left, ``gc`` removes it; the next build starts clean and succeeds."""
