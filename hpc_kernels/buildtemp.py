@@ -344,7 +344,7 @@ def sweep(dry_run: bool = False) -> list[Finding]:
         reason = stale_reason(temp)
         if reason is None or (temp.owner.local() and guard_busy(temp)):  # its guard is cleaning up now
             continue
-        if not temp.owner.local():
+        if not temp.owner.local() and temp.image.parent.is_dir():  # (a lock would create a missing dir)
             # Another host: a build running there holds the image's lock (a cluster lock reaches across
             # hosts); a lock we can take now means no build of the image runs anywhere.
             try:
@@ -352,7 +352,7 @@ def sweep(dry_run: bool = False) -> list[Finding]:
                     pass
             except LockBusyError:
                 continue
-            except OSError:  # the image's directory is gone or not ours to lock in: judge by the heartbeat
+            except OSError:  # the image's directory is not ours to lock in: judge by the heartbeat alone
                 pass
         places = [p for p in (temp.workdir, temp.tmpdir if temp.owner.local() else None)
                   if p is not None and os.path.lexists(p)]
