@@ -403,8 +403,12 @@ def build(
     on_line: EventSink = lambda _line: None,
     on_event: EventSink = lambda _msg: None,
     fetch: Fetch | None = None,
+    check: bool = True,
 ) -> BuildResult:
     """Build ``entry``'s image if its inputs changed (or ``force``); atomically; one builder at a time.
+
+    With ``check`` (the default) the new image replaces the old one only when it can start its kernel
+    (:func:`verify_image`).
 
     ``fetch``: where the build takes its base image and Python packages from (default: the registry's
     ``staging:``, :func:`hpc_kernels.staging.default_fetch`); every Apptainer build runs a derived recipe
@@ -424,7 +428,7 @@ def build(
 
         cli = builder if isinstance(builder, docker.ContainerCLI) else None
         return docker.build_image(entry, force=force, wait=wait, cli=cli, on_line=on_line,
-                                  on_event=on_event)
+                                  on_event=on_event, check=check)
     start = time.monotonic()
     if not force and image_state(entry).status == "built":
         return BuildResult(entry.name, "up-to-date", entry.image, None, time.monotonic() - start)
@@ -487,7 +491,9 @@ def build(
                 except BuildError as exc:
                     hint = exc.hint or offline_hint(exc.log_tail, entry, staged=prepared.staged is not None)
                     raise BuildError(entry.name, exc.reason, exc.log_tail, str(log_path), hint) from None
-                found = verify_image(entry, str(temp.temp_image), adapter, line_out, log_path)
+                found = verify_image(entry, str(temp.temp_image), adapter, line_out, log_path) if check else None
+                if found is None:
+                    line_out("hpc-kernels: not checked whether the new image can start its kernel (--no-check)")
                 share = share_for(image.parent)
                 if share is not None:  # a group's image: readable by the group, whatever the umask
                     share.publish_file(temp.temp_image)
@@ -495,7 +501,7 @@ def build(
                 st = image.stat()
                 record = {"digest": digest, "built_at": time.time(), "recipe": str(entry.recipe),
                           "options": build_options(entry), "log": str(log_path), "generator": "hpc-kernels",
-                          "size": st.st_size, "mtime_ns": st.st_mtime_ns, **found.record()}
+                          "size": st.st_size, "mtime_ns": st.st_mtime_ns, **(found.record() if found else {})}
                 record.update(provenance.record_fields(prepared, image))
                 atomic_write(stamp_path(image), json.dumps(record, indent=1) + "\n")
     return BuildResult(entry.name, "built", image, log_path, time.monotonic() - start)

@@ -15,7 +15,8 @@ and record the one found:
 A registry ``command`` is used as given; a build checks that its program exists in the image and, for a
 Python, that the module it runs imports. The kernelspec's command (:func:`kernel_command`) is the
 registry's with the recorded program in front. Probes run the image like a kernel does (``--cleanenv``,
-the kernel's ``env``, ``PYTHONNOUSERSITE=1``, so ``~/.local`` packages do not count), without its binds.
+the kernel's ``env`` and binds, ``PYTHONNOUSERSITE=1``, so ``~/.local`` packages do not count), without the
+binds whose source this node lacks. ``build --no-check`` skips the build-time check.
 Only Apptainer images are probed; Docker/Podman kernels run the command as written.
 """
 
@@ -177,13 +178,15 @@ def _probe_given(entry: KernelEntry, run: Runner) -> Probe:
 
 
 def probe_spec_runner(entry: KernelEntry, image: str, binary: str, timeout: float = PROBE_TIMEOUT) -> Runner:
-    """A :data:`Runner` for Apptainer: ``image`` run under ``entry``'s rules, without binds, GPU or extra
-    runtime arguments (the node building or installing may not have the bind sources)."""
+    """A :data:`Runner` for Apptainer: ``image`` run under ``entry``'s rules (a kernel's Python may live in a
+    bound directory), without the binds whose source this node lacks (a build node may have no /scratch),
+    GPU or extra runtime arguments."""
     from hpc_kernels import kernelspec, proc
     from hpc_kernels.errors import ToolError
     from hpc_kernels.runtimes import apptainer
 
-    spec = dataclasses.replace(kernelspec.launch_spec(entry), image=image, binds=(), gpu="none",
+    present = tuple(b for b in entry.binds if _source_here(b))
+    spec = dataclasses.replace(kernelspec.launch_spec(entry), image=image, binds=present, gpu="none",
                                runtime_args=())
 
     def run(argv: Sequence[str]) -> tuple[int, str]:
@@ -195,6 +198,12 @@ def probe_spec_runner(entry: KernelEntry, image: str, binary: str, timeout: floa
         return result.returncode, result.stderr + result.stdout
 
     return run
+
+
+def _source_here(bind: str) -> bool:
+    """Does the source of ``bind`` (``$VARS`` expanded, as the launcher does) exist on this node?"""
+    source = os.path.expandvars(bind).split(":", 1)[0]
+    return bool(source) and os.path.exists(source)
 
 
 # ----------------------------------------------------------------------------- records

@@ -211,3 +211,22 @@ def test_a_given_command_is_not_probed_at_install(make_registry: Any, monkeypatc
     fake = FakeApptainer(monkeypatch, {})
     kernelspec.install(entry, kernelspec.Target())
     assert fake.ran == [] and kernel_argv(entry)[0] == "python"
+
+
+def test_no_check_builds_an_image_that_is_not_a_kernel(entry: registry.KernelEntry, make_registry: Any,
+                                                        monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """`build --no-check`: for an image this node cannot run (a GPU, a bind source, another architecture)."""
+    fake = FakeBuilder(programs={})
+    monkeypatch.setattr(build, "default_builder", lambda _entry: fake)
+    reg = str(entry.image.parent.parent / "kernels.yaml")
+    assert cli.main(["build", "sci", "--registry", reg]) == 1
+    assert "the image has no Python" in capsys.readouterr().err and not entry.image.exists()
+    assert cli.main(["build", "sci", "--no-check", "--registry", reg]) == 0
+    stamp = build.read_stamp(entry.image)
+    assert stamp is not None and "program" not in stamp and fake.ran == [["python3", "-c", "import ipykernel"],
+                                                                          ["python", "-c", "import ipykernel"]]
+    assert imagecheck.kernel_command(entry) == registry.DEFAULT_COMMAND
+    # The flag travels into a Slurm job's build.
+    assert cli.main(["build", "sci", "--slurm", "--dry-run", "--no-check", "--registry", reg]) == 0
+    assert f'-m hpc_kernels build "$kernel" --registry {reg} --no-check\n' in capsys.readouterr().out

@@ -28,6 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="fail instead of waiting when another process is building the same image")
     parser.add_argument("--fakeroot", action="store_true",
                         help="build with --fakeroot (for recipes that need root; no sudo is ever used)")
+    parser.add_argument("--no-check", action="store_true",
+                        help="do not check that the new image can start its kernel (for an image that needs what "
+                             "this node lacks: a GPU, a bind source, another CPU architecture)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     group = parser.add_argument_group(
         "staging (compute nodes without internet)",
@@ -94,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
 
             try:
                 result = build.build(entry, force=args.force, wait=not args.no_wait,
-                                     on_line=on_line, on_event=on_event, fetch=fetch)
+                                     on_line=on_line, on_event=on_event, fetch=fetch, check=not args.no_check)
             except BuildError as exc:
                 failures.append(str(exc))
                 results.append({"kernel": entry.name, "action": "failed", "error": str(exc),

@@ -166,11 +166,12 @@ def run_build(args: argparse.Namespace) -> int:
     flags = _flags(args)
     reg = registry.load(args.registry)
     entries = ui.selected(reg, args)
-    # Flags of the local build travel into the job's `hpc-kernels build` (--fakeroot where it exists).
+    # Flags of the local build travel into the job's `hpc-kernels build` (--fakeroot, --no-check where they exist).
     fakeroot = bool(getattr(args, "fakeroot", False))
     if fakeroot:
         entries = [dataclasses.replace(e, fakeroot=True) for e in entries]
-    build_args = (["--force"] if args.force else []) + (["--fakeroot"] if fakeroot else [])
+    build_args = ((["--force"] if args.force else []) + (["--fakeroot"] if fakeroot else [])
+                  + (["--no-check"] if getattr(args, "no_check", False) else []))
     err = ui.console(stderr=True)
     unbuildable = [e.name for e in entries if not e.buildable]
     if unbuildable:
