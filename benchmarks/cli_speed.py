@@ -69,7 +69,7 @@ def stamp_all(registry: Path) -> None:
 
     for entry in reg_mod.load_file(registry).kernels:
         entry.image.parent.mkdir(parents=True, exist_ok=True)
-        build.build(entry, builder=FakeBuilder())
+        build.build(entry, builder=FakeBuilder(), check=False)  # a placeholder is no image to look into
 
 
 def fake_runtime_path(work: Path) -> tuple[Path, Path]:
