@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hpc_kernels import buildtemp
+from hpc_kernels import buildtemp, procfs
 
 POLL = 0.2
 PR_SET_PDEATHSIG = 1
@@ -56,38 +56,9 @@ def _prctl(option: int, value: int) -> bool:
         return False
 
 
-def _table() -> dict[int, tuple[int, bool]]:
-    """pid -> (parent pid, is a zombie) of every process we can see."""
-    table: dict[int, tuple[int, bool]] = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat", encoding="utf-8", errors="replace") as fh:
-                stat = fh.read()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2 :].split()
-        if len(fields) > 1:
-            table[int(entry.name)] = (int(fields[1]), fields[0] in ("Z", "X"))
-    return table
-
-
-def descendants(root: int) -> tuple[list[int], list[int]]:
-    """(live descendants, zombie children) of ``root``."""
-    table = _table()
-    children: dict[int, list[int]] = {}
-    for pid, (ppid, _zombie) in table.items():
-        children.setdefault(ppid, []).append(pid)
-    live: list[int] = []
-    todo = list(children.get(root, []))
-    while todo:
-        pid = todo.pop()
-        if not table[pid][1]:
-            live.append(pid)
-        todo += children.get(pid, [])
-    zombies = [pid for pid in children.get(root, []) if table[pid][1]]
-    return live, zombies
+def zombie_children(pid: int) -> list[int]:
+    """Children of ``pid`` that have exited and wait to be reaped."""
+    return [c for c in procfs.children(pid) if (got := procfs.info(c)) is not None and got.zombie]
 
 
 def reap(pids: list[int], keep: int = 0) -> None:
@@ -101,13 +72,13 @@ def reap(pids: list[int], keep: int = 0) -> None:
 def kill_all_below(me: int, keep: int = 0, rounds: int = 200) -> None:
     """SIGKILL every process below ``me`` until none is left (a process may fork while we look)."""
     for _ in range(rounds):
-        live, zombies = descendants(me)
-        reap(zombies, keep)
+        reap(zombie_children(me), keep)
+        live = procfs.descendants(me)
         if not live:
             return
-        for pid in live:
+        for proc in live:
             with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
+                os.kill(proc.pid, signal.SIGKILL)
         time.sleep(0.02)
 
 
@@ -132,8 +103,10 @@ def guard(argv: list[str], temp: buildtemp.BuildTemp) -> int:
         signal.signal(sig, on_signal)
     boot = buildtemp.boot_id()
 
+    owner = procfs.ProcRef(temp.owner.pid, temp.owner.start)
+
     def owner_gone() -> bool:
-        return boot != temp.owner.boot or buildtemp.process_start(temp.owner.pid) != temp.owner.start
+        return boot != temp.owner.boot or not owner.alive()
 
     if owner_gone():  # hpc-kernels died before we got here: nothing to run
         return _abort(me, 0, temp, owner_dead=True, lock_fd=lock_fd)

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hpc_kernels import paths
+from hpc_kernels import paths, procfs
 
 if TYPE_CHECKING:
     from hpc_kernels.gc import Finding
@@ -60,19 +60,6 @@ def boot_id() -> str:
         return ""
 
 
-def process_start(pid: int) -> int | None:
-    """A live (non-zombie) process's start time in clock ticks since boot, or None."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as fh:
-            stat = fh.read()
-    except OSError:
-        return None
-    fields = stat[stat.rfind(")") + 2 :].split()  # the command name may hold spaces and ')'
-    if len(fields) < 20 or fields[0] in ("Z", "X"):
-        return None
-    return int(fields[19])
-
-
 @dataclass(frozen=True)
 class Owner:
     """The process that runs a build, pinned so that a reused pid or a reboot never passes for it."""
@@ -85,7 +72,8 @@ class Owner:
     @classmethod
     def me(cls) -> Owner:
         """This process."""
-        return cls(paths.hostname(), os.getpid(), process_start(os.getpid()) or 0, boot_id())
+        ref = procfs.proc_ref(os.getpid())
+        return cls(paths.hostname(), os.getpid(), ref.start if ref else 0, boot_id())
 
     def local(self) -> bool:
         """True when the owner ran on this host."""
@@ -93,7 +81,7 @@ class Owner:
 
     def alive(self) -> bool:
         """On this host: the very same process still runs. (Callers judge other hosts by heartbeat.)"""
-        return self.local() and self.boot == boot_id() and process_start(self.pid) == self.start
+        return self.local() and self.boot == boot_id() and procfs.ProcRef(self.pid, self.start).alive()
 
 
 @dataclass(frozen=True)

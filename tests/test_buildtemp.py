@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from hpc_kernels import build, buildguard, buildtemp, gc, paths, registry
+from hpc_kernels import build, buildguard, buildtemp, gc, paths, procfs, registry
 from tests.test_build import DEF, FakeBuilder
 from tests.test_build_kill import survivors, tree, wait_until
 
@@ -108,9 +108,9 @@ def test_a_reused_pid_or_another_boot_is_not_the_owner(entry: registry.KernelEnt
 def test_a_build_that_may_still_run_is_left_alone(entry: registry.KernelEntry) -> None:
     sleeper = subprocess.Popen(["sleep", "60"])
     try:
-        start = buildtemp.process_start(sleeper.pid)
-        assert start is not None
-        running = fake_temp(entry, buildtemp.Owner(paths.hostname(), sleeper.pid, start, buildtemp.boot_id()))
+        ref = procfs.proc_ref(sleeper.pid)
+        assert ref is not None
+        running = fake_temp(entry, buildtemp.Owner(paths.hostname(), sleeper.pid, ref.start, buildtemp.boot_id()))
         # Another host sharing the images directory, heard from a minute ago: its pid cannot be checked here.
         elsewhere = fake_temp(entry, buildtemp.Owner("othernode", 4242, 1, "b"), heartbeat_age=60)
         build.build(entry, builder=FakeBuilder())

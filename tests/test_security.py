@@ -233,6 +233,9 @@ class RecordingBuilder:
         self.calls.append(recipe)
         dest.write_text("image")
 
+    def runner(self, entry: Any, image: str) -> Any:
+        return lambda argv: (0, "")  # the image has what its kernel runs
+
 
 @pytest.fixture
 def builder(monkeypatch: pytest.MonkeyPatch) -> RecordingBuilder:
