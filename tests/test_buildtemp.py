@@ -86,7 +86,7 @@ def test_a_build_works_in_its_own_places_and_removes_them(entry: registry.Kernel
     assert tmpdir.parent == Path(os.environ["APPTAINER_TMPDIR"]) and tmpdir.name == f"hpck-build-{os.getuid()}-sci-{host}-{os.getpid()}"
     assert record == dest.parent / "owner.json"
     assert not dest.parent.exists() and not tmpdir.exists()
-    assert sorted(p.name for p in entry.image.parent.iterdir()) == [".sci.sif.lock", "sci.sif", "sci.sif.hpck.json"]
+    assert sorted(p.name for p in entry.image.parent.iterdir()) == ["sci.sif", "sci.sif.hpck.json"]
     assert list(buildtemp.index_dir().iterdir()) == []
 
 

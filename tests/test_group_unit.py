@@ -123,7 +123,7 @@ def test_built_image_lock_and_record_in_a_group_directory(built_entry: registry.
         def build(self, recipe: Path, dest: Path, options: list[str], on_line: Any) -> None:
             lock = build.lock_path(built_entry.image)
             seen.append(stat.filemode(lock.stat().st_mode))
-            assert paths.hostname() in dest.name  # temporaries are unique across nodes
+            assert paths.hostname() in dest.parent.name  # temporaries are unique across nodes
             super().build(recipe, dest, options, on_line)
             os.chmod(dest, 0o700)  # as Apptainer writes it with umask 077
 

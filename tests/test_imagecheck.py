@@ -76,7 +76,7 @@ def test_a_built_image_that_cannot_start_its_kernel_is_a_failed_build(
     assert reason in message and fix in message and "set 'command:' of kernel 'sci'" in message
     assert "the previous image, if any, is kept" in message and info.value.log_path
     assert entry.image.read_text() == good and build.read_stamp(entry.image) == stamp
-    assert sorted(p.name for p in entry.image.parent.iterdir()) == [".sci.sif.lock", "sci.sif", "sci.sif.hpck.json"]
+    assert sorted(p.name for p in entry.image.parent.iterdir()) == ["sci.sif", "sci.sif.hpck.json"]
 
 
 def test_a_given_command_is_checked_as_given(make_registry: Any) -> None:
@@ -229,4 +229,5 @@ def test_no_check_builds_an_image_that_is_not_a_kernel(entry: registry.KernelEnt
     assert imagecheck.kernel_command(entry) == registry.DEFAULT_COMMAND
     # The flag travels into a Slurm job's build.
     assert cli.main(["build", "sci", "--slurm", "--dry-run", "--no-check", "--registry", reg]) == 0
-    assert f'-m hpc_kernels build "$kernel" --registry {reg} --no-check\n' in capsys.readouterr().out
+    line = next(li for li in capsys.readouterr().out.splitlines() if '-m hpc_kernels build "$kernel"' in li)
+    assert f'--registry {reg} --no-check' in line
