@@ -23,9 +23,8 @@ from typing import TYPE_CHECKING
 from hpc_kernels import paths
 from hpc_kernels.errors import BuildBusyError, BuildError, HpcKernelsError, LockBusyError
 from hpc_kernels.fsutil import LockRecord, atomic_write, cluster_lock, open_private, share_for
-from hpc_kernels.registry import KernelEntry
+from hpc_kernels.model import Fetch, KernelEntry
 from hpc_kernels.runtimes.base import Builder
-from hpc_kernels.staging_settings import Fetch
 
 if TYPE_CHECKING:
     from hpc_kernels.buildtemp import BuildTemp

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from hpc_kernels import gc, paths, procfs, selfexec
 from hpc_kernels.errors import HpcKernelsError, RuntimeNotFoundError, ToolError
-from hpc_kernels.launchspec import LaunchSpec
+from hpc_kernels.model import LaunchSpec
 from hpc_kernels.runtimes.docker import (
     LABEL_CONNECTION,
     LABEL_HOST,

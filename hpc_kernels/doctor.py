@@ -22,7 +22,8 @@ from typing import Any
 
 from hpc_kernels import paths
 from hpc_kernels.errors import HpcKernelsError, RuntimeNotFoundError, ToolError
-from hpc_kernels.registry import KernelEntry, Registry
+from hpc_kernels.model import KernelEntry
+from hpc_kernels.registry import Registry
 
 OK, WARN, FAIL = "ok", "warn", "fail"
 
@@ -834,7 +835,7 @@ def run_checks(registry: Registry | None, names: list[str] | None = None, ctx: C
         findings.append(Finding("registry", OK, f"{registry.path} (found via {registry.source}), "
                                                 f"{len(registry.kernels)} kernel(s)."))
     installed = kernelspec.installed_ours()
-    runtimes = sorted({e.runtime for e in entries}) or ["apptainer"]
+    runtimes = sorted({str(e.runtime) for e in entries}) or ["apptainer"]
     fallbacks = runtime_hints(installed, {e.name for e in entries} if names else None)
     binaries: dict[str, str | None] = {}
     for runtime in runtimes:

@@ -34,7 +34,7 @@ from typing import Literal
 
 from hpc_kernels import paths
 from hpc_kernels.errors import HpcKernelsError
-from hpc_kernels.registry import KernelEntry
+from hpc_kernels.model import KernelEntry
 from hpc_kernels.runtimes.base import ImageRunner
 
 #: The Pythons looked for, in this order, when the registry gives no command.

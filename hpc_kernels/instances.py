@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 from hpc_kernels import paths, procfs, selfexec
 from hpc_kernels.errors import HpcKernelsError, ToolError
 from hpc_kernels.fsutil import atomic_write, locked
-from hpc_kernels.launchspec import LaunchSpec
+from hpc_kernels.model import LaunchSpec
 from hpc_kernels.procfs import ProcRef, proc_ref
 from hpc_kernels.runtimes import apptainer
 

@@ -49,7 +49,7 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
     from typing import Any
 
-    from hpc_kernels.launchspec import LaunchSpec
+    from hpc_kernels.model import LaunchSpec
 
 #: How long the agent waits for a launcher (at start, and after one went away) before ending the job.
 GRACE = 60.0
@@ -108,7 +108,7 @@ class Agent:
     """One job's agent: the control listener, at most one launcher and one kernel at a time."""
 
     def __init__(self, session_file: str) -> None:
-        from hpc_kernels.launchspec import LaunchSpec
+        from hpc_kernels.launchspec import from_json
 
         session = read_json(session_file)
         if session is None:
@@ -120,7 +120,7 @@ class Agent:
         self.scheme = str(session.get("signature_scheme", "hmac-sha256"))
         extra = session.get("connection_extra")
         self.extra: dict[str, Any] = extra if isinstance(extra, dict) else {}
-        self.spec: LaunchSpec = LaunchSpec.from_json(session["spec"])
+        self.spec: LaunchSpec = from_json(session["spec"])
         self.loop = Loop()
         self.address = node_address(dict(os.environ))
         self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

@@ -48,7 +48,7 @@ from hpc_kernels.jobwire import (
     read_json,
     write_json_private,
 )
-from hpc_kernels.launchspec import JobRequest, LaunchSpec
+from hpc_kernels.model import JobRequest, LaunchSpec
 
 #: After its launcher died, the watcher waits this long for a successor (a restart) before cancelling.
 GRACE = 30.0

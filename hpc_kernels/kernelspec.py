@@ -20,8 +20,8 @@ from typing import Any
 from hpc_kernels import __version__, procfs
 from hpc_kernels.errors import HpcKernelsError, NotOursError
 from hpc_kernels.fsutil import Share, make_dirs, remove_tree, share_for
-from hpc_kernels.launchspec import MARKER, LaunchSpec
-from hpc_kernels.registry import KernelEntry
+from hpc_kernels.launchspec import MARKER
+from hpc_kernels.model import KernelEntry, LaunchSpec
 
 #: Package data copied into every kernelspec: Jupyter serves them as /kernelspecs/<name>/<file>, and
 #: JupyterLab's launcher shows logo-svg.svg on our kernels' cards (logo-64x64.png for older frontends).

@@ -23,7 +23,8 @@ if not __package__:
 from collections.abc import Sequence
 
 from hpc_kernels.errors import HpcKernelsError
-from hpc_kernels.launchspec import KernelSpecError, LaunchSpec, read_kernel_json
+from hpc_kernels.launchspec import KernelSpecError, read_kernel_json
+from hpc_kernels.model import LaunchSpec
 
 
 def plan(spec: LaunchSpec, connection_file: str) -> tuple[list[str], dict[str, str], list[str]]:

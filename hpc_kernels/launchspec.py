@@ -1,7 +1,7 @@
 """What a kernel's launcher needs to know, stored as data in kernel.json's metadata.
 
 Kept free of heavy imports: the launcher reads this on every kernel start (``re`` and ``json`` are
-imported by the launcher anyway). A kernel.json is a file anyone can edit: :meth:`LaunchSpec.from_json`
+imported by the launcher anyway). A kernel.json is a file anyone can edit: :func:`from_json`
 checks every field as strictly as the registry does, so a damaged one is one sentence naming the field
 and the fix, never a traceback in the launcher, the reaper, ``doctor`` or ``gc``.
 """
@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import asdict, dataclass
+
+from hpc_kernels.model import LAUNCH_SPEC_FORMAT, JobRequest, LaunchSpec, Mode, Runtime
 
 # Not ``typing.TYPE_CHECKING``: the launcher runs with ``python -S``, where importing typing costs ~3 ms.
 TYPE_CHECKING = False
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
 
 #: kernel.json ``metadata`` key that marks a kernelspec as ours.
 MARKER = "hpc_kernels"
-FORMAT = 1
+FORMAT = LAUNCH_SPEC_FORMAT
 
 #: The values the registry accepts (registry.py uses these very tuples and patterns).
 MODES = ("exec", "instance")
@@ -46,111 +47,37 @@ _SBATCH_UNSAFE = re.compile(r"[\s\"'\\#\x00-\x1f\x7f-\x9f]")
 GPUS_RE = re.compile(r"^(?:[A-Za-z0-9_.-]+:)?[0-9]+$")
 
 
-@dataclass(frozen=True)
-class JobRequest:
-    """The Slurm allocation a job kernel runs in (``job:`` in the registry); values already validated."""
-
-    time: str = "1:00:00"
-    mem: str = "4G"
-    cpus: int = 1
-    gpus: str = ""
-    account: str | None = None
-    partition: str | None = None
-    extra_args: tuple[str, ...] = ()
-
-    def summary(self) -> str:
-        """The resources as a display name shows them: ``1 GPU, 32G, 2:00:00``."""
-        parts = []
-        if self.gpus and self.gpus.rsplit(":", 1)[-1] != "0":
-            kind, _, count = self.gpus.rpartition(":")
-            parts.append(f"{count} {kind + ' ' if kind else ''}GPU{'s' if count != '1' else ''}")
-        if self.cpus != 1:
-            parts.append(f"{self.cpus} CPUs")
-        parts += [self.mem, human_time(self.time)]
-        return ", ".join(parts)
-
-
-_SLURM_TIME_RE = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
-
-
-def human_time(value: str) -> str:
-    """A Slurm time limit as a menu shows it: ``2:00:00`` -> ``2 h``, ``90`` -> ``1 h 30 min``, ``1-0`` -> ``1 d``."""
-    match = _SLURM_TIME_RE.match(value.strip())
-    if not match:
-        return value
-    days, first, second, third = match.groups()
-    if days is not None:
-        minutes = int(days) * 1440 + int(first) * 60 + int(second or 0)
-    elif third is not None:
-        minutes = int(first) * 60 + int(second)
-    else:
-        minutes = int(first)  # minutes, or minutes:seconds
-    d, rest = divmod(minutes, 1440)
-    h, m = divmod(rest, 60)
-    text = " ".join(f"{n} {unit}" for n, unit in ((d, "d"), (h, "h"), (m, "min")) if n)
-    return text or value
-
-
-@dataclass(frozen=True)
-class LaunchSpec:
-    """Everything the launcher decides from; resolved against the node only at launch."""
-
-    kernel: str
-    runtime: str
-    mode: str
-    image: str
-    command: tuple[str, ...]
-    binds: tuple[str, ...] = ()
-    env: tuple[tuple[str, str], ...] = ()
-    pass_env: tuple[str, ...] = ()
-    gpu: str = "auto"
-    runtime_args: tuple[str, ...] = ()
-    idle_timeout: float = 300.0
-    container_image: str | None = None
-    image_id: str = ""
-    registry: str = ""
-    #: The runtime found when the kernelspec was installed: used when the server's PATH has none
-    #: (a JupyterHub session where `module load apptainer` was not done).
-    runtime_hint: str = ""
-    #: Set for a job kernel: the kernel runs in a Slurm allocation of its own (hpc_kernels.jobkernel).
-    job: JobRequest | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        """Plain JSON data (tuples become lists)."""
-        data = asdict(self)
-        data["env"] = dict(self.env)
-        data["format"] = FORMAT
-        return data
-
-    @classmethod
-    def from_json(cls, data: Any, name: str = "") -> LaunchSpec:
-        """Inverse of :meth:`to_json`; raises :class:`KernelSpecError` (a ``ValueError``) naming the first
-        field that is missing or wrong, and the fix. ``name`` names the kernel when ``kernel`` itself is bad."""
-        if isinstance(data, dict) and isinstance(data.get("kernel"), str) and _is_name(data["kernel"]):
-            name = data["kernel"]
-        fix = f"reinstall with 'hpc-kernels install {name or 'NAME'}'"
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise KernelSpecError(f"its '{MARKER}' metadata is not a launch spec of this version of "
-                                  f"hpc-kernels; {fix}.")
-        fields: dict[str, Any] = {}
-        for key, (required, check, expected) in _CHECKS.items():
-            if key not in data:
-                if required:
-                    raise KernelSpecError(f"it has no '{key}' ({expected}); {fix}.")
-                continue
-            value = data[key]
-            if not check(value):
-                raise KernelSpecError(f"'{key}' must be {expected}, not {_describe(value)}; {fix}.")
-            fields[key] = value
-        for key in ("command", "binds", "pass_env", "runtime_args"):
-            fields[key] = tuple(fields.get(key, ()))
-        fields["env"] = tuple(sorted(fields.get("env", {}).items()))
-        if "idle_timeout" in fields:
-            fields["idle_timeout"] = float(fields["idle_timeout"])
-        job = fields.get("job")
-        if job is not None:
-            fields["job"] = JobRequest(**{**job, "extra_args": tuple(job.get("extra_args", ()))})
-        return cls(**fields)
+def from_json(data: Any, name: str = "") -> LaunchSpec:
+    """The :class:`~hpc_kernels.model.LaunchSpec` of ``data`` (inverse of ``LaunchSpec.to_json``); raises
+    :class:`KernelSpecError` (a ``ValueError``) naming the first field that is missing or wrong, and the fix.
+    ``name`` names the kernel when ``kernel`` itself is bad."""
+    if isinstance(data, dict) and isinstance(data.get("kernel"), str) and _is_name(data["kernel"]):
+        name = data["kernel"]
+    fix = f"reinstall with 'hpc-kernels install {name or 'NAME'}'"
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise KernelSpecError(f"its '{MARKER}' metadata is not a launch spec of this version of "
+                              f"hpc-kernels; {fix}.")
+    fields: dict[str, Any] = {}
+    for key, (required, check, expected) in _CHECKS.items():
+        if key not in data:
+            if required:
+                raise KernelSpecError(f"it has no '{key}' ({expected}); {fix}.")
+            continue
+        value = data[key]
+        if not check(value):
+            raise KernelSpecError(f"'{key}' must be {expected}, not {_describe(value)}; {fix}.")
+        fields[key] = value
+    for key in ("command", "binds", "pass_env", "runtime_args"):
+        fields[key] = tuple(fields.get(key, ()))
+    fields["env"] = tuple(sorted(fields.get("env", {}).items()))
+    fields["runtime"] = Runtime(fields["runtime"])
+    fields["mode"] = Mode(fields["mode"])
+    if "idle_timeout" in fields:
+        fields["idle_timeout"] = float(fields["idle_timeout"])
+    job = fields.get("job")
+    if job is not None:
+        fields["job"] = JobRequest(**{**job, "extra_args": tuple(job.get("extra_args", ()))})
+    return LaunchSpec(**fields)
 
 
 def _is_name(v: Any) -> bool:
@@ -262,7 +189,7 @@ def read_kernel_json(path: str) -> tuple[dict[str, Any], LaunchSpec]:
         raise KernelSpecError(f"the kernelspec {path} was not written by hpc-kernels (no metadata."
                               f"{MARKER}); reinstall with 'hpc-kernels install {name}'.")
     try:
-        spec = LaunchSpec.from_json(meta[MARKER], name)
+        spec = from_json(meta[MARKER], name)
     except KernelSpecError as exc:
         raise KernelSpecError(f"the kernelspec {path} is damaged: {exc}") from None
     return data, spec

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from hpc_kernels.errors import HpcKernelsError
 
 if TYPE_CHECKING:
-    from hpc_kernels.registry import KernelEntry
+    from hpc_kernels.model import KernelEntry
     from hpc_kernels.staging import Prepared
 
 LABEL_PREFIX = "org.hpc-kernels."

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 from hpc_kernels.errors import HpcKernelsError
 
 if TYPE_CHECKING:
-    from hpc_kernels.registry import KernelEntry
+    from hpc_kernels.model import KernelEntry
 
 #: Where a build finds what hpc-kernels adds (removed at the end of %post, so not in the image).
 WORK_DIR = "/.hpck"

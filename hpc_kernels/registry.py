@@ -26,10 +26,9 @@ from hpc_kernels.launchspec import (
     MODES,
     PASS_ENV_RE,
     RUNTIMES,
-    JobRequest,
 )
-from hpc_kernels.slurm_settings import UNSET, SlurmDefaults, from_mapping, job_from_mapping
-from hpc_kernels.staging_settings import Staging
+from hpc_kernels.model import JobRequest, KernelEntry, Mode, Runtime, SlurmSettings, Staging
+from hpc_kernels.slurm_settings import from_mapping, job_from_mapping
 
 if TYPE_CHECKING:  # image references are parsed only for kernels with `base:` (the registry loads on every command)
     from hpc_kernels import oci
@@ -47,67 +46,6 @@ DEFAULT_COMPRESSION = "lz4"
 PYTHON_VERSION_RE = re.compile(r"^3\.\d{1,2}$")
 
 SEARCH_ORDER = "--registry PATH, $HPC_KERNELS_REGISTRY, ./kernels.yaml, then the user config dir"
-
-
-@dataclass(frozen=True)
-class KernelEntry:
-    """One kernel of the registry, fully resolved (absolute paths, defaults applied)."""
-
-    name: str
-    display_name: str
-    language: str
-    recipe: Path | None
-    image: Path
-    runtime: str
-    mode: str
-    command: tuple[str, ...]
-    binds: tuple[str, ...]
-    env: tuple[tuple[str, str], ...]
-    pass_env: tuple[str, ...]
-    gpu: str
-    interrupt_mode: str
-    runtime_args: tuple[str, ...]
-    fakeroot: bool
-    compression: str
-    idle_timeout: float
-    container_image: str | None
-    line: int
-    slurm: SlurmDefaults = UNSET  # kernel's `slurm:` over `defaults: slurm:` (build --slurm)
-    origin: Path | None = None  # the registry file that defines it (another one than yours: `extends`)
-    #: A job kernel: it runs in a Slurm allocation of its own (docs/job-kernels.md).
-    job: JobRequest | None = None
-    python: str | None = None  # `python: "3.12"`: the recipe is generated from python:3.12-slim
-    base: oci.ImageRef | None = None  # `base:`: the recipe is generated from this image
-    requirements: Path | None = None  # requirements.txt, pyproject.toml or a pip-compatible lock
-    staging: Staging = Staging.AUTO
-    #: True when the registry (the kernel or its defaults) sets ``command``: used as given, never
-    #: adapted to the Python found in the image.
-    command_given: bool = False
-
-    @property
-    def env_dict(self) -> dict[str, str]:
-        """``env`` as a dict (kept as sorted pairs so the dataclass stays hashable)."""
-        return dict(self.env)
-
-    @property
-    def buildable(self) -> bool:
-        """hpc-kernels builds its image: it has a ``def`` recipe, or ``python:``/``base:`` to generate one."""
-        return self.recipe is not None or self.python is not None or self.base is not None
-
-    @property
-    def recipe_origin(self) -> Path:
-        """The directory relative paths of the kernel's recipe are read from."""
-        if self.recipe is not None:
-            return self.recipe.parent
-        return self.origin.parent if self.origin is not None else Path.cwd()
-
-    @property
-    def lock(self) -> Path | None:
-        """Where 'build --lock' writes this kernel's lock (``<registry>.locks/<name>.txt``, beside the registry
-        that defines it); builds use it while it exists."""
-        if self.origin is None:
-            return None
-        return self.origin.with_name(f"{self.origin.stem}.locks") / f"{self.name}.txt"
 
 
 @dataclass(frozen=True)
@@ -519,8 +457,8 @@ class _Validator:
             language=language,
             recipe=recipe,
             image=image,
-            runtime=runtime,
-            mode=mode,
+            runtime=Runtime(runtime),
+            mode=Mode(mode),
             command=command,
             binds=binds,
             env=tuple(sorted(env.items())),
@@ -612,7 +550,7 @@ class _Validator:
             self.err(line, f"'base' of kernel '{name}': {exc}")
             return None
 
-    def _slurm(self, name: str, body: _Map, defaults: _Map) -> SlurmDefaults:
+    def _slurm(self, name: str, body: _Map, defaults: _Map) -> SlurmSettings:
         """`slurm:` of the kernel over `slurm:` of defaults, key by key (see hpc_kernels.slurm_settings)."""
         lower = from_mapping(defaults.get("slurm"), "defaults", defaults.lines.get("slurm", 1), self.err)
         own = from_mapping(body.get("slurm"), f"kernel '{name}'", body.lines.get("slurm", body.line), self.err)

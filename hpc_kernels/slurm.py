@@ -20,24 +20,20 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from hpc_kernels import __version__, paths, templates
 from hpc_kernels.errors import HpcKernelsError, RuntimeNotFoundError
 from hpc_kernels.fsutil import atomic_write
+from hpc_kernels.model import NO_FLAGS, KernelEntry, SlurmFlags
 from hpc_kernels.runtimes.slurm import FINAL_STATES, JobInfo, Slurm
 from hpc_kernels.slurm_settings import (
     DEFAULT_CPUS,
     DEFAULT_MEM,
     DEFAULT_TIME,
-    UNSET,
-    SlurmDefaults,
     mem_megabytes,
     time_minutes,
 )
-
-if TYPE_CHECKING:  # the registry (PyYAML) is not needed to parse build's flags
-    from hpc_kernels.registry import KernelEntry
 
 # DEFAULT_TIME, DEFAULT_MEM, DEFAULT_CPUS live in slurm_settings (imported below) so that `build`'s
 # flags can show them without importing this module at every CLI start.
@@ -89,7 +85,7 @@ class JobOptions:
         return None if minutes is None else minutes * 60
 
 
-def job_options(entries: Sequence[KernelEntry], flags: SlurmDefaults = UNSET) -> JobOptions:
+def job_options(entries: Sequence[KernelEntry], flags: SlurmFlags = NO_FLAGS) -> JobOptions:
     """The options of one build job for ``entries``: a flag > the kernel's ``slurm:`` > ``defaults: slurm:``
     > the built-in DRAC defaults.
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
 from typing import Any
 
-from hpc_kernels.errors import describe_value
+from hpc_kernels.errors import UsageError, describe_value
+from hpc_kernels.model import UNSET, JobRequest, SlurmFlags, SlurmSettings
 
 #: Defaults that fit DRAC's clusters for one image build; each is overridable (CLI flags, or
 #: SBATCH_TIMELIMIT / SBATCH_MEM_PER_NODE, which sbatch prefers to the script's #SBATCH lines).
@@ -66,30 +66,6 @@ EXPECTED = {
 }
 
 
-@dataclass(frozen=True)
-class SlurmDefaults:
-    """Slurm settings of one kernel; ``None`` = not set here (a lower level or the built-in decides)."""
-
-    account: str | None = None
-    time: str | None = None
-    mem: str | None = None
-    cpus: int | None = None
-    partition: str | None = None
-    modules: tuple[str, ...] | None = None
-    extra_args: tuple[str, ...] | None = None
-
-    def over(self, lower: SlurmDefaults) -> SlurmDefaults:
-        """Key by key: this level's value where it has one, else ``lower``'s."""
-        return SlurmDefaults(**{
-            f.name: getattr(self, f.name) if getattr(self, f.name) is not None else getattr(lower, f.name)
-            for f in fields(self)
-        })
-
-
-#: No setting at any level (the built-in defaults decide).
-UNSET = SlurmDefaults()
-
-
 def time_minutes(value: str) -> float | None:
     """A Slurm time limit in minutes (``None`` when it is not one of Slurm's formats)."""
     match = _TIME_RE.match(value.strip())
@@ -134,13 +110,11 @@ def check(key: str, raw: Any) -> Any:
     raise KeyError(key)
 
 
-def from_flags(**flags: Any) -> SlurmDefaults:
+def from_flags(**flags: Any) -> SlurmFlags:
     """``build --slurm``'s flags (``account=``, ``time=``…; None = not given), checked by :func:`check`.
 
     A bad one raises :class:`~hpc_kernels.errors.UsageError` naming the flag.
     """
-    from hpc_kernels.errors import UsageError
-
     result: dict[str, Any] = {}
     for key, raw in flags.items():
         if raw is None:
@@ -149,20 +123,20 @@ def from_flags(**flags: Any) -> SlurmDefaults:
         if checked is None:
             raise UsageError(f"--{key} must be {EXPECTED[key]}, not {describe_value(raw)}.")
         result[key] = checked
-    return SlurmDefaults(**result)
+    return SlurmFlags(**result)
 
 
-def from_mapping(value: Any, where: str, line: int, err: Callable[[int, str], None]) -> SlurmDefaults:
+def from_mapping(value: Any, where: str, line: int, err: Callable[[int, str], None]) -> SlurmSettings:
     """Validate the ``slurm:`` mapping of ``where`` ("defaults" or "kernel 'x'"); report with ``err(line, text)``.
 
     ``value`` is the parsed mapping; when it knows the line of each key (``value.lines``), problems
     point at that line, else at ``line``.
     """
     if value is None:
-        return SlurmDefaults()
+        return SlurmSettings()
     if not isinstance(value, Mapping):
         err(line, f"'slurm' in {where} must be a mapping (keys: {', '.join(KEYS)}), not {describe_value(value)}.")
-        return SlurmDefaults()
+        return SlurmSettings()
     lines: Mapping[str, int] = getattr(value, "lines", {})
 
     def at(key: str) -> int:
@@ -196,7 +170,7 @@ def from_mapping(value: Any, where: str, line: int, err: Callable[[int, str], No
             bad(key, EXPECTED[key])
         else:
             result[key] = checked
-    return SlurmDefaults(**result)
+    return SlurmSettings(**result)
 
 
 
@@ -236,15 +210,13 @@ def check_gpus(raw: Any) -> str | None:
 
 
 def job_from_mapping(value: Any, where: str, line: int, err: Callable[[int, str], None],
-                     slurm: SlurmDefaults = UNSET) -> Any:
-    """Validate a kernel's ``job:`` mapping; returns a :class:`~hpc_kernels.launchspec.JobRequest`.
+                     slurm: SlurmSettings = UNSET) -> JobRequest:
+    """Validate a kernel's ``job:`` mapping; returns a :class:`~hpc_kernels.model.JobRequest`.
 
     Precedence: the ``job:`` key, then (account and partition only) the kernel's ``slurm:`` over
     ``defaults: slurm:`` (``slurm``), then the built-in job defaults. Problems go to ``err(line, text)``
     with the line of the key.
     """
-    from hpc_kernels.launchspec import JobRequest
-
     if value is None:
         err(line, f"'job' in {where} is empty: write 'job: {{}}' for the default resources ({JOB_DEFAULT_CPUS} CPU, "
                   f"{JOB_DEFAULT_MEM}, {JOB_DEFAULT_TIME}), or give its keys ({', '.join(JOB_KEYS)}).")

@@ -34,11 +34,11 @@ from typing import TYPE_CHECKING, Any
 from hpc_kernels import oci, paths
 from hpc_kernels.errors import HpcKernelsError
 from hpc_kernels.fsutil import atomic_write, locked
-from hpc_kernels.staging_settings import Fetch, Staging
+from hpc_kernels.model import Fetch, Staging
 
 if TYPE_CHECKING:
+    from hpc_kernels.model import KernelEntry
     from hpc_kernels.recipegen import Derivation, Source, StageInfo
-    from hpc_kernels.registry import KernelEntry
     from hpc_kernels.requirements import Requirements
 
 EventSink = Callable[[str], None]

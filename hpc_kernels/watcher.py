@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     from typing import Any
 
     from hpc_kernels.gc import Finding
-    from hpc_kernels.launchspec import LaunchSpec
+    from hpc_kernels.model import LaunchSpec
 
 #: Set inside the container of every exec-mode kernel: its record's id.
 ENV_KERNEL = "HPC_KERNELS_KERNEL_ID"

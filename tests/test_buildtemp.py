@@ -18,13 +18,13 @@ from typing import Any
 
 import pytest
 
-from hpc_kernels import build, buildguard, buildtemp, gc, paths, procfs, registry
+from hpc_kernels import build, buildguard, buildtemp, gc, model, paths, procfs, registry
 from tests.test_build import DEF, FakeBuilder
 from tests.test_build_kill import survivors, tree, wait_until
 
 
 @pytest.fixture
-def entry(make_registry: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> registry.KernelEntry:
+def entry(make_registry: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> model.KernelEntry:
     monkeypatch.setenv("APPTAINER_TMPDIR", str(tmp_path / "atmp"))
     (tmp_path / "atmp").mkdir()
     path = make_registry(
@@ -42,7 +42,7 @@ def dead_pid() -> int:
     return proc.pid
 
 
-def fake_temp(entry: registry.KernelEntry, owner: buildtemp.Owner, heartbeat_age: float = 0.0) -> buildtemp.BuildTemp:
+def fake_temp(entry: model.KernelEntry, owner: buildtemp.Owner, heartbeat_age: float = 0.0) -> buildtemp.BuildTemp:
     """The places of a build by ``owner`` (as if it had made them and then been killed)."""
     tag = f"{owner.host}-{owner.pid}"
     temp = buildtemp.BuildTemp(
@@ -70,7 +70,7 @@ def places(temp: buildtemp.BuildTemp) -> list[bool]:
     return [temp.workdir.exists(), temp.tmpdir.exists(), temp.index.exists()]
 
 
-def test_a_build_works_in_its_own_places_and_removes_them(entry: registry.KernelEntry) -> None:
+def test_a_build_works_in_its_own_places_and_removes_them(entry: model.KernelEntry) -> None:
     seen: list[Path] = []
 
     class Recording(FakeBuilder):
@@ -90,7 +90,7 @@ def test_a_build_works_in_its_own_places_and_removes_them(entry: registry.Kernel
     assert list(buildtemp.index_dir().iterdir()) == []
 
 
-def test_the_next_build_sweeps_a_killed_build_of_this_host(entry: registry.KernelEntry) -> None:
+def test_the_next_build_sweeps_a_killed_build_of_this_host(entry: model.KernelEntry) -> None:
     temp = fake_temp(entry, buildtemp.Owner(paths.hostname(), dead_pid(), 12345, buildtemp.boot_id()))
     build.build(entry, builder=FakeBuilder())
     assert places(temp) == [False, False, False]
@@ -98,14 +98,14 @@ def test_the_next_build_sweeps_a_killed_build_of_this_host(entry: registry.Kerne
     assert f"removed {temp.workdir} (left by a killed build of 'sci'" in log
 
 
-def test_a_reused_pid_or_another_boot_is_not_the_owner(entry: registry.KernelEntry) -> None:
+def test_a_reused_pid_or_another_boot_is_not_the_owner(entry: model.KernelEntry) -> None:
     me = buildtemp.Owner.me()
     assert me.alive()
     assert not buildtemp.Owner(me.host, me.pid, me.start + 1, me.boot).alive()  # same pid, another process
     assert not buildtemp.Owner(me.host, me.pid, me.start, "another-boot").alive()
 
 
-def test_a_build_that_may_still_run_is_left_alone(entry: registry.KernelEntry) -> None:
+def test_a_build_that_may_still_run_is_left_alone(entry: model.KernelEntry) -> None:
     sleeper = subprocess.Popen(["sleep", "60"])
     try:
         ref = procfs.proc_ref(sleeper.pid)
@@ -123,7 +123,7 @@ def test_a_build_that_may_still_run_is_left_alone(entry: registry.KernelEntry) -
         sleeper.wait()
 
 
-def test_a_silent_build_on_another_host_is_swept_but_not_its_node_local_tmpdir(entry: registry.KernelEntry) -> None:
+def test_a_silent_build_on_another_host_is_swept_but_not_its_node_local_tmpdir(entry: model.KernelEntry) -> None:
     temp = fake_temp(entry, buildtemp.Owner("othernode", 4242, 1, "b"), heartbeat_age=buildtemp.STALE_AFTER + 60)
     found = gc.sweep(dry_run=True, sweepers=("hpc_kernels.buildtemp:sweep",))
     assert [(f.sweeper, f.target, f.action) for f in found] == [("builds", str(temp.workdir), "removed")]
@@ -134,7 +134,7 @@ def test_a_silent_build_on_another_host_is_swept_but_not_its_node_local_tmpdir(e
     assert places(temp) == [False, True, False]
 
 
-def test_gc_sweeps_a_killed_build_of_this_host(entry: registry.KernelEntry) -> None:
+def test_gc_sweeps_a_killed_build_of_this_host(entry: model.KernelEntry) -> None:
     temp = fake_temp(entry, buildtemp.Owner(paths.hostname(), dead_pid(), 1, buildtemp.boot_id()))
     found = gc.sweep(dry_run=True)
     mine = [(f.target, f.action) for f in found if f.sweeper == "builds"]
@@ -144,7 +144,7 @@ def test_gc_sweeps_a_killed_build_of_this_host(entry: registry.KernelEntry) -> N
     assert places(temp) == [False, False, False]
 
 
-def test_a_crafted_record_cannot_make_gc_remove_other_directories(entry: registry.KernelEntry, tmp_path: Path) -> None:
+def test_a_crafted_record_cannot_make_gc_remove_other_directories(entry: model.KernelEntry, tmp_path: Path) -> None:
     victim = tmp_path / "precious"
     victim.mkdir()
     (victim / "thesis.tex").write_text("years of work")
@@ -179,7 +179,7 @@ OWNER = textwrap.dedent("""\
 
 
 @pytest.mark.parametrize("how", ["pid", "group", "cancel"])
-def test_the_guard_kills_the_build_when_its_owner_dies_or_cancels(entry: registry.KernelEntry, tmp_path: Path,
+def test_the_guard_kills_the_build_when_its_owner_dies_or_cancels(entry: model.KernelEntry, tmp_path: Path,
                                                                    how: str) -> None:
     out = tmp_path / "owner.out"
     with out.open("w") as fh:
@@ -219,7 +219,7 @@ def test_without_a_build_record_the_guard_is_the_runtime(tmp_path: Path) -> None
     assert done.returncode == 3 and done.stdout.strip().isdigit()
 
 
-def test_an_unwritable_temporary_directory_is_one_sentence(entry: registry.KernelEntry, tmp_path: Path,
+def test_an_unwritable_temporary_directory_is_one_sentence(entry: model.KernelEntry, tmp_path: Path,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     locked_dir = tmp_path / "readonly"
     locked_dir.mkdir(mode=0o500)

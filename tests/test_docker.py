@@ -14,7 +14,7 @@ import pytest
 
 from hpc_kernels import containers
 from hpc_kernels.errors import BuildError, HpcKernelsError
-from hpc_kernels.launchspec import LaunchSpec
+from hpc_kernels.model import LaunchSpec
 from hpc_kernels.runtimes import docker
 from hpc_kernels.runtimes.docker import ContainerCLI
 

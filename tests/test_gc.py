@@ -72,7 +72,7 @@ def test_gc_asks_the_runtimes_our_records_name(asked: list[str]) -> None:
 
 
 def test_a_container_kernel_marks_its_runtime(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from hpc_kernels.launchspec import LaunchSpec
+    from hpc_kernels.model import LaunchSpec
 
     class Stop(Exception):
         pass

@@ -16,7 +16,7 @@ import pytest
 
 from hpc_kernels import cli, gc, instances, kernelspec, procfs, registry
 from hpc_kernels.errors import HpcKernelsError
-from hpc_kernels.launchspec import LaunchSpec
+from hpc_kernels.model import LaunchSpec
 from hpc_kernels.runtimes import apptainer as appt
 
 BIN = "/opt/apptainer/bin/apptainer"

@@ -14,7 +14,8 @@ import pytest
 
 from hpc_kernels import jobkernel, jobwire, kernelspec, registry
 from hpc_kernels.errors import HpcKernelsError, RegistryError
-from hpc_kernels.launchspec import JobRequest, KernelSpecError, LaunchSpec, human_time
+from hpc_kernels.launchspec import KernelSpecError, from_json
+from hpc_kernels.model import JobRequest, LaunchSpec, human_time
 
 DEF = {"a.def": "Bootstrap: localimage\nFrom: base.sif\n"}
 
@@ -119,7 +120,7 @@ def test_display_name_shows_the_resources_and_the_spec_carries_them(make_registr
     assert kernelspec.display_name(one) == "Python (one) [job: 1 GPU, 4G, 1 h 30 min]"
     data = kernelspec.kernel_json(torch, tmp_path / "kernel.json")
     assert data["display_name"] == "PyTorch [job: 2 h100 GPUs, 8 CPUs, 64G, 1 d 12 h]"
-    spec = LaunchSpec.from_json(json.loads(json.dumps(data["metadata"]["hpc_kernels"])))
+    spec = from_json(json.loads(json.dumps(data["metadata"]["hpc_kernels"])))
     assert spec.job == torch.job
 
 
@@ -137,7 +138,7 @@ def test_a_damaged_job_in_kernel_json_is_one_sentence(job: Any) -> None:
     with pytest.raises(KernelSpecError, match=r"^'job' must be null or an object with the keys gpus, time, "
                                               r"mem, cpus, account, partition, extra_args holding Slurm values, "
                                               r"not .*; reinstall with 'hpc-kernels install k'\.$"):
-        LaunchSpec.from_json(data)
+        from_json(data)
 
 
 # ----------------------------------------------------------------------------- the job script

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from hpc_kernels.errors import HpcKernelsError
-from hpc_kernels.launchspec import LaunchSpec
+from hpc_kernels.model import LaunchSpec
 from hpc_kernels.runtimes import apptainer
 
 SPEC = LaunchSpec(

@@ -15,7 +15,8 @@ import pytest
 
 from hpc_kernels import cli, gc, instances, kernelspec, registry
 from hpc_kernels.kernelspec import launcher_argv
-from hpc_kernels.launchspec import KernelSpecError, LaunchSpec, read_kernel_json
+from hpc_kernels.launchspec import KernelSpecError, from_json, read_kernel_json
+from hpc_kernels.model import LaunchSpec
 
 MakeRegistry = Callable[..., Path]
 
@@ -48,7 +49,7 @@ DAMAGE = [
 @pytest.mark.parametrize(("change", "expected"), DAMAGE)
 def test_every_field_is_checked_and_named(change: dict[str, Any], expected: str) -> None:
     with pytest.raises(KernelSpecError) as info:
-        LaunchSpec.from_json({**GOOD, **change})
+        from_json({**GOOD, **change})
     assert expected in str(info.value)
     assert str(info.value).endswith("; reinstall with 'hpc-kernels install sci'.")
 
@@ -56,17 +57,17 @@ def test_every_field_is_checked_and_named(change: dict[str, Any], expected: str)
 def test_missing_fields_and_other_formats() -> None:
     without_image = {k: v for k, v in GOOD.items() if k != "image"}
     with pytest.raises(KernelSpecError, match=r"it has no 'image' \(the path of the kernel's image\)"):
-        LaunchSpec.from_json(without_image)
+        from_json(without_image)
     # A bad kernel name cannot name the fix: the caller's name (the kernelspec directory) does.
     with pytest.raises(KernelSpecError, match=r"'kernel' must be a kernel name .*install dirname'\.$"):
-        LaunchSpec.from_json({**GOOD, "kernel": "Bad Name"}, "dirname")
+        from_json({**GOOD, "kernel": "Bad Name"}, "dirname")
     for data in (None, [], {**GOOD, "format": 99}):
         with pytest.raises(KernelSpecError, match="not a launch spec of this version"):
-            LaunchSpec.from_json(data)
+            from_json(data)
     # Optional fields may be absent (kernelspecs of earlier versions), unknown ones are ignored.
     minimal = {k: GOOD[k] for k in ("format", "kernel", "runtime", "mode", "image", "command")}
-    assert LaunchSpec.from_json({**minimal, "installed_by": "x"}).binds == ()
-    assert LaunchSpec.from_json(GOOD) == LaunchSpec.from_json(json.loads(json.dumps(GOOD)))
+    assert from_json({**minimal, "installed_by": "x"}).binds == ()
+    assert from_json(GOOD) == from_json(json.loads(json.dumps(GOOD)))
 
 
 def test_read_kernel_json_names_the_file(tmp_path: Path) -> None:

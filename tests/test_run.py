@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from hpc_kernels import cli
-from hpc_kernels.launchspec import LaunchSpec
+from hpc_kernels.model import LaunchSpec
 from hpc_kernels.runtimes import apptainer
 
 MARKER = "hpc-kernels test image (debian bookworm)\n"

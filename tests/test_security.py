@@ -458,7 +458,7 @@ def test_state_is_private_whatever_the_umask(umask_022: None, monkeypatch: pytes
 
 
 def _instance_spec(image: str) -> Any:
-    from hpc_kernels.launchspec import LaunchSpec
+    from hpc_kernels.model import LaunchSpec
 
     return LaunchSpec(kernel="py", runtime="apptainer", mode="instance", image=image,
                       command=("python3", "-m", "ipykernel_launcher", "-f", "{connection_file}"),

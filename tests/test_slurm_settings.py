@@ -14,8 +14,9 @@ import pytest
 
 from hpc_kernels import cli, registry, slurm
 from hpc_kernels.errors import HpcKernelsError, RegistryError
+from hpc_kernels.model import SlurmFlags, SlurmSettings
 from hpc_kernels.runtimes import slurm as adapter
-from hpc_kernels.slurm_settings import SlurmDefaults, mem_megabytes, time_minutes
+from hpc_kernels.slurm_settings import mem_megabytes, time_minutes
 
 DEF = {"a.def": "Bootstrap: scratch\n"}
 
@@ -54,9 +55,9 @@ def test_kernel_settings_override_defaults_key_by_key(make_registry: Any) -> Non
             def: a.def
         """)
     a, b = reg.get("a").slurm, reg.get("b").slurm
-    assert a == SlurmDefaults(account="def-lab", time="90", mem="8G", cpus=4,
+    assert a == SlurmSettings(account="def-lab", time="90", mem="8G", cpus=4,
                               modules=("apptainer/1.3.5",), extra_args=("--qos=normal",))
-    assert b == SlurmDefaults(account="def-lab", time="1:00:00", mem="8G", modules=("apptainer/1.3.5",))
+    assert b == SlurmSettings(account="def-lab", time="1:00:00", mem="8G", modules=("apptainer/1.3.5",))
 
 
 def test_bad_settings_name_file_and_line(make_registry: Any) -> None:
@@ -122,7 +123,7 @@ def test_precedence_flag_kernel_defaults_builtin(make_registry: Any) -> None:
     assert (opts.time, opts.mem, opts.cpus, opts.partition) == ("2:00:00", "16G", slurm.DEFAULT_CPUS, "cpu")
     # Registry values go on sbatch's command line (SBATCH_* variables do not beat them); built-ins do not.
     assert opts.sbatch_args() == ["--time=2:00:00", "--mem=16G", "--partition=cpu"]
-    flagged = slurm.job_options(a, SlurmDefaults(time="30", mem="1G", cpus=1, partition="debug"))
+    flagged = slurm.job_options(a, SlurmFlags(time="30", mem="1G", cpus=1, partition="debug"))
     assert (flagged.time, flagged.mem, flagged.cpus, flagged.partition) == ("30", "1G", 1, "debug")
     bare = slurm.job_options([registry.load(make_registry("kernels:\n  p:\n    def: a.def\n", DEF)).get("p")])
     assert (bare.time, bare.mem, bare.cpus, bare.account) == (slurm.DEFAULT_TIME, slurm.DEFAULT_MEM,
@@ -182,7 +183,7 @@ def test_conflicting_accounts_are_refused_in_one_sentence(make_registry: Any) ->
         "'hpc-kernels build --slurm' commands.\n"
     )
     reg = registry.load(path)
-    opts = slurm.job_options(reg.select(["a", "b"], False), SlurmDefaults(account="def-pi"))
+    opts = slurm.job_options(reg.select(["a", "b"], False), SlurmFlags(account="def-pi"))
     assert opts.account == "def-pi" and opts.partition == "gpu"  # b's partition: nobody disagrees
 
 
@@ -307,5 +308,5 @@ def test_commented_example_in_kernels_yaml_is_valid(tmp_path: Path) -> None:
     (tmp_path / "defs" / "science.def").write_text("Bootstrap: scratch\n")
     (tmp_path / "kernels.yaml").write_text("\n".join(lines) + "\n")
     (science,) = registry.load_file(tmp_path / "kernels.yaml").kernels
-    assert science.slurm == SlurmDefaults(account="def-yourpi", time="1:00:00", mem="4G", cpus=2,
+    assert science.slurm == SlurmSettings(account="def-yourpi", time="1:00:00", mem="4G", cpus=2,
                                           partition="cpubase_bycore_b1", modules=("apptainer",), extra_args=())

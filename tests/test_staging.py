@@ -19,8 +19,8 @@ import pytest
 
 from hpc_kernels import build, cli, oci, recipegen, registry, requirements, staging
 from hpc_kernels.errors import BuildError, RegistryError
+from hpc_kernels.model import Fetch, Staging
 from hpc_kernels.runtimes.base import LineSink
-from hpc_kernels.staging_settings import Fetch, Staging
 
 ROOT = Path(__file__).resolve().parent.parent
 

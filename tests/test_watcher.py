@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from hpc_kernels import cli, gc, paths, procfs, watcher
-from hpc_kernels.launchspec import LaunchSpec
+from hpc_kernels.model import LaunchSpec
 from tests.proctree import Proc, kill_all, running, tree, wait_for
 
 #: Stands in for Apptainer: a helper left in the session (like squashfuse_ll, without the marker), a child

@@ -14,8 +14,7 @@ if TYPE_CHECKING:
     from rich.progress import Progress
 
     from hpc_kernels.build import BuildResult
-    from hpc_kernels.registry import KernelEntry
-    from hpc_kernels.staging_settings import Fetch
+    from hpc_kernels.model import Fetch, KernelEntry
 
 HELP = "build kernel images from their .def recipes (only when the inputs changed)"
 
@@ -128,9 +127,9 @@ def _check_staging_flags(args: argparse.Namespace) -> None:
 
 def stage_first(entry: KernelEntry, args: argparse.Namespace, *, quiet: bool = False) -> Fetch | None:
     """Stage ``entry``'s inputs on this node when the build should not fetch them itself (``staging: always``,
-    ``--lock``, ``--pull``) and write its lock with ``--lock``; the :class:`~hpc_kernels.staging_settings.Fetch` its
+    ``--lock``, ``--pull``) and write its lock with ``--lock``; the :class:`~hpc_kernels.model.Fetch` its
     build then uses (None: the registry's default)."""
-    from hpc_kernels.staging_settings import Fetch, Staging
+    from hpc_kernels.model import Fetch, Staging
 
     if entry.runtime != "apptainer" or not entry.buildable:
         return None

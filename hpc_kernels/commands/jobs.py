@@ -203,7 +203,7 @@ def run_build(args: argparse.Namespace) -> int:
     # Resources: flag > kernel's slurm: > defaults: slurm: > built-in (an install-only job: the selection's).
     options = slurm.job_options(to_build or entries, flags)
     # Staging, here on the login node: the job then builds without network (compute nodes have none).
-    from hpc_kernels.staging_settings import Staging
+    from hpc_kernels.model import Staging
 
     _stage_for_jobs([e for e in to_build if e.runtime == "apptainer" and e.staging is not Staging.NEVER
                      and e.name not in staged], args, staged)
@@ -229,7 +229,7 @@ def _stage_for_jobs(entries: list[Any], args: argparse.Namespace, staged: set[st
     """Stage each of ``entries`` (and write its lock with --lock); a failure submits nothing."""
     from hpc_kernels.commands.build import stage_and_report
     from hpc_kernels.errors import HpcKernelsError
-    from hpc_kernels.staging_settings import Staging
+    from hpc_kernels.model import Staging
 
     for entry in entries:
         try:

@@ -13,7 +13,7 @@ import argparse
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from hpc_kernels.registry import KernelEntry
+    from hpc_kernels.model import KernelEntry
 
 HELP = "run a command in a kernel's container, with the kernel's environment, binds and GPU flags"
 

@@ -13,7 +13,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from hpc_kernels.errors import BuildError, HpcKernelsError, RuntimeNotFoundError
-from hpc_kernels.launchspec import LaunchSpec
+from hpc_kernels.model import LaunchSpec
 
 # The launcher imports this module on every kernel start, with ``python -S`` where nothing is preloaded:
 # shutil, subprocess, shlex, pathlib and typing cost ~10 ms there, so they are imported where used.
@@ -21,7 +21,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from hpc_kernels.registry import KernelEntry
+    from hpc_kernels.model import KernelEntry
     from hpc_kernels.runtimes.base import ImageRunner, LineSink
 
 #: Where the connection file appears inside the container. Not under /tmp: Apptainer binds the

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from hpc_kernels.registry import KernelEntry
+    from hpc_kernels.model import KernelEntry
 
 LineSink = Callable[[str], None]
 #: Runs an argv inside an image; its exit code and output (see hpc_kernels.imagecheck).

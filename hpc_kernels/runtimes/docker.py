@@ -20,12 +20,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hpc_kernels.errors import BuildBusyError, BuildError, HpcKernelsError, RuntimeNotFoundError, ToolError
-from hpc_kernels.launchspec import LaunchSpec
+from hpc_kernels.model import LaunchSpec
 from hpc_kernels.runtimes.base import ImageRunner, LineSink
 
 if TYPE_CHECKING:
     from hpc_kernels.build import BuildResult, ImageState
-    from hpc_kernels.registry import KernelEntry
+    from hpc_kernels.model import KernelEntry
 
 CONTAINER_RUNTIMES = ("docker", "podman")
 
