@@ -199,8 +199,8 @@ def sbatch_plan(spec: LaunchSpec, sid: str, session_file: Path) -> tuple[str, li
 def test_only(spec: LaunchSpec) -> str:
     """``sbatch --test-only`` of this kernel's job: Slurm's answer (where and when it would start), or an
     HpcKernelsError with the rejection as one sentence (no account, unknown partition, over a limit)."""
+    from hpc_kernels.adapters.slurm import JOB_HINTS, SlurmError, rejection_sentence
     from hpc_kernels.proc import run
-    from hpc_kernels.runtimes.slurm import JOB_HINTS, SlurmError, rejection_sentence
 
     script, args = sbatch_plan(spec, "0" * 16, sessions_dir() / "doctor.json")
     result = run(["sbatch", "--test-only", *args], check=False, input_text=script, timeout=60)
@@ -291,7 +291,7 @@ class Launcher:
             self._submit()
 
     def _submit(self) -> None:
-        from hpc_kernels.runtimes.slurm import JOB_HINTS, Slurm
+        from hpc_kernels.adapters.slurm import JOB_HINTS, Slurm
 
         script, args = sbatch_plan(self.spec, self.sid, self.session_file)
         paths.private(_logs_dir())
@@ -425,7 +425,7 @@ class Launcher:
         """Progress for the server's log while the job waits; the job's end if it never ran our agent."""
         if self.ready or not self.job_id:
             return
-        from hpc_kernels.runtimes.slurm import Slurm
+        from hpc_kernels.adapters.slurm import Slurm
 
         details = Slurm().details(self.job_id)
         if details is None:
@@ -494,7 +494,7 @@ class Launcher:
 
     def _job_is_ending(self) -> bool:
         """Whether Slurm is ending the job (or has): not RUNNING any more."""
-        from hpc_kernels.runtimes.slurm import Slurm
+        from hpc_kernels.adapters.slurm import Slurm
 
         details = Slurm().details(self.job_id)
         return details is None or details.state != "RUNNING" or self.ending != ""
@@ -508,7 +508,7 @@ class Launcher:
         self.ready = False
         if control is not None:
             control.close()  # on_close is this method again: it returns at once (self.lost)
-        from hpc_kernels.runtimes.slurm import Slurm
+        from hpc_kernels.adapters.slurm import Slurm
 
         deadline = time.monotonic() + 15.0
         details = Slurm().details(self.job_id)
@@ -578,7 +578,7 @@ def launch(spec: LaunchSpec, connection_file: str) -> int:
 
 def cancel_session(session: dict[str, Any], why: str) -> None:
     """End a session's job (or, in an allocation the user holds, only our step and srun)."""
-    from hpc_kernels.runtimes.slurm import Slurm
+    from hpc_kernels.adapters.slurm import Slurm
 
     job = str(session.get("job_id") or "")
     if session.get("reused"):
@@ -649,7 +649,7 @@ def sweep(dry_run: bool = False) -> list[Any]:
     sessions whose job is over, and name kernel jobs with no record here (left alone: maybe another
     state directory's)."""
     from hpc_kernels import gc
-    from hpc_kernels.runtimes.slurm import Slurm
+    from hpc_kernels.adapters.slurm import Slurm
 
     if not sessions_dir().is_dir():
         return []

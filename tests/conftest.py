@@ -107,8 +107,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 @pytest.fixture(scope="session")
 def lmod_tool() -> Any:
     """The real Lmod (skip where it is absent)."""
+    from hpc_kernels.adapters import lmod
     from hpc_kernels.errors import RuntimeNotFoundError
-    from hpc_kernels.runtimes import lmod
 
     try:
         return lmod.find()

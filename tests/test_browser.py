@@ -32,7 +32,7 @@ from typing import Any
 import pytest
 
 from hpc_kernels import cli
-from hpc_kernels.runtimes import lmod
+from hpc_kernels.adapters import lmod
 
 pytestmark = [pytest.mark.browser, pytest.mark.lmod, pytest.mark.apptainer]
 

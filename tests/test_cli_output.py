@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from hpc_kernels import build, cli, fsutil, gc, instances, slurm
+from hpc_kernels import build, cli, fsutil, gc, instances, slurm_records
 
 LONG = "science-with-a-rather-long-kernel-name"
 RECIPE = {"sci.def": "Bootstrap: localimage\nFrom: base.sif\n"}
@@ -113,11 +113,11 @@ def test_instances_names_are_whole(monkeypatch: pytest.MonkeyPatch, capsys: pyte
 def test_jobs_log_paths_and_states_are_whole(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
                                              isolated_home: Path) -> None:
     log = isolated_home / ".local/state/hpc-kernels/jobs/logs" / "build-1234567_1.out"
-    rows = [slurm.TaskStatus("1234567", "1234567_1", "build", LONG, "PENDING", reason="Priority",
+    rows = [slurm_records.TaskStatus("1234567", "1234567_1", "build", LONG, "PENDING", reason="Priority",
                              log=str(log), submitted_at=time.time()),
-            slurm.TaskStatus("1234568", "1234568", "install", LONG, "COMPLETED", log=str(log))]
-    monkeypatch.setattr(slurm, "load_records", lambda: ["a record"])
-    monkeypatch.setattr(slurm, "statuses", lambda records: rows)
+            slurm_records.TaskStatus("1234568", "1234568", "install", LONG, "COMPLETED", log=str(log))]
+    monkeypatch.setattr(slurm_records, "load_records", lambda: ["a record"])
+    monkeypatch.setattr(slurm_records, "statuses", lambda records: rows)
     assert cli.main(["jobs"]) == 0
     out, _err = out_err(capsys)
     [pending] = [line for line in out.splitlines() if line.startswith("1234567_1")]

@@ -187,7 +187,7 @@ def member() -> Iterator[Member]:
            "PYDEVD_DISABLE_FILE_VALIDATION": "1"}
     lmod_init = None
     try:
-        from hpc_kernels.runtimes import lmod
+        from hpc_kernels.adapters import lmod
 
         lmod_init = lmod.find().init_bash
     except Exception:  # tests that need Lmod carry the lmod marker and its fixture

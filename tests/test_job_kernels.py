@@ -167,7 +167,7 @@ def test_job_script_refuses_a_value_sbatch_would_misread(tmp_path: Path) -> None
 
 
 def test_sbatch_rejections_name_the_job_key_to_fix() -> None:
-    from hpc_kernels.runtimes.slurm import JOB_HINTS, rejection_sentence
+    from hpc_kernels.adapters.slurm import JOB_HINTS, rejection_sentence
 
     said = "sbatch: error: invalid partition specified: nope\nsbatch: error: Batch job submission failed: x"
     assert rejection_sentence(said, JOB_HINTS) == (
@@ -304,7 +304,7 @@ def test_relay_refuses_a_port_that_is_taken() -> None:
 
 
 def test_gc_without_job_kernels_asks_slurm_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
-    from hpc_kernels.runtimes import slurm
+    from hpc_kernels.adapters import slurm
 
     def boom(*_a: Any, **_k: Any) -> Any:
         raise AssertionError("Slurm was asked")

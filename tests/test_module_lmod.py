@@ -2,7 +2,7 @@
 kernels to a real jupyter_client and a real Jupyter server, a kernel started from that environment runs
 in Apptainer, `module unload` restores the environment, and the Apptainer-module dependency works.
 
-Module commands go through hpc_kernels.runtimes.lmod (``$LMOD_CMD python ...``, parsed and applied to
+Module commands go through hpc_kernels.adapters.lmod (``$LMOD_CMD python ...``, parsed and applied to
 a dict): each test holds a shell-like environment and runs real programs in it.
 """
 
@@ -25,7 +25,7 @@ from typing import Any, Callable
 import pytest
 
 from hpc_kernels import cli
-from hpc_kernels.runtimes import lmod
+from hpc_kernels.adapters import lmod
 
 pytestmark = pytest.mark.lmod
 

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 
 from hpc_kernels import cli, modulefile
+from hpc_kernels.adapters import lmod
 from hpc_kernels.errors import NotOursError, UsageError
-from hpc_kernels.runtimes import lmod
 from hpc_kernels.templates import GENERATED_MARKER
 
 REGISTRY = """\

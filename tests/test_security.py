@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from hpc_kernels import cli, modulefile, registry, slurm, templates
+from hpc_kernels import cli, modulefile, registry, slurm, slurm_records, slurm_submit, templates
 from hpc_kernels.errors import HpcKernelsError, UsageError
 
 REG = """\
@@ -206,11 +206,11 @@ def test_jobs_table_prints_reasons_and_paths_literally(capsys: pytest.CaptureFix
     from hpc_kernels.commands import jobs
 
     monkeypatch.setenv("COLUMNS", "1000")
-    row = slurm.TaskStatus(job_id="7", task_id="7", kind="build", kernel="one", state="FAILED",
+    row = slurm_records.TaskStatus(job_id="7", task_id="7", kind="build", kernel="one", state="FAILED",
                            reason="[/x] [red]boom", exit_code="1", log="/logs [/x]/build-7.out",
                            log_tail="line [/y]")
     jobs._print_table([row])
-    jobs._print_failure(row)
+    jobs.print_failure(row)
     out = capsys.readouterr().out
     assert "[/x] [red]boom" in out and "/logs [/x]/build-7.out" in out and "line [/y]" in out
 
@@ -451,7 +451,7 @@ def test_state_is_private_whatever_the_umask(umask_022: None, monkeypatch: pytes
             return "77"
 
     plan = slurm.plan_build([entry], path, slurm.JobOptions(), apptainer_dir="")
-    job = slurm.submit(plan, path, slurm=FakeSlurm())  # type: ignore[arg-type]
+    job = slurm_submit.submit(plan, path, slurm=FakeSlurm())  # type: ignore[arg-type]
     assert mode(slurm.jobs_dir()) == 0o700 and mode(slurm.logs_dir()) == 0o700
     assert mode(job.record) == 0o600 and mode(slurm.jobs_dir() / "77.sbatch") == 0o600
     assert "umask 077" in plan.script

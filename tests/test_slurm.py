@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from hpc_kernels import cli, registry, slurm
-from hpc_kernels.runtimes import slurm as adapter
+from hpc_kernels import cli, registry, slurm, slurm_records
+from hpc_kernels.adapters import slurm as adapter
 from hpc_kernels.templates import GENERATED_MARKER
 
 REG = """\
@@ -141,7 +141,7 @@ def test_states_from_our_records_when_slurm_forgot(tmp_path: Path) -> None:
         (jobs / f"{rec['job_id']}.json").write_text(json.dumps({"generator": "hpc-kernels", **rec}))
     (jobs / "5_0.exit").write_text("0\n")
     (jobs / "5_1.exit").write_text("1\n")
-    rows = {r.task_id: r for r in slurm.statuses(slurm=Forgetful())}
+    rows = {r.task_id: r for r in slurm_records.statuses(slurm=Forgetful())}
     assert rows["5_0"].state == "COMPLETED"
     assert rows["5_1"].state == "FAILED" and "cannot stat 'missing.txt'" in rows["5_1"].log_tail
     assert rows["6"].state == "CANCELLED" and rows["6"].reason == "its build job 5 failed"

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from hpc_kernels import slurm
+from hpc_kernels import slurm_records
 
 LMOD_INIT = Path("/usr/share/lmod/lmod/init/bash")
 #: Small jobs: the CI node has 2 CPUs, and a 3-task array should run 2 tasks at once.
@@ -35,7 +35,7 @@ def cluster(monkeypatch: pytest.MonkeyPatch, apptainer_bin: str) -> Iterator[Non
         pytest.skip(f"slurmctld does not answer (scontrol ping: {said})")
     monkeypatch.setenv("PATH", f"{Path(apptainer_bin).parent}{os.pathsep}{os.environ['PATH']}")
     yield
-    ids = [str(r["job_id"]) for r in slurm.load_records()]
+    ids = [r.job_id for r in slurm_records.load_records()]
     if ids:
         subprocess.run(["scancel", *ids], capture_output=True, timeout=30)
 
@@ -92,9 +92,9 @@ def test_prebuild_job_builds_image_then_installs_and_kernel_starts(
     build_log = Path(rows["build"]["log"]).read_text()
     assert "hpc-kernels: loaded module apptainer" in build_log and "built " in build_log
     # The install job ran only after the build job succeeded (afterok).
-    records = {r["kind"]: r for r in slurm.load_records()}
-    assert records["install"]["depends_on"] == records["build"]["job_id"]
-    assert f"--dependency=afterok:{records['build']['job_id']}" in records["install"]["sbatch_args"]
+    records = {r.kind: r for r in slurm_records.load_records()}
+    assert records["install"].depends_on == records["build"].job_id
+    assert f"--dependency=afterok:{records['build'].job_id}" in records["install"].sbatch_args
     assert (kernelspec_dir("sci") / "kernel.json").is_file()
 
     # The kernel starts from the image the job built.
@@ -136,10 +136,10 @@ def test_three_kernels_build_in_one_job_array(cluster: None, make_registry: Any)
     done = hpck("build", "k1", "k2", "k3", "--slurm", "--no-check", "--wait", "--json", *SMALL,
                 "--registry", str(reg))
     assert done.returncode == 0, done.stderr
-    (record,) = slurm.load_records()
-    job = record["job_id"]
-    assert record["array"] is True
-    assert [t["task_id"] for t in record["tasks"]] == [f"{job}_0", f"{job}_1", f"{job}_2"]
+    (record,) = slurm_records.load_records()
+    job = record.job_id
+    assert record.array is True
+    assert [t.task_id for t in record.tasks] == [f"{job}_0", f"{job}_1", f"{job}_2"]
     assert "submitted build job array" in done.stderr
     for name in ("k1", "k2", "k3"):
         assert (reg.parent / "images" / f"{name}.sif").is_file()
@@ -151,7 +151,7 @@ def test_three_kernels_build_in_one_job_array(cluster: None, make_registry: Any)
     # Incremental: up-to-date images get no job at all.
     again = hpck("build", "k1", "k2", "k3", "--slurm", "--json", *SMALL, "--registry", str(reg), timeout=60)
     assert again.returncode == 0 and json.loads(again.stdout) == []
-    assert again.stderr.count("up to date") == 3 and len(slurm.load_records()) == 1
+    assert again.stderr.count("up to date") == 3 and len(slurm_records.load_records()) == 1
 
 
 @pytest.mark.slurm
@@ -199,7 +199,7 @@ def test_bad_time_is_one_clear_sentence(cluster: None, make_registry: Any) -> No
         "hpc-kernels: error: sbatch rejected the job: invalid partition specified: nope "
         "(list the partitions with 'sinfo -s', or drop --partition).\n"
     )
-    assert slurm.load_records() == []
+    assert slurm_records.load_records() == []
 
 
 def scontrol_fields(job: str) -> dict[str, str]:
@@ -241,8 +241,8 @@ def test_registry_settings_reach_the_job_and_wait_timeout_gives_up(
     with cluster_lock(lock_path(images / "held.sif")):
         try:
             done = hpck("build", "held", "--slurm", "--wait-timeout", "3", "--registry", str(reg), timeout=120)
-            (record,) = slurm.load_records()
-            job = str(record["job_id"])
+            (record,) = slurm_records.load_records()
+            job = record.job_id
             assert done.returncode == 1, done.stderr
             assert f"hpc-kernels: error: gave up waiting after 3 s; still not finished: {job} (build of held: " \
                 in done.stderr
@@ -254,7 +254,7 @@ def test_registry_settings_reach_the_job_and_wait_timeout_gives_up(
             assert fields["JobState"] in ("PENDING", "RUNNING"), fields
             assert fields["TimeLimit"] == "00:07:00" and fields["NumCPUs"] == "1"
             assert fields["MinMemoryNode"] == "300M" and fields["Comment"] == "hpck-registry-settings"
-            assert record["options"] == {"time": "0:07:00", "mem": "300M", "cpus": 1, "account": None,
+            assert dict(record.options) == {"time": "0:07:00", "mem": "300M", "cpus": 1, "account": None,
                                          "partition": None, "modules": [], "extra_args":
                                          ["--comment=hpck-registry-settings"]}
         finally:

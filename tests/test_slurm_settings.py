@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 
-from hpc_kernels import cli, registry, slurm
+from hpc_kernels import cli, registry, slurm, slurm_records, slurm_submit
+from hpc_kernels.adapters import slurm as adapter
 from hpc_kernels.errors import HpcKernelsError, RegistryError
 from hpc_kernels.model import SlurmFlags, SlurmSettings
-from hpc_kernels.runtimes import slurm as adapter
 from hpc_kernels.slurm_settings import mem_megabytes, time_minutes
 
 DEF = {"a.def": "Bootstrap: scratch\n"}
@@ -239,16 +239,16 @@ def write_record(job: str, submitted_at: float, *, exit_code: int | None, log: P
 
 def test_wait_timeout_names_unfinished_jobs() -> None:
     write_record("71", time.time(), exit_code=None)
-    with pytest.raises(slurm.WaitTimeoutError) as info:
-        slurm.wait(["71"], timeout=0.2, interval=0.05, slurm=Frozen())
+    with pytest.raises(slurm_records.WaitTimeoutError) as info:
+        slurm_records.wait(["71"], timeout=0.2, interval=0.05, slurm=Frozen())
     assert str(info.value) == (
         "gave up waiting after 0.2 s; still not finished: 71 (build of a: RUNNING). The job(s) keep running "
         "(see 'hpc-kernels jobs'; cancel with 'scancel 71')."
     )
     opts = slurm.JobOptions(time="1:30:00")
-    build = slurm.SubmittedJob("1", "build", ("a",), (), Path("x"))
-    install = slurm.SubmittedJob("2", "install", ("a",), (), Path("y"), "1")
-    assert slurm.default_wait_timeout(opts, [build, install]) == 5400 + 600 + slurm.WAIT_MARGIN
+    build = slurm_submit.SubmittedJob("1", "build", ("a",), (), Path("x"))
+    install = slurm_submit.SubmittedJob("2", "install", ("a",), (), Path("y"), "1")
+    assert slurm_submit.default_wait_timeout(opts, [build, install]) == 5400 + 600 + slurm_submit.WAIT_MARGIN
 
 
 def test_prune_forgets_only_old_finished_jobs(tmp_path: Path) -> None:
@@ -260,13 +260,13 @@ def test_prune_forgets_only_old_finished_jobs(tmp_path: Path) -> None:
     outside = write_record("13", old, exit_code=1, log=tmp_path / "elsewhere.out")  # a log we did not place
     foreign = slurm.jobs_dir() / "notes.json"
     foreign.write_text('{"mine": true}')
-    pruned = slurm.prune(7, slurm=Frozen())
+    pruned = slurm_submit.prune(7, slurm=Frozen())
     assert sorted(p.job_id for p in pruned) == ["10", "13"]
     left = sorted(p.name for p in slurm.jobs_dir().iterdir())
     assert left == ["11.json", "11.sbatch", "12.exit", "12.json", "12.sbatch", "notes.json"]
     assert not old_log.exists() and fresh_log.exists() and outside.exists()
     # Slurm forgot job 11 without an exit record: it counts as ended (UNKNOWN) and goes too.
-    assert [p.job_id for p in slurm.prune(7, slurm=Forgetful())] == ["11"]
+    assert [p.job_id for p in slurm_submit.prune(7, slurm=Forgetful())] == ["11"]
 
 
 def test_jobs_prune_cli(capsys: pytest.CaptureFixture[str]) -> None:
@@ -276,7 +276,7 @@ def test_jobs_prune_cli(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["jobs", "--prune", "--older-than", "0", "--json"]) == 0
     (row,) = json.loads(capsys.readouterr().out)
     assert row["job_id"] == "20" and len(row["removed"]) == 4
-    assert slurm.load_records() == []
+    assert slurm_records.load_records() == []
 
 
 def test_usage_errors_of_new_flags(make_registry: Any) -> None:

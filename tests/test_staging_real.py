@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from hpc_kernels import slurm
+from hpc_kernels import slurm, slurm_records
 from tests import oci_registry
 from tests.conftest import CACHE, run_cell, start_ready_kernel
 from tests.test_slurm_real import SMALL, cluster, kernelspec_dir  # noqa: F401 - `cluster` is a fixture
@@ -108,9 +108,9 @@ def test_a_prebuild_job_builds_offline_from_a_base_and_wheels_staged_on_the_logi
     assert f"offl: staged base docker://{host}/{REPOSITORY}:{TAG}@{digest[:19]}" in done.stderr
     assert "wheel(s) for Python 3.11 (fetched base docker://" in done.stderr
     assert f"sci: staged base docker://{host}/{WITH_PIP}:{TAG}@" in done.stderr
-    records = {r["kind"]: r for r in slurm.load_records()}
-    script = Path(records["build"]["script"]).read_text()
-    assert f'"$kernel" --registry {reg} --offline' in script and records["build"]["array"] is True
+    records = {r.kind: r for r in slurm_records.load_records()}
+    script = Path(records["build"].script).read_text()
+    assert f'"$kernel" --registry {reg} --offline' in script and records["build"].array is True
     assert {(r["kind"], r["state"]) for r in json.loads(done.stdout)} == {("build", "COMPLETED"),
                                                                           ("install", "COMPLETED")}
 
@@ -223,7 +223,7 @@ def test_bad_input_is_one_sentence_at_staging_time_and_nothing_is_written(
     assert re.fullmatch("hpc-kernels: error: " + pattern.format(dir=re.escape(str(reg.parent)),
                                                                 host=re.escape(host)), message), message
     # Nothing was submitted, and nothing written: no job record, no image, no lock, no half-staged cache entry.
-    assert slurm.load_records() == [] and not slurm.jobs_dir().exists()
+    assert slurm_records.load_records() == [] and not slurm.jobs_dir().exists()
     assert {p: p.read_bytes() for p in reg.parent.rglob("*") if p.is_file()} == before
     assert staging_leftovers() == []
 

@@ -8,6 +8,7 @@ import time
 from typing import TYPE_CHECKING
 
 from hpc_kernels import ui
+from hpc_kernels.commands import build_slurm
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -44,19 +45,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "exactly those")
     group.add_argument("--pull", action="store_true",
                        help="look up the base images' tags again (staging reuses the digest it found first)")
-    from hpc_kernels.commands import jobs
-
-    jobs.add_build_arguments(parser)
+    build_slurm.add_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     """Build each selected kernel; keep going after a failure and report all of them."""
     from hpc_kernels import build, registry
-    from hpc_kernels.commands import jobs
     from hpc_kernels.errors import BuildError, HpcKernelsError
 
-    if jobs.slurm_requested(args):
-        return jobs.run_build(args)
+    if build_slurm.slurm_requested(args):
+        return build_slurm.run(args, stage=stage_and_report)
     _check_staging_flags(args)
 
     reg = registry.load(args.registry)
