@@ -89,7 +89,7 @@ def _registry(root: Path, recipe: str, kernels: dict[str, str], images: Path) ->
 
 def verify_all(cfg: Config) -> list[Row]:
     """Build a tiny image with every accepted compression and read back what the SIF holds."""
-    from hpc_kernels.registry import COMPRESSIONS
+    from hpc_kernels.keys import COMPRESSIONS
 
     env = dict(os.environ)
     root = cfg.work / "comp-tiny"
@@ -106,7 +106,7 @@ def verify_all(cfg: Config) -> list[Row]:
     for result in out:
         want = kernels[result["kernel"]]
         if want == DEFAULT:
-            from hpc_kernels.registry import DEFAULT_COMPRESSION
+            from hpc_kernels.keys import DEFAULT_COMPRESSION
 
             want = DEFAULT_COMPRESSION
         sif = Path(result["image"])

@@ -97,7 +97,7 @@ class JobKind(_Word):
 @dataclass(frozen=True)
 class SlurmSettings:
     """Slurm settings of one level: a kernel's ``slurm:``, ``defaults: slurm:``, or ``build --slurm``'s flags
-    (:meth:`from_flags`); ``None`` = not set here (a lower level or the built-in decides)."""
+    (:class:`SlurmFlags`); ``None`` = not set here (a lower level or the built-in decides)."""
 
     account: str | None = None
     time: str | None = None
@@ -122,7 +122,7 @@ UNSET = SlurmSettings()
 @dataclass(frozen=True)
 class SlurmFlags(SlurmSettings):
     """``build --slurm``'s flags (``--account``, ``--time``...): the level above every registry setting.
-    Made by :func:`hpc_kernels.slurm_settings.from_flags`, which checks them by the registry's rules."""
+    Made by :func:`hpc_kernels.keys.slurm_from_flags`, which checks them by the registry's rules."""
 
 
 #: No flag given.

@@ -8,40 +8,26 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from hpc_kernels import paths
+from hpc_kernels import keys, paths
 from hpc_kernels.errors import RegistryError, UnknownKernelError, describe_value
 
 # One set of rules for the registry and for the kernel.json the launcher reads (launchspec checks it too).
 from hpc_kernels.launchspec import (
     ENV_NAME_RE,
-    GPU_CHOICES,
     KERNEL_NAME_RE,
-    MODES,
     PASS_ENV_RE,
-    RUNTIMES,
 )
 from hpc_kernels.model import JobRequest, KernelEntry, Mode, Runtime, SlurmSettings, Staging
-from hpc_kernels.slurm_settings import from_mapping, job_from_mapping
 
 if TYPE_CHECKING:  # image references are parsed only for kernels with `base:` (the registry loads on every command)
     from hpc_kernels import oci
 
-INTERRUPT_MODES = ("signal", "message")
-COMPRESSIONS = ("gzip", "lz4", "zstd", "xz", "lzo")
-#: The kernel's command when the registry gives none; the Python is the one found in the image
-#: (python3, else python: hpc_kernels.imagecheck), python3 until an image has been looked into.
-DEFAULT_COMMAND = ("python3", "-m", "ipykernel_launcher", "-f", "{connection_file}")
-DEFAULT_IDLE_TIMEOUT = 300.0
-#: lz4 squashfs: kernels start in ~0.8x the time of gzip (Apptainer's default), images ~+40 %
-#: (measured: docs/performance.md).
-DEFAULT_COMPRESSION = "lz4"
 #: ``python:`` is a Python version written major.minor (the official ``python:<version>-slim`` image).
 PYTHON_VERSION_RE = re.compile(r"^3\.\d{1,2}$")
 
@@ -246,16 +232,6 @@ def decode_text(path: Path, data: bytes, what: str) -> str:
         ) from None
 
 
-_TOP_KEYS = {"defaults", "kernels", "extends"}
-# Keys allowed both under `defaults:` and in each kernel.
-_SHARED_KEYS = {
-    "runtime", "mode", "binds", "env", "pass_env", "gpu", "interrupt_mode", "runtime_args",
-    "fakeroot", "compression", "idle_timeout", "language", "command", "slurm", "staging",
-}
-_DEFAULT_ONLY = {"images_dir"}
-_KERNEL_ONLY = {"def", "image", "display_name", "job", "python", "base", "requirements"}
-
-
 class _Validator:
     def __init__(self, path: Path, source: str) -> None:
         self.path = path
@@ -278,7 +254,7 @@ class _Validator:
             )
         self._dupes(doc, "top-level key")
         for key in doc:
-            if key not in _TOP_KEYS:
+            if key not in keys.names(keys.TOP):
                 self.err(doc.lines.get(str(key), doc.line),
                          f"unknown top-level key '{key}' (expected: defaults, kernels, extends).")
         if "extends" in doc:
@@ -295,8 +271,8 @@ class _Validator:
             defaults = _empty()
         self._dupes(defaults, "key in defaults")
         for key in defaults:
-            if key not in _SHARED_KEYS | _DEFAULT_ONLY:
-                hint = _hint(key, _SHARED_KEYS | _DEFAULT_ONLY)
+            if key not in keys.names(keys.DEFAULTS):
+                hint = keys.hint(key, keys.names(keys.DEFAULTS))
                 self.err(defaults.lines[str(key)], f"unknown key '{key}' in defaults{hint}.")
         images_dir = paths.default_images_dir()
         if "images_dir" in defaults:
@@ -349,41 +325,45 @@ class _Validator:
             return None
         self._dupes(body, f"key in kernel '{name}'")
         for key in body:
-            if key not in _SHARED_KEYS | _KERNEL_ONLY:
-                hint = _hint(key, _SHARED_KEYS | _KERNEL_ONLY)
+            if key not in keys.names(keys.KERNEL):
+                hint = keys.hint(key, keys.names(keys.KERNEL))
                 self.err(body.lines[str(key)], f"unknown key '{key}' in kernel '{name}'{hint}.")
 
-        def get(key: str, check: Callable[[Any], bool], expected: str, default: Any) -> Any:
+        def get(key: str, default: Any = None) -> Any:
+            """The kernel's value of ``key`` (checked by its row of the key table), else the defaults', else
+            the row's default (or ``default``)."""
+            row = keys.key(keys.KERNEL, key)
+            fallback = row.default if default is None else default
+            assert row.check is not None  # keys read here have a check in the table
             for source in (body, defaults):
                 if key in source:
                     value = source[key]
-                    if check(value):
-                        return value
+                    checked = row.check(value)
+                    if checked is not None:
+                        return checked
                     where = f"kernel '{name}'" if source is body else "defaults"
-                    self.err(source.lines[key], f"'{key}' in {where} must be {expected}, not {describe_value(value)}.")
-                    return default
-            return default
+                    self.err(source.lines[key],
+                             f"'{key}' in {where} must be {row.expected}, not {describe_value(value)}.")
+                    return fallback
+            return fallback
 
-        runtime = get("runtime", lambda v: v in RUNTIMES, f"one of {', '.join(RUNTIMES)}", "apptainer")
-        mode = get("mode", lambda v: v in MODES, f"one of {', '.join(MODES)}", "exec")
-        gpu = get("gpu", lambda v: v in GPU_CHOICES, f"one of {', '.join(GPU_CHOICES)}", "auto")
+        runtime = get("runtime")
+        mode = get("mode")
+        gpu = get("gpu")
         # Shared instances/containers are entered with `exec`, which does not forward signals the way
         # jupyter_client expects (a signal interrupt kills the kernel): message mode is the default there.
-        interrupt = get(
-            "interrupt_mode", lambda v: v in INTERRUPT_MODES, "signal or message",
-            "message" if mode == "instance" else "signal",
-        )
-        language = get("language", _nonempty_str, "a non-empty string", "python")
-        command = tuple(get("command", _str_list, "a non-empty list of strings", list(DEFAULT_COMMAND)))
+        interrupt = get("interrupt_mode", "message" if mode == "instance" else "signal")
+        language = get("language")
+        command = tuple(get("command"))
         if command and "{connection_file}" not in command:
             self.err(_line(body, defaults, "command"),
                      f"'command' of kernel '{name}' must contain the argument '{{connection_file}}'.")
-        binds = tuple(get("binds", _str_list_or_empty, "a list of bind specs (src[:dst[:ro]])", []))
+        binds = tuple(get("binds"))
         for bind in binds:
             if not bind or bind.count(":") > 2:
                 self.err(_line(body, defaults, "binds"),
                          f"bind {bind!r} of kernel '{name}' is not of the form src[:dst[:opts]].")
-        env_value = get("env", _str_map, "a mapping of variable name to string", {})
+        env_value = get("env")
         env: dict[str, str] = {}
         for key, value in (env_value or {}).items():
             if not ENV_NAME_RE.match(str(key)):
@@ -394,26 +374,21 @@ class _Validator:
                          f"the value of {key} of kernel '{name}' holds a lone UTF-16 surrogate (a \\uD8xx escape): "
                          "write the character itself, or \\U0001XXXX for characters beyond U+FFFF.")
             env[str(key)] = str(value)
-        pass_env = tuple(get("pass_env", _str_list_or_empty, "a list of variable names (NAME or PREFIX*)", []))
+        pass_env = tuple(get("pass_env"))
         for var in pass_env:
             if not PASS_ENV_RE.match(var):
                 self.err(_line(body, defaults, "pass_env"),
                          f"pass_env entry {var!r} of kernel '{name}' must be NAME or PREFIX*.")
-        runtime_args = tuple(get("runtime_args", _str_list_or_empty, "a list of strings", []))
-        fakeroot = get("fakeroot", lambda v: isinstance(v, bool), "true or false", False)
-        compression = get("compression", lambda v: v in COMPRESSIONS, f"one of {', '.join(COMPRESSIONS)}",
-                          DEFAULT_COMPRESSION)
-        idle = get(
-            "idle_timeout", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0,
-            "a number of seconds (>= 0)", DEFAULT_IDLE_TIMEOUT,
-        )
+        runtime_args = tuple(get("runtime_args"))
+        fakeroot = get("fakeroot")
+        compression = get("compression")
+        idle = get("idle_timeout")
         display = body.get("display_name", f"{'Python' if language == 'python' else language.title()} ({name})")
         if not _nonempty_str(display):
             self.err(body.lines.get("display_name", line),
                      f"'display_name' of kernel '{name}' must be a non-empty string.")
 
-        staging = Staging(get("staging", lambda v: v in [s.value for s in Staging],
-                              f"one of {', '.join(s.value for s in Staging)}", Staging.AUTO.value))
+        staging = Staging(get("staging"))
         python, base, requirements = self._generated(name, body, line, runtime)
         recipe: Path | None = None
         container_image: str | None = None
@@ -445,7 +420,7 @@ class _Validator:
         slurm = self._slurm(name, body, defaults)
         job: JobRequest | None = None
         if "job" in body:
-            job = job_from_mapping(body["job"], f"kernel '{name}'", body.lines["job"], self.err, slurm)
+            job = keys.job_from_mapping(body["job"], f"kernel '{name}'", body.lines["job"], self.err, slurm)
             if runtime != "apptainer" or mode != "exec":
                 self.err(body.lines["job"], f"kernel '{name}' cannot run in a Slurm job of its own: 'job' needs "
                                             f"runtime apptainer and mode exec (it has {runtime}, {mode}).")
@@ -551,9 +526,10 @@ class _Validator:
             return None
 
     def _slurm(self, name: str, body: _Map, defaults: _Map) -> SlurmSettings:
-        """`slurm:` of the kernel over `slurm:` of defaults, key by key (see hpc_kernels.slurm_settings)."""
-        lower = from_mapping(defaults.get("slurm"), "defaults", defaults.lines.get("slurm", 1), self.err)
-        own = from_mapping(body.get("slurm"), f"kernel '{name}'", body.lines.get("slurm", body.line), self.err)
+        """`slurm:` of the kernel over `slurm:` of defaults, key by key (see hpc_kernels.keys)."""
+        lower = keys.slurm_from_mapping(defaults.get("slurm"), "defaults", defaults.lines.get("slurm", 1), self.err)
+        own = keys.slurm_from_mapping(body.get("slurm"), f"kernel '{name}'", body.lines.get("slurm", body.line),
+                                      self.err)
         return own.over(lower)
 
 
@@ -569,23 +545,3 @@ def _line(body: _Map, defaults: _Map, key: str) -> int:
 
 def _nonempty_str(v: Any) -> bool:
     return isinstance(v, str) and bool(v.strip())
-
-
-def _str_list(v: Any) -> bool:
-    return isinstance(v, list) and bool(v) and all(isinstance(x, str) for x in v)
-
-
-def _str_list_or_empty(v: Any) -> bool:
-    return isinstance(v, list) and all(isinstance(x, str) for x in v)
-
-
-def _str_map(v: Any) -> bool:
-    return isinstance(v, Mapping) and all(isinstance(x, (str, int, float, bool)) for x in v.values())
-
-
-
-def _hint(key: Any, known: set[str]) -> str:
-    import difflib
-
-    close = difflib.get_close_matches(str(key), sorted(known), n=1)
-    return f" (did you mean '{close[0]}'?)" if close else ""

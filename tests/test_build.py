@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from hpc_kernels import build, registry
+from hpc_kernels import build, model, registry
 from hpc_kernels.errors import BuildBusyError, BuildError
 from hpc_kernels.runtimes.base import LineSink
 
@@ -57,7 +57,7 @@ class FakeBuilder:
             raise BuildError(recipe.stem, "apptainer build exited with code 255", "FATAL: %post failed")
         dest.write_text("image from " + recipe.read_text())
 
-    def runner(self, entry: registry.KernelEntry, image: str) -> Callable[[Sequence[str]], tuple[int, str]]:
+    def runner(self, entry: model.KernelEntry, image: str) -> Callable[[Sequence[str]], tuple[int, str]]:
         def run(argv: Sequence[str]) -> tuple[int, str]:
             assert Path(image).read_text().startswith("image from")  # the new image, before it replaces the old
             self.ran.append(list(argv))
@@ -72,7 +72,7 @@ class FakeBuilder:
 
 
 @pytest.fixture
-def entry(make_registry: Any) -> registry.KernelEntry:
+def entry(make_registry: Any) -> model.KernelEntry:
     path = make_registry(
         "defaults:\n  images_dir: images\nkernels:\n  sci:\n    def: sci.def\n",
         {"sci.def": DEF, "data/a.txt": "a", "data/b.txt": "b", "env.yml": "x", "base.sif": "base"},
@@ -80,13 +80,13 @@ def entry(make_registry: Any) -> registry.KernelEntry:
     return registry.load_file(path).kernels[0]
 
 
-def with_changes(entry: registry.KernelEntry, **changes: Any) -> registry.KernelEntry:
+def with_changes(entry: model.KernelEntry, **changes: Any) -> model.KernelEntry:
     from dataclasses import replace
 
     return replace(entry, **changes)
 
 
-def test_recipe_inputs_follow_files_section(entry: registry.KernelEntry) -> None:
+def test_recipe_inputs_follow_files_section(entry: model.KernelEntry) -> None:
     assert entry.recipe is not None
     sources, base = build.recipe_inputs(entry.recipe)
     root = entry.recipe.parent
@@ -94,7 +94,7 @@ def test_recipe_inputs_follow_files_section(entry: registry.KernelEntry) -> None
     assert base == root / "base.sif"
 
 
-def test_incremental(entry: registry.KernelEntry) -> None:
+def test_incremental(entry: model.KernelEntry) -> None:
     fake = FakeBuilder()
     assert build.image_state(entry).status == "missing"
     assert build.build(entry, builder=fake).action == "built"
@@ -120,7 +120,7 @@ def test_incremental(entry: registry.KernelEntry) -> None:
     assert len(fake.calls) == 5
 
 
-def test_failed_build_keeps_the_good_image(entry: registry.KernelEntry) -> None:
+def test_failed_build_keeps_the_good_image(entry: model.KernelEntry) -> None:
     build.build(entry, builder=FakeBuilder())
     good = entry.image.read_text()
     assert entry.recipe is not None
@@ -135,7 +135,7 @@ def test_failed_build_keeps_the_good_image(entry: registry.KernelEntry) -> None:
     assert build.image_state(entry).status == "stale"
 
 
-def test_leftover_temporary_of_a_killed_build_is_removed(entry: registry.KernelEntry) -> None:
+def test_leftover_temporary_of_a_killed_build_is_removed(entry: model.KernelEntry) -> None:
     entry.image.parent.mkdir(parents=True, exist_ok=True)
     stale = entry.image.parent / ".sci.sif.tmp-999999"
     stale.write_text("half an image")
@@ -143,7 +143,7 @@ def test_leftover_temporary_of_a_killed_build_is_removed(entry: registry.KernelE
     assert not stale.exists()
 
 
-def _build_in_child(entry: registry.KernelEntry, wait: bool, queue: Any) -> None:
+def _build_in_child(entry: model.KernelEntry, wait: bool, queue: Any) -> None:
     try:
         result = build.build(entry, builder=FakeBuilder(delay=1.5), wait=wait)
         queue.put(result.action)
@@ -151,7 +151,7 @@ def _build_in_child(entry: registry.KernelEntry, wait: bool, queue: Any) -> None
         queue.put("busy")
 
 
-def test_concurrent_builds_one_builds_the_other_waits(entry: registry.KernelEntry) -> None:
+def test_concurrent_builds_one_builds_the_other_waits(entry: model.KernelEntry) -> None:
     ctx = multiprocessing.get_context("fork")
     queue = ctx.Queue()
     procs = [ctx.Process(target=_build_in_child, args=(entry, True, queue)) for _ in range(2)]
@@ -163,7 +163,7 @@ def test_concurrent_builds_one_builds_the_other_waits(entry: registry.KernelEntr
     assert entry.image.read_text().startswith("image from")
 
 
-def test_concurrent_build_without_wait_reports_busy(entry: registry.KernelEntry) -> None:
+def test_concurrent_build_without_wait_reports_busy(entry: model.KernelEntry) -> None:
     ctx = multiprocessing.get_context("fork")
     queue = ctx.Queue()
     first = ctx.Process(target=_build_in_child, args=(entry, True, queue))
@@ -180,7 +180,7 @@ def test_concurrent_build_without_wait_reports_busy(entry: registry.KernelEntry)
 
 
 def test_build_environment_follows_drac_advice(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
-                                               entry: registry.KernelEntry) -> None:
+                                               entry: model.KernelEntry) -> None:
     from hpc_kernels import buildtemp
 
     monkeypatch.setenv("APPTAINER_BIND", "/project,/scratch")
@@ -208,7 +208,7 @@ def test_entry_without_recipe_is_not_buildable(make_registry: Any) -> None:
         build.build(reg.kernels[0], builder=FakeBuilder())
 
 
-def test_an_image_we_did_not_build_is_never_overwritten(entry: registry.KernelEntry) -> None:
+def test_an_image_we_did_not_build_is_never_overwritten(entry: model.KernelEntry) -> None:
     entry.image.parent.mkdir(parents=True, exist_ok=True)
     entry.image.write_text("the user's own image")
     assert build.image_state(entry).status == "foreign"
@@ -219,7 +219,7 @@ def test_an_image_we_did_not_build_is_never_overwritten(entry: registry.KernelEn
     assert entry.image.read_text() == "the user's own image" and fake.calls == []
 
 
-def test_a_missing_files_source_is_found_before_the_build_with_its_recipe_line(entry: registry.KernelEntry) -> None:
+def test_a_missing_files_source_is_found_before_the_build_with_its_recipe_line(entry: model.KernelEntry) -> None:
     assert entry.recipe is not None
     (entry.recipe.parent / "env.yml").unlink()
     for old in (entry.recipe.parent / "data").glob("*.txt"):
@@ -265,7 +265,7 @@ OFFLINE_TAILS = [
 
 
 @pytest.mark.parametrize("tail", OFFLINE_TAILS)
-def test_a_build_that_cannot_reach_the_network_says_what_that_means(entry: registry.KernelEntry,
+def test_a_build_that_cannot_reach_the_network_says_what_that_means(entry: model.KernelEntry,
                                                                     tail: str) -> None:
     class Offline(FakeBuilder):
         def build(self, recipe: Path, dest: Path, options: list[str], on_line: LineSink) -> None:
@@ -284,7 +284,7 @@ def test_a_build_that_cannot_reach_the_network_says_what_that_means(entry: regis
     assert text.index("hint:") < text.index("full build log:")
 
 
-def test_other_build_failures_get_no_network_hint(entry: registry.KernelEntry) -> None:
+def test_other_build_failures_get_no_network_hint(entry: model.KernelEntry) -> None:
     with pytest.raises(BuildError) as info:
         build.build(entry, builder=FakeBuilder(fail=True))
     assert "hint:" not in str(info.value) and info.value.hint == ""
@@ -310,7 +310,7 @@ def test_docker_builds_get_the_network_hint_too(make_registry: Any) -> None:
         docker.build_image(entry, cli=OfflineCLI("podman", "/bin/false"))
 
 
-def test_an_image_truncated_after_its_build_is_damaged_and_rebuilt(entry: registry.KernelEntry) -> None:
+def test_an_image_truncated_after_its_build_is_damaged_and_rebuilt(entry: model.KernelEntry) -> None:
     fake = FakeBuilder()
     build.build(entry, builder=fake)
     stamp = build.read_stamp(entry.image)
@@ -330,7 +330,7 @@ def test_an_image_truncated_after_its_build_is_damaged_and_rebuilt(entry: regist
     assert build.image_state(entry).status == "damaged"
 
 
-def test_records_of_earlier_versions_without_size_are_trusted(entry: registry.KernelEntry) -> None:
+def test_records_of_earlier_versions_without_size_are_trusted(entry: model.KernelEntry) -> None:
     import json
 
     build.build(entry, builder=FakeBuilder())
@@ -342,7 +342,7 @@ def test_records_of_earlier_versions_without_size_are_trusted(entry: registry.Ke
     assert build.image_state(entry).status == "built"
 
 
-def test_list_and_doctor_show_a_damaged_image(entry: registry.KernelEntry,
+def test_list_and_doctor_show_a_damaged_image(entry: model.KernelEntry,
                                              capsys: pytest.CaptureFixture[str]) -> None:
     import json
 

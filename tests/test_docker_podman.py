@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from hpc_kernels import build, containers, kernelspec, registry
+from hpc_kernels import build, containers, kernelspec, model, registry
 from hpc_kernels.errors import BuildError
 from hpc_kernels.runtimes.docker import ContainerCLI
 from tests.conftest import run_cell, start_ready_kernel
@@ -101,7 +101,7 @@ def eventually(check: Callable[[], object], timeout: float = 30.0) -> object:
     return value
 
 
-def install(make_registry: Any, name: str, runtime: str, extra: str = "") -> registry.KernelEntry:
+def install(make_registry: Any, name: str, runtime: str, extra: str = "") -> model.KernelEntry:
     path = make_registry(f"""
         kernels:
           {name}:

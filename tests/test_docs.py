@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from hpc_kernels import cli, doctor, registry
+from hpc_kernels import cli, doctor, keys
 from hpc_kernels.runtimes import apptainer
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
@@ -128,17 +128,15 @@ def test_every_command_is_documented() -> None:
 
 def test_every_registry_key_is_documented() -> None:
     text = (DOCS / "registry.md").read_text()
-    keys = registry._SHARED_KEYS | registry._DEFAULT_ONLY | registry._KERNEL_ONLY | registry._TOP_KEYS
-    for key in sorted(keys):
-        assert f"`{key}`" in text, f"docs/registry.md does not document the key '{key}'"
+    for row in keys.KEYS:
+        assert f"`{row.name}`" in text, f"docs/registry.md does not document the key '{row.name}'"
     rows = {m.group(1): m.group(2) for m in re.finditer(r"^\| `([a-z_]+)` \| ([^|]+) \|", text, re.M)}
-    assert rows["idle_timeout"].strip() == f"`{registry.DEFAULT_IDLE_TIMEOUT:g}`"
-    assert rows["compression"].strip() == f"`{registry.DEFAULT_COMPRESSION}`"
+    assert rows["idle_timeout"].strip() == f"`{keys.DEFAULT_IDLE_TIMEOUT:g}`"
+    assert rows["compression"].strip() == f"`{keys.DEFAULT_COMPRESSION}`"
     assert rows["command"].strip() == "`[" + ", ".join(
-        f'"{a}"' if "{" in a else a for a in registry.DEFAULT_COMMAND) + "]`"
+        f'"{a}"' if "{" in a else a for a in keys.DEFAULT_COMMAND) + "]`"
     for key in ("runtime", "mode", "gpu"):
-        default = {"runtime": "apptainer", "mode": registry.MODES[0], "gpu": registry.GPU_CHOICES[0]}[key]
-        assert rows[key].strip() == f"`{default}`"
+        assert rows[key].strip() == f"`{keys.key(keys.KERNEL, key).default}`"
 
 
 def test_environment_allowlist_is_documented() -> None:

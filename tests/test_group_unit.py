@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from hpc_kernels import build, cli, doctor, fsutil, group, kernelspec, modulefile, paths, registry
+from hpc_kernels import build, cli, doctor, fsutil, group, kernelspec, model, modulefile, paths, registry
 from hpc_kernels.errors import BuildBusyError, LockBusyError, NoWriteAccessError, RegistryError
 from tests.test_build import FakeBuilder
 
@@ -108,14 +108,14 @@ def test_module_files_in_a_group_directory(setgid_dir: Path, tmp_path: Path, uma
 
 
 @pytest.fixture
-def built_entry(setgid_dir: Path, make_registry: Any) -> registry.KernelEntry:
+def built_entry(setgid_dir: Path, make_registry: Any) -> model.KernelEntry:
     (setgid_dir / "images").mkdir()
     path = make_registry(f"defaults: {{images_dir: {setgid_dir / 'images'}}}\nkernels:\n  sci: {{def: sci.def}}\n",
                          {"sci.def": "Bootstrap: localimage\nFrom: base.sif\n"})
     return registry.load_file(path).get("sci")
 
 
-def test_built_image_lock_and_record_in_a_group_directory(built_entry: registry.KernelEntry, umask077: None) -> None:
+def test_built_image_lock_and_record_in_a_group_directory(built_entry: model.KernelEntry, umask077: None) -> None:
     """Before: the lock file was 0600/0644 and stayed: a member could not open it to build."""
     seen: list[str] = []
 
@@ -227,7 +227,7 @@ def test_the_heartbeat_keeps_the_lock_fresh_and_release_spares_a_lock_taken_over
     assert theirs is not None and (theirs.host, theirs.pid) == ("cn-other", 7)
 
 
-def test_waiting_for_another_nodes_build_names_it(built_entry: registry.KernelEntry) -> None:
+def test_waiting_for_another_nodes_build_names_it(built_entry: model.KernelEntry) -> None:
     lock = build.lock_path(built_entry.image)
     lock.write_text(_record("cn-7", 99).to_text())
     with pytest.raises(BuildBusyError, match=r"another process is building 'sci' .*: pid 99 of user someone "
@@ -402,7 +402,7 @@ def test_doctor_group_check_says_how_to_load_the_module(tree: group.GroupTree,
 
 
 @needs_non_root
-def test_an_image_this_user_cannot_read_is_unreadable_not_a_traceback(built_entry: registry.KernelEntry) -> None:
+def test_an_image_this_user_cannot_read_is_unreadable_not_a_traceback(built_entry: model.KernelEntry) -> None:
     build.build(built_entry, builder=FakeBuilder())
     os.chmod(built_entry.image, 0o000)
     try:

@@ -12,14 +12,14 @@ from typing import Any
 
 import pytest
 
-from hpc_kernels import build, cli, imagecheck, kernelspec, registry
+from hpc_kernels import build, cli, imagecheck, kernelspec, keys, model, registry
 from hpc_kernels.errors import BuildError, HpcKernelsError
 from tests.test_build import DEF, FakeBuilder
 
 NO_IPYKERNEL = "ModuleNotFoundError: No module named 'ipykernel'"
 
 
-def load(make_registry: Any, kernel: str) -> registry.KernelEntry:
+def load(make_registry: Any, kernel: str) -> model.KernelEntry:
     path = make_registry(
         f"defaults:\n  images_dir: images\nkernels:\n  sci:\n{kernel}",
         {"sci.def": DEF, "data/a.txt": "a", "env.yml": "x", "base.sif": "base", "given.sif": "an image"},
@@ -28,18 +28,18 @@ def load(make_registry: Any, kernel: str) -> registry.KernelEntry:
 
 
 @pytest.fixture
-def entry(make_registry: Any) -> registry.KernelEntry:
+def entry(make_registry: Any) -> model.KernelEntry:
     return load(make_registry, "    def: sci.def\n")
 
 
-def kernel_argv(entry: registry.KernelEntry) -> list[str]:
+def kernel_argv(entry: model.KernelEntry) -> list[str]:
     data = json.loads((kernelspec.Target().kernels_dir() / entry.name / "kernel.json").read_text())
     return list(data["metadata"]["hpc_kernels"]["command"])
 
 
-def test_the_default_command_is_python3_until_an_image_says_otherwise(entry: registry.KernelEntry) -> None:
+def test_the_default_command_is_python3_until_an_image_says_otherwise(entry: model.KernelEntry) -> None:
     assert entry.command[0] == "python3" and not entry.command_given
-    assert imagecheck.kernel_command(entry) == registry.DEFAULT_COMMAND
+    assert imagecheck.kernel_command(entry) == keys.DEFAULT_COMMAND
 
 
 @pytest.mark.parametrize(("programs", "found"), [
@@ -48,7 +48,7 @@ def test_the_default_command_is_python3_until_an_image_says_otherwise(entry: reg
     ({"python3": NO_IPYKERNEL, "python": "ok"}, "python"),  # a system python3 beside a conda python
 ])
 def test_a_build_finds_the_python_with_ipykernel_and_the_kernelspec_uses_it(
-        entry: registry.KernelEntry, programs: dict[str, str], found: str) -> None:
+        entry: model.KernelEntry, programs: dict[str, str], found: str) -> None:
     fake = FakeBuilder(programs=programs)
     build.build(entry, builder=fake)
     stamp = build.read_stamp(entry.image)
@@ -64,7 +64,7 @@ def test_a_build_finds_the_python_with_ipykernel_and_the_kernelspec_uses_it(
      "add 'python3 -m pip install ipykernel'"),
 ])
 def test_a_built_image_that_cannot_start_its_kernel_is_a_failed_build(
-        entry: registry.KernelEntry, programs: dict[str, str], reason: str, fix: str) -> None:
+        entry: model.KernelEntry, programs: dict[str, str], reason: str, fix: str) -> None:
     build.build(entry, builder=FakeBuilder())
     good = entry.image.read_text()
     stamp = build.read_stamp(entry.image)
@@ -91,7 +91,7 @@ def test_a_given_command_is_checked_as_given(make_registry: Any) -> None:
     assert imagecheck.kernel_command(entry) == entry.command
 
     class NoR(FakeBuilder):
-        def runner(self, entry: registry.KernelEntry, image: str) -> Any:
+        def runner(self, entry: model.KernelEntry, image: str) -> Any:
             return lambda argv: (1, "")  # `command -v R` finds nothing
 
     with pytest.raises(BuildError, match="the kernel's program 'R' does not exist in the image"):
@@ -107,9 +107,9 @@ def test_a_given_python_command_must_import_its_module(make_registry: Any) -> No
     build.build(entry, builder=FakeBuilder(programs={"python": "ok"}))
 
 
-def test_a_container_that_does_not_start_fails_the_build(entry: registry.KernelEntry) -> None:
+def test_a_container_that_does_not_start_fails_the_build(entry: model.KernelEntry) -> None:
     class Broken(FakeBuilder):
-        def runner(self, entry: registry.KernelEntry, image: str) -> Any:
+        def runner(self, entry: model.KernelEntry, image: str) -> Any:
             return lambda argv: (255, "FATAL:   could not open image: image format not recognized")
 
     with pytest.raises(BuildError, match=r"could not be started to check it.*image format not recognized"):
@@ -117,12 +117,12 @@ def test_a_container_that_does_not_start_fails_the_build(entry: registry.KernelE
     assert not entry.image.exists()
 
 
-def test_only_a_python_we_would_have_found_is_taken_from_a_record(entry: registry.KernelEntry) -> None:
+def test_only_a_python_we_would_have_found_is_taken_from_a_record(entry: model.KernelEntry) -> None:
     build.build(entry, builder=FakeBuilder(programs={"python": "ok"}))
     stamp = json.loads(build.stamp_path(entry.image).read_text())
     stamp["program"] = "/tmp/evil"
     build.stamp_path(entry.image).write_text(json.dumps(stamp))
-    assert imagecheck.kernel_command(entry) == registry.DEFAULT_COMMAND
+    assert imagecheck.kernel_command(entry) == keys.DEFAULT_COMMAND
 
 
 # ----------------------------------------------------------------------------- given images, at install time
@@ -145,7 +145,7 @@ class FakeApptainer:
             monkeypatch.setattr(apptainer, "find_binary", lambda *a, **k: "/fake/apptainer")
         monkeypatch.setattr(imagecheck, "probe_spec_runner", self.runner)
 
-    def runner(self, entry: registry.KernelEntry, image: str, binary: str, timeout: float = 0) -> Any:
+    def runner(self, entry: model.KernelEntry, image: str, binary: str, timeout: float = 0) -> Any:
         assert image == str(entry.image) and binary == "/fake/apptainer"
 
         def run(argv: Sequence[str]) -> tuple[int, str]:
@@ -159,11 +159,11 @@ class FakeApptainer:
 
 
 @pytest.fixture
-def given(make_registry: Any) -> registry.KernelEntry:
+def given(make_registry: Any) -> model.KernelEntry:
     return load(make_registry, "    image: given.sif\n")
 
 
-def test_install_finds_the_python_of_a_given_image_once(given: registry.KernelEntry, monkeypatch: pytest.MonkeyPatch,
+def test_install_finds_the_python_of_a_given_image_once(given: model.KernelEntry, monkeypatch: pytest.MonkeyPatch,
                                                          capsys: pytest.CaptureFixture[str]) -> None:
     fake = FakeApptainer(monkeypatch, {"python": "ok"})
     reg = str(given.image.parent / "kernels.yaml")
@@ -180,7 +180,7 @@ def test_install_finds_the_python_of_a_given_image_once(given: registry.KernelEn
     assert len(fake.ran) == 4
 
 
-def test_install_refuses_a_given_image_that_cannot_start_its_kernel(given: registry.KernelEntry,
+def test_install_refuses_a_given_image_that_cannot_start_its_kernel(given: model.KernelEntry,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     FakeApptainer(monkeypatch, {"python3": NO_IPYKERNEL})
     with pytest.raises(HpcKernelsError) as info:
@@ -191,11 +191,11 @@ def test_install_refuses_a_given_image_that_cannot_start_its_kernel(given: regis
 
 
 @pytest.mark.parametrize("programs", [None, {"python3": "FATAL: could not open image"}])
-def test_install_says_when_it_could_not_look_into_the_image(given: registry.KernelEntry,
+def test_install_says_when_it_could_not_look_into_the_image(given: model.KernelEntry,
                                                             monkeypatch: pytest.MonkeyPatch,
                                                             programs: dict[str, str] | None) -> None:
     class Failing(FakeApptainer):
-        def runner(self, entry: registry.KernelEntry, image: str, binary: str, timeout: float = 0) -> Any:
+        def runner(self, entry: model.KernelEntry, image: str, binary: str, timeout: float = 0) -> Any:
             return lambda argv: (255, "FATAL:   could not open image: image format not recognized")
 
     (FakeApptainer if programs is None else Failing)(monkeypatch, programs)
@@ -213,7 +213,7 @@ def test_a_given_command_is_not_probed_at_install(make_registry: Any, monkeypatc
     assert fake.ran == [] and kernel_argv(entry)[0] == "python"
 
 
-def test_no_check_builds_an_image_that_is_not_a_kernel(entry: registry.KernelEntry, make_registry: Any,
+def test_no_check_builds_an_image_that_is_not_a_kernel(entry: model.KernelEntry, make_registry: Any,
                                                         monkeypatch: pytest.MonkeyPatch,
                                                         capsys: pytest.CaptureFixture[str]) -> None:
     """`build --no-check`: for an image this node cannot run (a GPU, a bind source, another architecture)."""
@@ -226,7 +226,7 @@ def test_no_check_builds_an_image_that_is_not_a_kernel(entry: registry.KernelEnt
     stamp = build.read_stamp(entry.image)
     assert stamp is not None and "program" not in stamp and fake.ran == [["python3", "-c", "import ipykernel"],
                                                                           ["python", "-c", "import ipykernel"]]
-    assert imagecheck.kernel_command(entry) == registry.DEFAULT_COMMAND
+    assert imagecheck.kernel_command(entry) == keys.DEFAULT_COMMAND
     # The flag travels into a Slurm job's build.
     assert cli.main(["build", "sci", "--slurm", "--dry-run", "--no-check", "--registry", reg]) == 0
     line = next(li for li in capsys.readouterr().out.splitlines() if '-m hpc_kernels build "$kernel"' in li)

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from hpc_kernels import registry
+from hpc_kernels import keys, registry
 from hpc_kernels.errors import RegistryError, UnknownKernelError
 
 RECIPE = {"a.def": "Bootstrap: localimage\nFrom: base.sif\n"}
@@ -49,7 +49,7 @@ def test_valid_registry_applies_defaults(make_registry: Any) -> None:
     assert sci.gpu == "none"
     assert sci.env_dict == {"OMP_NUM_THREADS": "4"}
     assert sci.display_name == "Python (science)"
-    assert sci.command == registry.DEFAULT_COMMAND
+    assert sci.command == keys.DEFAULT_COMMAND
     assert sci.interrupt_mode == "signal"
     assert other.image == Path("/abs/other.sif")
     assert other.interrupt_mode == "message"  # exec instance:// does not survive SIGINT

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from hpc_kernels import build, cli, oci, recipegen, registry, requirements, staging
+from hpc_kernels import build, cli, model, oci, recipegen, registry, requirements, staging
 from hpc_kernels.errors import BuildError, RegistryError
 from hpc_kernels.model import Fetch, Staging
 from hpc_kernels.runtimes.base import LineSink
@@ -40,7 +40,7 @@ class FakeBuilder:
         self.recipes.append(recipe.read_text())
         dest.write_text("image from " + recipe.read_text())
 
-    def runner(self, entry: registry.KernelEntry, image: str) -> Any:
+    def runner(self, entry: model.KernelEntry, image: str) -> Any:
         return lambda argv: (0, "")  # the new image has what its kernel runs
 
 

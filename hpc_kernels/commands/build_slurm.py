@@ -161,9 +161,9 @@ def _print_recipes(to_build: list[KernelEntry], staged: set[str]) -> None:
 
 def _flags(args: argparse.Namespace) -> SlurmFlags:
     # The very rules of the registry's slurm: block: a flag's value ends up in the same batch script.
-    from hpc_kernels.slurm_settings import from_flags  # why: as in run()
+    from hpc_kernels.keys import slurm_from_flags  # why: as in run()
 
-    return from_flags(account=args.account, time=args.time, mem=args.mem, cpus=args.cpus,
+    return slurm_from_flags(account=args.account, time=args.time, mem=args.mem, cpus=args.cpus,
                       partition=args.partition)
 
 
