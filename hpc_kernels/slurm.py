@@ -20,9 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from hpc_kernels import __version__, paths, recipe, templates
-from hpc_kernels.errors import HpcKernelsError, RuntimeNotFoundError
+from hpc_kernels.errors import HpcKernelsError
 from hpc_kernels.model import JOB_RECORD_FORMAT, NO_FLAGS, JobKind, KernelEntry, SlurmFlags
-from hpc_kernels.runtimes.apptainer import find_binary
 from hpc_kernels.slurm_settings import (
     DEFAULT_CPUS,
     DEFAULT_MEM,
@@ -195,20 +194,12 @@ def _what(names: Sequence[str]) -> str:
     return f"kernel '{names[0]}'" if len(names) == 1 else f"kernels {', '.join(names)}"
 
 
-def submit_time_apptainer_dir() -> str:
-    """The directory of the Apptainer found now (a PATH fallback for the job), or ""."""
-    try:
-        return str(Path(find_binary()).parent)
-    except RuntimeNotFoundError:
-        return ""
-
-
 def plan_build(entries: Sequence[KernelEntry], registry: Path, options: JobOptions, *,
-               build_args: Sequence[str] = (), python: str = sys.executable,
-               apptainer_dir: str | None = None) -> PlannedJob:
+               apptainer_dir: str, build_args: Sequence[str] = (), python: str = sys.executable) -> PlannedJob:
     """The batch script that builds ``entries`` (one array task per kernel when there are several).
 
-    ``build_args`` are extra flags of the ``hpc-kernels build`` run in the job (``--force``...).
+    ``build_args`` are extra flags of the ``hpc-kernels build`` run in the job (``--force``...);
+    ``apptainer_dir`` is the job's PATH fallback for Apptainer (where it was found at submission, or "").
     """
     if not entries:
         raise HpcKernelsError("no kernel to build in a job.")
@@ -234,7 +225,7 @@ def plan_build(entries: Sequence[KernelEntry], registry: Path, options: JobOptio
         kernels=" ".join(shlex.quote(n) for n in names),
         modules=" ".join(shlex.quote(m) for m in options.modules),
         require_modules="1" if options.require_modules else "0",
-        apptainer_dir=shlex.quote(submit_time_apptainer_dir() if apptainer_dir is None else apptainer_dir),
+        apptainer_dir=shlex.quote(apptainer_dir),
         command=command,
         jobs_dir=shlex.quote(str(jobs_dir())),
     )

@@ -86,19 +86,21 @@ def _tasks(job_id: str, plan: PlannedJob) -> tuple[TaskRecord, ...]:
     return (TaskRecord(job_id, ", ".join(plan.kernels), plan.output.replace("%j", job_id)),)
 
 
-def submit_builds(entries: Sequence[KernelEntry], registry: Path, options: JobOptions, *,
+def submit_builds(entries: Sequence[KernelEntry], registry: Path, options: JobOptions, *, apptainer_dir: str,
                   build_args: Sequence[str] = (), install: Sequence[str] = (),
                   slurm: Slurm | None = None) -> list[SubmittedJob]:
     """One build job (an array for several kernels), then the install job of ``install`` (afterok).
 
-    With nothing to build, the install job (if any) runs without a dependency.
+    With nothing to build, the install job (if any) runs without a dependency. ``apptainer_dir``: as
+    :func:`~hpc_kernels.slurm.plan_build` takes it.
     """
     client = slurm or Slurm()
     auto_prune(client)
     submitted: list[SubmittedJob] = []
     build_job: str | None = None
     if entries:
-        job = submit(plan_build(entries, registry, options, build_args=build_args), registry, slurm=client)
+        job = submit(plan_build(entries, registry, options, apptainer_dir=apptainer_dir, build_args=build_args),
+                     registry, slurm=client)
         submitted.append(job)
         build_job = job.job_id
     if install:

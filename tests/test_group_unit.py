@@ -17,7 +17,19 @@ from typing import Any
 
 import pytest
 
-from hpc_kernels import build, cli, doctor, fsutil, group, kernelspec, model, modulefile, paths, registry
+from hpc_kernels import (
+    build,
+    cli,
+    doctor,
+    fsutil,
+    group,
+    kernelspec,
+    model,
+    modulefile,
+    modulefile_lua,
+    paths,
+    registry,
+)
 from hpc_kernels.errors import BuildBusyError, LockBusyError, NoWriteAccessError, RegistryError
 from tests.test_build import FakeBuilder
 
@@ -98,7 +110,7 @@ def test_existing_private_directories_of_ours_are_opened_to_the_group(setgid_dir
 
 
 def test_module_files_in_a_group_directory(setgid_dir: Path, tmp_path: Path, umask077: None) -> None:
-    config = modulefile.ModuleConfig(tree=setgid_dir / "modulefiles", prefix=setgid_dir,
+    config = modulefile_lua.ModuleConfig(tree=setgid_dir / "modulefiles", prefix=setgid_dir,
                                      program=Path("/usr/bin/true"))
     modulefile.write(modulefile.plan(config))
     got = modes(setgid_dir)
@@ -326,7 +338,7 @@ def test_install_with_a_group_registry_publishes_kernelspecs_and_module(tree: gr
     assert cli.main(["install", "--all", "--registry", str(tree.registry)]) == 0
     err = capsys.readouterr().err
     assert kernelspec.is_ours(tree.prefix / "share/jupyter/kernels/sci")
-    lua = tree.modulefiles / "container-kernels" / f"{modulefile.ModuleConfig(tree.root, tree.root, Path('/x')).version}.lua"
+    lua = tree.modulefiles / "container-kernels" / f"{modulefile_lua.ModuleConfig(tree.root, tree.root, Path('/x')).version}.lua"
     assert modulefile.is_ours(lua) and "kernels.yaml" in lua.read_text()
     assert f"members: module use {tree.modulefiles} && module load container-kernels" in err
     assert not (Path(os.environ["JUPYTER_DATA_DIR"]) / "kernels/sci").exists()

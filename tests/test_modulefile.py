@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from hpc_kernels import cli, modulefile
+from hpc_kernels import cli, modulefile, modulefile_lua
 from hpc_kernels.adapters import lmod
 from hpc_kernels.errors import NotOursError, UsageError
 from hpc_kernels.templates import GENERATED_MARKER
@@ -23,13 +23,13 @@ kernels:
 """
 
 
-def config(tmp_path: Path, **kw: object) -> modulefile.ModuleConfig:
+def config(tmp_path: Path, **kw: object) -> modulefile_lua.ModuleConfig:
     """A group layout: <grp>/modulefiles, <grp>/share/jupyter, <grp>/bin, <grp>/kernels.yaml."""
     grp = tmp_path / "grp"
     values: dict[str, object] = dict(tree=grp / "modulefiles", prefix=grp,
                                      program=Path("/venv/bin/hpc-kernels"), registry=grp / "kernels.yaml")
     values.update(kw)
-    return modulefile.ModuleConfig(**values)  # type: ignore[arg-type]
+    return modulefile_lua.ModuleConfig(**values)  # type: ignore[arg-type]
 
 
 def test_group_tree_paths_are_relative_to_the_modulefile(tmp_path: Path) -> None:
@@ -76,8 +76,8 @@ def test_apptainer_module_name_and_opt_out(tmp_path: Path) -> None:
 
 
 def test_lua_strings_escape_quotes_and_long_brackets() -> None:
-    assert modulefile.lua_string('a"b\\c\nd') == '"a\\"b\\\\c\\nd"'
-    assert modulefile.lua_long_string("x ]] y") == "[=[\nx ]] y\n]=]"
+    assert modulefile_lua.lua_string('a"b\\c\nd') == '"a\\"b\\\\c\\nd"'
+    assert modulefile_lua.lua_long_string("x ]] y") == "[=[\nx ]] y\n]=]"
 
 
 def test_wrapper_runs_the_program(tmp_path: Path) -> None:
@@ -158,10 +158,10 @@ def test_parse_lmod_python_output_without_executing_it() -> None:
 EXAMPLE = Path(__file__).resolve().parent.parent / "modulefiles" / "container-kernels" / "0.1.0.lua"
 
 
-def example_config() -> modulefile.ModuleConfig:
+def example_config() -> modulefile_lua.ModuleConfig:
     """The group layout the example documents: everything under /project/def-pi/hpc-kernels."""
     grp = Path("/project/def-pi/hpc-kernels")
-    return modulefile.ModuleConfig(tree=grp / "modulefiles", prefix=grp, program=grp / "venv/bin/hpc-kernels",
+    return modulefile_lua.ModuleConfig(tree=grp / "modulefiles", prefix=grp, program=grp / "venv/bin/hpc-kernels",
                                    registry=grp / "kernels.yaml", version="0.1.0")
 
 

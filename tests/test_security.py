@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from hpc_kernels import cli, modulefile, registry, slurm, slurm_records, slurm_submit, templates
+from hpc_kernels import cli, modulefile_lua, registry, slurm, slurm_records, slurm_submit, templates
 from hpc_kernels.errors import HpcKernelsError, UsageError
 
 REG = """\
@@ -101,7 +101,7 @@ def test_dry_run_submit_line_quotes_its_arguments(make_registry: Any, capsys: py
 
 
 def test_lua_strings_escape_every_control_character() -> None:
-    text = modulefile.lua_string("a\x00b\x1bc\x7fd\u2028e\tf")
+    text = modulefile_lua.lua_string("a\x00b\x1bc\x7fd\u2028e\tf")
     assert text == '"a\\0b\\27c\\127d\u2028e\\9f"'
     assert all(ord(c) >= 32 and c != "\x7f" for c in text)
 
@@ -119,11 +119,11 @@ def test_module_install_refuses_a_path_with_a_newline(tmp_path: Path, capsys: py
 
 def test_module_paths_that_cannot_go_on_path_are_refused(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="':'"):
-        modulefile.ModuleConfig(tree=tmp_path / "mf", prefix=tmp_path / "a:b", program=Path("/v/bin/hpc-kernels"))
+        modulefile_lua.ModuleConfig(tree=tmp_path / "mf", prefix=tmp_path / "a:b", program=Path("/v/bin/hpc-kernels"))
     with pytest.raises(UsageError, match="control character"):
-        modulefile.ModuleConfig(tree=tmp_path / "mf", prefix=tmp_path / "p", program=Path("/v/bin/hpc\tk"))
+        modulefile_lua.ModuleConfig(tree=tmp_path / "mf", prefix=tmp_path / "p", program=Path("/v/bin/hpc\tk"))
     with pytest.raises(UsageError, match="control character"):
-        modulefile.ModuleConfig(tree=tmp_path / "mf", prefix=tmp_path / "p", program=Path("/v/bin/hpc-kernels"),
+        modulefile_lua.ModuleConfig(tree=tmp_path / "mf", prefix=tmp_path / "p", program=Path("/v/bin/hpc-kernels"),
                                 registry=tmp_path / "k\r.yaml")
 
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from hpc_kernels import ui
 from hpc_kernels.commands.jobs import print_failure
-from hpc_kernels.errors import HpcKernelsError, UsageError
+from hpc_kernels.errors import HpcKernelsError, RuntimeNotFoundError, UsageError
 from hpc_kernels.model import JobKind, KernelEntry, Runtime, SlurmFlags, Staging
 
 if TYPE_CHECKING:
@@ -122,7 +122,8 @@ def run(args: argparse.Namespace, stage: Stager) -> int:
         _print_recipes(to_build, staged)
         _print_scripts(to_build, install, reg.path, options, build_args)
         return 0
-    submitted = slurm_submit.submit_builds(to_build, reg.path, options, build_args=build_args, install=install)
+    submitted = slurm_submit.submit_builds(to_build, reg.path, options, apptainer_dir=submit_time_apptainer_dir(),
+                                           build_args=build_args, install=install)
     for job in submitted:
         _announce(job, err)
     if not (args.wait or args.wait_timeout is not None):
@@ -132,6 +133,17 @@ def run(args: argparse.Namespace, stage: Stager) -> int:
     timeout = args.wait_timeout if args.wait_timeout is not None else \
         slurm_submit.default_wait_timeout(options, submitted)
     return _wait(submitted, args.json, timeout)
+
+
+def submit_time_apptainer_dir() -> str:
+    """The directory of the Apptainer found now (a PATH fallback for the job), or ""."""
+    # why: the Apptainer adapter (and what it imports) loads only when a job is planned.
+    from hpc_kernels.runtimes.apptainer import find_binary
+
+    try:
+        return str(Path(find_binary()).parent)
+    except RuntimeNotFoundError:
+        return ""
 
 
 def _stage_for_jobs(entries: list[KernelEntry], args: argparse.Namespace, staged: set[str], stage: Stager) -> None:
@@ -172,7 +184,8 @@ def _print_scripts(to_build: list[KernelEntry], install: list[str], registry: Pa
     from hpc_kernels import slurm  # why: as in run()
 
     if to_build:
-        plan = slurm.plan_build(to_build, registry, options, build_args=build_args)
+        plan = slurm.plan_build(to_build, registry, options, apptainer_dir=submit_time_apptainer_dir(),
+                                build_args=build_args)
         sys.stdout.write(f"# submit with: {_sbatch_line(plan.sbatch_args)}\n{plan.script}")
     if install:
         plan = slurm.plan_install(install, registry, options)

@@ -97,13 +97,14 @@ def _publish_module(tree: GroupTree, target: Target, registry: Path) -> Path | N
     the kernelspecs went elsewhere)."""
     import os
 
-    from hpc_kernels import group, modulefile
+    from hpc_kernels import group, modulefile, modulefile_lua
 
     if target.prefix is None or os.path.realpath(target.prefix) != os.path.realpath(tree.prefix):
         return None
     group.publish_inputs([registry])  # members' hpc-kernels read it (HPC_KERNELS_REGISTRY of the module)
-    config = modulefile.ModuleConfig(tree=tree.modulefiles, prefix=tree.prefix, program=modulefile.current_program(),
-                                     registry=registry, name=tree.module_name)
+    config = modulefile_lua.ModuleConfig(tree=tree.modulefiles, prefix=tree.prefix,
+                                         program=modulefile_lua.current_program(), registry=registry,
+                                         name=tree.module_name)
     plan = modulefile.plan(config)
     if any(not f.exists or _differs(f.path, f.text) for f in plan.files):
         modulefile.write(plan)

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from hpc_kernels.group import GroupTree
-    from hpc_kernels.modulefile import ModuleConfig
+    from hpc_kernels.modulefile_lua import ModuleConfig
 
 HELP = "write an Lmod modulefile ('module load container-kernels') that lists our kernels in Jupyter"
 
@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
-    from hpc_kernels import modulefile
+    from hpc_kernels import modulefile_lua
 
     # Also accepted after the action (`module install --registry X`); SUPPRESS keeps an earlier value.
     parser.add_argument("--registry", metavar="PATH", default=argparse.SUPPRESS,
@@ -43,15 +43,15 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefix", metavar="PREFIX",
                         help="the Jupyter prefix whose share/jupyter goes on JUPYTER_PATH, as given to "
                              "'hpc-kernels install --prefix' (default: ~/.local/share/hpc-kernels/prefix)")
-    parser.add_argument("--name", help=f"module name (default: {modulefile.DEFAULT_NAME}; over a group's module: "
-                                       f"{modulefile.LAYERED_NAME})")
+    parser.add_argument("--name", help=f"module name (default: {modulefile_lua.DEFAULT_NAME}; over a group's module: "
+                                       f"{modulefile_lua.LAYERED_NAME})")
     parser.add_argument("--module-version", metavar="VERSION",
                         help="module version (default: hpc-kernels' own)")
     dep = parser.add_mutually_exclusive_group()
-    dep.add_argument("--apptainer-module", metavar="NAME", default=modulefile.DEFAULT_APPTAINER_MODULE,
+    dep.add_argument("--apptainer-module", metavar="NAME", default=modulefile_lua.DEFAULT_APPTAINER_MODULE,
                      help="the site's Apptainer module, loaded when it exists (default: %(default)s)")
     dep.add_argument("--no-apptainer-module", action="store_true", help="do not load any Apptainer module")
-    parser.add_argument("--paths", choices=modulefile.PATH_STYLES, default="auto",
+    parser.add_argument("--paths", choices=modulefile_lua.PATH_STYLES, default="auto",
                         help="paths relative to the modulefile (a relocatable group tree) or absolute "
                              "(default: auto = relative when everything lies in the tree's parent directory)")
     parser.add_argument("--json", action="store_true", help="print JSON for scripts")
@@ -83,23 +83,23 @@ def config_from_args(args: argparse.Namespace) -> ModuleConfig:
     With a registry that extends a group's, the module loads the group's module first and puts its own
     kernels before the group's (Lmod's ``depends_on``).
     """
-    from hpc_kernels import __version__, group, modulefile
+    from hpc_kernels import __version__, group, modulefile_lua
 
     registry = _registry_path(getattr(args, "registry", None))
     tree = group.tree_of_registry(registry)
     base = _base_tree(registry) if tree is None else None
-    default_tree = tree.modulefiles if tree else modulefile.default_tree()
-    default_prefix = tree.prefix if tree else modulefile.default_prefix()
+    default_tree = tree.modulefiles if tree else modulefile_lua.default_tree()
+    default_prefix = tree.prefix if tree else modulefile_lua.default_prefix()
     if tree:
         default_name = tree.module_name
     elif base:
-        default_name = modulefile.LAYERED_NAME
+        default_name = modulefile_lua.LAYERED_NAME
     else:
-        default_name = modulefile.DEFAULT_NAME
-    return modulefile.ModuleConfig(
+        default_name = modulefile_lua.DEFAULT_NAME
+    return modulefile_lua.ModuleConfig(
         tree=_abs(args.dir) if args.dir else default_tree,
         prefix=_abs(args.prefix) if args.prefix else default_prefix,
-        program=modulefile.current_program(),
+        program=modulefile_lua.current_program(),
         registry=registry,
         name=args.name or default_name,
         version=args.module_version or __version__,
