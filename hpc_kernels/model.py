@@ -176,6 +176,15 @@ def human_time(value: str) -> str:
 
 # ----------------------------------------------------------------------------- kernels
 
+#: Where images hpc-kernels builds for Docker/Podman are tagged (``localhost/hpc-kernels/NAME:latest``).
+LOCAL_IMAGE_PREFIX = "localhost/hpc-kernels/"
+
+
+def default_container_image(kernel: str) -> str:
+    """The tag of a Docker/Podman kernel's image when the registry names none: the one place it is made."""
+    return f"{LOCAL_IMAGE_PREFIX}{kernel}:latest"
+
+
 #: The format of a launch spec (``LaunchSpec.to_json``'s ``format``; hpc_kernels.launchspec checks it).
 LAUNCH_SPEC_FORMAT = 1
 

@@ -18,7 +18,15 @@ from hpc_kernels.errors import RegistryError, describe_value
 
 # One set of rules for the registry and for the kernel.json the launcher reads (launchspec checks it too).
 from hpc_kernels.launchspec import ENV_NAME_RE, KERNEL_NAME_RE, PASS_ENV_RE
-from hpc_kernels.model import JobRequest, KernelEntry, Mode, Runtime, SlurmSettings, Staging
+from hpc_kernels.model import (
+    JobRequest,
+    KernelEntry,
+    Mode,
+    Runtime,
+    SlurmSettings,
+    Staging,
+    default_container_image,
+)
 
 if TYPE_CHECKING:  # image references are parsed only for kernels with `base:` (the registry loads on every command)
     from hpc_kernels import oci
@@ -219,7 +227,7 @@ class Validator:
                          "from requirement files), or 'image' (an existing .sif).")
         else:
             # docker/podman: `image` names a container image (name:tag); built images get a local tag.
-            container_image = image_value or f"localhost/hpc-kernels/{name}:latest"
+            container_image = image_value or default_container_image(name)
             image = images_dir / f"{name}.{runtime}"
             if recipe is None and not image_value:
                 self.err(line,

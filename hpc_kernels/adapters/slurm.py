@@ -6,6 +6,7 @@ in :mod:`hpc_kernels.slurm`.
 
 from __future__ import annotations
 
+import getpass
 import re
 import shutil
 from collections.abc import Iterable, Sequence
@@ -136,8 +137,6 @@ class Slurm:
         """This user's live jobs whose name starts with ``prefix``: job id -> name."""
         if shutil.which("squeue") is None:
             return {}
-        import getpass
-
         result = run(["squeue", "-h", "-u", getpass.getuser(), "-o", "%i|%j"], check=False, timeout=QUERY_TIMEOUT)
         found = {}
         for line in result.stdout.splitlines() if result.returncode == 0 else []:

@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING
 
 from hpc_kernels import ui
 from hpc_kernels.commands import build_slurm
+from hpc_kernels.errors import BuildError, HpcKernelsError, UsageError
+from hpc_kernels.model import Fetch, Staging
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -50,8 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Build each selected kernel; keep going after a failure and report all of them."""
-    from hpc_kernels import build, registry
-    from hpc_kernels.errors import BuildError, HpcKernelsError
+    from hpc_kernels import build, registry  # why: builds and the registry (YAML) load only when `build` runs
 
     if build_slurm.slurm_requested(args):
         return build_slurm.run(args, stage=stage_and_report)
@@ -117,8 +118,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _check_staging_flags(args: argparse.Namespace) -> None:
-    from hpc_kernels.errors import UsageError
-
     if args.offline and (args.lock or args.pull):
         raise UsageError("--offline builds from what was staged; --lock and --pull stage anew: give one or the other.")
 
@@ -127,8 +126,6 @@ def stage_first(entry: KernelEntry, args: argparse.Namespace, *, quiet: bool = F
     """Stage ``entry``'s inputs on this node when the build should not fetch them itself (``staging: always``,
     ``--lock``, ``--pull``) and write its lock with ``--lock``; the :class:`~hpc_kernels.model.Fetch` its
     build then uses (None: the registry's default)."""
-    from hpc_kernels.model import Fetch, Staging
-
     if entry.runtime != "apptainer" or not entry.buildable:
         return None
     if args.offline:
@@ -136,7 +133,7 @@ def stage_first(entry: KernelEntry, args: argparse.Namespace, *, quiet: bool = F
     if not (args.lock or args.pull or entry.staging is Staging.ALWAYS):
         return None
     if entry.staging is Staging.ALWAYS and not (args.lock or args.pull or args.force):
-        from hpc_kernels import build
+        from hpc_kernels import build  # why: as in run()
 
         if build.image_state(entry).status == "built":
             return Fetch.STAGED  # up to date: nothing to stage (the build is a no-op)
@@ -146,7 +143,7 @@ def stage_first(entry: KernelEntry, args: argparse.Namespace, *, quiet: bool = F
 
 def stage_and_report(entry: KernelEntry, *, pull: bool, lock: bool, quiet: bool = False) -> None:
     """Stage ``entry`` (and write its lock with ``lock``), saying on stderr what was fetched."""
-    from hpc_kernels import staging
+    from hpc_kernels import staging  # why: staging (~1100 lines) loads only when a kernel is staged
 
     name = entry.name
 
@@ -170,6 +167,7 @@ def stage_and_report(entry: KernelEntry, *, pull: bool, lock: bool, quiet: bool 
 def _note_outdated_kernelspec(entry: KernelEntry) -> None:
     """After a build: when the kernelspec Jupyter uses runs another command than the new image needs (the
     build found only 'python' where the kernelspec says 'python3'), say that it must be installed again."""
+    # why: kernelspec loads only after a build.
     from hpc_kernels import kernelspec
     from hpc_kernels.launchspec import read_kernel_json
 
@@ -189,6 +187,7 @@ def _note_outdated_kernelspec(entry: KernelEntry) -> None:
 
 def _progress(err: Console, kernel: str, enabled: bool) -> Progress:
     """The one-line live display of a build: the kernel's name whole, the builder's last line cut to fit."""
+    # why: rich.progress costs ~20 ms to import; only a build on a terminal shows progress.
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
     from rich.table import Column
 

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
+
+from hpc_kernels import group, ui
 
 HELP = "set up (or repair) a group tree in /project: one member builds and publishes, the whole group uses"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """``group`` has one action, ``init``."""
-    from hpc_kernels import group
-
     actions = parser.add_subparsers(dest="action", metavar="ACTION")
     actions.required = True
     init = actions.add_parser(
@@ -32,8 +33,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Create or repair the tree, then say what to do next (the maintainer's and the members' steps)."""
-    from hpc_kernels import group, ui
-
     done = group.init(_abs(args.dir), args.group, args.members, args.module_name)
     tree = done.tree
     if args.json:
@@ -63,7 +62,5 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _abs(path: str) -> Path:
-    import os
-
     # abspath, not resolve(): keep the path the user gave (a /project symlink stays /project).
     return Path(os.path.abspath(os.path.expanduser(path)))

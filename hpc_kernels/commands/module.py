@@ -8,6 +8,9 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from hpc_kernels import __version__, group, modulefile_lua, ui
+from hpc_kernels.errors import HpcKernelsError, RegistryError, UsageError
+
 if TYPE_CHECKING:
     from hpc_kernels.group import GroupTree
     from hpc_kernels.modulefile_lua import ModuleConfig
@@ -34,8 +37,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
-    from hpc_kernels import modulefile_lua
-
     # Also accepted after the action (`module install --registry X`); SUPPRESS keeps an earlier value.
     parser.add_argument("--registry", metavar="PATH", default=argparse.SUPPRESS,
                         help="the kernels.yaml the module points HPC_KERNELS_REGISTRY at")
@@ -63,8 +64,7 @@ def _abs(path: str) -> Path:
 
 
 def _registry_path(explicit: str | None) -> Path | None:
-    from hpc_kernels import registry
-    from hpc_kernels.errors import HpcKernelsError, RegistryError
+    from hpc_kernels import registry  # why: the registry (YAML) loads only when the command runs
 
     try:
         path, _source = registry.locate(explicit)
@@ -83,8 +83,6 @@ def config_from_args(args: argparse.Namespace) -> ModuleConfig:
     With a registry that extends a group's, the module loads the group's module first and puts its own
     kernels before the group's (Lmod's ``depends_on``).
     """
-    from hpc_kernels import __version__, group, modulefile_lua
-
     registry = _registry_path(getattr(args, "registry", None))
     tree = group.tree_of_registry(registry)
     base = _base_tree(registry) if tree is None else None
@@ -112,9 +110,7 @@ def config_from_args(args: argparse.Namespace) -> ModuleConfig:
 
 def _base_tree(registry: Path | None) -> GroupTree | None:
     """The group tree of the registry that ``registry`` extends, if any."""
-    from hpc_kernels import group
-    from hpc_kernels import registry as registry_module
-    from hpc_kernels.errors import HpcKernelsError
+    from hpc_kernels import registry as registry_module  # why: the registry (YAML) loads only when the command runs
 
     if registry is None:
         return None
@@ -136,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _show(config: ModuleConfig, as_json: bool) -> int:
-    from hpc_kernels import modulefile, ui
+    from hpc_kernels import modulefile  # why: modulefile (and kernelspec) load only when the command runs
 
     module_plan = modulefile.plan(config)
     if as_json:
@@ -158,8 +154,8 @@ def _show(config: ModuleConfig, as_json: bool) -> int:
 
 
 def _install(config: ModuleConfig, args: argparse.Namespace) -> int:
-    from hpc_kernels import kernelspec, modulefile, registry, ui
-    from hpc_kernels.errors import UsageError
+    # why: kernelspec, modulefile and the registry (YAML) load only when the command runs.
+    from hpc_kernels import kernelspec, modulefile, registry
 
     if args.names and args.all:
         raise UsageError("give kernel names or --all, not both.")
@@ -200,7 +196,7 @@ def _install(config: ModuleConfig, args: argparse.Namespace) -> int:
 
 
 def _uninstall(config: ModuleConfig, as_json: bool) -> int:
-    from hpc_kernels import modulefile, ui
+    from hpc_kernels import modulefile  # why: modulefile (and kernelspec) load only when the command runs
 
     removed = modulefile.remove(config)
     if as_json:
