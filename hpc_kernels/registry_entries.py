@@ -167,7 +167,7 @@ class Validator:
         gpu = get("gpu")
         # Shared instances/containers are entered with `exec`, which does not forward signals the way
         # jupyter_client expects (a signal interrupt kills the kernel): message mode is the default there.
-        interrupt = get("interrupt_mode", "message" if mode == "instance" else "signal")
+        interrupt = get("interrupt_mode", "message" if mode == Mode.INSTANCE else "signal")
         language = get("language")
         command = tuple(get("command"))
         if command and "{connection_file}" not in command:
@@ -219,7 +219,7 @@ class Validator:
         if image_value is not None and not _nonempty_str(image_value):
             self.err(body.lines["image"], f"'image' of kernel '{name}' must be a string.")
             image_value = None
-        if runtime == "apptainer":
+        if runtime == Runtime.APPTAINER:
             image = self._path(image_value) if image_value else images_dir / f"{name}.sif"
             if recipe is None and not image_value and python is None and base is None \
                     and "python" not in body and "base" not in body:
@@ -236,7 +236,7 @@ class Validator:
         job: JobRequest | None = None
         if "job" in body:
             job = keys.job_from_mapping(body["job"], f"kernel '{name}'", body.lines["job"], self.err, slurm)
-            if runtime != "apptainer" or mode != "exec":
+            if runtime != Runtime.APPTAINER or mode != Mode.EXEC:
                 self.err(body.lines["job"], f"kernel '{name}' cannot run in a Slurm job of its own: 'job' needs "
                                             f"runtime apptainer and mode exec (it has {runtime}, {mode}).")
         if len(self.problems) > before:
@@ -280,7 +280,7 @@ class Validator:
         base: oci.ImageRef | None = None
         requirements: Path | None = None
         given = [k for k in ("python", "base", "requirements") if k in body]
-        if given and runtime != "apptainer":
+        if given and runtime != Runtime.APPTAINER:
             self.err(body.lines[given[0]], f"'{given[0]}' of kernel '{name}' builds Apptainer images only; "
                      f"kernel '{name}' has runtime '{runtime}' (write a recipe with 'def' instead).")
             return None, None, None

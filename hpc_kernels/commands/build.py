@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from hpc_kernels import ui
 from hpc_kernels.commands import build_slurm
 from hpc_kernels.errors import BuildError, HpcKernelsError, UsageError
-from hpc_kernels.model import Fetch, Staging
+from hpc_kernels.model import Fetch, Runtime, Staging
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -126,7 +126,7 @@ def stage_first(entry: KernelEntry, args: argparse.Namespace, *, quiet: bool = F
     """Stage ``entry``'s inputs on this node when the build should not fetch them itself (``staging: always``,
     ``--lock``, ``--pull``) and write its lock with ``--lock``; the :class:`~hpc_kernels.model.Fetch` its
     build then uses (None: the registry's default)."""
-    if entry.runtime != "apptainer" or not entry.buildable:
+    if entry.runtime != Runtime.APPTAINER or not entry.buildable:
         return None
     if args.offline:
         return Fetch.STAGED if entry.staging is not Staging.NEVER else Fetch.NETWORK
