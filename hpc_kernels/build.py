@@ -260,9 +260,9 @@ def image_state(entry: KernelEntry) -> ImageState:
     """Compare the image with the digest of its current inputs (for a .sif: no external process;
     docker/podman images: one ``image inspect`` of the digest label)."""
     if entry.runtime in ("docker", "podman"):
-        from hpc_kernels.runtimes import docker
+        from hpc_kernels.runtimes.docker import build as docker_build
 
-        return docker.image_state(entry)
+        return docker_build.image_state(entry)
     if not entry.buildable:
         from hpc_kernels import access
 
@@ -427,8 +427,10 @@ def build(
         from hpc_kernels.runtimes import docker
 
         cli = builder if isinstance(builder, docker.ContainerCLI) else None
-        return docker.build_image(entry, force=force, wait=wait, cli=cli, on_line=on_line,
-                                  on_event=on_event, check=check)
+        from hpc_kernels.runtimes.docker import build as docker_build
+
+        return docker_build.build_image(entry, force=force, wait=wait, cli=cli, on_line=on_line,
+                                        on_event=on_event, check=check)
     start = time.monotonic()
     if not force and image_state(entry).status == "built":
         return BuildResult(entry.name, "up-to-date", entry.image, None, time.monotonic() - start)
