@@ -379,7 +379,7 @@ def default_builder(entry: KernelEntry) -> Builder:
     """The adapter that builds images for ``entry.runtime``."""
     if entry.runtime == "apptainer":
         from hpc_kernels.errors import RuntimeNotFoundError
-        from hpc_kernels.runtimes.apptainer import Apptainer
+        from hpc_kernels.runtimes.apptainer.builder import Apptainer
 
         try:
             return Apptainer()
@@ -388,7 +388,7 @@ def default_builder(entry: KernelEntry) -> Builder:
             raise RuntimeNotFoundError(f"building '{entry.name}' needs Apptainer on PATH (installed kernels can "
                                        f"start without it, builds cannot): {exc}") from None
     if entry.runtime in ("docker", "podman"):
-        from hpc_kernels.runtimes.docker import ContainerCLI
+        from hpc_kernels.runtimes.docker.cli import ContainerCLI
 
         return ContainerCLI(entry.runtime)
     raise HpcKernelsError(f"kernel '{entry.name}': building images for runtime '{entry.runtime}' is not supported yet.")
@@ -424,7 +424,7 @@ def build(
         recipe.check(entry.recipe)
     check_inputs(entry)
     if entry.runtime in ("docker", "podman"):
-        from hpc_kernels.runtimes import docker
+        from hpc_kernels.runtimes.docker import cli as docker
 
         cli = builder if isinstance(builder, docker.ContainerCLI) else None
         from hpc_kernels.runtimes.docker import build as docker_build

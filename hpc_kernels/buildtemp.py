@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 from hpc_kernels import paths, procfs
 
 if TYPE_CHECKING:
-    from hpc_kernels.gc import Finding
+    from hpc_kernels.leftovers import Leftover as Finding
 
 OWNER = "owner.json"
 TEMP_IMAGE = "image.sif"
@@ -318,7 +318,7 @@ def sweep(dry_run: bool = False) -> list[Finding]:
     """``gc``: remove the work directories and temporary directories of this user's killed builds."""
     from hpc_kernels.errors import LockBusyError
     from hpc_kernels.fsutil import cluster_lock
-    from hpc_kernels.gc import Finding
+    from hpc_kernels.leftovers import Leftover as Finding
 
     found: list[Finding] = []
     for entry, temp in records():

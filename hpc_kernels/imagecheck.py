@@ -183,7 +183,7 @@ def probe_spec_runner(entry: KernelEntry, image: str, binary: str, timeout: floa
     GPU or extra runtime arguments."""
     from hpc_kernels import kernelspec, proc
     from hpc_kernels.errors import ToolError
-    from hpc_kernels.runtimes import apptainer
+    from hpc_kernels.runtimes.apptainer import cli as apptainer
 
     present = tuple(b for b in entry.binds if _source_here(b))
     spec = dataclasses.replace(kernelspec.launch_spec(entry), image=image, binds=present, gpu="none",
@@ -279,7 +279,7 @@ def probe_for_install(entry: KernelEntry) -> tuple[Probe | None, str]:
     if not needs_probe(entry):
         return recorded(entry), ""
     from hpc_kernels.errors import RuntimeNotFoundError
-    from hpc_kernels.runtimes import apptainer
+    from hpc_kernels.runtimes.apptainer import cli as apptainer
 
     unchecked = f"the kernel runs '{entry.command[0]}'"
     try:

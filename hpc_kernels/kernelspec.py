@@ -22,10 +22,15 @@ from hpc_kernels.errors import HpcKernelsError, NotOursError
 from hpc_kernels.fsutil import Share, make_dirs, remove_tree, share_for
 from hpc_kernels.launchspec import MARKER, LaunchSpec
 from hpc_kernels.registry import KernelEntry
+from hpc_kernels.runtimes import table
 
 #: Package data copied into every kernelspec: Jupyter serves them as /kernelspecs/<name>/<file>, and
 #: JupyterLab's launcher shows logo-svg.svg on our kernels' cards (logo-64x64.png for older frontends).
 LOGO_FILES = ("logo-svg.svg", "logo-64x64.png")
+
+#: The launcher script, beside this module in the package (kernelspec does not import it: the launcher
+#: goes through the runtime table, which is below it).
+LAUNCHER = Path(__file__).with_name("launch.py")
 
 
 @dataclass(frozen=True)
@@ -81,9 +86,11 @@ def _runtime_hint(runtime: str) -> str:
     """The runtime binary visible now, recorded as the launcher's last resort (see LaunchSpec)."""
     import shutil
 
-    if runtime == "apptainer":
-        return shutil.which("apptainer") or shutil.which("singularity") or ""
-    return shutil.which(runtime) or ""
+    for program in table.get(runtime).features.programs or (runtime,):
+        found = shutil.which(program)
+        if found:
+            return found
+    return ""
 
 
 def display_name(entry: KernelEntry) -> str:
@@ -101,9 +108,7 @@ def launcher_argv(python: str = sys.executable) -> list[str]:
     module-loaded Python stack cannot shadow or break it. -S: no ``site`` (.pth files, ~30 ms of every kernel
     start); the script puts its own package's parent directory on sys.path, so it needs nothing else.
     """
-    from hpc_kernels import launch
-
-    return [python, "-I", "-S", str(Path(launch.__file__).absolute())]
+    return [python, "-I", "-S", str(LAUNCHER.absolute())]
 
 
 def kernel_json(entry: KernelEntry, spec_file: Path, registry: Path | None = None,

@@ -31,7 +31,7 @@ def image_labels(image: Path, timeout: float = 60.0) -> dict[str, str] | None:
     """The labels of a SIF (``apptainer inspect --labels --json``: reads the SIF's metadata, starts nothing);
     None when Apptainer is absent or cannot read it."""
     from hpc_kernels.proc import run
-    from hpc_kernels.runtimes.apptainer import find_binary
+    from hpc_kernels.runtimes.apptainer.cli import find_binary
 
     try:
         done = run([find_binary(), "inspect", "--labels", "--json", str(image)], check=False, timeout=timeout)
@@ -66,7 +66,7 @@ def packages_in(image: Path, pythons: tuple[str, ...] = ("python3", "python")) -
     has no %post (no shell to write the label with). None when it has no Python."""
     from hpc_kernels.proc import run
     from hpc_kernels.recipegen import FREEZE, Label
-    from hpc_kernels.runtimes.apptainer import find_binary
+    from hpc_kernels.runtimes.apptainer.cli import find_binary
 
     for python in pythons:
         try:

@@ -531,7 +531,7 @@ def _stage_base(entry: KernelEntry, need: Needs, remote: Remote, *, online: bool
 def _pull(ref: oci.ImageRef, dest: Path, where: str, on_event: EventSink, fetched: list[str]) -> None:
     """``apptainer pull`` ``ref`` (a pinned reference) into ``dest``, atomically, one puller at a time."""
     from hpc_kernels.proc import run
-    from hpc_kernels.runtimes.apptainer import find_binary
+    from hpc_kernels.runtimes.apptainer.cli import find_binary
 
     with locked(dest.with_name(f".{dest.name}.lock"), private=True):
         if dest.is_file():
@@ -557,7 +557,7 @@ def _pull_library(ref: oci.ImageRef, where: str, on_event: EventSink, fetched: l
     tmp = _dir("bases") / f".library-{os.getpid()}.sif"
     try:
         from hpc_kernels.proc import run
-        from hpc_kernels.runtimes.apptainer import find_binary
+        from hpc_kernels.runtimes.apptainer.cli import find_binary
 
         on_event(f"pulling {ref}")
         done = run([find_binary(), "pull", "--disable-cache", str(tmp), str(ref)], check=False,
@@ -652,7 +652,7 @@ def _probe(base: Base, *, online: bool, on_event: EventSink, fetched: list[str])
         with contextlib.suppress(TypeError, KeyError):
             return _probe_from(known["probe"])
     from hpc_kernels.proc import run
-    from hpc_kernels.runtimes.apptainer import find_binary
+    from hpc_kernels.runtimes.apptainer.cli import find_binary
 
     argv = [find_binary(), "-q", "exec", "--cleanenv", "--contain", str(base.sif), "/bin/sh", "-c", _FIND_PYTHON,
             "hpck-probe", PROBE]
@@ -805,7 +805,7 @@ def pip_command() -> list[str]:
 
     if importlib.util.find_spec("pip") is not None:
         return [sys.executable, "-m", "pip"]
-    from hpc_kernels.runtimes.apptainer import which
+    from hpc_kernels.runtimes.apptainer.cli import which
 
     for name in ("python3", "python"):
         found = which(name)

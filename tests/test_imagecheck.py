@@ -132,7 +132,7 @@ class FakeApptainer:
     """Stands in for `apptainer exec` of the given image: ``programs`` as in FakeBuilder; records each run."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, programs: dict[str, str] | None) -> None:
-        from hpc_kernels.runtimes import apptainer
+        from hpc_kernels.runtimes.apptainer import cli as apptainer
 
         self.ran: list[list[str]] = []
         self.programs = programs

@@ -42,6 +42,7 @@ def run(args: argparse.Namespace) -> int:
     the copy is written and the output says which copy Jupyter uses.
     """
     from hpc_kernels import build, group, kernelspec, registry
+    from hpc_kernels.runtimes import table
 
     reg = registry.load(args.registry)
     entries = ui.selected(reg, args)
@@ -60,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
         notes: list[str] = []
         path = kernelspec.install(entry, target, reg.origin(entry), on_note=notes.append)
         state = build.image_state(entry).status
-        image = str(entry.image) if entry.runtime == "apptainer" else str(entry.container_image)
+        image = table.get(entry.runtime).image_reference(entry)
         done.append({"kernel": entry.name, "kernelspec": str(path), "image": image, "image_state": state})
         if not args.json:
             shown = kernelspec.display_name(entry)

@@ -24,6 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Render the registry's kernels (or JSON); name the copies of a kernelspec that another copy hides."""
     from hpc_kernels import build, kernelspec, provenance, registry, ui
+    from hpc_kernels.runtimes import table
 
     reg = registry.load(args.registry)
     installed = kernelspec.installed_ours_all()
@@ -34,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     theirs = _base_label(base.path) if base is not None else ""
     for entry in reg.kernels:
         state = build.image_state(entry).status
-        image = str(entry.image) if entry.runtime == "apptainer" else entry.container_image
+        image = table.get(entry.runtime).image_reference(entry)
         copies = installed.get(entry.name, [])
         overrides = str(base.path) if base is not None and entry.name in reg.overridden else None
         build_id = provenance.build_id(entry) if state not in ("missing", "external", "external-missing") else None

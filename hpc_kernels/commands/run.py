@@ -32,8 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def check_supported(entry: KernelEntry) -> None:
     """Refuse, in one sentence, kernels whose container ``run`` cannot start yet."""
     from hpc_kernels.errors import HpcKernelsError
+    from hpc_kernels.runtimes import table
 
-    if entry.runtime != "apptainer":
+    if not table.get(entry.runtime).features.runs_commands:
         raise HpcKernelsError(
             f"'hpc-kernels run' is not supported for kernel '{entry.name}' yet: it uses runtime "
             f"'{entry.runtime}', and run only starts Apptainer containers; use '{entry.runtime} run' yourself."
@@ -64,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
 
     from hpc_kernels import kernelspec, registry
     from hpc_kernels.errors import HpcKernelsError
-    from hpc_kernels.runtimes import apptainer
+    from hpc_kernels.runtimes.apptainer import cli as apptainer
 
     command = list(args.command)
     if command[:1] == ["--"]:  # argparse versions differ on whether REMAINDER keeps the '--'

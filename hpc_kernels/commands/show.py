@@ -65,9 +65,10 @@ def run(args: argparse.Namespace) -> int:
         command, warnings, problem = None, [], str(exc)
     job_script: str | None = None
     if spec.job is not None:  # a job kernel: the container command runs in its Slurm job, on the job's node
-        from hpc_kernels import jobkernel
+        from hpc_kernels.runtimes.job.script import sbatch_plan
+        from hpc_kernels.runtimes.job.session import sessions_dir
 
-        script, extra = jobkernel.sbatch_plan(spec, "<sid>", jobkernel.sessions_dir() / "<sid>.json")
+        script, extra = sbatch_plan(spec, "<sid>", sessions_dir() / "<sid>.json")
         job_script = f"# submitted with: {shlex.join(['sbatch', '--parsable', *extra])}\n{script}"
     from hpc_kernels import provenance
 
@@ -122,8 +123,9 @@ def _print_image(out: Any, info: Any) -> None:
 def _recipe(entry: Any, as_json: bool) -> int:
     from hpc_kernels import staging, ui
     from hpc_kernels.errors import HpcKernelsError
+    from hpc_kernels.runtimes import table
 
-    if not entry.buildable or entry.runtime != "apptainer":
+    if not entry.buildable or not table.get(entry.runtime).features.staged_builds:
         raise HpcKernelsError(f"kernel '{entry.name}' has no recipe hpc-kernels builds (its image is used as is, or "
                               "its runtime builds from the 'def' Dockerfile conversion).")
     text = staging.preview(entry)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from hpc_kernels.errors import BuildBusyError, BuildError, RuntimeNotFoundError, ToolError
 from hpc_kernels.runtimes.base import LineSink
-from hpc_kernels.runtimes.docker import (
+from hpc_kernels.runtimes.docker.cli import (
     LABEL_BUILT_AT,
     LABEL_DIGEST,
     LABEL_KERNEL,
