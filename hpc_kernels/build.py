@@ -260,7 +260,7 @@ def image_state(entry: KernelEntry) -> ImageState:
     """Compare the image with the digest of its current inputs (for a .sif: no external process;
     docker/podman images: one ``image inspect`` of the digest label)."""
     if entry.runtime in ("docker", "podman"):
-        from hpc_kernels.runtimes.docker import build as docker_build
+        import hpc_kernels.runtimes.docker.build as docker_build
 
         return docker_build.image_state(entry)
     if not entry.buildable:
@@ -424,10 +424,10 @@ def build(
         recipe.check(entry.recipe)
     check_inputs(entry)
     if entry.runtime in ("docker", "podman"):
-        from hpc_kernels.runtimes.docker import cli as docker
+        import hpc_kernels.runtimes.docker.cli as docker
 
         cli = builder if isinstance(builder, docker.ContainerCLI) else None
-        from hpc_kernels.runtimes.docker import build as docker_build
+        import hpc_kernels.runtimes.docker.build as docker_build
 
         return docker_build.build_image(entry, force=force, wait=wait, cli=cli, on_line=on_line,
                                         on_event=on_event, check=check)

@@ -125,7 +125,7 @@ def check_runtime(ctx: Context, runtime: str = "apptainer",
     import shutil
 
     if runtime == "apptainer":
-        from hpc_kernels.runtimes.apptainer import cli as apptainer
+        import hpc_kernels.runtimes.apptainer.cli as apptainer
 
         try:
             binary = apptainer.find_binary(ctx.environ)
@@ -142,7 +142,7 @@ def check_runtime(ctx: Context, runtime: str = "apptainer",
 
 def _runtime_fallback(ctx: Context, problem: str, fallbacks: Mapping[str, str]) -> tuple[Finding, str | None]:
     """No Apptainer on PATH: what each installed kernel's launcher falls back to (the install-time one)."""
-    from hpc_kernels.runtimes.apptainer import cli as apptainer
+    import hpc_kernels.runtimes.apptainer.cli as apptainer
 
     fix = ("on DRAC clusters run 'module load apptainer' (it is not in StdEnv) before starting Jupyter, or set "
            "HPC_KERNELS_APPTAINER to the program's path.")
@@ -440,8 +440,8 @@ def check_ipykernel(entry: KernelEntry, binary: str | None, ctx: Context) -> Fin
     if not imagecheck.is_python(program):
         return Finding("ipykernel", OK, f"'{program}' is not a Python: not probed.", kernel=entry.name)
     code = imagecheck.import_code(command)
+    import hpc_kernels.runtimes.apptainer.cli as apptainer
     from hpc_kernels import kernelspec, proc
-    from hpc_kernels.runtimes.apptainer import cli as apptainer
 
     missing = [b for b in entry.binds if not _source_exists(b, ctx)]
     without = f" (without the missing bind source(s) {', '.join(missing)})" if missing else ""
@@ -501,8 +501,8 @@ def check_slurm_job(entry: KernelEntry, ctx: Context) -> Finding | None:
         return None
     import shutil
 
+    import hpc_kernels.runtimes.job.script as jobkernel
     from hpc_kernels.kernelspec import launch_spec
-    from hpc_kernels.runtimes.job import script as jobkernel
 
     summary = entry.job.summary()
     if shutil.which("sbatch", path=ctx.environ.get("PATH")) is None:

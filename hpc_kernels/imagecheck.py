@@ -181,9 +181,9 @@ def probe_spec_runner(entry: KernelEntry, image: str, binary: str, timeout: floa
     """A :data:`Runner` for Apptainer: ``image`` run under ``entry``'s rules (a kernel's Python may live in a
     bound directory), without the binds whose source this node lacks (a build node may have no /scratch),
     GPU or extra runtime arguments."""
+    import hpc_kernels.runtimes.apptainer.cli as apptainer
     from hpc_kernels import kernelspec, proc
     from hpc_kernels.errors import ToolError
-    from hpc_kernels.runtimes.apptainer import cli as apptainer
 
     present = tuple(b for b in entry.binds if _source_here(b))
     spec = dataclasses.replace(kernelspec.launch_spec(entry), image=image, binds=present, gpu="none",
@@ -278,8 +278,8 @@ def probe_for_install(entry: KernelEntry) -> tuple[Probe | None, str]:
     """
     if not needs_probe(entry):
         return recorded(entry), ""
+    import hpc_kernels.runtimes.apptainer.cli as apptainer
     from hpc_kernels.errors import RuntimeNotFoundError
-    from hpc_kernels.runtimes.apptainer import cli as apptainer
 
     unchecked = f"the kernel runs '{entry.command[0]}'"
     try:

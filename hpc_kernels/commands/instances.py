@@ -16,8 +16,8 @@ def run(args: argparse.Namespace) -> int:
     """This node's instances, one per row, names whole (``stop`` needs them); or JSON."""
     import time
 
+    import hpc_kernels.runtimes.apptainer.status as instances
     from hpc_kernels import paths, ui
-    from hpc_kernels.runtimes.apptainer import status as instances
 
     now = time.time()
     found = instances.list_instances()

@@ -63,9 +63,9 @@ def run(args: argparse.Namespace) -> int:
     import shlex
     import sys
 
+    import hpc_kernels.runtimes.apptainer.cli as apptainer
     from hpc_kernels import kernelspec, registry
     from hpc_kernels.errors import HpcKernelsError
-    from hpc_kernels.runtimes.apptainer import cli as apptainer
 
     command = list(args.command)
     if command[:1] == ["--"]:  # argparse versions differ on whether REMAINDER keeps the '--'

@@ -17,9 +17,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Stop the selected instances."""
+    import hpc_kernels.runtimes.apptainer.status as instances
     from hpc_kernels import ui
     from hpc_kernels.errors import UsageError
-    from hpc_kernels.runtimes.apptainer import status as instances
 
     if not args.names and not args.all:
         raise UsageError("name an instance (or kernel), or pass --all.")

@@ -15,12 +15,12 @@ from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
 
+import hpc_kernels.runtimes.apptainer.cli as apptainer
 from hpc_kernels import paths, procfs
 from hpc_kernels.errors import HpcKernelsError, ToolError
 from hpc_kernels.fsutil import atomic_write
 from hpc_kernels.launchspec import LaunchSpec
 from hpc_kernels.procfs import ProcRef, proc_ref
-from hpc_kernels.runtimes.apptainer import cli as apptainer
 from hpc_kernels.runtimes.apptainer.instance import (
     ENV_ATTACHMENT,
     ENV_INSTANCE,

@@ -16,11 +16,11 @@ import sys
 import time
 from pathlib import Path
 
+import hpc_kernels.runtimes.apptainer.cli as apptainer
 from hpc_kernels import paths, procfs, selfexec
 from hpc_kernels.errors import HpcKernelsError
 from hpc_kernels.fsutil import atomic_write
 from hpc_kernels.procfs import ProcRef
-from hpc_kernels.runtimes.apptainer import cli as apptainer
 from hpc_kernels.runtimes.apptainer.instance import IDLE, KERNELS, ORPHAN_GRACE, STOP_TIMEOUT, root
 from hpc_kernels.runtimes.apptainer.records import (
     Attachment,

@@ -9,9 +9,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import hpc_kernels.runtimes.apptainer.cli as apptainer
 from hpc_kernels import paths
 from hpc_kernels.errors import HpcKernelsError
-from hpc_kernels.runtimes.apptainer import cli as apptainer
 from hpc_kernels.runtimes.apptainer.instance import IDLE, NAME_RE, STOP_TIMEOUT, instance_dir, root
 from hpc_kernels.runtimes.apptainer.records import (
     InstanceRecord,

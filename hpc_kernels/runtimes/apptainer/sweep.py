@@ -8,10 +8,10 @@ import os
 import re
 import time
 
+import hpc_kernels.runtimes.apptainer.cli as apptainer
 from hpc_kernels import paths, procfs
 from hpc_kernels.errors import HpcKernelsError
 from hpc_kernels.leftovers import Leftover, in_use
-from hpc_kernels.runtimes.apptainer import cli as apptainer
 from hpc_kernels.runtimes.apptainer.execrecord import START_GRACE, leftovers, record_paths, remove_record
 from hpc_kernels.runtimes.apptainer.execrecord import read_record as read_kernel_record
 from hpc_kernels.runtimes.apptainer.instance import (

@@ -222,8 +222,8 @@ class Agent:
     # ------------------------------------------------------------------ the kernel
 
     def _start_kernel(self) -> None:
+        import hpc_kernels.runtimes.apptainer.cli as apptainer
         from hpc_kernels.errors import HpcKernelsError
-        from hpc_kernels.runtimes.apptainer import cli as apptainer
 
         self._stop_kernel(wait=True)
         try:
