@@ -11,13 +11,20 @@ import contextlib
 import errno
 import json
 import os
+import secrets
+import shlex
+import shutil
 import sys
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
-from hpc_kernels import __version__, procfs
+from jupyter_core.paths import jupyter_data_dir, jupyter_path
+
+from hpc_kernels import __version__, group, imagecheck, paths, procfs
 from hpc_kernels.errors import HpcKernelsError, NotOursError
 from hpc_kernels.fsutil import Share, make_dirs, remove_tree, share_for
 from hpc_kernels.launchspec import MARKER, LaunchSpec
@@ -53,7 +60,6 @@ class Target:
         """The ``kernels`` directory jupyter_client installs into for this target."""
         if self.prefix:
             return Path(self.prefix) / "share" / "jupyter" / "kernels"
-        from jupyter_core.paths import jupyter_data_dir
 
         return Path(jupyter_data_dir()) / "kernels"
 
@@ -61,8 +67,6 @@ class Target:
 def launch_spec(entry: KernelEntry, registry: Path | None = None) -> LaunchSpec:
     """The launcher's input for ``entry`` (its command with the Python found in the image, when the registry
     gives none: :func:`hpc_kernels.imagecheck.kernel_command`)."""
-    from hpc_kernels import imagecheck
-
     return LaunchSpec(
         kernel=entry.name,
         runtime=entry.runtime,
@@ -84,8 +88,6 @@ def launch_spec(entry: KernelEntry, registry: Path | None = None) -> LaunchSpec:
 
 def _runtime_hint(runtime: str) -> str:
     """The runtime binary visible now, recorded as the launcher's last resort (see LaunchSpec)."""
-    import shutil
-
     for program in table.get(runtime).features.programs or (runtime,):
         found = shutil.which(program)
         if found:
@@ -159,7 +161,6 @@ def half_written(kernel_dir: Path) -> bool:
     """
     if is_ours(kernel_dir) or not os.path.isdir(kernel_dir) or kernel_dir.is_symlink():
         return False
-    from importlib.resources import files
 
     try:
         names = {p.name for p in kernel_dir.iterdir()}
@@ -190,11 +191,8 @@ def install(entry: KernelEntry, target: Target, registry: Path | None = None,
     into first (:func:`hpc_kernels.imagecheck.probe_for_install`): one that cannot start its kernel is
     refused with the fix, before anything is written; ``on_note`` hears when the image could not be checked.
     """
-    from hpc_kernels import imagecheck
-
     kdir = target.kernels_dir()
     dest = kdir / entry.name
-    from hpc_kernels import group
 
     group.ensure_writable(kdir, f"install the kernelspec '{entry.name}' in {kdir}",
                           _own_copy_hint(target, "install"))
@@ -252,10 +250,6 @@ def _write_failure(name: str, kdir: Path, exc: OSError) -> str:
 
 
 def _temporary_name(kdir: Path, prefix: str, name: str) -> Path:
-    import secrets
-
-    from hpc_kernels import paths
-
     return kdir / f"{prefix}{name}@{paths.hostname()}.{os.getpid()}.{secrets.token_hex(4)}"
 
 
@@ -282,8 +276,6 @@ def _own_copy_hint(target: Target, verb: str) -> str:
 
 def _refuse_unreadable(dest: Path, verb: str) -> None:
     """A kernelspec this user cannot read is not "someone else's": say what stops them instead."""
-    from hpc_kernels import group
-
     if not os.path.lexists(dest):
         return
     why = group.explain_unreadable(dest / "kernel.json") if os.path.lexists(dest / "kernel.json") or \
@@ -326,8 +318,6 @@ def _swap_in(staging: Path, dest: Path) -> None:
 def _discard(path: Path) -> None:
     """Remove one of our temporaries, if it is there, its kernel.json first (so Jupyter stops listing it
     even if the rest of the removal fails); errors are left for :func:`remove_leftovers`."""
-    import shutil
-
     if path.is_symlink():  # a kernelspec that was a link: the link is ours to remove, not its target
         with contextlib.suppress(OSError):
             path.unlink()
@@ -340,10 +330,6 @@ def _discard(path: Path) -> None:
 def remove_leftovers(kdir: Path, name: str) -> list[Path]:
     """Remove the temporaries that an install or uninstall of kernel ``name`` in ``kdir`` left behind
     when it was killed: those of a process of this node that is gone, and old ones of other nodes."""
-    import time
-
-    from hpc_kernels import paths
-
     removed = []
     for prefix in (STAGING_PREFIX, RETIRED_PREFIX):
         for path in kdir.glob(f"{prefix}{name}@*"):
@@ -362,8 +348,6 @@ def remove_leftovers(kdir: Path, name: str) -> list[Path]:
 
 def _copy_logos(dest: Path, share: Share | None = None) -> None:
     """Put our logo files (package data in ``hpc_kernels/resources``) into ``dest``."""
-    from importlib.resources import files
-
     resources = files("hpc_kernels").joinpath("resources")
     for name in LOGO_FILES:
         _write_new(dest / name, resources.joinpath(name).read_bytes(), share)
@@ -375,8 +359,6 @@ def uninstall(name: str, target: Target) -> Path:
     kdir = target.kernels_dir()
     dest = kdir / name
     if os.path.lexists(dest):
-        from hpc_kernels import group
-
         group.ensure_writable(kdir, f"remove the kernelspec '{name}' from {kdir}", _own_copy_hint(target, "remove"))
         _refuse_unreadable(dest, "remove")
     if kdir.is_dir() and os.access(kdir, os.W_OK | os.X_OK):
@@ -397,8 +379,6 @@ def uninstall(name: str, target: Target) -> Path:
 
 def search_dirs() -> list[Path]:
     """The ``kernels`` directories Jupyter searches, in its order (JUPYTER_PATH first)."""
-    from jupyter_core.paths import jupyter_path
-
     return [Path(p) for p in jupyter_path("kernels")]
 
 
@@ -496,8 +476,6 @@ def target_flags(spec_dir: Path) -> list[str] | None:
 
 def command(verb: str, name: str, spec_dir: Path) -> str | None:
     """``hpc-kernels VERB NAME <flags>`` acting on the copy in ``spec_dir``, quoted for a shell (None: none can)."""
-    import shlex
-
     flags = target_flags(spec_dir)
     return None if flags is None else shlex.join(["hpc-kernels", verb, name, *flags])
 

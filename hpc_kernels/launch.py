@@ -63,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"hpc-kernels: {exc}", file=sys.stderr)
     except OSError as exc:
         # Not the kernel spec's fault (it was read): most often our state directory (a read-only home).
-        from hpc_kernels.paths import unwritable_hint
+        from hpc_kernels.paths import unwritable_hint  # why: the error path only
 
         where = f" ({exc.filename})" if exc.filename else ""
         reason = unwritable_hint(exc) or f"{exc.strerror or exc}{where}."

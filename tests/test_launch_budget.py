@@ -30,14 +30,15 @@ INSTANCE_BUDGET = (EXEC_BUDGET - {"hpc_kernels.runtimes.apptainer.execrecord", "
     "hpc_kernels.runtimes.apptainer.records", "hpc_kernels.runtimes.apptainer.reaper",
     "hpc_kernels.runtimes.apptainer.status",
 }
-#: Docker and Podman kernels (both modes): no Apptainer module at all.
+#: Docker and Podman kernels (both modes): no Apptainer module at all (their start runs the CLI: proc, and
+#: writes per-user state: fsutil).
 CONTAINER_BUDGET = frozenset({
     "hpc_kernels", "hpc_kernels.errors", "hpc_kernels.launch", "hpc_kernels.launchspec", "hpc_kernels.model",
+    "hpc_kernels.proc", "hpc_kernels.fsutil",
     "hpc_kernels.paths", "hpc_kernels.procfs", "hpc_kernels.selfexec", "hpc_kernels.runtimes",
     "hpc_kernels.runtimes.table", "hpc_kernels.runtimes.base", "hpc_kernels.runtimes.envpolicy",
     "hpc_kernels.runtimes.gpu", "hpc_kernels.runtimes.parent", "hpc_kernels.runtimes.docker",
-    "hpc_kernels.runtimes.docker.cli", "hpc_kernels.runtimes.docker.dockerfile",
-    "hpc_kernels.runtimes.docker.container", "hpc_kernels.runtimes.podman",
+    "hpc_kernels.runtimes.docker.cli", "hpc_kernels.runtimes.docker.container", "hpc_kernels.runtimes.podman",
 })
 #: Standard-library modules an exec-mode start must not import (each costs milliseconds under ``-S``).
 HEAVY = frozenset({"typing", "pathlib", "subprocess", "socket", "tempfile", "shutil", "hashlib", "selectors",

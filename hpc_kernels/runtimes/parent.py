@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import time
 
 from hpc_kernels import procfs
@@ -39,8 +40,6 @@ def wait_for_parent(pid: int, grandparent: procfs.ProcRef | None = None) -> bool
             if grandparent is not None and not grandparent.alive():
                 return True
             if len(fds) == 1 + (grandparent is not None):
-                import select
-
                 select.select(fds, [], [])
             else:  # no pidfds (Linux < 5.3)
                 time.sleep(0.5)

@@ -8,11 +8,16 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 from collections.abc import Iterator
 from pathlib import Path
+from subprocess import CalledProcessError
 from typing import TYPE_CHECKING
 
+from hpc_kernels import buildguard, imagecheck, paths, templates
 from hpc_kernels.errors import BuildError
+from hpc_kernels.fsutil import atomic_write
+from hpc_kernels.proc import run
 from hpc_kernels.runtimes.apptainer.cli import find_binary
 
 if TYPE_CHECKING:
@@ -30,16 +35,12 @@ class Apptainer:
 
     def version(self) -> str:
         """``apptainer --version`` (e.g. ``apptainer version 1.4.5``)."""
-        from hpc_kernels.proc import run
-
         return run([self.binary, "--version"]).stdout.strip()
 
     def build(self, recipe: Path, dest: Path, options: list[str], on_line: LineSink) -> None:
         """Build ``recipe`` into ``dest`` through spython; every failure becomes a BuildError."""
-        from subprocess import CalledProcessError
-
         try:
-            from spython.main import Client
+            from spython.main import Client  # why: its absence is a BuildError, not an ImportError
         except ImportError as exc:  # pragma: no cover - a dependency of the package
             raise BuildError(recipe.stem, f"spython is not importable ({exc}); reinstall hpc-kernels.") from None
         lines: list[str] = []
@@ -72,8 +73,6 @@ class Apptainer:
 
     def runner(self, entry: KernelEntry, image: str) -> ImageRunner:
         """``apptainer exec`` of the built image under the kernel's rules (no binds): see imagecheck."""
-        from hpc_kernels import imagecheck
-
         return imagecheck.probe_spec_runner(entry, image, self.binary)
 
 
@@ -100,11 +99,6 @@ def _spython_sees(binary: str) -> Iterator[None]:
     The shim runs the runtime under :mod:`hpc_kernels.buildguard`, which ties the build's processes to
     this one (they die with it, whichever way it dies).
     """
-    import shlex
-
-    from hpc_kernels import buildguard, paths, templates
-    from hpc_kernels.fsutil import atomic_write
-
     shim_dir = paths.cache_dir() / "spython-bin"
     shim = shim_dir / "singularity"
     guard = shlex.join(buildguard.argv())

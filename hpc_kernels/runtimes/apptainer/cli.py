@@ -6,7 +6,9 @@ Import-light on purpose: the kernel launcher uses :func:`exec_command` on every 
 
 from __future__ import annotations
 
+import json
 import os
+import pwd
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -65,8 +67,6 @@ def env_prefix(binary: str) -> str:
 
 
 def _passwd_home() -> str:
-    import pwd
-
     try:
         return pwd.getpwuid(os.getuid()).pw_dir
     except KeyError:  # no passwd entry (some containers): nothing to compare with
@@ -253,8 +253,6 @@ def instance_stop_command(binary: str, name: str, force: bool = False) -> list[s
 
 def parse_instance_list(text: str) -> list[ListedInstance]:
     """Rows of ``instance list --json`` output; anything unexpected is skipped, not fatal."""
-    import json
-
     try:
         data = json.loads(text or "{}")
     except ValueError:
@@ -271,14 +269,14 @@ def parse_instance_list(text: str) -> list[ListedInstance]:
 
 def start_instance(argv: list[str], env: Mapping[str, str], timeout: float = 120.0) -> None:
     """Run an ``instance start`` argv; ToolError (with Apptainer's message) when it fails."""
-    from hpc_kernels.proc import run
+    from hpc_kernels.proc import run  # why: subprocess; shared instances only, not the exec-mode launch
 
     run(argv, env=env, timeout=timeout, message=f"could not start the Apptainer instance '{argv[-1]}'")
 
 
 def list_instances(binary: str, name: str | None = None, timeout: float = 60.0) -> list[ListedInstance]:
     """This user's instances on this host (Apptainer keeps them per host), optionally one name."""
-    from hpc_kernels.proc import run
+    from hpc_kernels.proc import run  # why: subprocess; shared instances only, not the exec-mode launch
 
     result = run(instance_list_command(binary, name), check=False, timeout=timeout)
     return parse_instance_list(result.stdout) if result.returncode == 0 else []
@@ -286,6 +284,6 @@ def list_instances(binary: str, name: str | None = None, timeout: float = 60.0) 
 
 def stop_instance(binary: str, name: str, force: bool = False, timeout: float = 60.0) -> bool:
     """Stop instance ``name``; False when Apptainer refused (e.g. it no longer exists)."""
-    from hpc_kernels.proc import run
+    from hpc_kernels.proc import run  # why: subprocess; shared instances only, not the exec-mode launch
 
     return run(instance_stop_command(binary, name, force), check=False, timeout=timeout).returncode == 0

@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pwd
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -91,8 +92,6 @@ def _clean(part: str) -> str:
 
 def user_name() -> str:
     """The login name of this uid (not ``$USER``, which a module environment may have changed)."""
-    import pwd
-
     try:
         return pwd.getpwuid(os.getuid()).pw_name
     except KeyError:

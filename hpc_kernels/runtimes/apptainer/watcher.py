@@ -35,6 +35,7 @@ from dataclasses import replace
 
 from hpc_kernels import paths, procfs, selfexec
 from hpc_kernels.procfs import ProcRef
+from hpc_kernels.runtimes.apptainer.cli import env_prefix
 from hpc_kernels.runtimes.apptainer.execrecord import (
     ENV_KERNEL,
     GRACE,
@@ -62,8 +63,6 @@ def arm(spec: LaunchSpec, env: Mapping[str, str], binary: str) -> tuple[dict[str
     Called by the launcher right before it ``exec``s ``binary``: on the hot path, so stdlib only, no
     subprocess, one fork.
     """
-    from hpc_kernels.runtimes.apptainer.cli import env_prefix
-
     me = procfs.proc_ref(os.getpid())
     if me is None:  # pragma: no cover - no /proc
         return dict(env), ["no /proc: this kernel's processes cannot be watched"]
@@ -90,7 +89,7 @@ class _Waiter:
     """Waits for processes to exit: pidfds in one ``poll``, or polling /proc where there are none."""
 
     def __init__(self, refs: Sequence[ProcRef]) -> None:
-        import select
+        import select  # why: the watcher process's; the launcher imports this module for arm only
 
         self.poller = select.poll()
         self.fds: list[int] = []
@@ -139,7 +138,7 @@ def observe(record: KernelRecord) -> KernelRecord:
 def end_kernel(record: KernelRecord, waiter: _Waiter, grace: float = GRACE) -> None:
     """Its Jupyter process is gone: SIGTERM to the runtime (Apptainer passes it on to the kernel), then
     SIGKILL to the kernel's process group (the launcher's, when it leads one) after ``grace`` seconds."""
-    import signal
+    import signal  # why: the watcher process's; the launcher imports this module for arm only
 
     launcher = record.launcher
     procfs.kill([launcher], signal.SIGTERM)
@@ -210,7 +209,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if len(args) != 2 or args[0] != "watch":
         print("usage: python -m hpc_kernels.runtimes.apptainer.watcher watch RECORD", file=sys.stderr)
         return 2
-    import signal
+    import signal  # why: the watcher process's; the launcher imports this module for arm only
 
     # The kernel's signals are not ours: a Ctrl-C or hang-up must not stop the cleanup.
     signal.signal(signal.SIGINT, signal.SIG_IGN)

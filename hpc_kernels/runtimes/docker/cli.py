@@ -7,6 +7,7 @@ input digest is recorded as an image label. Import-light: the kernel launcher us
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
 import shutil
@@ -18,9 +19,9 @@ from typing import TYPE_CHECKING
 
 from hpc_kernels.errors import HpcKernelsError, RuntimeNotFoundError, ToolError
 from hpc_kernels.launchspec import LaunchSpec
+from hpc_kernels.proc import run
 from hpc_kernels.runtimes import table
 from hpc_kernels.runtimes.base import Features, ImageRunner, LineSink
-from hpc_kernels.runtimes.docker.dockerfile import atomic_dockerfile, stream
 from hpc_kernels.runtimes.envpolicy import container_env
 from hpc_kernels.runtimes.gpu import detect
 
@@ -76,8 +77,6 @@ def find_binary(runtime: str, environ: Mapping[str, str] | None = None) -> str:
 
 def user_name() -> str:
     """The login name, safe for a container name."""
-    import getpass
-
     try:
         name = getpass.getuser()
     except (KeyError, OSError):
@@ -202,8 +201,6 @@ class ContainerCLI:
 
     def version(self) -> str:
         """``docker --version`` / ``podman --version``."""
-        from hpc_kernels.proc import run
-
         return run([self.binary, "--version"], timeout=30).stdout.strip()
 
     def check_host_network(self) -> None:
@@ -211,31 +208,23 @@ class ContainerCLI:
         if sys.platform != "linux":
             raise HpcKernelsError(DESKTOP_HINT)
         if self.features.desktop_check:
-            from hpc_kernels.proc import run
-
             info = run([self.binary, "info", "--format", "{{.OperatingSystem}}"], check=False, timeout=30)
             if "docker desktop" in info.stdout.lower():
                 raise HpcKernelsError(DESKTOP_HINT)
 
     def remove(self, *names: str, timeout: float = 60) -> None:
         """``rm -f`` containers; a container that is already gone is not an error."""
-        from hpc_kernels.proc import run
-
         # One call per name: podman 4.3 silently stops at the first name that no longer exists.
         for name in names:
             run(self.rm_argv(name), check=False, timeout=timeout)
 
     def ids(self, *filters: str) -> list[str]:
         """IDs of containers matching the filters."""
-        from hpc_kernels.proc import run
-
         out = run(self.ps_argv(*filters), timeout=60).stdout
         return [line.strip() for line in out.splitlines() if line.strip()]
 
     def inspect(self, ids: Sequence[str]) -> list[ContainerInfo]:
         """``inspect`` of containers (ones that vanished meanwhile are skipped)."""
-        from hpc_kernels.proc import run
-
         if not ids:
             return []
         res = run([self.binary, "inspect", "--type", "container", *ids], check=False, timeout=60)
@@ -260,8 +249,6 @@ class ContainerCLI:
 
     def image_labels(self, image: str) -> dict[str, str] | None:
         """The labels of a local image, or None when it does not exist here."""
-        from hpc_kernels.proc import run
-
         argv = [self.binary, "image", "inspect", "--format", "{{json .Config.Labels}}", image]
         res = run(argv, check=False, timeout=60)
         if res.returncode != 0:
@@ -276,15 +263,11 @@ class ContainerCLI:
 
     def image_id(self, image: str) -> str | None:
         """The ID of a local image, or None."""
-        from hpc_kernels.proc import run
-
         res = run([self.binary, "image", "inspect", "--format", "{{.Id}}", image], check=False, timeout=60)
         return res.stdout.strip() or None if res.returncode == 0 else None
 
     def remove_dangling(self, image_id: str) -> None:
         """Remove an image that no tag names any more (a superseded build); keep it if a container uses it."""
-        from hpc_kernels.proc import run
-
         tags = run([self.binary, "image", "inspect", "--format", "{{json .RepoTags}}", image_id],
                    check=False, timeout=60)
         if tags.returncode == 0 and tags.stdout.strip() in ("[]", "null"):
@@ -293,14 +276,14 @@ class ContainerCLI:
     def build(self, recipe: Path, dest: Path, options: list[str], on_line: LineSink) -> None:
         """The :class:`~hpc_kernels.runtimes.base.Builder` shape: convert ``recipe`` to a Dockerfile
         written at ``dest`` and run ``build OPTIONS -f dest CONTEXT`` (options carry ``-t``/``--label``)."""
+        from hpc_kernels.runtimes.docker.dockerfile import atomic_dockerfile, stream  # why: builds only
+
         atomic_dockerfile(recipe, dest)
         stream(self.build_argv(dest, recipe.parent, options), recipe.stem, on_line)
 
     def runner(self, entry: KernelEntry, image: str) -> ImageRunner:
         """``run --rm`` of ``image`` (name or ID) with the kernel's environment, no network, no binds."""
         def run_in(argv: Sequence[str]) -> tuple[int, str]:
-            from hpc_kernels.proc import run
-
             spec = LaunchSpec(entry.name, entry.runtime, entry.mode, image, entry.command, env=entry.env,
                               pass_env=entry.pass_env)
             command = [self.binary, "run", "--rm", "--network=none", *label_args({LABEL_KERNEL: entry.name}),

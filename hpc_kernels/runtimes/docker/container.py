@@ -28,8 +28,10 @@ from pathlib import Path
 
 from hpc_kernels import paths, procfs, selfexec
 from hpc_kernels.errors import HpcKernelsError
+from hpc_kernels.fsutil import locked, open_private, private_dir
 from hpc_kernels.launchspec import LaunchSpec
 from hpc_kernels.model import Mode
+from hpc_kernels.proc import run
 from hpc_kernels.runtimes.base import Plan
 from hpc_kernels.runtimes.docker.cli import (
     LABEL_CONNECTION,
@@ -44,6 +46,7 @@ from hpc_kernels.runtimes.docker.cli import (
     SHARED_CONN_DIR,
     ContainerCLI,
     docker_binds,
+    find_binary,
     image_name,
     user_name,
 )
@@ -95,8 +98,6 @@ def plan(spec: LaunchSpec, connection_file: str, environ: Mapping[str, str] | No
 
 
 def _binary(runtime: str, env: Mapping[str, str]) -> str:
-    from hpc_kernels.runtimes.docker.cli import find_binary
-
     return find_binary(runtime, env)
 
 
@@ -112,8 +113,6 @@ def _mark(runtime: str) -> Path:
 def mark_used(runtime: str) -> None:
     """Remember that a kernel of ours started containers with ``runtime`` on this host: ``gc`` asks that
     runtime for leftovers only then (a kernelspec removed since may have left one behind)."""
-    from hpc_kernels.fsutil import open_private
-
     marker = _mark(runtime)
     if not marker.exists():
         paths.private(marker.parent)  # per-user state, like the records beside it
@@ -164,8 +163,6 @@ def shared_dir(name: str) -> Path:
 
 def _prepare_shared(cli: ContainerCLI, spec: LaunchSpec, connection_file: str, env: dict[str, str],
                     cenv: dict[str, str], image_id: str | None) -> Plan:
-    from hpc_kernels.fsutil import locked, private_dir
-
     name = shared_name(spec.kernel)
     sdir = shared_dir(name)
     paths.private(sdir)  # per-user state: 0700 from the state directory down (older versions: 0755)
@@ -197,8 +194,6 @@ def _prepare_shared(cli: ContainerCLI, spec: LaunchSpec, connection_file: str, e
 def _ensure_shared(cli: ContainerCLI, spec: LaunchSpec, name: str, sdir: Path,
                    image_id: str | None) -> list[str]:
     """Start the shared container unless it runs the current image (call with its lock held)."""
-    from hpc_kernels.fsutil import private_dir
-
     private_dir(sdir / "conn")
     found = cli.inspect([name])
     config = shared_config(spec)
@@ -216,7 +211,6 @@ def _ensure_shared(cli: ContainerCLI, spec: LaunchSpec, name: str, sdir: Path,
     for stale in (sdir / "conn").glob("*.json"):
         with contextlib.suppress(OSError):
             stale.unlink()
-    from hpc_kernels.proc import run
 
     labels = _labels(spec, "shared")
     labels.update({LABEL_IDLE: f"{spec.idle_timeout:g}", LABEL_STATE_DIR: str(sdir), LABEL_CONFIG: config})
@@ -227,7 +221,7 @@ def _ensure_shared(cli: ContainerCLI, spec: LaunchSpec, name: str, sdir: Path,
 
 def shared_config(spec: LaunchSpec) -> str:
     """A digest of what a shared container was started with (besides the image's build)."""
-    import hashlib
+    import hashlib  # why: shared containers only, not on a per-kernel container's start
     import json
 
     data = [image_name(spec), docker_binds(spec.binds), list(spec.runtime_args), spec.gpu]
@@ -268,8 +262,6 @@ def idle_for(sdir: Path) -> float:
 def stop_if_idle(cli: ContainerCLI, name: str, sdir: Path, idle_timeout: float) -> bool:
     """Remove the shared container, and its bookkeeping, when no kernel runs in it and none did for
     ``idle_timeout`` s."""
-    from hpc_kernels.fsutil import locked
-
     with locked(sdir / "lock", timeout=LOCK_TIMEOUT, private=True):
         if live_kernels(sdir) or idle_for(sdir) < idle_timeout - 0.1:
             return False
@@ -302,8 +294,6 @@ def forget_shared(sdir: Path) -> None:
 def spawn_watcher(args: Sequence[str], env: Mapping[str, str]) -> int:
     """Start ``python -m hpc_kernels.runtimes.docker.watcher ARGS`` (isolated: selfexec.module_argv) in its own session;
     returns its pid."""
-    from hpc_kernels.fsutil import open_private
-
     log = paths.private(paths.log_dir()) / "containers.log"
     with os.fdopen(open_private(log), "a", encoding="utf-8") as out:
         proc = subprocess.Popen(

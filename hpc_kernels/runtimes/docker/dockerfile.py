@@ -4,9 +4,12 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 from hpc_kernels.errors import BuildError
+from hpc_kernels.fsutil import atomic_write
+from hpc_kernels.proc import tail
 from hpc_kernels.runtimes.base import LineSink
 
 #: Bootstraps whose ``From:`` is an image name a Dockerfile ``FROM`` understands.
@@ -15,8 +18,6 @@ CONVERTIBLE_BOOTSTRAPS = ("docker", "docker-daemon")
 
 def stream(argv: list[str], kernel: str, on_line: LineSink) -> None:
     """Run a build, every output line to ``on_line``; a failure becomes a BuildError with the tail."""
-    import subprocess
-
     lines: list[str] = []
     try:
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -30,8 +31,6 @@ def stream(argv: list[str], kernel: str, on_line: LineSink) -> None:
             lines.append(line)
             on_line(line)
     if proc.returncode != 0:
-        from hpc_kernels.proc import tail
-
         raise BuildError(kernel, f"{os.path.basename(argv[0])} build exited with code {proc.returncode}",
                          tail("\n".join(lines)))
 
@@ -56,7 +55,7 @@ def dockerfile_text(recipe: Path) -> str:
                          "Dockerfile cannot start from; use 'Bootstrap: docker' with an image in 'From:' "
                          "for docker/podman kernels")
     try:
-        from spython.main.parse.parsers import SingularityParser
+        from spython.main.parse.parsers import SingularityParser  # why: its failures become BuildErrors
         from spython.main.parse.writers import DockerWriter
 
         parser = SingularityParser(str(recipe))
@@ -72,6 +71,4 @@ def dockerfile_text(recipe: Path) -> str:
 
 def atomic_dockerfile(recipe: Path, dest: Path) -> None:
     """Write the converted Dockerfile at ``dest``."""
-    from hpc_kernels.fsutil import atomic_write
-
     atomic_write(dest, dockerfile_text(recipe))

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from hpc_kernels import paths, procfs
 from hpc_kernels.errors import RuntimeNotFoundError, ToolError
+from hpc_kernels.fsutil import locked
 from hpc_kernels.leftovers import Leftover, in_use
 from hpc_kernels.runtimes.docker.cli import (
     LABEL_HOST,
@@ -58,8 +59,6 @@ def sweep_shared_dirs(runtimes: Sequence[str] = ("podman", "docker"), dry_run: b
     """Remove the bookkeeping (``containers/<name>/``) of shared containers that no installed runtime
     has any more (stopped by hand, by a reboot, by a watcher that was killed); the directories removed.
     Judges nothing when a runtime is installed but does not answer."""
-    from hpc_kernels.fsutil import locked
-
     base = paths.host_state_dir() / "containers"
     dirs = sorted(d for d in base.iterdir() if d.is_dir()) if base.is_dir() else []
     clis: list[ContainerCLI] = []

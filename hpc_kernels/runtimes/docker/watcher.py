@@ -16,6 +16,8 @@ from pathlib import Path
 
 from hpc_kernels import procfs
 from hpc_kernels.errors import HpcKernelsError, RuntimeNotFoundError, ToolError
+from hpc_kernels.fsutil import locked
+from hpc_kernels.proc import run
 from hpc_kernels.runtimes.docker.cli import (
     SHARED_CONN_DIR,
     ContainerCLI,
@@ -45,8 +47,6 @@ def watch_shared(cli: ContainerCLI, pid: int, name: str, kid: str, sdir: Path, i
                  parent: procfs.ProcRef | None = None) -> None:
     """Shared container: once the client is gone, or the Jupyter process that started the kernel, kill
     the kernel (exec does not), then idle-stop."""
-    from hpc_kernels.fsutil import locked
-
     orphaned = wait_for_parent(pid, parent)
     marker = f"{SHARED_CONN_DIR}/{kid}.json"
     kill_kernel_processes(cli, name, marker)
@@ -79,8 +79,6 @@ def kill_kernel_processes(cli: ContainerCLI, name: str, marker: str) -> list[int
             # A rootful daemon's container runs as root: kill from inside, by its pid there.
             inner = namespaced_pid(pid)
             if inner:
-                from hpc_kernels.proc import run
-
                 with contextlib.suppress(ToolError, RuntimeNotFoundError):
                     run([cli.binary, "exec", name, "kill", "-KILL", inner], check=False, timeout=30)
                     killed.append(pid)

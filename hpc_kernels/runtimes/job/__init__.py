@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from hpc_kernels.errors import RuntimeNotFoundError
 from hpc_kernels.runtimes.base import Features
 
 TYPE_CHECKING = False  # why: typing is not loaded on the launcher's path (python -S)
@@ -53,8 +54,6 @@ class Job:
     def find_binary(self, environ: Mapping[str, str] | None = None, fallback: str = "") -> str:
         """``sbatch``: what a job kernel needs on the login node."""
         import shutil  # why: not on the launcher's path
-
-        from hpc_kernels.errors import RuntimeNotFoundError
 
         found = shutil.which("sbatch", path=(environ or {}).get("PATH"))
         if not found:

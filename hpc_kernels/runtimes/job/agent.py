@@ -32,7 +32,11 @@ import signal
 import socket
 import time
 
+import hpc_kernels.runtimes.apptainer.cli as apptainer
 from hpc_kernels import procfs
+from hpc_kernels.errors import HpcKernelsError
+from hpc_kernels.launchspec import LaunchSpec
+from hpc_kernels.proc import spawn
 from hpc_kernels.runtimes.job.control import Control, read_json, write_json_private
 from hpc_kernels.runtimes.job.node import free_ports, listening, log, node_address
 from hpc_kernels.runtimes.job.wire import CHANNELS, DEAD_AFTER, PING_INTERVAL, PROTOCOL, Loop, proof_ok
@@ -57,8 +61,6 @@ class Agent:
     """One job's agent: the control listener, at most one launcher and one kernel at a time."""
 
     def __init__(self, session_file: str) -> None:
-        from hpc_kernels.launchspec import LaunchSpec
-
         session = read_json(session_file)
         if session is None:
             raise ValueError(f"cannot read the kernel session {session_file}")
@@ -222,9 +224,6 @@ class Agent:
     # ------------------------------------------------------------------ the kernel
 
     def _start_kernel(self) -> None:
-        import hpc_kernels.runtimes.apptainer.cli as apptainer
-        from hpc_kernels.errors import HpcKernelsError
-
         self._stop_kernel(wait=True)
         try:
             if not os.path.exists(self.spec.image):
@@ -246,7 +245,6 @@ class Agent:
             return
         for warning in warnings:
             self._tell({"event": "warning", "message": warning})
-        from hpc_kernels.proc import spawn
 
         self.kernels_started += 1
         log(f"starting kernel #{self.kernels_started}: {' '.join(argv)}")

@@ -16,9 +16,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hpc_kernels import paths
+from hpc_kernels import paths, selfexec
 from hpc_kernels.errors import HpcKernelsError
+from hpc_kernels.fsutil import open_private
 from hpc_kernels.launchspec import JobRequest, LaunchSpec
+from hpc_kernels.proc import spawn, tail
+from hpc_kernels.procfs import start_of
+from hpc_kernels.runtimes.job.agent import __file__ as agent_file
 from hpc_kernels.runtimes.job.control import Control, read_json, write_json_private
 from hpc_kernels.runtimes.job.script import _record_job, sbatch_plan
 from hpc_kernels.runtimes.job.session import (
@@ -36,6 +40,7 @@ from hpc_kernels.runtimes.job.session import (
 )
 from hpc_kernels.runtimes.job.watcher import cancel_session
 from hpc_kernels.runtimes.job.wire import CHANNELS, DEAD_AFTER, PING_INTERVAL, Loop, Relay, proof
+from hpc_kernels.runtimes.slurm import JOB_HINTS, Slurm
 
 # ----------------------------------------------------------------------------- the launcher
 
@@ -78,8 +83,6 @@ class Launcher:
         write_json_private(str(self.session_file), self.session)
 
     def _claim_or_submit(self) -> None:
-        from hpc_kernels.procfs import start_of
-
         paths.private(sessions_dir())
         me = {"host": paths.hostname(), "launcher_pid": os.getpid(), "launcher_start": start_of(os.getpid()),
               "connection_file": self.connection_file}
@@ -118,8 +121,6 @@ class Launcher:
             self._submit()
 
     def _submit(self) -> None:
-        from hpc_kernels.runtimes.slurm import JOB_HINTS, Slurm
-
         script, args = sbatch_plan(self.spec, self.sid, self.session_file)
         paths.private(_logs_dir())
         job_id = Slurm().submit(script, args, JOB_HINTS)
@@ -134,13 +135,10 @@ class Launcher:
         """``$HPC_KERNELS_JOB_ID``: the agent runs as a step of an allocation the user holds (never cancelled)."""
         if not job_id.isdigit():
             raise HpcKernelsError(f"HPC_KERNELS_JOB_ID must be a Slurm job id (digits), not {job_id!r}.")
-        from hpc_kernels.proc import spawn
-        from hpc_kernels.runtimes.job.agent import __file__ as agent_file
 
         argv = ["srun", f"--jobid={job_id}", "--overlap", "--nodes=1", "--ntasks=1", "--quiet",
                 sys.executable, "-I", "-S", os.path.abspath(agent_file), str(self.session_file)]
         log = paths.private(_logs_dir()) / f"kernel-{job_id}-step-{self.sid[:8]}.out"
-        from hpc_kernels.fsutil import open_private
 
         fd = open_private(log)
         try:
@@ -157,10 +155,6 @@ class Launcher:
                               f"(log: {log}).")
 
     def _spawn_watcher(self) -> None:
-        from hpc_kernels import selfexec
-        from hpc_kernels.fsutil import open_private
-        from hpc_kernels.proc import spawn
-
         fd = open_private(paths.private(paths.log_dir()) / "job-kernels.log")
         try:
             watcher = spawn(selfexec.module_argv("hpc_kernels.runtimes.job.watcher", "watch", str(self.session_file),
@@ -231,8 +225,6 @@ class Launcher:
             self.control.close()  # the agent (or its node) went silent: _lost says what became of the job
             return
         if self.control is None and self.step is not None and self.step.poll() is not None:
-            from hpc_kernels.proc import tail
-
             said = ""
             if self.step_log is not None:
                 with contextlib.suppress(OSError):
@@ -252,7 +244,6 @@ class Launcher:
         """Progress for the server's log while the job waits; the job's end if it never ran our agent."""
         if self.ready or not self.job_id:
             return
-        from hpc_kernels.runtimes.slurm import Slurm
 
         details = Slurm().details(self.job_id)
         if details is None:
@@ -321,8 +312,6 @@ class Launcher:
 
     def _job_is_ending(self) -> bool:
         """Whether Slurm is ending the job (or has): not RUNNING any more."""
-        from hpc_kernels.runtimes.slurm import Slurm
-
         details = Slurm().details(self.job_id)
         return details is None or details.state != "RUNNING" or self.ending != ""
 
@@ -335,7 +324,6 @@ class Launcher:
         self.ready = False
         if control is not None:
             control.close()  # on_close is this method again: it returns at once (self.lost)
-        from hpc_kernels.runtimes.slurm import Slurm
 
         deadline = time.monotonic() + 15.0
         details = Slurm().details(self.job_id)

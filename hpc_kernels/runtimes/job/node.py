@@ -8,6 +8,8 @@ import socket
 import sys
 import time
 
+from hpc_kernels.proc import run
+
 
 def log(text: str) -> None:
     """A line in the job's output file (``hpc-kernels jobs`` shows its tail)."""
@@ -21,7 +23,6 @@ def node_address(environ: dict[str, str]) -> str:
     name = override or ""
     if not name:
         node = environ.get("SLURMD_NODENAME") or socket.gethostname()
-        from hpc_kernels.proc import run
 
         with contextlib.suppress(Exception):
             out = run(["scontrol", "show", "node", "-o", node], check=False, timeout=30).stdout

@@ -6,24 +6,24 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
 
-from hpc_kernels import paths
+from hpc_kernels import __version__, paths, slurm, templates
+from hpc_kernels.fsutil import atomic_write
 from hpc_kernels.launchspec import JobRequest, LaunchSpec
+from hpc_kernels.proc import run
+from hpc_kernels.runtimes.job.agent import __file__ as agent_file
 from hpc_kernels.runtimes.job.session import WARN_BEFORE, _logs_dir, job_name, sessions_dir
+from hpc_kernels.runtimes.slurm import JOB_HINTS, SlurmError, rejection_sentence
 
 # ----------------------------------------------------------------------------- the job script
 
 
 def sbatch_plan(spec: LaunchSpec, sid: str, session_file: Path) -> tuple[str, list[str]]:
     """The batch script of a kernel's job and sbatch's arguments (``extra_args``)."""
-    import shlex
-
-    from hpc_kernels import __version__, slurm, templates
-    from hpc_kernels.runtimes.job.agent import __file__ as agent_file
-
     job = spec.job or JobRequest()
     lines = []
     for name, value in (("account", job.account), ("partition", job.partition),
@@ -50,9 +50,6 @@ def sbatch_plan(spec: LaunchSpec, sid: str, session_file: Path) -> tuple[str, li
 def test_only(spec: LaunchSpec) -> str:
     """``sbatch --test-only`` of this kernel's job: Slurm's answer (where and when it would start), or an
     HpcKernelsError with the rejection as one sentence (no account, unknown partition, over a limit)."""
-    from hpc_kernels.proc import run
-    from hpc_kernels.runtimes.slurm import JOB_HINTS, SlurmError, rejection_sentence
-
     script, args = sbatch_plan(spec, "0" * 16, sessions_dir() / "doctor.json")
     result = run(["sbatch", "--test-only", *args], check=False, input_text=script, timeout=60)
     said = (result.stderr + result.stdout).strip()
@@ -63,9 +60,6 @@ def test_only(spec: LaunchSpec) -> str:
 
 def _record_job(job_id: str, kernel: str, script: str, args: list[str]) -> None:
     """A record in ``<state>/jobs`` so that ``hpc-kernels jobs`` lists kernel jobs beside build jobs."""
-    from hpc_kernels import slurm
-    from hpc_kernels.fsutil import atomic_write
-
     record = {
         "generator": "hpc-kernels", "format": slurm.RECORD_FORMAT, "job_id": job_id, "kind": "kernel",
         "kernels": [kernel], "array": False, "registry": "", "depends_on": None, "submitted_at": time.time(),

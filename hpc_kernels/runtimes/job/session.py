@@ -14,6 +14,7 @@ from typing import Any
 
 from hpc_kernels import paths
 from hpc_kernels.errors import HpcKernelsError
+from hpc_kernels.procfs import alive, start_of
 from hpc_kernels.runtimes.job.control import read_json
 from hpc_kernels.runtimes.job.wire import CHANNELS
 
@@ -116,8 +117,6 @@ def remove_session(sid: str) -> None:
 
 def launcher_alive(session: dict[str, Any], pid_key: str = "launcher_pid") -> bool:
     """Whether the process recorded under ``pid_key`` still runs on this host (same pid, same start)."""
-    from hpc_kernels.procfs import alive, start_of
-
     if session.get("host") != paths.hostname():
         return True  # another login node's: not ours to judge
     try:
@@ -135,6 +134,4 @@ def _logs_dir() -> Path:
 
 
 def _start_of(pid: int) -> str:
-    from hpc_kernels.procfs import start_of
-
     return start_of(pid)

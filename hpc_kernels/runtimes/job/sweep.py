@@ -14,6 +14,7 @@ from hpc_kernels.runtimes.job.session import (
     sessions_dir,
 )
 from hpc_kernels.runtimes.job.watcher import cancel_session
+from hpc_kernels.runtimes.slurm import Slurm
 
 # ----------------------------------------------------------------------------- gc
 
@@ -22,8 +23,6 @@ def sweep(dry_run: bool = False) -> list[Leftover]:
     """``hpc-kernels gc``: cancel kernel jobs whose launcher and watcher are both gone (this host's), forget
     sessions whose job is over, and name kernel jobs with no record here (left alone: maybe another
     state directory's)."""
-    from hpc_kernels.runtimes.slurm import Slurm
-
     if not sessions_dir().is_dir():
         return []
     client = Slurm()

@@ -14,17 +14,19 @@ import sys
 import time
 from typing import Any
 
+from hpc_kernels import slurm
 from hpc_kernels.errors import HpcKernelsError
+from hpc_kernels.fsutil import atomic_write
 from hpc_kernels.runtimes.job.control import read_json
 from hpc_kernels.runtimes.job.session import GRACE, JOB_PREFIX, job_name, launcher_alive, remove_session, sessions_dir
+from hpc_kernels.runtimes.parent import wait_for_parent
+from hpc_kernels.runtimes.slurm import Slurm
 
 # ----------------------------------------------------------------------------- the watcher
 
 
 def cancel_session(session: dict[str, Any], why: str) -> None:
     """End a session's job (or, in an allocation the user holds, only our step and srun)."""
-    from hpc_kernels.runtimes.slurm import Slurm
-
     job = str(session.get("job_id") or "")
     if session.get("reused"):
         agent = read_json(str(sessions_dir() / f"{session['sid']}.agent.json")) or {}
@@ -46,8 +48,6 @@ def cancel_session(session: dict[str, Any], why: str) -> None:
 def watch(session_file: str, launcher: int) -> None:
     """Wait for the launcher to end; then, unless a successor (a restart) claims the session within
     :data:`GRACE` s, end the job. A connection file that is gone means a final shutdown: end it at once."""
-    from hpc_kernels.runtimes.parent import wait_for_parent
-
     wait_for_parent(launcher)
     deadline = time.monotonic() + GRACE
     while True:
@@ -79,9 +79,6 @@ def watch(session_file: str, launcher: int) -> None:
 
 def _write_exit(job_id: str) -> None:
     """A kernel shut down on purpose ended well: ``hpc-kernels jobs`` says COMPLETED, not CANCELLED."""
-    from hpc_kernels import slurm
-    from hpc_kernels.fsutil import atomic_write
-
     with contextlib.suppress(OSError):
         atomic_write(slurm.jobs_dir() / f"{job_id}.exit", "0\n", private=True)
 
