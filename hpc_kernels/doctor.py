@@ -557,14 +557,14 @@ def disable_user_config_source(ctx: Context) -> str | None:
 
 def check_kernelspec(entry: KernelEntry, ctx: Context) -> Finding:
     """Is the kernelspec where Jupyter looks, ours, and not hidden by JupyterHub?"""
-    from hpc_kernels import kernelspec
+    from hpc_kernels import specdirs
 
-    found = kernelspec.visible(entry.name)
-    dirs = ", ".join(str(d) for d in kernelspec.search_dirs())
+    found = specdirs.visible(entry.name)
+    dirs = ", ".join(str(d) for d in specdirs.search_dirs())
     if found is None:
         from hpc_kernels import group
 
-        for spec in kernelspec.unreadable(entry.name):
+        for spec in specdirs.unreadable(entry.name):
             why = group.explain_unreadable(spec / "kernel.json")
             if why:
                 return Finding("kernelspec", FAIL, f"Jupyter does not list the kernelspec {spec}: {why}",
@@ -581,9 +581,9 @@ def check_kernelspec(entry: KernelEntry, ctx: Context) -> Finding:
                        f"run 'hpc-kernels install {entry.name}' (if you installed it with --prefix DIR, add "
                        "DIR/share/jupyter to JUPYTER_PATH: 'module load container-kernels' does that), then "
                        "restart your JupyterLab session.", entry.name)
-    hidden = [p for p in kernelspec.copies(entry.name) if p != found]
-    if not kernelspec.is_ours(found):
-        ours = [p for p in hidden if kernelspec.is_ours(p)]
+    hidden = [p for p in specdirs.copies(entry.name) if p != found]
+    if not specdirs.is_ours(found):
+        ours = [p for p in hidden if specdirs.is_ours(p)]
         mine = f"; the one hpc-kernels wrote, {ours[0]}, is hidden by it" if ours else ""
         return Finding("kernelspec", FAIL,
                        f"the kernelspec Jupyter uses for '{entry.name}' ({found}) was not written by "
@@ -598,7 +598,7 @@ def check_kernelspec(entry: KernelEntry, ctx: Context) -> Finding:
                        "and put that prefix's share/jupyter on JUPYTER_PATH "
                        "('module load container-kernels'), then restart your JupyterLab session.", entry.name)
     if hidden:
-        fixes = [kernelspec.command("uninstall", entry.name, p) if kernelspec.is_ours(p) else None
+        fixes = [specdirs.command("uninstall", entry.name, p) if specdirs.is_ours(p) else None
                  for p in hidden]
         fix = "; ".join(f"'{cmd}'" if cmd else f"remove {p} yourself" for cmd, p in zip(fixes, hidden))
         return Finding("kernelspec", WARN,
@@ -819,7 +819,7 @@ def kernel_findings(entry: KernelEntry, apptainer_bin: str | None, installed: Pa
 def run_checks(registry: Registry | None, names: list[str] | None = None, ctx: Context | None = None,
                registry_problem: str | None = None) -> Report:
     """Run every check for the named kernels (default: the whole registry and every kernelspec of ours)."""
-    from hpc_kernels import kernelspec
+    from hpc_kernels import specdirs
 
     ctx = ctx or Context()
     findings: list[Finding] = []
@@ -833,7 +833,7 @@ def run_checks(registry: Registry | None, names: list[str] | None = None, ctx: C
             entries = [registry.get(n) for n in names]
         findings.append(Finding("registry", OK, f"{registry.path} (found via {registry.source}), "
                                                 f"{len(registry.kernels)} kernel(s)."))
-    installed = kernelspec.installed_ours()
+    installed = specdirs.installed_ours()
     runtimes = sorted({e.runtime for e in entries}) or ["apptainer"]
     fallbacks = runtime_hints(installed, {e.name for e in entries} if names else None)
     binaries: dict[str, str | None] = {}
@@ -858,7 +858,7 @@ def run_checks(registry: Registry | None, names: list[str] | None = None, ctx: C
         for name, kdir in installed.items():
             if name not in known:
                 findings += check_installed(name, kdir, None, ctx)
-    return Report(tuple(findings), tuple(str(d) for d in kernelspec.search_dirs()),
+    return Report(tuple(findings), tuple(str(d) for d in specdirs.search_dirs()),
                   str(registry.path) if registry else None)
 
 

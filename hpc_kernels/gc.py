@@ -16,7 +16,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from hpc_kernels import access, kernelspec, leftovers
+from hpc_kernels import access, leftovers, specdirs
 from hpc_kernels import registry as registry_module
 from hpc_kernels.errors import HpcKernelsError
 from hpc_kernels.fsutil import remove_tree
@@ -57,13 +57,13 @@ def runtimes_in_use(registry: str | None = None) -> frozenset[str]:
     (``registry``, else the usual search; a registry that cannot be loaded is ignored unless named), or
     by records of ours (instance state; the mark a Docker/Podman kernel leaves when it starts)."""
     found: set[str] = set()
-    for kdir in kernelspec.search_dirs():
+    for kdir in specdirs.search_dirs():
         try:
             children = sorted(kdir.iterdir())
         except OSError:  # missing, or a directory this user may not read (a group's)
             continue
         for child in children:
-            if kernelspec.is_ours(child):
+            if specdirs.is_ours(child):
                 try:
                     found.add(read_kernel_json(str(child / "kernel.json"))[1].runtime)
                 except (OSError, ValueError):
@@ -81,7 +81,7 @@ def sweep_kernelspecs(dry_run: bool = False) -> list[Leftover]:
     """Remove our kernelspecs whose image file no longer exists (Apptainer's: a container runtime's images
     are not ours to judge)."""
     found: list[Leftover] = []
-    for name, kdir in sorted(kernelspec.installed_ours().items()):
+    for name, kdir in sorted(specdirs.installed_ours().items()):
         try:
             _data, spec = read_kernel_json(str(kdir / "kernel.json"))
         except KernelSpecError as exc:
@@ -104,6 +104,6 @@ def sweep_kernelspecs(dry_run: bool = False) -> list[Leftover]:
                                  f"image {spec.image} is gone, but {kdir} is not writable"))
             continue
         found.append(Leftover("kernelspecs", name, "removed", f"its image {spec.image} is gone"))
-        if not dry_run and kernelspec.is_ours(kdir):
+        if not dry_run and specdirs.is_ours(kdir):
             remove_tree(kdir)
     return found

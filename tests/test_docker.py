@@ -137,13 +137,13 @@ def test_launcher_refuses_docker_desktop_in_one_sentence(
 ) -> None:
     import subprocess
 
-    from hpc_kernels import kernelspec, registry
+    from hpc_kernels import kernelspec, registry, specdirs
 
     fake = tmp_path / "fake-docker"
     fake.write_text(f"#!{sys.executable}\nprint('Docker Desktop')\n")
     fake.chmod(0o755)
     path = make_registry("kernels:\n  desk:\n    runtime: docker\n    image: python:3.12\n")  # type: ignore[operator]
-    installed = kernelspec.install(registry.load(path).get("desk"), kernelspec.Target())
+    installed = kernelspec.install(registry.load(path).get("desk"), specdirs.Target())
     spec_file, conn = str(installed / "kernel.json"), str(tmp_path / "c.json")
     argv = [sys.executable, "-m", "hpc_kernels.launch", spec_file, conn]
     done = subprocess.run(

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from hpc_kernels import build, kernelspec, registry
+from hpc_kernels import build, kernelspec, registry, specdirs
 from hpc_kernels.errors import BuildError
 from hpc_kernels.runtimes.docker import container as dk_container
 from hpc_kernels.runtimes.docker import sweep as dk_sweep
@@ -115,7 +115,7 @@ def install(make_registry: Any, name: str, runtime: str, extra: str = "") -> reg
             {extra}
         """)
     entry = registry.load(path).get(name)
-    kernelspec.install(entry, kernelspec.Target())
+    kernelspec.install(entry, specdirs.Target())
     return entry
 
 
@@ -392,7 +392,7 @@ def test_shared_container_moves_to_a_rebuilt_image_once_idle(
     version = "print(open('/etc/version').read())"
     try:
         build.build(entry)
-        kernelspec.install(entry, kernelspec.Target())
+        kernelspec.install(entry, specdirs.Target())
         km1, kc1 = start(name, isolated_home)
         cleanup.append(km1)
         old_image = sh(podman, "image", "inspect", "--format", "{{.Id}}", tag).stdout.strip()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from hpc_kernels import cli, gc, kernelspec, registry
+from hpc_kernels import cli, gc, kernelspec, registry, specdirs
 from hpc_kernels.errors import RuntimeNotFoundError
 from hpc_kernels.runtimes.apptainer import cli as apptainer
 from hpc_kernels.runtimes.apptainer import instance as app_instance
@@ -49,7 +49,7 @@ def test_gc_asks_the_runtime_an_installed_kernelspec_names(asked: list[str], mak
     path = make_registry(f"kernels:\n  box:\n    runtime: podman\n    image: python:3.12\n"
                          f"  sci:\n    image: {image}\n")
     for entry in registry.load_file(path).kernels:
-        kernelspec.install(entry, kernelspec.Target(), path)
+        kernelspec.install(entry, specdirs.Target(), path)
     asked.clear()  # install looked for Apptainer to find the given image's Python: gc's own asks follow
     path.unlink()  # the registry is gone: the kernelspecs alone say what is in use
     assert gc.runtimes_in_use() == {"podman", "apptainer"}

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from hpc_kernels import cli, kernelspec, paths, registry
+from hpc_kernels import cli, kernelspec, paths, registry, specdirs
 from hpc_kernels.errors import HpcKernelsError
 from hpc_kernels.runtimes.apptainer import cli as apptainer
 from hpc_kernels.runtimes.apptainer import instance as app_instance
@@ -79,7 +79,7 @@ def shared_kernel(make_registry: Callable[..., Path], base_sif: Path, apptainer_
         """)
     entry = registry.load_file(path).get("shared")
     assert entry.interrupt_mode == "message"
-    kernelspec.install(entry, kernelspec.Target(), path)
+    kernelspec.install(entry, specdirs.Target(), path)
     runtime = Path(os.environ["JUPYTER_RUNTIME_DIR"])
     runtime.mkdir(parents=True, exist_ok=True)
     try:
@@ -340,7 +340,7 @@ def test_rebuilt_image_gets_a_new_instance(make_registry: Callable[..., Path], b
             idle_timeout: {IDLE}
             command: [python3, -m, ipykernel_launcher, -f, "{{connection_file}}"]
         """)
-    kernelspec.install(registry.load_file(path).get("rebuilt"), kernelspec.Target(), path)
+    kernelspec.install(registry.load_file(path).get("rebuilt"), specdirs.Target(), path)
     Path(os.environ["JUPYTER_RUNTIME_DIR"]).mkdir(parents=True, exist_ok=True)
 
     async def scenario() -> None:
@@ -402,7 +402,7 @@ def test_gc_sweeps_stale_state_orphans_untracked_instances_and_dead_kernelspecs(
         """)
     reg = registry.load_file(path)
     for entry in reg.kernels:
-        kernelspec.install(entry, kernelspec.Target(), path)
+        kernelspec.install(entry, specdirs.Target(), path)
     try:
         dry = cli_json("gc", "--dry-run", capsys=capsys)["findings"]
         assert untracked in apptainer_names(apptainer_bin) and orphan.poll() is None and d.exists()
@@ -416,7 +416,7 @@ def test_gc_sweeps_stale_state_orphans_untracked_instances_and_dead_kernelspecs(
         assert orphan.wait(timeout=10) == -signal.SIGKILL
         assert untracked not in apptainer_names(apptainer_bin)
         assert not d.exists()
-        assert set(kernelspec.installed_ours()) == {"here"}
+        assert set(specdirs.installed_ours()) == {"here"}
         assert cli_json("gc", capsys=capsys)["findings"] == []
     finally:
         if orphan.poll() is None:

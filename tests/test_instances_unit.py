@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from hpc_kernels import cli, gc, kernelspec, paths, procfs, registry
+from hpc_kernels import cli, gc, kernelspec, paths, procfs, registry, specdirs
 from hpc_kernels.errors import HpcKernelsError
 from hpc_kernels.launchspec import LaunchSpec
 from hpc_kernels.leftovers import Leftover
@@ -255,12 +255,12 @@ def test_gc_sweeps_kernelspecs_without_image(make_registry: Callable[..., Path],
           here: {{image: {present}}}
         """)
     for entry in registry.load_file(path).kernels:
-        kernelspec.install(entry, kernelspec.Target(), path)
+        kernelspec.install(entry, specdirs.Target(), path)
     assert gc.sweep_kernelspecs(dry_run=True) == [
         Leftover("kernelspecs", "gone", "removed", f"its image {tmp_path / 'missing.sif'} is gone")]
-    assert set(kernelspec.installed_ours()) == {"gone", "here"}
+    assert set(specdirs.installed_ours()) == {"gone", "here"}
     assert [f.target for f in gc.sweep_kernelspecs()] == ["gone"]
-    assert set(kernelspec.installed_ours()) == {"here"}
+    assert set(specdirs.installed_ours()) == {"here"}
 
 
 def test_cli_with_no_instances(capsys: pytest.CaptureFixture[str]) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from hpc_kernels import cli, gc, kernelspec, paths, procfs, registry
+from hpc_kernels import cli, gc, kernelspec, paths, procfs, registry, specdirs
 from hpc_kernels.kernelspec import launcher_argv
 from hpc_kernels.launchspec import KernelSpecError, LaunchSpec, read_kernel_json
 from hpc_kernels.runtimes.apptainer import instance as app_instance
@@ -88,7 +88,7 @@ def test_read_kernel_json_names_the_file(tmp_path: Path) -> None:
             read_kernel_json(str(path))
         assert str(info.value).startswith(f"the kernelspec {path} ") and expected in str(info.value)
         assert "'hpc-kernels install sci'" in str(info.value)
-        assert not kernelspec.is_ours(path.parent) or "damaged: '" in str(info.value)
+        assert not specdirs.is_ours(path.parent) or "damaged: '" in str(info.value)
 
 
 # ----------------------------------------------------------------------------- consumers
@@ -101,8 +101,8 @@ def damaged_install(make_registry: MakeRegistry, tmp_path: Path, change: dict[st
     path = make_registry(f"kernels:\n  bad:\n    image: {image}\n    mode: instance\n"
                          f"  good:\n    image: {image}\n")
     for entry in registry.load_file(path).kernels:
-        kernelspec.install(entry, kernelspec.Target(), path)
-    spec_file = kernelspec.installed_ours()["bad"] / "kernel.json"
+        kernelspec.install(entry, specdirs.Target(), path)
+    spec_file = specdirs.installed_ours()["bad"] / "kernel.json"
     data = json.loads(spec_file.read_text())
     data["metadata"]["hpc_kernels"].update(change)
     for key in [k for k, v in change.items() if v is KeyError]:

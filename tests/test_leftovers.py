@@ -32,7 +32,7 @@ from typing import Any
 
 import pytest
 
-from hpc_kernels import cli, kernelspec, paths, registry
+from hpc_kernels import cli, kernelspec, paths, registry, specdirs
 from hpc_kernels.errors import HpcKernelsError
 from hpc_kernels.runtimes.apptainer import instance as app_instance
 from hpc_kernels.runtimes.apptainer import status as app_status
@@ -107,7 +107,7 @@ def scene(image: Path, apptainer_bin: str, make_registry: Callable[..., Path],
             command: {command}
         """)
     for entry in registry.load_file(path).kernels:
-        kernelspec.install(entry, kernelspec.Target(), path)
+        kernelspec.install(entry, specdirs.Target(), path)
     runtime = Path(os.environ["JUPYTER_RUNTIME_DIR"])
     runtime.mkdir(parents=True, exist_ok=True)
     since = now_ticks()

@@ -23,11 +23,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Render the registry's kernels (or JSON); name the copies of a kernelspec that another copy hides."""
-    from hpc_kernels import build, kernelspec, provenance, registry, ui
+    from hpc_kernels import build, provenance, registry, specdirs, ui
     from hpc_kernels.runtimes import table
 
     reg = registry.load(args.registry)
-    installed = kernelspec.installed_ours_all()
+    installed = specdirs.installed_ours_all()
     rows: list[dict[str, object]] = []
     cells: list[list[ui.CellLike]] = []
     notes: list[str] = []
@@ -82,9 +82,9 @@ def _base_label(path: Path) -> str:
 
 def _hidden_note(name: str, used: Path, hidden: Path) -> str:
     """A copy of a kernelspec that Jupyter does not use, because another one comes first on its search path."""
-    from hpc_kernels import kernelspec, ui
+    from hpc_kernels import specdirs, ui
 
-    remove = kernelspec.command("uninstall", name, hidden)
+    remove = specdirs.command("uninstall", name, hidden)
     how = f"; '{remove}' removes it" if remove else ""
     return (f"'{name}' is also installed in {ui.tilde(hidden)}, hidden by the copy in {ui.tilde(used)} "
             f"(Jupyter uses the first on its search path){how}.")

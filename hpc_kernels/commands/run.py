@@ -44,11 +44,11 @@ def check_supported(entry: KernelEntry) -> None:
 def installed_runtime_hint(name: str) -> str:
     """The runtime the kernelspec Jupyter uses for ``name`` recorded at install time (the launcher's last
     resort when none is on PATH), or ""."""
-    from hpc_kernels import kernelspec
+    from hpc_kernels import specdirs
     from hpc_kernels.launchspec import read_kernel_json
 
-    kdir = kernelspec.visible(name)
-    if kdir is None or not kernelspec.is_ours(kdir):
+    kdir = specdirs.visible(name)
+    if kdir is None or not specdirs.is_ours(kdir):
         return ""
     try:
         _data, spec = read_kernel_json(str(kdir / "kernel.json"))

@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     import json
     import shlex
 
-    from hpc_kernels import kernelspec, launch, registry, ui
+    from hpc_kernels import kernelspec, launch, registry, specdirs, ui
     from hpc_kernels.errors import HpcKernelsError
     from hpc_kernels.launchspec import read_kernel_json
 
@@ -47,14 +47,14 @@ def run(args: argparse.Namespace) -> int:
     entry = reg.get(args.name)
     if args.recipe:
         return _recipe(entry, args.json)
-    installed = kernelspec.installed_ours().get(entry.name)
+    installed = specdirs.installed_ours().get(entry.name)
     if installed:
         try:
             data, spec = read_kernel_json(str(installed / "kernel.json"))
         except ValueError as exc:  # launchspec.KernelSpecError: a damaged kernel.json, one sentence
             raise HpcKernelsError(str(exc)) from None
     else:
-        dest = kernelspec.Target().kernels_dir() / entry.name / "kernel.json"
+        dest = specdirs.Target().kernels_dir() / entry.name / "kernel.json"
         data = kernelspec.kernel_json(entry, dest, reg.path)
         spec = kernelspec.launch_spec(entry, reg.path)
     try:
