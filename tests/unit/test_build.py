@@ -5,7 +5,6 @@ from __future__ import annotations
 import multiprocessing
 import os
 import time
-from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,61 +13,7 @@ import pytest
 from hpc_kernels import build, registry
 from hpc_kernels.errors import BuildBusyError, BuildError
 from hpc_kernels.runtimes.base import LineSink
-
-DEF = """\
-Bootstrap: localimage
-From: base.sif
-
-%files
-    data/*.txt /opt/data/
-    env.yml
-
-%files from builder
-    /ignored /ignored
-
-%post
-    echo hi
-"""
-
-
-class FakeBuilder:
-    """Writes the recipe into the image, or fails, and records each call."""
-
-    name = "fake"
-
-    def __init__(self, fail: bool = False, delay: float = 0.0,
-                 programs: dict[str, str] | None = None) -> None:
-        self.calls: list[list[str]] = []
-        self.fail = fail
-        self.delay = delay
-        #: What the built image holds: program -> what running it with '-c CODE' prints and does.
-        self.programs = {"python3": "ok"} if programs is None else programs
-        self.ran: list[list[str]] = []
-
-    def version(self) -> str:
-        return "fake 1"
-
-    def build(self, recipe: Path, dest: Path, options: list[str], on_line: LineSink) -> None:
-        self.calls.append(options)
-        on_line("step 1/2")
-        time.sleep(self.delay)
-        if self.fail:
-            on_line("FATAL: %post failed")
-            raise BuildError(recipe.stem, "apptainer build exited with code 255", "FATAL: %post failed")
-        dest.write_text("image from " + recipe.read_text())
-
-    def runner(self, entry: registry.KernelEntry, image: str) -> Callable[[Sequence[str]], tuple[int, str]]:
-        def run(argv: Sequence[str]) -> tuple[int, str]:
-            assert Path(image).read_text().startswith("image from")  # the new image, before it replaces the old
-            self.ran.append(list(argv))
-            behaviour = self.programs.get(argv[0])
-            if behaviour is None:
-                return 255, f'FATAL:   "{argv[0]}": executable file not found in $PATH'
-            if behaviour == "ok":
-                return 0, ""
-            return 1, f"Traceback (most recent call last):\n{behaviour}"
-
-        return run
+from tests.helpers.builders import DEF, FakeBuilder
 
 
 @pytest.fixture

@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 
 from hpc_kernels import build, buildguard, buildtemp, gc, paths, procfs, registry
+from tests.helpers.builders import DEF, FakeBuilder
 from tests.real.test_build_kill import survivors, tree, wait_until
-from tests.unit.test_build import DEF, FakeBuilder
 
 
 @pytest.fixture

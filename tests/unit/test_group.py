@@ -19,7 +19,7 @@ import pytest
 
 from hpc_kernels import build, cli, doctor, fsutil, group, kernelspec, modulefile, paths, registry
 from hpc_kernels.errors import BuildBusyError, LockBusyError, NoWriteAccessError, RegistryError
-from tests.unit.test_build import FakeBuilder
+from tests.helpers.builders import FakeBuilder
 
 ROOT = os.getuid() == 0
 needs_non_root = pytest.mark.skipif(ROOT, reason="root may write anywhere: os.access cannot refuse it")

@@ -14,7 +14,7 @@ import pytest
 
 from hpc_kernels import build, cli, imagecheck, kernelspec, registry
 from hpc_kernels.errors import BuildError, HpcKernelsError
-from tests.unit.test_build import DEF, FakeBuilder
+from tests.helpers.builders import DEF, FakeBuilder
 
 NO_IPYKERNEL = "ModuleNotFoundError: No module named 'ipykernel'"
 

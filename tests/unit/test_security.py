@@ -17,6 +17,7 @@ import pytest
 
 from hpc_kernels import cli, modulefile, registry, slurm, templates
 from hpc_kernels.errors import HpcKernelsError, UsageError
+from tests.helpers.builders import EVERY_PROGRAM, FakeBuilder
 
 REG = """\
 defaults:
@@ -218,30 +219,11 @@ def test_jobs_table_prints_reasons_and_paths_literally(capsys: pytest.CaptureFix
 # ----------------------------------------------------------------------------- 4. recipes
 
 
-class RecordingBuilder:
-    """Stands in for Apptainer: records every build it is asked for."""
-
-    name = "recording"
-
-    def __init__(self) -> None:
-        self.calls: list[Path] = []
-
-    def version(self) -> str:
-        return "recording 1"
-
-    def build(self, recipe: Path, dest: Path, options: list[str], on_line: Any) -> None:
-        self.calls.append(recipe)
-        dest.write_text("image")
-
-    def runner(self, entry: Any, image: str) -> Any:
-        return lambda argv: (0, "")  # the image has what its kernel runs
-
-
 @pytest.fixture
-def builder(monkeypatch: pytest.MonkeyPatch) -> RecordingBuilder:
+def builder(monkeypatch: pytest.MonkeyPatch) -> FakeBuilder:
     from hpc_kernels import build
 
-    fake = RecordingBuilder()
+    fake = FakeBuilder(programs=EVERY_PROGRAM)
     monkeypatch.setattr(build, "default_builder", lambda entry: fake)
     return fake
 
@@ -262,7 +244,7 @@ def builder(monkeypatch: pytest.MonkeyPatch) -> RecordingBuilder:
     ("Bootstrap: localimage\nFrom .\n", 2, "is not 'Key: value'"),
 ])
 def test_incomplete_headers_are_refused_before_apptainer_runs(
-    make_registry: Any, builder: RecordingBuilder, capsys: pytest.CaptureFixture[str],
+    make_registry: Any, builder: FakeBuilder, capsys: pytest.CaptureFixture[str],
     text: str, line: int, needle: str,
 ) -> None:
     path = make_registry(REG, {"one.def": text, "secret.txt": "do not package me"})
@@ -277,7 +259,7 @@ def test_incomplete_headers_are_refused_before_apptainer_runs(
     assert rc == 1 and out == "" and needle in one_sentence(err)
 
 
-def test_a_directory_is_a_base_only_when_it_is_a_sandbox(make_registry: Any, builder: RecordingBuilder,
+def test_a_directory_is_a_base_only_when_it_is_a_sandbox(make_registry: Any, builder: FakeBuilder,
                                                           capsys: pytest.CaptureFixture[str]) -> None:
     path = make_registry(REG, {"one.def": "Bootstrap: localimage\nFrom: .\n", "secret.txt": "private"})
     assert cli.main(["build", "one", "--registry", str(path)]) == 1
@@ -287,12 +269,12 @@ def test_a_directory_is_a_base_only_when_it_is_a_sandbox(make_registry: Any, bui
     (sandbox / ".singularity.d").mkdir(parents=True)
     (path.parent / "one.def").write_text(f"Bootstrap: localimage\nFrom: {sandbox}\n")
     assert cli.main(["build", "one", "--registry", str(path)]) == 0
-    (built,) = builder.calls  # the recipe derived from one.def (labels added), with the sandbox as its base
+    (built,) = builder.recipe_files  # the recipe derived from one.def (labels added), with the sandbox as its base
     assert built.read_text().startswith(f"# Derived by hpc-kernels from {path.parent / 'one.def'};")
     assert f"\nFrom: {sandbox}\n" in built.read_text()
 
 
-def test_complete_headers_build(make_registry: Any, builder: RecordingBuilder) -> None:
+def test_complete_headers_build(make_registry: Any, builder: FakeBuilder) -> None:
     from hpc_kernels import build, recipe
 
     path = make_registry(REG, {"one.def": "# Bootstrap: localimage in a comment\nBootstrap: docker\n"
@@ -402,7 +384,7 @@ def test_an_instance_lock_someone_holds_stalls_no_kernel(monkeypatch: pytest.Mon
 
 
 def test_state_is_private_whatever_the_umask(umask_022: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
-                                             make_registry: Any, builder: RecordingBuilder) -> None:
+                                             make_registry: Any, builder: FakeBuilder) -> None:
     from hpc_kernels import build, instances, paths
     from hpc_kernels.runtimes import apptainer
 
