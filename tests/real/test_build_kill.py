@@ -21,6 +21,8 @@ from typing import Any
 
 import pytest
 
+from tests.helpers.descendants import survivors, tree, wait_until
+
 pytestmark = pytest.mark.apptainer
 
 #: Random data (incompressible: mksquashfs takes a while on it) then a pause, so each phase can be caught.
@@ -37,65 +39,6 @@ From: {base}
 DIE_WITHIN = 10.0
 #: How long the temporary files may outlive the kill when the build's own guard cleans them.
 CLEAN_WITHIN = 20.0
-
-
-def _stat(pid: int) -> tuple[int, str, int] | None:
-    """(parent pid, command name, start time) of a live process, or None."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as fh:
-            stat = fh.read()
-    except OSError:
-        return None
-    comm = stat[stat.find("(") + 1 : stat.rfind(")")]
-    fields = stat[stat.rfind(")") + 2 :].split()
-    if fields[0] in ("Z", "X"):
-        return None
-    return int(fields[1]), comm, int(fields[19])
-
-
-def tree(root: int) -> dict[int, tuple[str, int]]:
-    """Every live descendant of ``root``: pid -> (command name, start time)."""
-    table: dict[int, tuple[int, str, int]] = {}
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            info = _stat(int(entry.name))
-            if info:
-                table[int(entry.name)] = info
-    found: dict[int, tuple[str, int]] = {}
-    todo = [root]
-    while todo:
-        parent = todo.pop()
-        for pid, (ppid, comm, start) in table.items():
-            if ppid == parent and pid not in found:
-                found[pid] = (comm, start)
-                todo.append(pid)
-    return found
-
-
-def cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as fh:
-            return fh.read().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
-def survivors(snapshot: dict[int, tuple[str, int]]) -> list[str]:
-    """The processes of ``snapshot`` still alive (same pid and start time)."""
-    alive = []
-    for pid, (comm, start) in snapshot.items():
-        info = _stat(pid)
-        if info and info[2] == start:
-            alive.append(f"{pid} {comm}")
-    return alive
-
-
-def wait_until(predicate: Any, timeout: float, step: float = 0.2) -> float:
-    """Seconds until ``predicate()`` held, or the timeout."""
-    start = time.monotonic()
-    while time.monotonic() - start < timeout and not predicate():
-        time.sleep(step)
-    return time.monotonic() - start
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ import pytest
 
 from hpc_kernels import build, buildguard, buildtemp, gc, paths, procfs, registry
 from tests.helpers.builders import DEF, FakeBuilder
-from tests.real.test_build_kill import survivors, tree, wait_until
+from tests.helpers.descendants import survivors, tree, wait_until
 
 
 @pytest.fixture
