@@ -1,14 +1,14 @@
 """The one fake builder of the tests: stands in for a runtime's builder (``runtimes.base.Builder``).
 
-It builds nothing: it writes ``image from <recipe text>`` as the image (or fails like Apptainer), records
-every call, and its runner answers the image check from a table of the programs the image "holds".
-Tests that need a twist subclass it (override ``build`` or ``runner``) or pass the knobs below.
+It builds nothing: it prints a long line like Apptainer's ``%post``, writes ``image from <recipe text>`` as the
+image (or fails like Apptainer), records every call, and its runner answers the image check from a table of the
+programs the image "holds". Tests that need a twist subclass it (override ``build`` or ``runner``).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from hpc_kernels.errors import BuildError
@@ -30,22 +30,8 @@ From: base.sif
     echo hi
 """
 
-
-class _EveryProgram(Mapping[str, str]):
-    """A program table in which every program exists and runs."""
-
-    def __getitem__(self, program: str) -> str:
-        return "ok"
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(())
-
-    def __len__(self) -> int:
-        return 0
-
-
-#: ``programs=`` for an image that has whatever its kernel runs.
-EVERY_PROGRAM: Mapping[str, str] = _EveryProgram()
+#: What a fake build prints: a long line, like Apptainer's ``%post`` output (progress must not cut kernel names).
+POST_LINE = "INFO:    Running post scriptlet: pip install numpy scipy matplotlib pandas ipykernel " * 2
 
 
 class FakeBuilder:
@@ -53,14 +39,12 @@ class FakeBuilder:
 
     ``fail``: the build fails as ``apptainer build`` does; ``delay``: seconds each build takes; ``programs``:
     what the built image holds, program -> ``"ok"`` (runs) or the traceback running it with ``-c CODE`` prints
-    (default: only ``python3``, which runs; :data:`EVERY_PROGRAM`: everything runs); ``line``: the output line
-    a build prints before it writes the image.
+    (default: only ``python3``, which runs). A build prints :data:`POST_LINE` before it writes the image.
     """
 
     name = "fake"
 
-    def __init__(self, fail: bool = False, delay: float = 0.0, programs: Mapping[str, str] | None = None, *,
-                 line: str = "step 1/2") -> None:
+    def __init__(self, fail: bool = False, delay: float = 0.0, programs: Mapping[str, str] | None = None) -> None:
         #: The options of each build.
         self.calls: list[list[str]] = []
         #: The recipe (its text, its path) of each build.
@@ -68,7 +52,6 @@ class FakeBuilder:
         self.recipe_files: list[Path] = []
         self.fail = fail
         self.delay = delay
-        self.line = line
         self.programs = {"python3": "ok"} if programs is None else programs
         #: Every argv the image check ran in a built image.
         self.ran: list[list[str]] = []
@@ -82,7 +65,7 @@ class FakeBuilder:
         self.calls.append(options)
         self.recipes.append(recipe.read_text())
         self.recipe_files.append(recipe)
-        on_line(self.line)
+        on_line(POST_LINE)
         time.sleep(self.delay)
         if self.fail:
             on_line("FATAL: %post failed")

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from hpc_kernels import build, cli, fsutil, gc, instances, slurm
-from tests.helpers.builders import EVERY_PROGRAM, FakeBuilder
+from tests.helpers.builders import FakeBuilder
 
 LONG = "science-with-a-rather-long-kernel-name"
 RECIPE = {"sci.def": "Bootstrap: localimage\nFrom: base.sif\n"}
@@ -240,13 +240,9 @@ def test_an_empty_registry_says_where_to_add_a_kernel(make_registry: Any, capsys
         assert out == "" and f"no kernels in {path}: add one under 'kernels:'" in " ".join(err.split()), argv
 
 
-#: What the fake build prints: a long line, like apptainer's %post output.
-POST = "INFO:    Running post scriptlet: pip install numpy scipy matplotlib pandas ipykernel " * 2
-
-
 def test_build_results_have_no_blank_lines_when_piped(reg: Path, capsys: pytest.CaptureFixture[str],
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(build, "default_builder", lambda entry: FakeBuilder(programs=EVERY_PROGRAM, line=POST))
+    monkeypatch.setattr(build, "default_builder", lambda entry: FakeBuilder())
     assert cli.main(["build", "--all", "--registry", str(reg)]) == 0
     err = capsys.readouterr().err
     lines = err.splitlines()
@@ -256,7 +252,7 @@ def test_build_results_have_no_blank_lines_when_piped(reg: Path, capsys: pytest.
 
 def test_build_progress_shows_the_whole_kernel_name(reg: Path, capsys: pytest.CaptureFixture[str],
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(build, "default_builder", lambda entry: FakeBuilder(delay=0.3, programs=EVERY_PROGRAM, line=POST))
+    monkeypatch.setattr(build, "default_builder", lambda entry: FakeBuilder(delay=0.3))
     as_terminal(monkeypatch)
     assert cli.main(["build", LONG, "--registry", str(reg)]) == 0
     _out, err = out_err(capsys)
@@ -268,7 +264,7 @@ def test_build_progress_shows_the_whole_kernel_name(reg: Path, capsys: pytest.Ca
 def test_a_build_that_waits_for_another_says_so_when_piped(reg: Path, capsys: pytest.CaptureFixture[str],
                                                            monkeypatch: pytest.MonkeyPatch,
                                                            isolated_home: Path) -> None:
-    monkeypatch.setattr(build, "default_builder", lambda entry: FakeBuilder(programs=EVERY_PROGRAM, line=POST))
+    monkeypatch.setattr(build, "default_builder", lambda entry: FakeBuilder())
     lock = build.lock_path(isolated_home / ".local/share/hpc-kernels/images/sci.sif")
     held, release = threading.Event(), threading.Event()
 

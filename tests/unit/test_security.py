@@ -17,7 +17,7 @@ import pytest
 
 from hpc_kernels import cli, modulefile, registry, slurm, templates
 from hpc_kernels.errors import HpcKernelsError, UsageError
-from tests.helpers.builders import EVERY_PROGRAM, FakeBuilder
+from tests.helpers.builders import FakeBuilder as RecordingBuilder
 
 REG = """\
 defaults:
@@ -220,10 +220,10 @@ def test_jobs_table_prints_reasons_and_paths_literally(capsys: pytest.CaptureFix
 
 
 @pytest.fixture
-def builder(monkeypatch: pytest.MonkeyPatch) -> FakeBuilder:
+def builder(monkeypatch: pytest.MonkeyPatch) -> RecordingBuilder:
     from hpc_kernels import build
 
-    fake = FakeBuilder(programs=EVERY_PROGRAM)
+    fake = RecordingBuilder()
     monkeypatch.setattr(build, "default_builder", lambda entry: fake)
     return fake
 
@@ -244,7 +244,7 @@ def builder(monkeypatch: pytest.MonkeyPatch) -> FakeBuilder:
     ("Bootstrap: localimage\nFrom .\n", 2, "is not 'Key: value'"),
 ])
 def test_incomplete_headers_are_refused_before_apptainer_runs(
-    make_registry: Any, builder: FakeBuilder, capsys: pytest.CaptureFixture[str],
+    make_registry: Any, builder: RecordingBuilder, capsys: pytest.CaptureFixture[str],
     text: str, line: int, needle: str,
 ) -> None:
     path = make_registry(REG, {"one.def": text, "secret.txt": "do not package me"})
@@ -259,7 +259,7 @@ def test_incomplete_headers_are_refused_before_apptainer_runs(
     assert rc == 1 and out == "" and needle in one_sentence(err)
 
 
-def test_a_directory_is_a_base_only_when_it_is_a_sandbox(make_registry: Any, builder: FakeBuilder,
+def test_a_directory_is_a_base_only_when_it_is_a_sandbox(make_registry: Any, builder: RecordingBuilder,
                                                           capsys: pytest.CaptureFixture[str]) -> None:
     path = make_registry(REG, {"one.def": "Bootstrap: localimage\nFrom: .\n", "secret.txt": "private"})
     assert cli.main(["build", "one", "--registry", str(path)]) == 1
@@ -274,7 +274,7 @@ def test_a_directory_is_a_base_only_when_it_is_a_sandbox(make_registry: Any, bui
     assert f"\nFrom: {sandbox}\n" in built.read_text()
 
 
-def test_complete_headers_build(make_registry: Any, builder: FakeBuilder) -> None:
+def test_complete_headers_build(make_registry: Any, builder: RecordingBuilder) -> None:
     from hpc_kernels import build, recipe
 
     path = make_registry(REG, {"one.def": "# Bootstrap: localimage in a comment\nBootstrap: docker\n"
@@ -384,7 +384,7 @@ def test_an_instance_lock_someone_holds_stalls_no_kernel(monkeypatch: pytest.Mon
 
 
 def test_state_is_private_whatever_the_umask(umask_022: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
-                                             make_registry: Any, builder: FakeBuilder) -> None:
+                                             make_registry: Any, builder: RecordingBuilder) -> None:
     from hpc_kernels import build, instances, paths
     from hpc_kernels.runtimes import apptainer
 

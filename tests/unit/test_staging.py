@@ -20,7 +20,7 @@ import pytest
 from hpc_kernels import build, cli, oci, recipegen, registry, requirements, staging
 from hpc_kernels.errors import BuildError, RegistryError
 from hpc_kernels.staging_settings import Fetch, Staging
-from tests.helpers.builders import EVERY_PROGRAM, FakeBuilder
+from tests.helpers.builders import FakeBuilder
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -365,7 +365,7 @@ def test_every_build_labels_its_image_and_the_record_keeps_them(make_registry: A
     path = make_registry("defaults:\n  images_dir: images\nkernels:\n  k:\n    def: k.def\n",
                          {"k.def": "Bootstrap: scratch\n%post\n    true\n"})
     entry = registry.load_file(path).kernels[0]
-    fake = FakeBuilder(programs=EVERY_PROGRAM)
+    fake = FakeBuilder()
     build.build(entry, builder=fake)
     (built,) = fake.recipes
     assert (path.parent / "k.def").read_text() == "Bootstrap: scratch\n%post\n    true\n"  # never written over
@@ -385,7 +385,7 @@ def test_the_requirement_file_is_an_input_of_the_build(make_registry: Any) -> No
     path = make_registry("defaults:\n  images_dir: images\n  staging: never\nkernels:\n  k:\n    base: b.sif\n"
                          "    requirements: req.txt\n", {"b.sif": "sif", "req.txt": "six\n"})
     entry = registry.load_file(path).kernels[0]
-    fake = FakeBuilder(programs=EVERY_PROGRAM)
+    fake = FakeBuilder()
     build.build(entry, builder=fake)
     assert "-r /.hpck/req/requirements.txt" in fake.recipes[0]
     assert build.image_state(entry).status == "built"
@@ -402,7 +402,7 @@ def test_a_staged_build_without_staged_inputs_names_what_is_missing(make_registr
     path = make_registry("defaults:\n  images_dir: images\nkernels:\n  k:\n    def: k.def\n",
                          {"k.def": "Bootstrap: docker\nFrom: 127.0.0.1:9/hpck/debian:1\n"})
     entry = registry.load_file(path).kernels[0]
-    fake = FakeBuilder(programs=EVERY_PROGRAM)
+    fake = FakeBuilder()
     with pytest.raises(BuildError) as info:
         build.build(entry, builder=fake, fetch=Fetch.STAGED)
     assert str(info.value) == (
@@ -441,7 +441,7 @@ def test_show_prints_what_the_image_says_and_list_its_build_id(make_registry: An
     path = make_registry("defaults:\n  images_dir: images\nkernels:\n  k:\n    def: k.def\n",
                          {"k.def": "Bootstrap: scratch\n"})
     entry = registry.load_file(path).kernels[0]
-    build.build(entry, builder=FakeBuilder(programs=EVERY_PROGRAM))
+    build.build(entry, builder=FakeBuilder())
     stamp = build.read_stamp(entry.image) or {}
     monkeypatch.setenv("PATH", "/nonexistent")  # no apptainer: the build record's copy of the labels
     assert cli.main(["show", "k", "--registry", str(path)]) == 0
