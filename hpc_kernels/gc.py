@@ -37,7 +37,7 @@ SWEEPERS: tuple[str, ...] = (
     "hpc_kernels.gc:sweep_kernelspecs",
     "hpc_kernels.containers:sweep",
     "hpc_kernels.jobkernel:sweep",
-    "hpc_kernels.buildtemp:sweep",
+    "hpc_kernels.build.temp:sweep",
 )
 
 

@@ -55,8 +55,8 @@ class Target:
 
 def launch_spec(entry: KernelEntry, registry: Path | None = None) -> LaunchSpec:
     """The launcher's input for ``entry`` (its command with the Python found in the image, when the registry
-    gives none: :func:`hpc_kernels.imagecheck.kernel_command`)."""
-    from hpc_kernels import imagecheck
+    gives none: :func:`hpc_kernels.build.imagecheck.kernel_command`)."""
+    from hpc_kernels.build import imagecheck
 
     return LaunchSpec(
         kernel=entry.name,
@@ -182,10 +182,10 @@ def install(entry: KernelEntry, target: Target, registry: Path | None = None,
     renamed into it, so Jupyter never sees a half-written one, whatever fails (a full disk, a quota).
 
     An image whose Python has not been found yet (given as is, or built by an older hpc-kernels) is looked
-    into first (:func:`hpc_kernels.imagecheck.probe_for_install`): one that cannot start its kernel is
+    into first (:func:`hpc_kernels.build.imagecheck.probe_for_install`): one that cannot start its kernel is
     refused with the fix, before anything is written; ``on_note`` hears when the image could not be checked.
     """
-    from hpc_kernels import imagecheck
+    from hpc_kernels.build import imagecheck
 
     kdir = target.kernels_dir()
     dest = kdir / entry.name

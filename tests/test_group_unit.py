@@ -17,7 +17,9 @@ from typing import Any
 
 import pytest
 
-from hpc_kernels import build, cli, doctor, fsutil, group, kernelspec, modulefile, paths, registry
+from hpc_kernels import cli, fsutil, group, kernelspec, modulefile, paths, registry
+from hpc_kernels.build import orchestrator, stamps
+from hpc_kernels.doctor import base, installchecks, kernelchecks
 from hpc_kernels.errors import BuildBusyError, LockBusyError, NoWriteAccessError, RegistryError
 from tests.test_build import FakeBuilder
 
@@ -121,16 +123,16 @@ def test_built_image_lock_and_record_in_a_group_directory(built_entry: registry.
 
     class Watching(FakeBuilder):
         def build(self, recipe: Path, dest: Path, options: list[str], on_line: Any) -> None:
-            lock = build.lock_path(built_entry.image)
+            lock = orchestrator.lock_path(built_entry.image)
             seen.append(stat.filemode(lock.stat().st_mode))
             assert paths.hostname() in dest.parent.name  # temporaries are unique across nodes
             super().build(recipe, dest, options, on_line)
             os.chmod(dest, 0o700)  # as Apptainer writes it with umask 077
 
-    assert build.build(built_entry, builder=Watching()).action == "built"
+    assert orchestrator.build(built_entry, builder=Watching()).action == "built"
     assert seen == ["-rw-r-----"]
     assert modes(built_entry.image.parent) == {"sci.sif": "-rwxr-x---", "sci.sif.hpck.json": "-rw-r-----"}
-    data = json.loads(build.stamp_path(built_entry.image).read_text())
+    data = json.loads(stamps.stamp_path(built_entry.image).read_text())
     assert data["generator"] == "hpc-kernels"
 
 
@@ -228,11 +230,11 @@ def test_the_heartbeat_keeps_the_lock_fresh_and_release_spares_a_lock_taken_over
 
 
 def test_waiting_for_another_nodes_build_names_it(built_entry: registry.KernelEntry) -> None:
-    lock = build.lock_path(built_entry.image)
+    lock = orchestrator.lock_path(built_entry.image)
     lock.write_text(_record("cn-7", 99).to_text())
     with pytest.raises(BuildBusyError, match=r"another process is building 'sci' .*: pid 99 of user someone "
                                              r"on cn-7, since"):
-        build.build(built_entry, builder=FakeBuilder(), wait=False)
+        orchestrator.build(built_entry, builder=FakeBuilder(), wait=False)
 
 
 # ----------------------------------------------------------------------------- refusing
@@ -389,32 +391,32 @@ def test_a_members_module_loads_the_groups_first(tree: group.GroupTree, tmp_path
 def test_doctor_group_check_says_how_to_load_the_module(tree: group.GroupTree,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     reg = registry.load_file(tree.registry)
-    found = doctor.check_group(reg, doctor.Context(environ={}))
+    found = installchecks.check_group(reg, base.Context(environ={}))
     assert [f.status for f in found] == ["warn"]
     assert found[0].fix.startswith(f"module use {tree.modulefiles} && module load container-kernels")
     env = {"JUPYTER_PATH": str(tree.prefix / "share/jupyter"), "MODULEPATH": str(tree.modulefiles)}
-    assert [f.status for f in doctor.check_group(reg, doctor.Context(environ=env))] == ["ok"]
+    assert [f.status for f in installchecks.check_group(reg, base.Context(environ=env))] == ["ok"]
     (tree.root / "defs/private.def").write_text("x")
     os.chmod(tree.root / "defs/private.def", 0o600)
-    found = doctor.check_group(reg, doctor.Context(environ=env))
+    found = installchecks.check_group(reg, base.Context(environ=env))
     assert found[0].status == "warn" and "1 entries of it are not readable by the group" in found[0].message
     assert f"'hpc-kernels group init {tree.root}'" in found[0].fix
 
 
 @needs_non_root
 def test_an_image_this_user_cannot_read_is_unreadable_not_a_traceback(built_entry: registry.KernelEntry) -> None:
-    build.build(built_entry, builder=FakeBuilder())
+    orchestrator.build(built_entry, builder=FakeBuilder())
     os.chmod(built_entry.image, 0o000)
     try:
-        assert build.image_state(built_entry).status == "unreadable"
-        finding = doctor.check_image(built_entry)
+        assert stamps.image_state(built_entry).status == "unreadable"
+        finding = kernelchecks.check_image(built_entry)
         assert finding.status == "fail" and "it is yours, but its mode does not allow that" in finding.message
     finally:
         os.chmod(built_entry.image, 0o750)
     assert built_entry.recipe is not None
     os.chmod(built_entry.recipe, 0o000)
     try:
-        assert build.image_state(built_entry).status == "unchecked"
+        assert stamps.image_state(built_entry).status == "unchecked"
     finally:
         os.chmod(built_entry.recipe, 0o644)
 

@@ -41,7 +41,8 @@ def run(args: argparse.Namespace) -> int:
     is written: one kernel name, one copy the user can see. With ``--user``/``--prefix``/``--sys-prefix``
     the copy is written and the output says which copy Jupyter uses.
     """
-    from hpc_kernels import build, group, kernelspec, registry
+    from hpc_kernels import group, kernelspec, registry
+    from hpc_kernels.build import stamps
 
     reg = registry.load(args.registry)
     entries = ui.selected(reg, args)
@@ -59,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     for entry in entries:
         notes: list[str] = []
         path = kernelspec.install(entry, target, reg.origin(entry), on_note=notes.append)
-        state = build.image_state(entry).status
+        state = stamps.image_state(entry).status
         image = str(entry.image) if entry.runtime == "apptainer" else str(entry.container_image)
         done.append({"kernel": entry.name, "kernelspec": str(path), "image": image, "image_state": state})
         if not args.json:

@@ -23,7 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Render the registry's kernels (or JSON); name the copies of a kernelspec that another copy hides."""
-    from hpc_kernels import build, kernelspec, provenance, registry, ui
+    from hpc_kernels import kernelspec, registry, ui
+    from hpc_kernels.build import provenance, stamps
 
     reg = registry.load(args.registry)
     installed = kernelspec.installed_ours_all()
@@ -33,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     base = reg.base
     theirs = _base_label(base.path) if base is not None else ""
     for entry in reg.kernels:
-        state = build.image_state(entry).status
+        state = stamps.image_state(entry).status
         image = str(entry.image) if entry.runtime == "apptainer" else entry.container_image
         copies = installed.get(entry.name, [])
         overrides = str(base.path) if base is not None and entry.name in reg.overridden else None

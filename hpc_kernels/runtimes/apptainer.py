@@ -289,7 +289,7 @@ class Apptainer:
 
     def runner(self, entry: KernelEntry, image: str) -> ImageRunner:
         """``apptainer exec`` of the built image under the kernel's rules (no binds): see imagecheck."""
-        from hpc_kernels import imagecheck
+        from hpc_kernels.build import imagecheck
 
         return imagecheck.probe_spec_runner(entry, image, self.binary)
 
@@ -314,12 +314,13 @@ def _cwd(path: Path) -> Iterator[None]:
 def _spython_sees(binary: str) -> Iterator[None]:
     """Put a private ``singularity`` shim first on PATH for this process only, during the build.
 
-    The shim runs the runtime under :mod:`hpc_kernels.buildguard`, which ties the build's processes to
+    The shim runs the runtime under :mod:`hpc_kernels.build.guard`, which ties the build's processes to
     this one (they die with it, whichever way it dies).
     """
     import shlex
 
-    from hpc_kernels import buildguard, paths, templates
+    from hpc_kernels import paths, templates
+    from hpc_kernels.build import guard as buildguard
     from hpc_kernels.fsutil import atomic_write
 
     shim_dir = paths.cache_dir() / "spython-bin"

@@ -10,7 +10,7 @@ if TYPE_CHECKING:
     from hpc_kernels.registry import KernelEntry
 
 LineSink = Callable[[str], None]
-#: Runs an argv inside an image; its exit code and output (see hpc_kernels.imagecheck).
+#: Runs an argv inside an image; its exit code and output (see hpc_kernels.build.imagecheck).
 ImageRunner = Callable[[Sequence[str]], "tuple[int, str]"]
 
 

@@ -24,7 +24,8 @@ from hpc_kernels.launchspec import LaunchSpec
 from hpc_kernels.runtimes.base import ImageRunner, LineSink
 
 if TYPE_CHECKING:
-    from hpc_kernels.build import BuildResult, ImageState
+    from hpc_kernels.build.orchestrator import BuildResult
+    from hpc_kernels.build.stamps import ImageState
     from hpc_kernels.registry import KernelEntry
 
 CONTAINER_RUNTIMES = ("docker", "podman")
@@ -400,7 +401,7 @@ def atomic_dockerfile(recipe: Path, dest: Path) -> None:
 
 def image_state(entry: KernelEntry, cli: ContainerCLI | None = None) -> ImageState:
     """Where ``entry``'s container image stands: compares the image's digest label with the inputs."""
-    from hpc_kernels.build import ImageState, input_digest
+    from hpc_kernels.build.stamps import ImageState, input_digest
 
     digest = input_digest(entry) if entry.recipe is not None else ""
     tag = entry.container_image or f"{LOCAL_PREFIX}{entry.name}:latest"
@@ -429,7 +430,8 @@ def build_image(
     the ``hpc-kernels.digest`` label, so a no-op build runs one ``image inspect`` and no build.
     """
     from hpc_kernels import paths
-    from hpc_kernels.build import BuildResult, input_digest, offline_hint
+    from hpc_kernels.build.orchestrator import BuildResult, offline_hint
+    from hpc_kernels.build.stamps import input_digest
     from hpc_kernels.fsutil import locked, open_private
 
     if entry.recipe is None:
@@ -495,7 +497,7 @@ def _verify_or_restore(entry: KernelEntry, cli: ContainerCLI, tag: str, old_id: 
     """
     import dataclasses
 
-    from hpc_kernels import imagecheck
+    from hpc_kernels.build import imagecheck
     from hpc_kernels.proc import run
 
     note("hpc-kernels: checking that the new image can start the kernel")

@@ -13,10 +13,10 @@ Apptainer's temporary directory. The guard:
 * every :data:`POLL` seconds looks at its owner: when the hpc-kernels process is gone (pid and start
   time), or has cancelled the build (removed ``owner.json``), it SIGKILLs every process below it; when the
   owner is gone it also removes the build's temporary places (a live owner does that itself);
-* touches ``owner.json`` every :data:`hpc_kernels.buildtemp.HEARTBEAT` seconds (builds on other hosts
+* touches ``owner.json`` every :data:`hpc_kernels.build.temp.HEARTBEAT` seconds (builds on other hosts
   judge a work directory's staleness by it), and holds ``guard.lock`` in the private tmpdir while it runs.
 
-Run as ``python -I -S .../hpc_kernels/buildguard.py RUNTIME ARGS...``, like the kernel launcher (``-I``: no
+Run as ``python -I -S .../hpc_kernels/build/guard.py RUNTIME ARGS...``, like the kernel launcher (``-I``: no
 PYTHONPATH of a module environment can shadow us; ``-S``: no ``site``). Without ``$HPC_KERNELS_BUILD_RECORD``
 (spython's ``singularity --version``) it simply becomes the runtime.
 """
@@ -28,7 +28,7 @@ import sys
 
 if not __package__:
     # Run as a script (``-I`` leaves the script's directory off sys.path): find our own package.
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import contextlib
 import fcntl
@@ -38,7 +38,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hpc_kernels import buildtemp, procfs
+from hpc_kernels import procfs
+from hpc_kernels.build import temp as buildtemp
 
 POLL = 0.2
 PR_SET_PDEATHSIG = 1
@@ -175,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def argv() -> list[str]:
-    """How the ``singularity`` shim starts the guard: ``python -I -S /abs/path/of/hpc_kernels/buildguard.py``."""
+    """How the ``singularity`` shim starts the guard: ``python -I -S /abs/path/of/hpc_kernels/build/guard.py``."""
     return [sys.executable, "-I", "-S", os.path.abspath(__file__)]
 
 

@@ -11,7 +11,7 @@ A build of ``IMAGE`` works in two places of its own:
   unpacks the root file system: hundreds of MB; an unprivileged build cannot work on NFS/Lustre).
 
 An *index* entry in the per-host state directory (``hosts/HOST/builds/``) names both, so ``gc`` finds
-them without a registry. While a build runs, its guard (:mod:`hpc_kernels.buildguard`) touches
+them without a registry. While a build runs, its guard (:mod:`hpc_kernels.build.guard`) touches
 ``owner.json`` every :data:`HEARTBEAT` seconds.
 
 A build is *stale* (its files may go) when: on this host, its owner process is gone (pid and start time,

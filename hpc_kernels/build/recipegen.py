@@ -154,7 +154,7 @@ def source(entry: KernelEntry) -> Source:
 
 
 def split(text: str) -> list[StageInfo]:
-    """The stages of a recipe as Apptainer splits them (see :mod:`hpc_kernels.recipe`), with line spans.
+    """The stages of a recipe as Apptainer splits them (see :mod:`hpc_kernels.build.recipe`), with line spans.
     Lines before the first ``Bootstrap:`` line (comments, for a recipe :func:`recipe.check` accepts) belong
     to no stage: :func:`preamble`."""
     lines = text.splitlines()

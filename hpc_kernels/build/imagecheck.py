@@ -224,10 +224,10 @@ def _identity(image: Path) -> dict[str, object] | None:
 
 def recorded(entry: KernelEntry) -> Probe | None:
     """What a probe of ``entry``'s current image found: from the build record, else the probe cache."""
-    from hpc_kernels import build
+    from hpc_kernels.build import stamps
 
     found: list[dict[str, object]] = []
-    stamp = build.read_stamp(entry.image) if entry.recipe is not None else None
+    stamp = stamps.read_stamp(entry.image) if entry.recipe is not None else None
     if stamp:
         found.append(stamp)
     identity = _identity(entry.image)

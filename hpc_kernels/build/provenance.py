@@ -17,7 +17,7 @@ from hpc_kernels.errors import HpcKernelsError
 
 if TYPE_CHECKING:
     from hpc_kernels.registry import KernelEntry
-    from hpc_kernels.staging import Prepared
+    from hpc_kernels.staging.prepare import Prepared
 
 LABEL_PREFIX = "org.hpc-kernels."
 
@@ -46,7 +46,7 @@ def image_labels(image: Path, timeout: float = 60.0) -> dict[str, str] | None:
 
 def record_fields(prepared: Prepared, image: Path) -> dict[str, Any]:
     """The build record's copy of what the new image says about itself (its labels, read back from it)."""
-    from hpc_kernels.recipegen import Label
+    from hpc_kernels.build.recipegen import Label
 
     labels = image_labels(image) or {}
     ours = {k: v for k, v in labels.items() if k.startswith(LABEL_PREFIX)} or dict(prepared.labels)
@@ -65,7 +65,7 @@ def packages_in(image: Path, pythons: tuple[str, ...] = ("python3", "python")) -
     """The packages the image's Python sees, asked of the image (``apptainer exec``): for an image whose recipe
     has no %post (no shell to write the label with). None when it has no Python."""
     from hpc_kernels.proc import run
-    from hpc_kernels.recipegen import FREEZE, Label
+    from hpc_kernels.build.recipegen import FREEZE, Label
     from hpc_kernels.runtimes.apptainer import find_binary
 
     for python in pythons:
@@ -101,8 +101,8 @@ class ImageInfo:
 def image_info(entry: KernelEntry, *, read_image: bool = True) -> ImageInfo | None:
     """The labels of ``entry``'s image (from the image itself when Apptainer can read them, else from the build
     record); None when there is no image built by hpc-kernels."""
-    from hpc_kernels.build import read_stamp
-    from hpc_kernels.recipegen import Label
+    from hpc_kernels.build.stamps import read_stamp
+    from hpc_kernels.build.recipegen import Label
 
     if entry.runtime != "apptainer" or not entry.image.is_file():
         return None
@@ -128,7 +128,7 @@ def image_info(entry: KernelEntry, *, read_image: bool = True) -> ImageInfo | No
 
 def build_id(entry: KernelEntry) -> str | None:
     """The id of the build that made ``entry``'s image, from its record (no process: ``list`` asks for all)."""
-    from hpc_kernels.build import read_stamp
+    from hpc_kernels.build.stamps import read_stamp
 
     if entry.runtime != "apptainer":
         return None
