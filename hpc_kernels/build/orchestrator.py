@@ -192,10 +192,11 @@ def build(
     check_inputs(entry)
     if entry.runtime in ("docker", "podman"):
         from hpc_kernels.runtimes import docker
+        from hpc_kernels.runtimes.docker import build as docker_build
 
         cli = builder if isinstance(builder, docker.ContainerCLI) else None
-        return docker.build_image(entry, force=force, wait=wait, cli=cli, on_line=on_line,
-                                  on_event=on_event, check=check)
+        return docker_build.build_image(entry, force=force, wait=wait, cli=cli, on_line=on_line,
+                                        on_event=on_event, check=check)
     start = time.monotonic()
     if not force and image_state(entry).status == "built":
         return BuildResult(entry.name, "up-to-date", entry.image, None, time.monotonic() - start)
