@@ -293,7 +293,6 @@ def test_other_build_failures_get_no_network_hint(entry: registry.KernelEntry) -
 
 def test_docker_builds_get_the_network_hint_too(make_registry: Any) -> None:
     from hpc_kernels.runtimes import docker
-    from hpc_kernels.runtimes.docker import build as docker_build
 
     class OfflineCLI(docker.ContainerCLI):
         def image_labels(self, image: str) -> dict[str, str] | None:
@@ -309,7 +308,7 @@ def test_docker_builds_get_the_network_hint_too(make_registry: Any) -> None:
                          {"box.def": "Bootstrap: docker\nFrom: python:3.12-slim\n"})
     entry = registry.load_file(path).kernels[0]
     with pytest.raises(BuildError, match="hint: this node could not reach the network"):
-        docker_build.build_image(entry, cli=OfflineCLI("podman", "/bin/false"))
+        orchestrator.build(entry, builder=OfflineCLI("podman", "/bin/false"))
 
 
 def test_an_image_truncated_after_its_build_is_damaged_and_rebuilt(entry: registry.KernelEntry) -> None:
