@@ -54,7 +54,7 @@ LABEL_CONFIG = "hpc-kernels.config"
 #: After the client dies, a container whose create request was still in flight can appear a moment later.
 SETTLE_SECONDS = 1.5
 #: The longest a process of ours holds a shared container's lock (starting it takes up to 300 s),
-#: plus a margin: a longer wait means a stuck process (see hpc_kernels.fsutil.locked).
+#: plus a margin: a longer wait means a stuck process (see hpc_kernels.locks.locked).
 LOCK_TIMEOUT = 360.0
 
 Plan = tuple[list[str], dict[str, str], list[str]]
@@ -170,7 +170,8 @@ def shared_dir(name: str) -> Path:
 
 def _prepare_shared(cli: ContainerCLI, spec: LaunchSpec, connection_file: str, env: dict[str, str],
                     cenv: dict[str, str], image_id: str | None) -> Plan:
-    from hpc_kernels.fsutil import locked, private_dir
+    from hpc_kernels.fsutil import private_dir
+    from hpc_kernels.locks import locked
 
     name = shared_name(spec.kernel)
     sdir = shared_dir(name)
@@ -274,7 +275,7 @@ def idle_for(sdir: Path) -> float:
 def stop_if_idle(cli: ContainerCLI, name: str, sdir: Path, idle_timeout: float) -> bool:
     """Remove the shared container, and its bookkeeping, when no kernel runs in it and none did for
     ``idle_timeout`` s."""
-    from hpc_kernels.fsutil import locked
+    from hpc_kernels.locks import locked
 
     with locked(sdir / "lock", timeout=LOCK_TIMEOUT, private=True):
         if live_kernels(sdir) or idle_for(sdir) < idle_timeout - 0.1:
@@ -385,7 +386,7 @@ def watch_shared(cli: ContainerCLI, pid: int, name: str, kid: str, sdir: Path, i
                  parent: procfs.ProcRef | None = None) -> None:
     """Shared container: once the client is gone, or the Jupyter process that started the kernel, kill
     the kernel (exec does not), then idle-stop."""
-    from hpc_kernels.fsutil import locked
+    from hpc_kernels.locks import locked
 
     orphaned = wait_for_parent(pid, parent)
     marker = f"{SHARED_CONN_DIR}/{kid}.json"
@@ -479,7 +480,7 @@ def sweep_shared_dirs(runtimes: Sequence[str] = ("podman", "docker"), dry_run: b
     """Remove the bookkeeping (``containers/<name>/``) of shared containers that no installed runtime
     has any more (stopped by hand, by a reboot, by a watcher that was killed); the directories removed.
     Judges nothing when a runtime is installed but does not answer."""
-    from hpc_kernels.fsutil import locked
+    from hpc_kernels.locks import locked
 
     base = paths.host_state_dir() / "containers"
     dirs = sorted(d for d in base.iterdir() if d.is_dir()) if base.is_dir() else []

@@ -40,8 +40,9 @@ from typing import TYPE_CHECKING, Any
 
 from hpc_kernels import paths, procfs, selfexec
 from hpc_kernels.errors import HpcKernelsError, ToolError
-from hpc_kernels.fsutil import atomic_write, locked
+from hpc_kernels.fsutil import atomic_write
 from hpc_kernels.launchspec import LaunchSpec
+from hpc_kernels.locks import locked
 from hpc_kernels.procfs import ProcRef, proc_ref
 from hpc_kernels.runtimes import apptainer
 
@@ -395,7 +396,7 @@ def forget(d: Path) -> None:
 def _lock(path: Path, blocking: bool = True) -> contextlib.AbstractContextManager[bool]:
     """An instance's lock: it survives gc removing and recreating the state directory, lives in a
     private directory (another user cannot take it), and is not waited for longer than
-    :data:`LOCK_TIMEOUT` (see :func:`hpc_kernels.fsutil.locked`)."""
+    :data:`LOCK_TIMEOUT` (see :func:`hpc_kernels.locks.locked`)."""
     return locked(path, blocking, timeout=LOCK_TIMEOUT, private=True)
 
 

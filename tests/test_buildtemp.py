@@ -94,7 +94,7 @@ def test_a_build_works_in_its_own_places_and_removes_them(entry: registry.Kernel
 
 
 def test_the_next_build_sweeps_a_killed_build_of_this_host(entry: registry.KernelEntry) -> None:
-    temp = fake_temp(entry, buildtemp.Owner(paths.hostname(), dead_pid(), 12345, buildtemp.boot_id()))
+    temp = fake_temp(entry, buildtemp.Owner(paths.hostname(), dead_pid(), 12345, procfs.boot_id()))
     orchestrator.build(entry, builder=FakeBuilder())
     assert places(temp) == [False, False, False]
     log = next(paths.log_dir().glob("build-sci-*.log")).read_text()
@@ -113,7 +113,7 @@ def test_a_build_that_may_still_run_is_left_alone(entry: registry.KernelEntry) -
     try:
         ref = procfs.proc_ref(sleeper.pid)
         assert ref is not None
-        running = fake_temp(entry, buildtemp.Owner(paths.hostname(), sleeper.pid, ref.start, buildtemp.boot_id()))
+        running = fake_temp(entry, buildtemp.Owner(paths.hostname(), sleeper.pid, ref.start, procfs.boot_id()))
         # Another host sharing the images directory, heard from a minute ago: its pid cannot be checked here.
         elsewhere = fake_temp(entry, buildtemp.Owner("othernode", 4242, 1, "b"), heartbeat_age=60)
         orchestrator.build(entry, builder=FakeBuilder())
@@ -138,7 +138,7 @@ def test_a_silent_build_on_another_host_is_swept_but_not_its_node_local_tmpdir(e
 
 
 def test_gc_sweeps_a_killed_build_of_this_host(entry: registry.KernelEntry) -> None:
-    temp = fake_temp(entry, buildtemp.Owner(paths.hostname(), dead_pid(), 1, buildtemp.boot_id()))
+    temp = fake_temp(entry, buildtemp.Owner(paths.hostname(), dead_pid(), 1, procfs.boot_id()))
     found = gc.sweep(dry_run=True)
     mine = [(f.target, f.action) for f in found if f.sweeper == "builds"]
     assert mine == [(str(temp.workdir), "removed"), (str(temp.tmpdir), "removed")]
@@ -151,7 +151,7 @@ def test_a_crafted_record_cannot_make_gc_remove_other_directories(entry: registr
     victim = tmp_path / "precious"
     victim.mkdir()
     (victim / "thesis.tex").write_text("years of work")
-    temp = fake_temp(entry, buildtemp.Owner(paths.hostname(), dead_pid(), 1, buildtemp.boot_id()))
+    temp = fake_temp(entry, buildtemp.Owner(paths.hostname(), dead_pid(), 1, procfs.boot_id()))
     for key in ("workdir", "tmpdir"):
         data = json.loads(temp.index.read_text())
         data[key] = str(victim)

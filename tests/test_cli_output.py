@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from hpc_kernels import cli, fsutil, gc, instances, slurm
+from hpc_kernels import cli, gc, instances, locks, slurm
 from hpc_kernels.build import orchestrator
 
 LONG = "science-with-a-rather-long-kernel-name"
@@ -289,7 +289,7 @@ def test_a_build_that_waits_for_another_says_so_when_piped(reg: Path, capsys: py
     held, release = threading.Event(), threading.Event()
 
     def other_build() -> None:
-        with fsutil.cluster_lock(lock):
+        with locks.cluster_lock(lock):
             held.set()
             release.wait(10)
 

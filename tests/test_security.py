@@ -330,7 +330,7 @@ def hold_lock(path: Path) -> subprocess.Popen[str]:
 
 def test_a_lock_held_elsewhere_is_reported_within_a_bounded_time(tmp_path: Path) -> None:
     from hpc_kernels.errors import LockBusyError
-    from hpc_kernels.fsutil import locked
+    from hpc_kernels.locks import locked
 
     path = tmp_path / "lock"
     path.write_text("")
@@ -349,20 +349,20 @@ def test_a_lock_held_elsewhere_is_reported_within_a_bounded_time(tmp_path: Path)
 
 
 def test_another_users_lock_is_not_waited_for(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from hpc_kernels import fsutil
+    from hpc_kernels import locks
     from hpc_kernels.errors import LockBusyError
 
     path = tmp_path / "lock"
     path.write_text("")
     holder = hold_lock(path)
-    real = fsutil.lock_holder
+    real = locks.lock_holder
     seen = real(os.open(path, os.O_RDONLY))
     assert seen is not None and seen.pid == holder.pid and seen.uid == os.getuid()
     # As if the holder were another user's process: no wait at all, even without a time limit.
-    monkeypatch.setattr(fsutil, "lock_holder", lambda fd: fsutil.LockHolder(holder.pid, os.getuid() + 1))
+    monkeypatch.setattr(locks, "lock_holder", lambda fd: locks.LockHolder(holder.pid, os.getuid() + 1))
     try:
         start = time.monotonic()
-        with pytest.raises(LockBusyError, match="held by another user's process"), fsutil.locked(path):
+        with pytest.raises(LockBusyError, match="held by another user's process"), locks.locked(path):
             pass
         assert time.monotonic() - start < 5
     finally:

@@ -102,7 +102,7 @@ def guard(argv: list[str], temp: buildtemp.BuildTemp) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, on_signal)
-    boot = buildtemp.boot_id()
+    boot = procfs.boot_id()
 
     owner = procfs.ProcRef(temp.owner.pid, temp.owner.start)
 

@@ -23,8 +23,16 @@ from hpc_kernels.build import temp as buildtemp
 from hpc_kernels.build.imagecheck import Probe
 from hpc_kernels.build.stamps import EventSink, build_options, check_inputs, image_state, recipe_inputs, stamp_path
 from hpc_kernels.build.temp import BuildTemp
-from hpc_kernels.errors import BuildBusyError, BuildError, HpcKernelsError, LockBusyError, RuntimeNotFoundError, ToolError
-from hpc_kernels.fsutil import LockRecord, atomic_write, cluster_lock, open_private, share_for
+from hpc_kernels.errors import (
+    BuildBusyError,
+    BuildError,
+    HpcKernelsError,
+    LockBusyError,
+    RuntimeNotFoundError,
+    ToolError,
+)
+from hpc_kernels.fsutil import atomic_write, open_private, share_for
+from hpc_kernels.locks import LockRecord, cluster_lock
 from hpc_kernels.model import ImageStatus, Runtime
 from hpc_kernels.registry import KernelEntry
 from hpc_kernels.runtimes.apptainer import Apptainer
@@ -169,7 +177,8 @@ def build(
     ``fetch``: where the build takes its base image and Python packages from (default: the registry's
     ``staging:``, :func:`hpc_kernels.staging.cache.default_fetch`); every Apptainer build runs a derived recipe
     (:func:`hpc_kernels.staging.prepare.prepare`) that labels the image with what is inside it. Docker and
-    Podman build the recipe as written, converted to a Dockerfile, into a tag (:mod:`hpc_kernels.runtimes.docker.build`).
+    Podman build the recipe as written, converted to a Dockerfile, into a tag
+    (:mod:`hpc_kernels.runtimes.docker.build`).
     """
     if not entry.buildable:
         raise BuildError(entry.name, "it has no 'def' recipe in the registry (its image is used as is)")
@@ -343,7 +352,7 @@ def _verify_tagged(entry: KernelEntry, cli: ContainerCLI, tag: str, old_id: str 
 
 
 def lock_path(image: Path) -> Path:
-    """The build lock of ``image`` (a :func:`~hpc_kernels.fsutil.cluster_lock`: builds of one image on
+    """The build lock of ``image`` (a :func:`~hpc_kernels.locks.cluster_lock`: builds of one image on
     several nodes, by several users of a group, exclude each other)."""
     return buildtemp.image_lock(image)
 

@@ -64,8 +64,8 @@ def record_fields(prepared: Prepared, image: Path) -> dict[str, Any]:
 def packages_in(image: Path, pythons: tuple[str, ...] = ("python3", "python")) -> list[str] | None:
     """The packages the image's Python sees, asked of the image (``apptainer exec``): for an image whose recipe
     has no %post (no shell to write the label with). None when it has no Python."""
-    from hpc_kernels.proc import run
     from hpc_kernels.build.recipegen import FREEZE, Label
+    from hpc_kernels.proc import run
     from hpc_kernels.runtimes.apptainer import find_binary
 
     for python in pythons:
@@ -101,8 +101,8 @@ class ImageInfo:
 def image_info(entry: KernelEntry, *, read_image: bool = True) -> ImageInfo | None:
     """The labels of ``entry``'s image (from the image itself when Apptainer can read them, else from the build
     record); None when there is no image built by hpc-kernels."""
-    from hpc_kernels.build.stamps import read_stamp
     from hpc_kernels.build.recipegen import Label
+    from hpc_kernels.build.stamps import read_stamp
 
     if entry.runtime != "apptainer" or not entry.image.is_file():
         return None

@@ -52,14 +52,6 @@ STALE_AFTER = 15 * 60.0
 _SAFE = re.compile(r"[^A-Za-z0-9._-]")
 
 
-def boot_id() -> str:
-    """This boot's id: a pid and start time mean the same process only within one boot."""
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return ""
-
-
 @dataclass(frozen=True)
 class Owner:
     """The process that runs a build, pinned so that a reused pid or a reboot never passes for it."""
@@ -73,7 +65,7 @@ class Owner:
     def me(cls) -> Owner:
         """This process."""
         ref = procfs.proc_ref(os.getpid())
-        return cls(paths.hostname(), os.getpid(), ref.start if ref else 0, boot_id())
+        return cls(paths.hostname(), os.getpid(), ref.start if ref else 0, procfs.boot_id())
 
     def local(self) -> bool:
         """True when the owner ran on this host."""
@@ -81,7 +73,7 @@ class Owner:
 
     def alive(self) -> bool:
         """On this host: the very same process still runs. (Callers judge other hosts by heartbeat.)"""
-        return self.local() and self.boot == boot_id() and procfs.ProcRef(self.pid, self.start).alive()
+        return self.local() and self.boot == procfs.boot_id() and procfs.ProcRef(self.pid, self.start).alive()
 
 
 @dataclass(frozen=True)
@@ -251,7 +243,7 @@ def stale_reason(temp: BuildTemp, now: float | None = None) -> str | None:
 
 def image_lock(image: Path) -> Path:
     """The lock that serialises builds of ``image`` on every node and for every user of a group (build.py
-    holds it as a :func:`~hpc_kernels.fsutil.cluster_lock`)."""
+    holds it as a :func:`~hpc_kernels.locks.cluster_lock`)."""
     return image.parent / f".{image.name}.build-lock"
 
 
@@ -317,8 +309,8 @@ def records() -> Iterator[tuple[Path, BuildTemp | None]]:
 def sweep(dry_run: bool = False) -> list[Finding]:
     """``gc``: remove the work directories and temporary directories of this user's killed builds."""
     from hpc_kernels.errors import LockBusyError
-    from hpc_kernels.fsutil import cluster_lock
     from hpc_kernels.gc import Finding
+    from hpc_kernels.locks import cluster_lock
 
     found: list[Finding] = []
     for entry, temp in records():

@@ -10,7 +10,7 @@ from hpc_kernels import ui
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from hpc_kernels.group import GroupTree
+    from hpc_kernels.grouptree import GroupTree
     from hpc_kernels.kernelspec import Placement, Target
     from hpc_kernels.registry import Registry
 
@@ -41,13 +41,13 @@ def run(args: argparse.Namespace) -> int:
     is written: one kernel name, one copy the user can see. With ``--user``/``--prefix``/``--sys-prefix``
     the copy is written and the output says which copy Jupyter uses.
     """
-    from hpc_kernels import group, kernelspec, registry
+    from hpc_kernels import grouptree, kernelspec, registry
     from hpc_kernels.build import stamps
 
     reg = registry.load(args.registry)
     entries = ui.selected(reg, args)
     explicit = bool(args.user or args.prefix or args.sys_prefix)
-    tree = group.tree_of_registry(reg.path)
+    tree = grouptree.tree_of_registry(reg.path)
     # The registry of a group tree publishes into the tree (kernelspecs and module), for every member.
     target = kernelspec.Target.from_flags(str(tree.prefix) if tree and not explicit else args.prefix,
                                           args.sys_prefix)

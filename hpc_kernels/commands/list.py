@@ -75,9 +75,9 @@ def run(args: argparse.Namespace) -> int:
 
 def _base_label(path: Path) -> str:
     """How ``list`` names the registry another one extends: "the group" for a group tree's."""
-    from hpc_kernels import group
+    from hpc_kernels import grouptree
 
-    return "the group" if group.tree_of_registry(path) is not None else "the base"
+    return "the group" if grouptree.tree_of_registry(path) is not None else "the base"
 
 
 def _hidden_note(name: str, used: Path, hidden: Path) -> str:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hpc_kernels import paths
+from hpc_kernels import access, paths
 
 OK, WARN, FAIL = "ok", "warn", "fail"
 
@@ -62,7 +62,7 @@ class Context:
     environ: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
     hostname: str = field(default_factory=paths.hostname)
     uid: int = field(default_factory=os.getuid)
-    user: str = field(default_factory=lambda: _user_name())
+    user: str = field(default_factory=lambda: access.user_name(os.getuid()))
     home: Path = field(default_factory=Path.home)
     proc_root: Path = Path("/proc")
     etc_root: Path = Path("/etc")
@@ -70,20 +70,8 @@ class Context:
     probe_timeout: float = PROBE_TIMEOUT
 
 
-
-
-def _user_name() -> str:
-    import pwd
-
-    try:
-        return pwd.getpwuid(os.getuid()).pw_name
-    except KeyError:
-        return str(os.getuid())
-
-
 def _short(value: str, limit: int = 60) -> str:
     return value if len(value) <= limit else value[: limit - 1] + "…"
-
 
 
 def _last_line(text: str) -> str:

@@ -72,9 +72,9 @@ def check_kernelspec(entry: KernelEntry, ctx: Context) -> Finding:
 def _module_hint(entry: KernelEntry, ctx: Context) -> tuple[Path, str] | None:
     """For a kernel published in a group tree that Jupyter does not see: the tree and the module command
     that shows it (``module use`` only when the tree's modulefiles are not on MODULEPATH yet)."""
-    from hpc_kernels import group
+    from hpc_kernels import grouptree
 
-    tree = group.tree_of_registry(entry.origin)
+    tree = grouptree.tree_of_registry(entry.origin)
     if tree is None or not os.path.isfile(tree.prefix / "share/jupyter/kernels" / entry.name / "kernel.json"):
         return None
     used = os.path.normpath(tree.modulefiles) in {os.path.normpath(p) for p in
@@ -86,11 +86,11 @@ def _module_hint(entry: KernelEntry, ctx: Context) -> tuple[Path, str] | None:
 def check_group(registry: Registry, ctx: Context) -> list[Finding]:
     """A registry of a group tree (or one that extends it): is this user in the group, does the tree
     let the group in, is its module loaded?"""
-    from hpc_kernels import access, group
+    from hpc_kernels import access, grouptree
 
-    trees: list[group.GroupTree] = []
+    trees: list[grouptree.GroupTree] = []
     for path in (registry.path, registry.base.path if registry.base else None):
-        tree = group.tree_of_registry(path)
+        tree = grouptree.tree_of_registry(path)
         if tree is not None and tree.root not in {t.root for t in trees}:
             trees.append(tree)
     findings = []

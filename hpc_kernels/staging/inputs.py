@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hpc_kernels import oci
-from hpc_kernels.fsutil import atomic_write, locked
+from hpc_kernels.fsutil import atomic_write
+from hpc_kernels.locks import locked
 from hpc_kernels.staging.cache import (
     CACHE_FORMAT,
     PROBE_TIMEOUT,
