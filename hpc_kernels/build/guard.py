@@ -31,6 +31,7 @@ if not __package__:
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import contextlib
+import ctypes
 import fcntl
 import signal
 import subprocess
@@ -49,8 +50,6 @@ PR_SET_CHILD_SUBREAPER = 36
 def _prctl(option: int, value: int) -> bool:
     """``prctl(option, value)``; False where it is not available (not Linux) or refused."""
     try:
-        import ctypes
-
         libc = ctypes.CDLL(None, use_errno=True)
         return bool(libc.prctl(option, value, 0, 0, 0) == 0)
     except (OSError, AttributeError):

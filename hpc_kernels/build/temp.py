@@ -23,9 +23,12 @@ image's lock; ``gc`` sweeps every index entry of this user.
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import glob
 import json
 import os
 import re
+import shutil
 import tempfile
 import time
 from collections.abc import Iterator
@@ -33,7 +36,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hpc_kernels import paths, procfs
+from hpc_kernels import paths, proc, procfs
+from hpc_kernels.errors import HpcKernelsError, LockBusyError
+from hpc_kernels.fsutil import atomic_write
+from hpc_kernels.gc import Finding
+from hpc_kernels.locks import cluster_lock
 
 if TYPE_CHECKING:
     from hpc_kernels.gc import Finding
@@ -147,7 +154,6 @@ def index_dir(host: str | None = None) -> Path:
 def create(kernel: str, image: Path) -> BuildTemp:
     """Make the places of a new build of ``image`` by this process: index entry first (so ``gc`` can
     find whatever follows), then the work directory with owner.json, then the private tmpdir."""
-    from hpc_kernels.fsutil import atomic_write
 
     owner = Owner.me()
     tag = _SAFE.sub("_", f"{owner.host}-{owner.pid}")
@@ -194,8 +200,6 @@ def remove_tree(path: Path) -> None:
     directory they cannot write. ``unshare --map-root-user --map-auto`` (util-linux >= 2.38) enters such
     a namespace to remove them, as Apptainer itself would.
     """
-    import shutil
-
     if not os.path.lexists(path):
         return
     if path.is_symlink() or not path.is_dir():
@@ -208,9 +212,6 @@ def remove_tree(path: Path) -> None:
         error = exc
     unshare = shutil.which("unshare")
     if unshare:
-        from hpc_kernels import proc
-        from hpc_kernels.errors import HpcKernelsError
-
         with contextlib.suppress(HpcKernelsError):
             proc.run([unshare, "--map-root-user", "--map-auto", "rm", "-rf", "--", str(path)], check=False,
                      timeout=600)
@@ -283,8 +284,6 @@ def sweep_image(image: Path) -> list[str]:
 
 def glob_escape(name: str) -> str:
     """``name`` with glob metacharacters escaped."""
-    import glob
-
     return glob.escape(name)
 
 
@@ -308,10 +307,6 @@ def records() -> Iterator[tuple[Path, BuildTemp | None]]:
 
 def sweep(dry_run: bool = False) -> list[Finding]:
     """``gc``: remove the work directories and temporary directories of this user's killed builds."""
-    from hpc_kernels.errors import LockBusyError
-    from hpc_kernels.gc import Finding
-    from hpc_kernels.locks import cluster_lock
-
     found: list[Finding] = []
     for entry, temp in records():
         if temp is None:
@@ -355,8 +350,6 @@ def cancel(temp: BuildTemp) -> None:
 
 def guard_busy(temp: BuildTemp) -> bool:
     """True while the guard of ``temp`` runs: it holds ``guard.lock`` in the private tmpdir meanwhile."""
-    import fcntl
-
     try:
         fd = os.open(temp.tmpdir / GUARD_LOCK, os.O_RDWR)  # never created here: only the guard makes it
     except OSError:

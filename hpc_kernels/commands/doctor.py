@@ -16,6 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the checks; exit 1 when any of them failed."""
+    # why: commands import what they run when they run (the CLI's start stays light)
     from hpc_kernels import ui
     from hpc_kernels.doctor import base, reporting
 

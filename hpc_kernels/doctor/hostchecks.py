@@ -6,10 +6,13 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from hpc_kernels import paths
+from jupyter_core.paths import jupyter_runtime_dir
+
+from hpc_kernels import paths, proc
 from hpc_kernels.doctor.base import (
     FAIL,
     LEAKY_VARS,
@@ -23,7 +26,9 @@ from hpc_kernels.doctor.base import (
     _short,
 )
 from hpc_kernels.errors import RuntimeNotFoundError, ToolError
+from hpc_kernels.model import Runtime
 from hpc_kernels.registry import KernelEntry
+from hpc_kernels.runtimes import apptainer
 
 # ----------------------------------------------------------------------------- host checks
 
@@ -36,11 +41,7 @@ def check_runtime(ctx: Context, runtime: str = "apptainer",
     PATH, else the one each kernelspec recorded when it was installed (``fallbacks``: installed kernel name
     to that path), so a JupyterHub session without ``module load apptainer`` is reported as it is.
     """
-    import shutil
-
-    if runtime == "apptainer":
-        from hpc_kernels.runtimes import apptainer
-
+    if runtime == Runtime.APPTAINER:
         try:
             binary = apptainer.find_binary(ctx.environ)
         except RuntimeNotFoundError as exc:
@@ -56,8 +57,6 @@ def check_runtime(ctx: Context, runtime: str = "apptainer",
 
 def _runtime_fallback(ctx: Context, problem: str, fallbacks: Mapping[str, str]) -> tuple[Finding, str | None]:
     """No Apptainer on PATH: what each installed kernel's launcher falls back to (the install-time one)."""
-    from hpc_kernels.runtimes import apptainer
-
     fix = ("on DRAC clusters run 'module load apptainer' (it is not in StdEnv) before starting Jupyter, or set "
            "HPC_KERNELS_APPTAINER to the program's path.")
     if ctx.environ.get("HPC_KERNELS_APPTAINER"):  # a bad override stops the launcher too: no fallback
@@ -93,8 +92,6 @@ def parse_version(text: str) -> tuple[str, tuple[int, ...]] | None:
 
 def check_runtime_version(binary: str, ctx: Context) -> Finding:
     """Is this Apptainer (or Singularity) recent enough for our launcher and for unprivileged builds?"""
-    from hpc_kernels import proc
-
     try:
         out = proc.run([binary, "--version"], env=ctx.environ, timeout=ctx.probe_timeout)
     except (ToolError, RuntimeNotFoundError) as exc:
@@ -107,7 +104,7 @@ def check_runtime_version(binary: str, ctx: Context) -> Finding:
                        "check that HPC_KERNELS_APPTAINER / PATH point at Apptainer.")
     name, version = parsed
     shown = ".".join(map(str, version))
-    if name == "apptainer":
+    if name == Runtime.APPTAINER:
         if version[:2] < MIN_APPTAINER:
             need = ".".join(map(str, MIN_APPTAINER))
             return Finding("runtime-version", FAIL,
@@ -128,7 +125,7 @@ def check_runtime_version(binary: str, ctx: Context) -> Finding:
 
 def check_build_namespaces(ctx: Context, entries: Iterable[KernelEntry]) -> Finding | None:
     """Can this user build here? Unprivileged builds need user namespaces (and subuids for --fakeroot)."""
-    buildable = [e for e in entries if e.buildable and e.runtime == "apptainer"]
+    buildable = [e for e in entries if e.buildable and e.runtime == Runtime.APPTAINER]
     if not buildable:
         return None
     if ctx.uid == 0:
@@ -210,7 +207,6 @@ def check_environment(ctx: Context) -> list[Finding]:
 def check_state_dirs() -> list[Finding]:
     """Can the directories kernels write at start be written? Jupyter's runtime directory (connection
     files: no kernel starts without it) and our state directory (instance and container records, logs)."""
-    from jupyter_core.paths import jupyter_runtime_dir
 
     checked = (
         ("Jupyter's runtime directory", Path(jupyter_runtime_dir()),

@@ -3,24 +3,24 @@
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
+from hpc_kernels import access, group, grouptree, kernelspec, proc
 from hpc_kernels.doctor.base import FAIL, OK, WARN, Context, Finding, _last_line
 from hpc_kernels.doctor.kernelchecks import _launcher_prefix, disable_user_config_source
 from hpc_kernels.errors import ToolError
+from hpc_kernels.launchspec import KernelSpecError, read_kernel_json
+from hpc_kernels.model import Runtime
 from hpc_kernels.registry import KernelEntry, Registry
 
 
 def check_kernelspec(entry: KernelEntry, ctx: Context) -> Finding:
     """Is the kernelspec where Jupyter looks, ours, and not hidden by JupyterHub?"""
-    from hpc_kernels import kernelspec
-
     found = kernelspec.visible(entry.name)
     dirs = ", ".join(str(d) for d in kernelspec.search_dirs())
     if found is None:
-        from hpc_kernels import group
-
         for spec in kernelspec.unreadable(entry.name):
             why = group.explain_unreadable(spec / "kernel.json")
             if why:
@@ -72,7 +72,6 @@ def check_kernelspec(entry: KernelEntry, ctx: Context) -> Finding:
 def _module_hint(entry: KernelEntry, ctx: Context) -> tuple[Path, str] | None:
     """For a kernel published in a group tree that Jupyter does not see: the tree and the module command
     that shows it (``module use`` only when the tree's modulefiles are not on MODULEPATH yet)."""
-    from hpc_kernels import grouptree
 
     tree = grouptree.tree_of_registry(entry.origin)
     if tree is None or not os.path.isfile(tree.prefix / "share/jupyter/kernels" / entry.name / "kernel.json"):
@@ -86,7 +85,6 @@ def _module_hint(entry: KernelEntry, ctx: Context) -> tuple[Path, str] | None:
 def check_group(registry: Registry, ctx: Context) -> list[Finding]:
     """A registry of a group tree (or one that extends it): is this user in the group, does the tree
     let the group in, is its module loaded?"""
-    from hpc_kernels import access, grouptree
 
     trees: list[grouptree.GroupTree] = []
     for path in (registry.path, registry.base.path if registry.base else None):
@@ -143,8 +141,6 @@ _CLOSED_SCAN_LIMIT = 50000
 
 def _closed_entries(tree: Any) -> list[Path]:
     """Entries of the tree the group cannot read (directories: enter); world-writable ones too."""
-    import stat
-
     closed: list[Path] = []
     seen = 0
     for directory, dirs, files in os.walk(tree.root):
@@ -176,9 +172,6 @@ def _under(path: Path, root: Path) -> bool:
 
 def check_installed(name: str, kdir: Path, entry: KernelEntry | None, ctx: Context) -> list[Finding]:
     """Our installed kernel.json: does its launcher Python exist and import us, does its image exist?"""
-    from hpc_kernels import kernelspec, proc
-    from hpc_kernels.launchspec import KernelSpecError, read_kernel_json
-
     try:
         data, spec = read_kernel_json(str(kdir / "kernel.json"))
     except KernelSpecError as exc:  # hand-edited or half-written: the sentence names the field
@@ -194,7 +187,6 @@ def check_installed(name: str, kdir: Path, entry: KernelEntry | None, ctx: Conte
                         "a list of strings (the launcher's command line).", f"hpc-kernels install {name}", name)]
     argv: list[str] = raw_argv
     python = argv[0]
-    from hpc_kernels import group
 
     closed = [why for why in (group.explain_unreadable(Path(python), os.X_OK) if python else None,
                               *(group.explain_unreadable(Path(a)) for a in _launcher_prefix(argv)[1:]
@@ -229,7 +221,7 @@ def check_installed(name: str, kdir: Path, entry: KernelEntry | None, ctx: Conte
         else:
             findings.append(Finding("launcher", OK, f"launcher {' '.join(_launcher_prefix(argv))} starts.",
                                     kernel=name))
-    if spec.runtime == "apptainer" and not os.path.exists(spec.image) and (
+    if spec.runtime == Runtime.APPTAINER and not os.path.exists(spec.image) and (
             entry is None or spec.image != str(entry.image)) and group.explain_unreadable(Path(spec.image)) is None:
         findings.append(Finding("launcher", FAIL,
                                 f"kernelspec {kdir} points at the image {spec.image}, which does not exist.",

@@ -3,36 +3,40 @@
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
+from jupyter_core.paths import jupyter_config_path
+
+from hpc_kernels import group, jobkernel, kernelspec, proc
+from hpc_kernels.build import imagecheck, stamps
 from hpc_kernels.doctor.base import FAIL, LEAKY_VARS, OK, WARN, Context, Finding, _last_line
 from hpc_kernels.errors import HpcKernelsError, ToolError
+from hpc_kernels.kernelspec import launch_spec
+from hpc_kernels.model import Runtime
 from hpc_kernels.registry import KernelEntry
+from hpc_kernels.runtimes import apptainer
+from hpc_kernels.runtimes.apptainer import gpu_flag
 
 # ----------------------------------------------------------------------------- kernel checks
 
 
 def check_image(entry: KernelEntry) -> Finding:
     """Does the kernel's image exist, and is it built from the current recipe?"""
-    from hpc_kernels.build import stamps
-
-    if entry.runtime != "apptainer":
+    if entry.runtime != Runtime.APPTAINER:
         return Finding("image", OK, f"{entry.runtime} image {entry.container_image} (not checked).",
                        kernel=entry.name)
     state = stamps.image_state(entry)
     if state.status == "unreadable":
-        from hpc_kernels import group
-
         why = group.explain_unreadable(entry.image) or f"you cannot read {entry.image}"
         return Finding("image", FAIL, f"the image {entry.image} cannot be used by you: {why}",
                        "the kernel cannot start for you until that is fixed (see the sentence above).", entry.name)
     if state.status == "unchecked":
-        from hpc_kernels import group
-
         unread = [p for p in (entry.recipe, stamps.stamp_path(entry.image)) if p is not None]
         why = next((w for w in (group.explain_unreadable(p) for p in unread) if w), "its recipe cannot be read")
         return Finding("image", WARN, f"the image {entry.image} is readable, but whether it is up to date cannot be "
@@ -61,7 +65,7 @@ def check_image(entry: KernelEntry) -> Finding:
 
 def check_binds(entry: KernelEntry, ctx: Context) -> Finding | None:
     """Apptainer refuses to start a container whose bind source does not exist on this node."""
-    if entry.runtime != "apptainer" or not entry.binds:
+    if entry.runtime != Runtime.APPTAINER or not entry.binds:
         return None
     missing = []
     for bind in entry.binds:
@@ -104,9 +108,7 @@ def check_ipykernel(entry: KernelEntry, binary: str | None, ctx: Context) -> Fin
     Never skipped in silence: without a runtime or an image the finding says it was not checked and why. A
     bind source missing on this node (a ``binds`` failure of its own) is left out of the probe.
     """
-    from hpc_kernels.build import imagecheck
-
-    if entry.runtime != "apptainer":
+    if entry.runtime != Runtime.APPTAINER:
         return None
     if not entry.image.exists():
         return Finding("ipykernel", WARN, f"not checked: the image {entry.image} does not exist (see 'image').",
@@ -121,8 +123,6 @@ def check_ipykernel(entry: KernelEntry, binary: str | None, ctx: Context) -> Fin
     if not imagecheck.is_python(program):
         return Finding("ipykernel", OK, f"'{program}' is not a Python: not probed.", kernel=entry.name)
     code = imagecheck.import_code(command)
-    from hpc_kernels import kernelspec, proc
-    from hpc_kernels.runtimes import apptainer
 
     missing = [b for b in entry.binds if not _source_exists(b, ctx)]
     without = f" (without the missing bind source(s) {', '.join(missing)})" if missing else ""
@@ -161,7 +161,6 @@ def check_gpu(entry: KernelEntry, ctx: Context) -> Finding | None:
     """A kernel that asks for a GPU vendor on a node without that GPU runs without one."""
     if entry.gpu not in ("nvidia", "rocm") or entry.job is not None:
         return None  # a job kernel's GPU is on the node of its job, not here
-    from hpc_kernels.runtimes.apptainer import gpu_flag
 
     flag, warning = gpu_flag(entry.gpu, ctx.exists)
     if flag:
@@ -180,10 +179,7 @@ def check_slurm_job(entry: KernelEntry, ctx: Context) -> Finding | None:
     a partition that does not exist, a request over the queue's limits are said before the first start."""
     if entry.job is None:
         return None
-    import shutil
 
-    from hpc_kernels import jobkernel
-    from hpc_kernels.kernelspec import launch_spec
 
     summary = entry.job.summary()
     if shutil.which("sbatch", path=ctx.environ.get("PATH")) is None:
@@ -205,8 +201,6 @@ def check_slurm_job(entry: KernelEntry, ctx: Context) -> Finding | None:
 
 def check_kernel_env(entry: KernelEntry) -> Finding | None:
     """A kernel that passes a leaky host variable into its container on purpose."""
-    import fnmatch
-
     leaked = sorted({v for v in LEAKY_VARS for pat in entry.pass_env if fnmatch.fnmatchcase(v, pat)})
     if not leaked:
         return None
@@ -222,7 +216,6 @@ def disable_user_config_source(ctx: Context) -> str | None:
     value = ctx.environ.get("JUPYTERHUB_DISABLE_USER_CONFIG", "")
     if value.lower() in ("1", "true", "yes"):
         return f"JUPYTERHUB_DISABLE_USER_CONFIG={value}"
-    from jupyter_core.paths import jupyter_config_path
 
     pattern = re.compile(r"disable_user_config\"?\s*[=:]\s*(True|true|1)\b")
     candidates = [Path(d) for d in jupyter_config_path()] + [ctx.etc_root / "jupyterhub"]

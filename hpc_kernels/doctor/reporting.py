@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hpc_kernels import kernelspec, registry
 from hpc_kernels.doctor.base import FAIL, OK, WARN, Context, Finding
 from hpc_kernels.doctor.hostchecks import (
     check_build_namespaces,
@@ -27,6 +28,8 @@ from hpc_kernels.doctor.kernelchecks import (
     check_slurm_job,
 )
 from hpc_kernels.errors import HpcKernelsError
+from hpc_kernels.launchspec import read_kernel_json
+from hpc_kernels.model import Runtime
 from hpc_kernels.registry import KernelEntry, Registry
 
 
@@ -73,8 +76,6 @@ def kernel_findings(entry: KernelEntry, apptainer_bin: str | None, installed: Pa
 def run_checks(registry: Registry | None, names: list[str] | None = None, ctx: Context | None = None,
                registry_problem: str | None = None) -> Report:
     """Run every check for the named kernels (default: the whole registry and every kernelspec of ours)."""
-    from hpc_kernels import kernelspec
-
     ctx = ctx or Context()
     findings: list[Finding] = []
     if registry_problem:
@@ -118,8 +119,6 @@ def run_checks(registry: Registry | None, names: list[str] | None = None, ctx: C
 
 def runtime_hints(installed: Mapping[str, Path], only: set[str] | None = None) -> dict[str, str]:
     """The Apptainer each installed kernel's launcher falls back to (recorded at install time; "" if none)."""
-    from hpc_kernels.launchspec import read_kernel_json
-
     hints: dict[str, str] = {}
     for name, kdir in installed.items():
         if only is not None and name not in only:
@@ -128,15 +127,13 @@ def runtime_hints(installed: Mapping[str, Path], only: set[str] | None = None) -
             _data, spec = read_kernel_json(str(kdir / "kernel.json"))
         except (OSError, ValueError):
             continue
-        if spec.runtime == "apptainer":
+        if spec.runtime == Runtime.APPTAINER:
             hints[name] = spec.runtime_hint
     return hints
 
 
 def load_registry(explicit: str | None) -> tuple[Registry | None, str | None]:
     """The registry, or the sentence saying why there is none (doctor runs anyway)."""
-    from hpc_kernels import registry
-
     try:
         return registry.load(explicit), None
     except HpcKernelsError as exc:

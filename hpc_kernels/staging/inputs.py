@@ -15,6 +15,9 @@ from typing import TYPE_CHECKING, Any
 from hpc_kernels import oci
 from hpc_kernels.fsutil import atomic_write
 from hpc_kernels.locks import locked
+from hpc_kernels.proc import run
+from hpc_kernels.runtimes.apptainer import find_binary
+from hpc_kernels.staging import requirements
 from hpc_kernels.staging.cache import (
     CACHE_FORMAT,
     PROBE_TIMEOUT,
@@ -52,8 +55,6 @@ def staged(entry: KernelEntry) -> Staged:
 
 def _inputs(entry: KernelEntry, *, online: bool, pull: bool, fresh_lock: bool, on_event: EventSink,
             known: Needs | None = None) -> Staged:
-    from hpc_kernels.staging import requirements
-
     start = time.monotonic()
     need = known or needs(entry, fresh_lock=fresh_lock)
     fetched: list[str] = []
@@ -183,9 +184,6 @@ def _stage_base(entry: KernelEntry, need: Needs, remote: Remote, *, online: bool
 
 def _pull(ref: oci.ImageRef, dest: Path, where: str, on_event: EventSink, fetched: list[str]) -> None:
     """``apptainer pull`` ``ref`` (a pinned reference) into ``dest``, atomically, one puller at a time."""
-    from hpc_kernels.proc import run
-    from hpc_kernels.runtimes.apptainer import find_binary
-
     with locked(dest.with_name(f".{dest.name}.lock"), private=True):
         if dest.is_file():
             return  # another process pulled it while we waited
@@ -209,9 +207,6 @@ def _pull_library(ref: oci.ImageRef, where: str, on_event: EventSink, fetched: l
     """A library base has no digest lookup: pull it, and name it by the SIF's sha256."""
     tmp = _dir("bases") / f".library-{os.getpid()}.sif"
     try:
-        from hpc_kernels.proc import run
-        from hpc_kernels.runtimes.apptainer import find_binary
-
         on_event(f"pulling {ref}")
         done = run([find_binary(), "pull", "--disable-cache", str(tmp), str(ref)], check=False,
                    timeout=PULL_TIMEOUT, env=_apptainer_env())
@@ -299,8 +294,6 @@ def _probe(base: Base, *, online: bool, on_event: EventSink, fetched: list[str])
     if known.get("format") == CACHE_FORMAT and isinstance(known.get("probe"), dict):
         with contextlib.suppress(TypeError, KeyError):
             return _probe_from(known["probe"])
-    from hpc_kernels.proc import run
-    from hpc_kernels.runtimes.apptainer import find_binary
 
     argv = [find_binary(), "-q", "exec", "--cleanenv", "--contain", str(base.sif), "/bin/sh", "-c", _FIND_PYTHON,
             "hpck-probe", PROBE]

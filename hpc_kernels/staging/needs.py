@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hpc_kernels import oci
+from hpc_kernels.build import recipegen
+from hpc_kernels.staging import requirements
 from hpc_kernels.staging.cache import NETWORK_COMMANDS, UNSTAGEABLE, StagingError
 
 if TYPE_CHECKING:
@@ -68,9 +70,6 @@ class Needs:
 
 def needs(entry: KernelEntry, *, fresh_lock: bool = False) -> Needs:
     """Read what ``entry``'s build fetches. ``fresh_lock``: ignore the kernel's lock (``--lock`` resolves anew)."""
-    from hpc_kernels.build import recipegen
-    from hpc_kernels.staging import requirements
-
     src = recipegen.source(entry)
     stages = recipegen.split(src.text)
     remote: list[Remote] = []
@@ -116,8 +115,6 @@ _SPEC_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(\[[A-Za-z0-9,._ -]*\])?([<>=
 def _post_installs(src: Source, stages: Sequence[StageInfo]) -> tuple[list[Requirements], list[str], list[str]]:
     """The requirement files (mapped back to the host through ``%files``) and packages that ``pip install``
     lines of every ``%post`` name; notes for what needs the network and cannot be staged."""
-    from hpc_kernels.build import recipegen
-    from hpc_kernels.staging import requirements
 
     lines = src.text.splitlines()
     found: list[Requirements] = []

@@ -11,8 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from hpc_kernels import oci
+from hpc_kernels import __version__, oci
+from hpc_kernels.build import recipegen
+from hpc_kernels.build.recipegen import Label
+from hpc_kernels.build.stamps import input_digest
+from hpc_kernels.errors import BuildError
 from hpc_kernels.fsutil import atomic_write
+from hpc_kernels.staging import requirements
 from hpc_kernels.staging.cache import PIN_TIMEOUT, Base, Staged, _dir, _sha256
 from hpc_kernels.staging.inputs import _final_base, _inputs
 from hpc_kernels.staging.needs import Needs, Remote, needs
@@ -45,8 +50,6 @@ class Prepared:
 def prepare(entry: KernelEntry, *, digest: str, build_id: str, fetch: Fetch,
             on_event: EventSink = lambda _m: None, pull: bool = False) -> Prepared:
     """Write the derived recipe of one build into the cache (staging first with :data:`Fetch.STAGE`)."""
-    from hpc_kernels.build import recipegen
-
     need = needs(entry)
     result: Staged | None = None
     pins: dict[int, str] = {}
@@ -78,8 +81,6 @@ def prepare(entry: KernelEntry, *, digest: str, build_id: str, fetch: Fetch,
 def preview(entry: KernelEntry, *, staged_inputs: bool = False) -> str:
     """The recipe a build of ``entry`` runs (``show --recipe``, ``build --slurm --dry-run``), without network:
     from the staging cache with ``staged_inputs``, else as a build without staging (its base as written)."""
-    from hpc_kernels.build import recipegen
-    from hpc_kernels.build.stamps import input_digest
 
     need = needs(entry)
     result = _inputs(entry, online=False, pull=False, fresh_lock=False, on_event=lambda _m: None, known=need) \
@@ -109,8 +110,6 @@ def _pin(entry: KernelEntry, need: Needs, remote: Remote, on_event: EventSink) -
         return oci.resolve(remote.ref, timeout=PIN_TIMEOUT)
     except oci.RegistryError as exc:
         if exc.kind == "not-found":
-            from hpc_kernels.errors import BuildError
-
             raise BuildError(entry.name, f"{need.shown_line(remote.line)}: {exc}") from None
         on_event(f"note: could not look up the digest of {remote.ref} ({str(exc).rstrip('.')}); the image's "
                  "labels will not name its base's digest")
@@ -136,8 +135,6 @@ def offline_hint(entry: KernelEntry | None, said: str, staged: bool = False) -> 
 def derivation(entry: KernelEntry, need: Needs, result: Staged | None, labels: dict[str, str],
                pins: dict[int, str] | None = None, write: bool = True) -> Derivation:
     """How :func:`recipegen.derive` turns ``entry``'s recipe into the one a build runs."""
-    from hpc_kernels.build import recipegen
-
     pythons = tuple(dict.fromkeys([*([entry.command[0]] if _plain_program(entry.command[0]) else []),
                                    "python3", "python"]))
     label_items = tuple(labels.items())
@@ -150,8 +147,6 @@ def derivation(entry: KernelEntry, need: Needs, result: Staged | None, labels: d
             wheels=result.wheelhouse.path if result.wheelhouse else None, install=install, pythons=pythons)
     install = None
     if need.own is not None or need.generated:
-        from hpc_kernels.staging import requirements
-
         lock_python = requirements.read_lock(need.lock).python if need.lock else None  # type: ignore[union-attr]
         python = lock_python or (need.own.python if need.own else None)
         ipykernel = need.generated and need.lock is None and not (need.own and "ipykernel" in need.own.names)
@@ -167,9 +162,6 @@ def _plain_program(word: str) -> bool:
 
 def _labels(entry: KernelEntry, need: Needs, *, digest: str, build_id: str, final: Base | None,
             staged: bool) -> dict[str, str]:
-    from hpc_kernels import __version__
-    from hpc_kernels.build.recipegen import Label
-
     labels = {
         Label.VERSION.value: __version__,
         Label.BUILD_ID.value: build_id,

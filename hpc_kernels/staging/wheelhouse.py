@@ -5,17 +5,22 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import json
 import os
 import re
+import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from hpc_kernels import paths
-from hpc_kernels.fsutil import atomic_write
+from hpc_kernels import __version__, paths
+from hpc_kernels.fsutil import atomic_write, remove_tree
+from hpc_kernels.proc import run
+from hpc_kernels.runtimes.apptainer import which
+from hpc_kernels.staging import requirements
 from hpc_kernels.staging.cache import (
     CACHE_FORMAT,
     PIP_TIMEOUT,
@@ -84,8 +89,6 @@ def _wheelhouse(entry: KernelEntry, need: Needs, probe: Probe, extras: Sequence[
             return Wheelhouse(path, key, tuple(Wheel(str(w["file"]), str(w["name"]), str(w["version"]),
                                                      str(w["sha256"])) for w in manifest.get("wheels", [])))
     if path.exists() and online:
-        from hpc_kernels.fsutil import remove_tree
-
         remove_tree(path)  # ours, and damaged: its rename-in would fail
     if not online:
         raise _not_staged(entry, f"the Python packages for Python {probe.python}")
@@ -115,8 +118,6 @@ def _wheelhouse(entry: KernelEntry, need: Needs, probe: Probe, extras: Sequence[
                 raise  # not the race with another stager: a real failure
     finally:
         if tmp.exists():
-            from hpc_kernels.fsutil import remove_tree
-
             remove_tree(tmp)
     fetched.append(f"{len(wheels)} wheel(s)")
     return Wheelhouse(path, key, tuple(wheels))
@@ -147,8 +148,6 @@ def _pip_wheel(probe: Probe, *, online: bool, fetched: list[str], on_event: Even
                 raise
     finally:
         if tmp.exists():
-            from hpc_kernels.fsutil import remove_tree
-
             remove_tree(tmp)
     fetched.append("pip")
     return sorted(directory.glob("pip-*.whl"))[-1]
@@ -164,11 +163,8 @@ def _target_args(probe: Probe) -> list[str]:
 
 def pip_command() -> list[str]:
     """How this node runs pip: this interpreter's, else ``python3 -m pip`` on PATH."""
-    import importlib.util
-
     if importlib.util.find_spec("pip") is not None:
         return [sys.executable, "-m", "pip"]
-    from hpc_kernels.runtimes.apptainer import which
 
     for name in ("python3", "python"):
         found = which(name)
@@ -179,8 +175,6 @@ def pip_command() -> list[str]:
 
 
 def _pip(args: list[str], need: Needs | None, probe: Probe, entry: KernelEntry | None) -> None:
-    from hpc_kernels.proc import run
-
     argv = [*pip_command(), *args, "--disable-pip-version-check", "--no-input", "--progress-bar", "off"]
     done = run(argv, check=False, timeout=PIP_TIMEOUT, env={**os.environ, "PIP_REQUIRE_VIRTUALENV": "0"})
     if done.returncode != 0:
@@ -246,9 +240,6 @@ def _wheel_name(filename: str) -> tuple[str, str]:
 
 def write_lock(entry: KernelEntry, result: Staged, need: Needs | None = None) -> Path:
     """Write ``entry``'s lock (the versions its packages resolved to, and its base's digest) beside the registry."""
-    from hpc_kernels import __version__
-    from hpc_kernels.staging import requirements
-
     need = need or needs(entry, fresh_lock=True)
     if entry.lock is None:
         raise StagingError(f"kernel '{entry.name}' has no registry file to write a lock beside.")
@@ -276,8 +267,6 @@ def write_lock(entry: KernelEntry, result: Staged, need: Needs | None = None) ->
 
 def _adopt(source: Wheelhouse, key: str) -> None:
     """A wheelhouse named ``key`` holding the wheels of ``source`` (hard links where the filesystem allows)."""
-    import shutil
-
     path = _dir("wheels") / key
     if (path / "hpck-wheels.json").is_file():
         return
@@ -296,8 +285,6 @@ def _adopt(source: Wheelhouse, key: str) -> None:
             os.rename(tmp, path)  # another process adopted it meanwhile: theirs is the same
     finally:
         if tmp.exists():
-            from hpc_kernels.fsutil import remove_tree
-
             remove_tree(tmp)
 
 
