@@ -19,6 +19,7 @@ import pytest
 
 from hpc_kernels import cli, oci, registry
 from hpc_kernels.build import orchestrator, recipegen, stamps
+from hpc_kernels.build.derive import derive
 from hpc_kernels.errors import BuildError, RegistryError
 from hpc_kernels.runtimes.base import LineSink
 from hpc_kernels.staging import cache, inputs, needs, requirements, wheelhouse
@@ -336,7 +337,7 @@ def test_a_staged_base_becomes_a_local_image_and_relative_paths_absolute(tmp_pat
     wheels = tmp_path / "cache dir" / "wheels" / "k1"
     how = recipegen.Derivation((("org.hpc-kernels.version", "9"),), bases={0: sif}, offline=True, wheels=wheels,
                                install=recipegen.Install(True, wheels, recipegen.INSTALL_FILE, tmp_path / "pip.whl"))
-    text = recipegen.derive(src, how)
+    text = derive(src, how)
     lines = text.splitlines()
     assert lines[:4] == [f"# Derived by hpc-kernels from {tmp_path / 'k.def'}; that recipe is never written over.",
                          "# my recipe", "Bootstrap: localimage", f"From: {sif}"]
@@ -355,7 +356,7 @@ def test_a_staged_base_becomes_a_local_image_and_relative_paths_absolute(tmp_pat
 def test_without_staging_a_registry_base_is_pinned_to_its_digest(tmp_path: Path) -> None:
     src = recipegen.Source(DEF, tmp_path / "k.def", tmp_path, "k.def")
     how = recipegen.Derivation((), pins={0: "quay.io/org/base@sha256:" + "c" * 64})
-    text = recipegen.derive(src, how)
+    text = derive(src, how)
     assert "Bootstrap: docker\nFrom: quay.io/org/base@sha256:" + "c" * 64 + "\nIncludeCmd: yes" in text
     assert "PIP_NO_INDEX" not in text and "Registry:" not in text
 
@@ -365,7 +366,7 @@ def test_an_image_without_a_shell_gets_no_post_section_of_ours(tmp_path: Path) -
     text = "Bootstrap: scratch\n%files\n    payload.txt /payload.txt\n"
     src = recipegen.Source(text, tmp_path / "k.def", tmp_path, "k.def")
     for offline in (False, True):
-        derived = recipegen.derive(src, recipegen.Derivation((("org.hpc-kernels.version", "9"),), offline=offline,
+        derived = derive(src, recipegen.Derivation((("org.hpc-kernels.version", "9"),), offline=offline,
                                                              wheels=tmp_path / "wheels"))
         assert "%post" not in derived and "/.hpck" not in derived
         assert derived.endswith("%labels\n    org.hpc-kernels.version 9\n")
@@ -374,7 +375,7 @@ def test_an_image_without_a_shell_gets_no_post_section_of_ours(tmp_path: Path) -
 def test_values_that_would_break_a_recipe_are_refused(tmp_path: Path) -> None:
     src = recipegen.Source("Bootstrap: docker\nFrom: x:1\n", None, tmp_path, "gen")
     with pytest.raises(recipegen.RecipeGenError, match="cannot be written into a recipe header"):
-        recipegen.derive(src, recipegen.Derivation((), bases={0: Path("/a#b.sif")}))
+        derive(src, recipegen.Derivation((), bases={0: Path("/a#b.sif")}))
     with pytest.raises(recipegen.RecipeGenError, match="holds a quote"):
         recipegen.quote_path('/x"y', "wheelhouse")
 

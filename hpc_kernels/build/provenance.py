@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hpc_kernels.build.recipegen import FREEZE, Label
+from hpc_kernels.build.derive import FREEZE
+from hpc_kernels.build.recipegen import Label
 from hpc_kernels.build.stamps import read_stamp
 from hpc_kernels.errors import HpcKernelsError
 from hpc_kernels.model import Runtime

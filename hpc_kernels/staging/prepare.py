@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from hpc_kernels import __version__, oci
 from hpc_kernels.build import recipegen
+from hpc_kernels.build.derive import derive
 from hpc_kernels.build.recipegen import Label
 from hpc_kernels.build.stamps import input_digest
 from hpc_kernels.errors import BuildError
@@ -70,7 +71,7 @@ def prepare(entry: KernelEntry, *, digest: str, build_id: str, fetch: Fetch,
         notes = [f"{n}; a staged build has none" for n in need.notes]
     labels = _labels(entry, need, digest=digest, build_id=build_id, final=final, staged=result is not None)
     how = derivation(entry, need, result, labels, pins)
-    text = recipegen.derive(need.source, how)
+    text = derive(need.source, how)
     # One file per image (builds of an image hold its lock): the record of its last build points to it.
     key = hashlib.sha256(str(entry.image).encode()).hexdigest()[:12]
     path = _dir("recipes") / f"{entry.name}-{key}.def"
@@ -89,7 +90,7 @@ def preview(entry: KernelEntry, *, staged_inputs: bool = False) -> str:
         _final_base(need, [Base(r.stage, str(r.ref), r.ref.digest, None) for r in need.remote])
     labels = _labels(entry, need, digest=input_digest(entry), build_id="(set by each build)", final=final,
                      staged=result is not None)
-    return recipegen.derive(need.source, derivation(entry, need, result, labels, write=False))
+    return derive(need.source, derivation(entry, need, result, labels, write=False))
 
 
 def _pin(entry: KernelEntry, need: Needs, remote: Remote, on_event: EventSink) -> str:
@@ -134,7 +135,7 @@ def offline_hint(entry: KernelEntry | None, said: str, staged: bool = False) -> 
 
 def derivation(entry: KernelEntry, need: Needs, result: Staged | None, labels: dict[str, str],
                pins: dict[int, str] | None = None, write: bool = True) -> Derivation:
-    """How :func:`recipegen.derive` turns ``entry``'s recipe into the one a build runs."""
+    """How :func:`~hpc_kernels.build.derive.derive` turns ``entry``'s recipe into the one a build runs."""
     pythons = tuple(dict.fromkeys([*([entry.command[0]] if _plain_program(entry.command[0]) else []),
                                    "python3", "python"]))
     label_items = tuple(labels.items())
