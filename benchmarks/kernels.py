@@ -16,7 +16,6 @@ import os
 import subprocess
 import sys
 import time
-import traceback
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -177,26 +176,45 @@ class Kernel:
             self.km.cleanup_resources()
 
 
-def start_to_reply(name: str, attempts: int = 3) -> float:
+#: Starts that died and were started again, by kernel (reported with the machine line: a run with many
+#: retries measured a busy machine).
+RETRIES: dict[str, int] = {}
+
+
+def start_to_reply(name: str, attempts: int = 3, after: Callable[[], None] | None = None,
+                   timeout: float = 90) -> float:
     """Seconds from ``start_kernel`` to the kernel_info reply; the shutdown is not timed.
 
     A kernel that dies at start-up is started again with fresh ports (jupyter_client picks free ports and
     the kernel binds them later: on a busy machine another process can take one in between); only the
-    attempt that replied is timed.
+    attempt that replied is timed, and each retry is counted in :data:`RETRIES`. ``after`` runs after
+    each attempt's shutdown (e.g. waiting until a job kernel's job has gone).
     """
     for attempt in range(attempts):
         k = Kernel(name)
         t0 = time.perf_counter()
         try:
             k.start()
-            k.wait_reply()
+            k.wait_reply(timeout)
             return time.perf_counter() - t0
-        except RuntimeError:
-            if "died before replying" not in traceback.format_exc() or attempt == attempts - 1:
-                raise
+        except RuntimeError as exc:
+            if "died before replying" not in str(exc) or attempt == attempts - 1:
+                raise RuntimeError(f"{exc}; the kernels' log ends: {_log_tail()}") from None
+            RETRIES[name] = RETRIES.get(name, 0) + 1
         finally:
             k.stop()
+            if after is not None:
+                after()
     raise AssertionError("unreachable")
+
+
+def _log_tail(lines: int = 5) -> str:
+    """The last lines the kernels wrote (their stderr goes to $HOME/kernels.log), for an error message."""
+    try:
+        text = (Path(os.environ["HOME"]) / "kernels.log").read_text(encoding="utf-8", errors="replace")
+    except (OSError, KeyError):
+        return "(no log)"
+    return " | ".join(text.strip().splitlines()[-lines:]) or "(empty)"
 
 
 # ----------------------------------------------------------------------------- instances (cleanup)

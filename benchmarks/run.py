@@ -199,6 +199,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         shutil.rmtree(work, ignore_errors=True)
     seconds = time.monotonic() - t0
     info["load average (end)"] = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    from benchmarks.kernels import RETRIES  # (imported late: it needs jupyter_client, and only here)
+
+    info["kernel starts retried"] = (", ".join(f"{k} {n}" for k, n in sorted(RETRIES.items()))
+                                     if RETRIES else "none")
     render(rows, info, seconds)
     if args.json:
         write_json(
