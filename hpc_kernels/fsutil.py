@@ -13,8 +13,6 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from hpc_kernels.grouptree import find_tree
-
 #: Per-user state: directories only we can enter, files only we can read (whatever the umask).
 PRIVATE_DIR = 0o700
 PRIVATE_FILE = 0o600
@@ -126,6 +124,8 @@ def share_for(path: Path) -> Share | None:
         return None
     if not (stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISGID):
         return None
+    from hpc_kernels.grouptree import find_tree  # why: kernel starts write state with fsutil; trees are rare
+
     tree = find_tree(top)
     members_write = tree.members_write if tree is not None else bool(st.st_mode & 0o020)
     return Share(st.st_gid, True, members_write)

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from hpc_kernels import access, paths, procfs
+from hpc_kernels import paths, procfs
 from hpc_kernels.errors import LockBusyError
 from hpc_kernels.fsutil import PRIVATE_FILE, Share, make_dirs, private_dir, share_for, tighten_fd
 
@@ -32,6 +32,8 @@ class LockHolder:
         """``pid 123 of user bob`` (or of uid N, or without a user when /proc hides it)."""
         if self.uid is None:
             return f"pid {self.pid}"
+        from hpc_kernels import access  # why: kernel starts take locks; only a busy one names its holder
+
         user = access.user_name(self.uid)
         return f"pid {self.pid} of user {user}" if self.uid != os.getuid() else f"pid {self.pid} (yours)"
 
@@ -233,6 +235,8 @@ def cluster_lock(path: Path, *, wait: bool = True, on_wait: Callable[[LockRecord
     is worth waiting for), calling ``on_wait(holder)`` once. Otherwise raises
     :class:`~hpc_kernels.errors.LockBusyError` naming the holder. Yields our record.
     """
+    from hpc_kernels import access  # why: kernel starts import this module; cluster locks are builds'
+
     host = paths.hostname()
     token = secrets.token_hex(8)
     record = LockRecord(host, os.getpid(), _start(os.getpid()), procfs.boot_id(), os.getuid(),

@@ -426,9 +426,9 @@ def remove(config: ModuleConfig) -> list[Path]:
 
 def our_kernelspecs(config: ModuleConfig) -> list[str]:
     """Names of our kernelspecs under the module's prefix (what loading the module will show)."""
-    from hpc_kernels import kernelspec
+    from hpc_kernels import specdirs
 
     kdir = config.jupyter_path / "kernels"
     if not kdir.is_dir():
         return []
-    return sorted(child.name for child in kdir.iterdir() if kernelspec.is_ours(child))
+    return sorted(child.name for child in kdir.iterdir() if specdirs.is_ours(child))

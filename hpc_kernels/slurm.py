@@ -268,7 +268,7 @@ def _what(names: Sequence[str]) -> str:
 
 def submit_time_apptainer_dir() -> str:
     """The directory of the Apptainer found now (a PATH fallback for the job), or ""."""
-    from hpc_kernels.runtimes.apptainer import find_binary
+    from hpc_kernels.runtimes.apptainer.cli import find_binary
 
     try:
         return str(Path(find_binary()).parent)

@@ -292,7 +292,7 @@ def test_other_build_failures_get_no_network_hint(entry: registry.KernelEntry) -
 
 
 def test_docker_builds_get_the_network_hint_too(make_registry: Any) -> None:
-    from hpc_kernels.runtimes import docker
+    from hpc_kernels.runtimes.docker import cli as docker
 
     class OfflineCLI(docker.ContainerCLI):
         def image_labels(self, image: str) -> dict[str, str] | None:

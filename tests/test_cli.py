@@ -162,12 +162,13 @@ def test_a_filesystem_error_in_our_state_directory_names_it(monkeypatch: pytest.
                                                             capsys: pytest.CaptureFixture[str]) -> None:
     import errno
 
-    from hpc_kernels import instances, paths
+    from hpc_kernels import paths
+    from hpc_kernels.runtimes.apptainer import status as app_status
 
     def denied(problems: object = None) -> list[object]:
         raise PermissionError(errno.EACCES, "Permission denied", str(paths.host_state_dir() / "instances"))
 
-    monkeypatch.setattr(instances, "list_instances", denied)
+    monkeypatch.setattr(app_status, "list_instances", denied)
     assert cli.main(["instances"]) == 1
     err = capsys.readouterr().err
     assert f"hpc-kernels cannot write its state directory {paths.state_dir()} (Permission denied: " in err

@@ -13,8 +13,9 @@ from typing import Any
 
 import pytest
 
-from hpc_kernels import cli, gc, instances, locks, slurm
+from hpc_kernels import cli, gc, locks, slurm
 from hpc_kernels.build import orchestrator
+from hpc_kernels.runtimes.apptainer import status as app_status
 
 LONG = "science-with-a-rather-long-kernel-name"
 RECIPE = {"sci.def": "Bootstrap: localimage\nFrom: base.sif\n"}
@@ -94,10 +95,10 @@ def test_instances_names_are_whole(monkeypatch: pytest.MonkeyPatch, capsys: pyte
     """The instance name is what `hpc-kernels stop` needs: never cut, piped or in a narrow terminal."""
     name = f"hpck-{LONG}-alice-node-1-j123456-0123456789abcdef"
     image = str(isolated_home / "images" / f"{LONG}.sif")
-    found = [instances.InstanceStatus(name, LONG, image, "running", 42, 2, time.time(), None, 600.0, True),
-             instances.InstanceStatus(name + "x", LONG, image, "dead", 43, 0, time.time(), time.time(), 600.0,
+    found = [app_status.InstanceStatus(name, LONG, image, "running", 42, 2, time.time(), None, 600.0, True),
+             app_status.InstanceStatus(name + "x", LONG, image, "dead", 43, 0, time.time(), time.time(), 600.0,
                                       False)]
-    monkeypatch.setattr(instances, "list_instances", lambda: found)
+    monkeypatch.setattr(app_status, "list_instances", lambda: found)
     assert cli.main(["instances"]) == 0
     out, _err = out_err(capsys)
     rows = [line for line in out.splitlines() if line.startswith(name)]

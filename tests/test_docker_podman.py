@@ -23,10 +23,13 @@ from typing import Any
 
 import pytest
 
-from hpc_kernels import containers, kernelspec, registry
+from hpc_kernels import kernelspec, registry, specdirs
 from hpc_kernels.build import orchestrator, stamps
 from hpc_kernels.errors import BuildError
-from hpc_kernels.runtimes.docker import ContainerCLI
+from hpc_kernels.runtimes.docker import container as dk_container
+from hpc_kernels.runtimes.docker import sweep as dk_sweep
+from hpc_kernels.runtimes.docker import watcher as dk_watcher
+from hpc_kernels.runtimes.docker.cli import ContainerCLI
 from tests.conftest import run_cell, start_ready_kernel
 
 pytestmark = pytest.mark.podman
@@ -113,7 +116,7 @@ def install(make_registry: Any, name: str, runtime: str, extra: str = "") -> reg
             {extra}
         """)
     entry = registry.load(path).get(name)
-    kernelspec.install(entry, kernelspec.Target())
+    kernelspec.install(entry, specdirs.Target())
     return entry
 
 
@@ -161,7 +164,7 @@ def cleanup(podman: str) -> Iterator[list[Any]]:
         if not isinstance(km, str) and km.has_kernel:
             km.shutdown_kernel(now=True)
     for cli in clis:
-        for name in ours(cli, f"label=hpc-kernels.owner={containers.user_name()}"):
+        for name in ours(cli, f"label=hpc-kernels.owner={dk_container.user_name()}"):
             sh(cli, "rm", "-f", name)
 
 
@@ -236,7 +239,7 @@ def test_shared_container_four_kernels_then_idle_stop(
         km, kc = start(name, isolated_home)
         cleanup.append(km)
         kms.append((km, kc))
-    assert ours(podman, shared) == [containers.shared_name(name)]  # one container for all four
+    assert ours(podman, shared) == [dk_container.shared_name(name)]  # one container for all four
     pids = set()
     for _km, kc in kms:
         content, out = run_cell(kc, PROBE + "; print('PID', os.getpid())")
@@ -258,7 +261,7 @@ def test_shared_container_four_kernels_then_idle_stop(
     kms[2][0].shutdown_kernel(now=True)
     # A kernel still running keeps the container: the watcher of the others must not stop it.
     time.sleep(3)
-    assert ours(podman, shared) == [containers.shared_name(name)]
+    assert ours(podman, shared) == [dk_container.shared_name(name)]
     assert eventually(lambda: [p for km, _ in kms[:3] for p in open_ports(km)]) == []
     kms[3][0].shutdown_kernel(now=False)
     assert eventually(lambda: ours(podman, shared) or open_ports(kms[3][0])) == []
@@ -344,7 +347,7 @@ def test_gc_sweeps_leaked_containers(podman: str) -> None:
     dead = subprocess.Popen(["true"])
     dead.wait()
     common = ["--label", f"hpc-kernels.host={paths.hostname()}",
-              "--label", f"hpc-kernels.owner={containers.user_name()}"]
+              "--label", f"hpc-kernels.owner={dk_container.user_name()}"]
     leaked = f"hpck-leak-{secrets.token_hex(3)}"
     alive = f"hpck-alive-{secrets.token_hex(3)}"
     try:
@@ -354,7 +357,7 @@ def test_gc_sweeps_leaked_containers(podman: str) -> None:
                      *common, TEST_IMAGE, "sleep", "60")
             assert res.returncode == 0, res.stderr
         # The launcher of a podman kernel marks podman as in use: gc asks only runtimes a kernel uses.
-        containers.mark_used("podman")
+        dk_container.mark_used("podman")
         # `hpc-kernels gc --dry-run` names the leaked container and removes nothing.
         done = subprocess.run([sys.executable, "-m", "hpc_kernels", "gc", "--dry-run", "--json"],
                               capture_output=True, text=True, timeout=120)
@@ -363,7 +366,7 @@ def test_gc_sweeps_leaked_containers(podman: str) -> None:
         assert (leaked, "would remove") in [(f["target"], f["action"]) for f in found]
         assert alive not in [f["target"] for f in found]
         assert ours(podman, f"name={leaked}") == [leaked]
-        removed = containers.sweep_containers(("podman",))
+        removed = dk_sweep.sweep_containers(("podman",))
         assert leaked in removed and alive not in removed
         assert ours(podman, f"name={leaked}") == [] and ours(podman, f"name={alive}") == [alive]
     finally:
@@ -390,7 +393,7 @@ def test_shared_container_moves_to_a_rebuilt_image_once_idle(
     version = "print(open('/etc/version').read())"
     try:
         orchestrator.build(entry)
-        kernelspec.install(entry, kernelspec.Target())
+        kernelspec.install(entry, specdirs.Target())
         km1, kc1 = start(name, isolated_home)
         cleanup.append(km1)
         old_image = sh(podman, "image", "inspect", "--format", "{{.Id}}", tag).stdout.strip()
@@ -409,7 +412,7 @@ def test_shared_container_moves_to_a_rebuilt_image_once_idle(
         assert sh(podman, "image", "exists", old_image).returncode != 0
         km3.shutdown_kernel(now=False)
     finally:
-        sh(podman, "rm", "-f", "-t", "0", containers.shared_name(name))
+        sh(podman, "rm", "-f", "-t", "0", dk_container.shared_name(name))
         sh(podman, "rmi", "-f", tag)
-        for pid in containers.pids_with_argument(containers.shared_name(name)):
+        for pid in dk_watcher.pids_with_argument(dk_container.shared_name(name)):
             os.kill(pid, signal.SIGTERM)  # watchers waiting out the 60 s idle timeout

@@ -19,7 +19,7 @@ import pytest
 
 from hpc_kernels import cli, registry
 from hpc_kernels.doctor import base
-from hpc_kernels.runtimes import apptainer
+from hpc_kernels.runtimes import envpolicy
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 PAGES = sorted(DOCS.glob("*.md"))
@@ -144,7 +144,7 @@ def test_every_registry_key_is_documented() -> None:
 
 def test_environment_allowlist_is_documented() -> None:
     text = (DOCS / "registry.md").read_text()
-    for var in apptainer.ENV_ALLOWLIST:
+    for var in envpolicy.ENV_ALLOWLIST:
         assert f"`{var}`" in text, f"docs/registry.md does not list '{var}' of the allowlist"
 
 

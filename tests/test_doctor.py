@@ -400,9 +400,9 @@ def installed_kernel(make_registry: MakeRegistry, tmp_path: Path) -> tuple[Path,
     image.write_bytes(b"sif")
     path = make_registry(f"kernels:\n  k:\n    image: {image}\n")
     assert cli.main(["install", "--registry", str(path), "k"]) == 0
-    from hpc_kernels import kernelspec
+    from hpc_kernels import specdirs
 
-    kdir = kernelspec.visible("k")
+    kdir = specdirs.visible("k")
     assert kdir is not None
     return path, image, kdir
 

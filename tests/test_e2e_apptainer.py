@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from hpc_kernels.runtimes.apptainer import CONNECTION_DST
+from hpc_kernels.runtimes.apptainer.cli import CONNECTION_DST
 from tests.conftest import run_cell, start_ready_kernel
 
 pytestmark = pytest.mark.apptainer

@@ -8,9 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from hpc_kernels import cli, containers, gc, instances, kernelspec, registry
+from hpc_kernels import cli, gc, kernelspec, registry, specdirs
 from hpc_kernels.errors import RuntimeNotFoundError
-from hpc_kernels.runtimes import apptainer, docker
+from hpc_kernels.runtimes.apptainer import cli as apptainer
+from hpc_kernels.runtimes.apptainer import instance as app_instance
+from hpc_kernels.runtimes.docker import cli as docker
+from hpc_kernels.runtimes.docker import container as dk_container
 
 MakeRegistry = Callable[..., Path]
 
@@ -46,7 +49,7 @@ def test_gc_asks_the_runtime_an_installed_kernelspec_names(asked: list[str], mak
     path = make_registry(f"kernels:\n  box:\n    runtime: podman\n    image: python:3.12\n"
                          f"  sci:\n    image: {image}\n")
     for entry in registry.load_file(path).kernels:
-        kernelspec.install(entry, kernelspec.Target(), path)
+        kernelspec.install(entry, specdirs.Target(), path)
     asked.clear()  # install looked for Apptainer to find the given image's Python: gc's own asks follow
     path.unlink()  # the registry is gone: the kernelspecs alone say what is in use
     assert gc.runtimes_in_use() == {"podman", "apptainer"}
@@ -64,9 +67,9 @@ def test_gc_asks_the_runtimes_of_the_registry(asked: list[str], make_registry: M
 
 
 def test_gc_asks_the_runtimes_our_records_name(asked: list[str]) -> None:
-    containers.mark_used("podman")  # what a podman kernel's launch leaves, even once uninstalled
+    dk_container.mark_used("podman")  # what a podman kernel's launch leaves, even once uninstalled
     assert gc.runtimes_in_use() == {"podman"}
-    instances.root().mkdir(parents=True)  # shared-instance state of ours: Apptainer's
+    app_instance.root().mkdir(parents=True)  # shared-instance state of ours: Apptainer's
     gc.sweep(dry_run=True)
     assert sorted(asked) == ["apptainer", "podman"]
 
@@ -87,12 +90,12 @@ def test_a_container_kernel_marks_its_runtime(monkeypatch: pytest.MonkeyPatch, t
     fake.write_text("#!/bin/sh\nexit 0\n")
     fake.chmod(0o755)
     with pytest.raises(Stop):
-        containers.prepare(spec, str(tmp_path / "kernel-1.json"), {"PATH": str(tmp_path)})
-    assert containers.runtimes_marked() == ["podman"]
+        dk_container.arm(spec, str(tmp_path / "kernel-1.json"), {"PATH": str(tmp_path)})
+    assert dk_container.runtimes_marked() == ["podman"]
 
 
 def test_the_runtime_mark_is_private_state() -> None:
-    containers.mark_used("docker")
-    marker = containers._mark("docker")
+    dk_container.mark_used("docker")
+    marker = dk_container._mark("docker")
     assert oct(marker.stat().st_mode & 0o777) == oct(0o600)
     assert oct(marker.parent.stat().st_mode & 0o777) == oct(0o700)

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from hpc_kernels import cli, fsutil, group, grouptree, kernelspec, locks, modulefile, paths, procfs, registry
+from hpc_kernels import cli, fsutil, group, grouptree, kernelspec, locks, modulefile, paths, procfs, registry, specdirs
 from hpc_kernels.build import orchestrator, stamps
 from hpc_kernels.doctor import base, installchecks, kernelchecks
 from hpc_kernels.errors import BuildBusyError, LockBusyError, NoWriteAccessError, RegistryError
@@ -67,7 +67,7 @@ def test_kernelspec_in_a_group_directory_is_the_groups_whatever_the_umask(setgid
                                                                           umask077: None) -> None:
     """Before: drwx------ (the member's `jupyter kernelspec list` said "No kernels available")."""
     reg = registry.load_file(kernel_registry(tmp_path))
-    kernelspec.install(reg.get("sci"), kernelspec.Target(user=False, prefix=str(setgid_dir / "grp")), reg.path)
+    kernelspec.install(reg.get("sci"), specdirs.Target(user=False, prefix=str(setgid_dir / "grp")), reg.path)
     assert modes(setgid_dir / "grp") == {
         "share": "drwxrws---", "share/jupyter": "drwxrws---", "share/jupyter/kernels": "drwxrws---",
         "share/jupyter/kernels/sci": "drwxrws---", "share/jupyter/kernels/sci/kernel.json": "-rw-r-----",
@@ -78,7 +78,7 @@ def test_kernelspec_in_a_group_directory_is_the_groups_whatever_the_umask(setgid
 def test_outside_a_group_directory_the_umask_still_decides(tmp_path: Path, umask077: None) -> None:
     reg = registry.load_file(kernel_registry(tmp_path))
     prefix = tmp_path / "mine"
-    kernelspec.install(reg.get("sci"), kernelspec.Target(user=False, prefix=str(prefix)), reg.path)
+    kernelspec.install(reg.get("sci"), specdirs.Target(user=False, prefix=str(prefix)), reg.path)
     assert modes(prefix / "share/jupyter/kernels") == {"sci": "drwx------", "sci/kernel.json": "-rw-------",
                                                        "sci/logo-64x64.png": "-rw-------",
                                                        "sci/logo-svg.svg": "-rw-------"}
@@ -328,7 +328,7 @@ def test_install_with_a_group_registry_publishes_kernelspecs_and_module(tree: gr
                                                                         capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["install", "--all", "--registry", str(tree.registry)]) == 0
     err = capsys.readouterr().err
-    assert kernelspec.is_ours(tree.prefix / "share/jupyter/kernels/sci")
+    assert specdirs.is_ours(tree.prefix / "share/jupyter/kernels/sci")
     lua = tree.modulefiles / "container-kernels" / f"{modulefile.ModuleConfig(tree.root, tree.root, Path('/x')).version}.lua"
     assert modulefile.is_ours(lua) and "kernels.yaml" in lua.read_text()
     assert f"members: module use {tree.modulefiles} && module load container-kernels" in err
@@ -470,4 +470,4 @@ def test_gc_leaves_a_kernelspec_whose_image_it_may_not_look_at(tmp_path: Path,
         os.chmod(images, 0o755)
     assert [(f.action, f.reason.split(":")[0]) for f in found] == [
         ("left alone", f"cannot tell whether its image {images / 'x.sif'} exists")]
-    assert kernelspec.installed_ours()["sci"].is_dir()
+    assert specdirs.installed_ours()["sci"].is_dir()

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from hpc_kernels import cli, kernelspec, registry
+from hpc_kernels import cli, kernelspec, registry, specdirs
 from hpc_kernels.build import imagecheck, orchestrator, stamps
 from hpc_kernels.errors import BuildError, HpcKernelsError
 from tests.test_build import DEF, FakeBuilder
@@ -34,7 +34,7 @@ def entry(make_registry: Any) -> registry.KernelEntry:
 
 
 def kernel_argv(entry: registry.KernelEntry) -> list[str]:
-    data = json.loads((kernelspec.Target().kernels_dir() / entry.name / "kernel.json").read_text())
+    data = json.loads((specdirs.Target().kernels_dir() / entry.name / "kernel.json").read_text())
     return list(data["metadata"]["hpc_kernels"]["command"])
 
 
@@ -55,7 +55,7 @@ def test_a_build_finds_the_python_with_ipykernel_and_the_kernelspec_uses_it(
     stamp = stamps.read_stamp(entry.image)
     assert stamp is not None and stamp["program"] == found and stamp["program_check"] == "import ipykernel"
     assert all(argv[1:] == ["-c", "import ipykernel"] for argv in fake.ran)
-    kernelspec.install(entry, kernelspec.Target())
+    kernelspec.install(entry, specdirs.Target())
     assert kernel_argv(entry) == [found, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
 
 
@@ -133,7 +133,7 @@ class FakeApptainer:
     """Stands in for `apptainer exec` of the given image: ``programs`` as in FakeBuilder; records each run."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, programs: dict[str, str] | None) -> None:
-        from hpc_kernels.runtimes import apptainer
+        from hpc_kernels.runtimes.apptainer import cli as apptainer
 
         self.ran: list[list[str]] = []
         self.programs = programs
@@ -185,10 +185,10 @@ def test_install_refuses_a_given_image_that_cannot_start_its_kernel(given: regis
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     FakeApptainer(monkeypatch, {"python3": NO_IPYKERNEL})
     with pytest.raises(HpcKernelsError) as info:
-        kernelspec.install(given, kernelspec.Target())
+        kernelspec.install(given, specdirs.Target())
     assert f"kernel 'sci' cannot start in {given.image}" in str(info.value)
     assert "python3 -m pip install ipykernel" in str(info.value)
-    assert not (kernelspec.Target().kernels_dir() / "sci").exists()
+    assert not (specdirs.Target().kernels_dir() / "sci").exists()
 
 
 @pytest.mark.parametrize("programs", [None, {"python3": "FATAL: could not open image"}])
@@ -201,7 +201,7 @@ def test_install_says_when_it_could_not_look_into_the_image(given: registry.Kern
 
     (FakeApptainer if programs is None else Failing)(monkeypatch, programs)
     notes: list[str] = []
-    kernelspec.install(given, kernelspec.Target(), on_note=notes.append)
+    kernelspec.install(given, specdirs.Target(), on_note=notes.append)
     assert kernel_argv(given)[0] == "python3"
     assert len(notes) == 1 and notes[0].startswith("could not look for the image's Python")
     assert ("no Apptainer on PATH" in notes[0]) == (programs is None)
@@ -210,7 +210,7 @@ def test_install_says_when_it_could_not_look_into_the_image(given: registry.Kern
 def test_a_given_command_is_not_probed_at_install(make_registry: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     entry = load(make_registry, "    image: given.sif\n    command: [python, -m, ipykernel_launcher, -f, '{connection_file}']\n")
     fake = FakeApptainer(monkeypatch, {})
-    kernelspec.install(entry, kernelspec.Target())
+    kernelspec.install(entry, specdirs.Target())
     assert fake.ran == [] and kernel_argv(entry)[0] == "python"
 
 

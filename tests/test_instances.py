@@ -21,9 +21,13 @@ from typing import Any
 
 import pytest
 
-from hpc_kernels import cli, instances, kernelspec, registry
+from hpc_kernels import cli, kernelspec, paths, registry, specdirs
 from hpc_kernels.errors import HpcKernelsError
-from hpc_kernels.runtimes import apptainer as appt
+from hpc_kernels.runtimes.apptainer import cli as apptainer
+from hpc_kernels.runtimes.apptainer import instance as app_instance
+from hpc_kernels.runtimes.apptainer import records as app_records
+from hpc_kernels.runtimes.apptainer import status as app_status
+from hpc_kernels.runtimes.apptainer import sweep as app_sweep
 
 pytestmark = pytest.mark.apptainer
 
@@ -48,9 +52,9 @@ def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.
 
 def apptainer_names(binary: str) -> set[str]:
     """Names of this test's instances, as Apptainer lists them (other tests' are not ours to count)."""
-    ours = instances.our_name_pattern(instances.user_name(), instances.paths.hostname(),
-                                      instances.owner_tag())
-    return {i.name for i in appt.list_instances(binary) if ours.match(i.name)}
+    ours = app_sweep.our_name_pattern(app_instance.user_name(), paths.hostname(),
+                                      app_instance.owner_tag())
+    return {i.name for i in apptainer.list_instances(binary) if ours.match(i.name)}
 
 
 def cli_json(*argv: str, capsys: pytest.CaptureFixture[str]) -> Any:
@@ -75,7 +79,7 @@ def shared_kernel(make_registry: Callable[..., Path], base_sif: Path, apptainer_
         """)
     entry = registry.load_file(path).get("shared")
     assert entry.interrupt_mode == "message"
-    kernelspec.install(entry, kernelspec.Target(), path)
+    kernelspec.install(entry, specdirs.Target(), path)
     runtime = Path(os.environ["JUPYTER_RUNTIME_DIR"])
     runtime.mkdir(parents=True, exist_ok=True)
     try:
@@ -86,23 +90,23 @@ def shared_kernel(make_registry: Callable[..., Path], base_sif: Path, apptainer_
 
 def _cleanup() -> None:
     """Stop this test's instances and end its reapers (found by their state dir, by pid)."""
-    for st in instances.list_instances():
+    for st in app_status.list_instances():
         with contextlib.suppress(HpcKernelsError):  # its reaper may stop it first
-            instances.stop(st.name)
-    for pid in reaper_pids(instances.root()):
+            app_status.stop(st.name)
+    for pid in reaper_pids(app_instance.root()):
         os.kill(pid, signal.SIGKILL)
 
 
 def reaper_pids(d: Path) -> list[int]:
     """Pids of reapers serving instance dir ``d`` (its path is on their command line)."""
-    # `python -I -S -c "...run_module('hpc_kernels.instances'...)" reap DIR` (selfexec.module_argv)
-    out = subprocess.run(["pgrep", "-f", f"hpc_kernels.instances.* reap {d}"], capture_output=True, text=True)
+    # `python -I -S -c "...run_module('hpc_kernels.runtimes.apptainer.reaper'...)" reap DIR` (selfexec.module_argv)
+    out = subprocess.run(["pgrep", "-f", f"hpc_kernels.runtimes.apptainer.reaper.* reap {d}"], capture_output=True, text=True)
     return [int(p) for p in out.stdout.split()]
 
 
-def only_instance() -> instances.InstanceStatus:
+def only_instance() -> app_status.InstanceStatus:
     """The one instance of this test (the state root is per test)."""
-    found = instances.list_instances()
+    found = app_status.list_instances()
     assert len(found) == 1, found
     return found[0]
 
@@ -231,11 +235,11 @@ def test_eight_racing_kernels_share_one_instance_interrupt_and_idle_stop(
             await asyncio.gather(*(k.stop() for k in kernels), return_exceptions=True)
 
     asyncio.run(scenario())
-    assert wait_for(lambda: not instances.list_instances(), IDLE + IDLE_MARGIN), instances.list_instances()
+    assert wait_for(lambda: not app_status.list_instances(), IDLE + IDLE_MARGIN), app_status.list_instances()
     assert apptainer_names(apptainer_bin) == set()
-    assert instances.instance_dirs() == []  # its state is forgotten, not left to pile up
-    assert wait_for(lambda: not reaper_pids(instances.root()), 10)
-    assert "idle for 2 s: stopped" in (instances.root() / "reaper.log").read_text()
+    assert app_status.instance_dirs() == []  # its state is forgotten, not left to pile up
+    assert wait_for(lambda: not reaper_pids(app_instance.root()), 10)
+    assert "idle for 2 s: stopped" in (app_instance.root() / "reaper.log").read_text()
 
 
 def test_sigkill_of_a_launcher_group_leaves_no_kernel_process(shared_kernel: str, apptainer_bin: str) -> None:
@@ -248,23 +252,23 @@ def test_sigkill_of_a_launcher_group_leaves_no_kernel_process(shared_kernel: str
             # A child that leaves the kernel's process group and would outlive it in the instance.
             reply, out = await a.run(DAEMON)
             assert reply["status"] == "ok", reply
-            d = instances.instance_dir(name)
-            a_att = next(att.id for att in instances.attachments(d) if att.pid == a.pid)
-            marked = [p for p, att in instances.marked_processes(name) if att == a_att]
+            d = app_instance.instance_dir(name)
+            a_att = next(att.id for att in app_records.attachments(d) if att.pid == a.pid)
+            marked = [p for p, att in app_records.marked_processes(name) if att == a_att]
             assert len(marked) >= 2, marked  # the kernel and its sleep
 
             os.killpg(os.getpgid(a.pid), signal.SIGKILL)
             # The reaper notices the dead runtime process and kills what carried its attachment.
-            assert wait_for(lambda: all(att != a_att for _p, att in instances.marked_processes(name)), 30), \
-                instances.marked_processes(name)
+            assert wait_for(lambda: all(att != a_att for _p, att in app_records.marked_processes(name)), 30), \
+                app_records.marked_processes(name)
             st = only_instance()
             assert st.state == "running" and st.kernels == 1  # b keeps the instance up
             reply, out = await b.run("print('b still works')")
             assert reply["status"] == "ok" and "b still works" in out
 
             os.killpg(os.getpgid(b.pid), signal.SIGKILL)
-            assert wait_for(lambda: not instances.list_instances(), IDLE + IDLE_MARGIN)
-            assert instances.marked_processes(name) == []
+            assert wait_for(lambda: not app_status.list_instances(), IDLE + IDLE_MARGIN)
+            assert app_records.marked_processes(name) == []
             assert name not in apptainer_names(apptainer_bin)
         finally:
             await asyncio.gather(a.stop(now=True), b.stop(now=True), return_exceptions=True)
@@ -286,10 +290,10 @@ def test_stop_kills_attached_kernels_and_next_launch_starts_fresh(
             assert stopped == [{"name": first.name, "was_running": True, "kernels": 2}]
             for k in kernels:
                 assert await _wait_dead(k, 15)
-            assert instances.marked_processes(first.name) == []
+            assert app_records.marked_processes(first.name) == []
             assert first.name not in apptainer_names(apptainer_bin)
             assert cli_json("instances", capsys=capsys)["instances"] == []
-            assert instances.instance_dirs() == []
+            assert app_status.instance_dirs() == []
 
             # Next launch: a fresh instance (same name: same identity), and it works.
             fresh.append(await Kernel(shared_kernel).start())
@@ -299,7 +303,7 @@ def test_stop_kills_attached_kernels_and_next_launch_starts_fresh(
             assert reply["status"] == "ok" and second.name in out
 
             # Killed behind our back (as a node reboot or `apptainer instance stop` would): detected.
-            assert appt.stop_instance(apptainer_bin, second.name)
+            assert apptainer.stop_instance(apptainer_bin, second.name)
             assert await _wait_dead(fresh[0], 15)
             fresh.append(await Kernel(shared_kernel).start())
             third = only_instance()
@@ -336,7 +340,7 @@ def test_rebuilt_image_gets_a_new_instance(make_registry: Callable[..., Path], b
             idle_timeout: {IDLE}
             command: [python3, -m, ipykernel_launcher, -f, "{{connection_file}}"]
         """)
-    kernelspec.install(registry.load_file(path).get("rebuilt"), kernelspec.Target(), path)
+    kernelspec.install(registry.load_file(path).get("rebuilt"), specdirs.Target(), path)
     Path(os.environ["JUPYTER_RUNTIME_DIR"]).mkdir(parents=True, exist_ok=True)
 
     async def scenario() -> None:
@@ -349,7 +353,7 @@ def test_rebuilt_image_gets_a_new_instance(make_registry: Callable[..., Path], b
             subprocess.run(["cp", "--reflink=auto", str(base_sif), str(new_file)], check=True)
             os.replace(new_file, image)
             started.append(await Kernel("rebuilt").start())
-            names = {s.name for s in instances.list_instances()}
+            names = {s.name for s in app_status.list_instances()}
             assert old.name in names and len(names) == 2
             for k in started:
                 reply, _out = await k.run("print(1)")
@@ -369,25 +373,25 @@ def test_gc_sweeps_stale_state_orphans_untracked_instances_and_dead_kernelspecs(
 ) -> None:
     """`hpc-kernels gc` for real: each kind of leftover is found, removed, and gone afterwards."""
     monkeypatch.setenv("PATH", f"{os.path.dirname(apptainer_bin)}{os.pathsep}{os.environ['PATH']}")
-    user, host = instances.user_name(), instances.paths.hostname()
+    user, host = app_instance.user_name(), paths.hostname()
     tag = uuid.uuid4().hex[:10]
     # 1. Stale state: a record whose instance process is long gone.
-    owner = instances.owner_tag()
-    stale = instances.Identity(user, "stale", host, "", owner, tag[:8]).name
-    d = instances.instance_dir(stale)
+    owner = app_instance.owner_tag()
+    stale = app_instance.Identity(user, "stale", host, "", owner, tag[:8]).name
+    d = app_instance.instance_dir(stale)
     d.mkdir(parents=True)
     dead = subprocess.Popen(["true"])
     dead.wait()
-    record = instances.InstanceRecord(stale, "stale", str(base_sif), user, host, "", dead.pid, 1, 0.0, IDLE,
+    record = app_records.InstanceRecord(stale, "stale", str(base_sif), user, host, "", dead.pid, 1, 0.0, IDLE,
                                       apptainer_bin)
-    (d / instances.RECORD).write_text(json.dumps(dataclasses.asdict(record)))
+    (d / app_instance.RECORD).write_text(json.dumps(dataclasses.asdict(record)))
     # 2. An orphan: a process carrying the marker of an instance we have no record of.
-    forgotten = instances.Identity(user, "forgotten", host, "", owner, tag[1:9]).name
-    orphan = subprocess.Popen(["sleep", "300"], env={**os.environ, instances.ENV_INSTANCE: forgotten,
-                                                     instances.ENV_ATTACHMENT: "1-1"})
+    forgotten = app_instance.Identity(user, "forgotten", host, "", owner, tag[1:9]).name
+    orphan = subprocess.Popen(["sleep", "300"], env={**os.environ, app_instance.ENV_INSTANCE: forgotten,
+                                                     app_instance.ENV_ATTACHMENT: "1-1"})
     # 3. An instance named like ours but untracked (its state was lost).
-    untracked = instances.Identity(user, "lost", host, "", owner, tag[2:]).name
-    appt.start_instance([apptainer_bin, "instance", "start", str(base_sif), untracked], os.environ)
+    untracked = app_instance.Identity(user, "lost", host, "", owner, tag[2:]).name
+    apptainer.start_instance([apptainer_bin, "instance", "start", str(base_sif), untracked], os.environ)
     # 4. A kernelspec of ours whose image is gone, and one whose image exists.
     path = make_registry(f"""
         kernels:
@@ -398,7 +402,7 @@ def test_gc_sweeps_stale_state_orphans_untracked_instances_and_dead_kernelspecs(
         """)
     reg = registry.load_file(path)
     for entry in reg.kernels:
-        kernelspec.install(entry, kernelspec.Target(), path)
+        kernelspec.install(entry, specdirs.Target(), path)
     try:
         dry = cli_json("gc", "--dry-run", capsys=capsys)["findings"]
         assert untracked in apptainer_names(apptainer_bin) and orphan.poll() is None and d.exists()
@@ -412,14 +416,14 @@ def test_gc_sweeps_stale_state_orphans_untracked_instances_and_dead_kernelspecs(
         assert orphan.wait(timeout=10) == -signal.SIGKILL
         assert untracked not in apptainer_names(apptainer_bin)
         assert not d.exists()
-        assert set(kernelspec.installed_ours()) == {"here"}
+        assert set(specdirs.installed_ours()) == {"here"}
         assert cli_json("gc", capsys=capsys)["findings"] == []
     finally:
         if orphan.poll() is None:
             orphan.kill()
             orphan.wait()
         if untracked in apptainer_names(apptainer_bin):
-            appt.stop_instance(apptainer_bin, untracked, force=True)
+            apptainer.stop_instance(apptainer_bin, untracked, force=True)
 
 
 def test_reaper_runs_detached_from_the_launcher(shared_kernel: str) -> None:
@@ -428,7 +432,7 @@ def test_reaper_runs_detached_from_the_launcher(shared_kernel: str) -> None:
     async def scenario() -> None:
         k = await Kernel(shared_kernel).start()
         try:
-            d = instances.instance_dir(only_instance().name)
+            d = app_instance.instance_dir(only_instance().name)
             pids = reaper_pids(d)
             assert len(pids) == 1, pids
             assert os.getsid(pids[0]) != os.getsid(k.pid) and os.getpgid(pids[0]) != os.getpgid(k.pid)

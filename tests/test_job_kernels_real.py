@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from hpc_kernels import jobkernel
+from hpc_kernels.runtimes.job import session as job_session
 from tests.conftest import run_cell
 
 pytestmark = [pytest.mark.slurm, pytest.mark.apptainer, pytest.mark.timeout(420)]
@@ -46,7 +46,7 @@ def cluster(monkeypatch: pytest.MonkeyPatch, apptainer_bin: str) -> Iterator[Non
         pytest.skip(f"slurmctld does not answer (scontrol ping: {ping.stdout.strip() or ping.stderr.strip()})")
     monkeypatch.setenv("PATH", f"{Path(apptainer_bin).parent}{os.pathsep}{os.environ['PATH']}")
     yield
-    ids = [str(s.get("job_id")) for s in jobkernel.load_sessions() if s.get("job_id") and not s.get("reused")]
+    ids = [str(s.get("job_id")) for s in job_session.load_sessions() if s.get("job_id") and not s.get("reused")]
     if ids:
         subprocess.run(["scancel", *ids], capture_output=True, timeout=30)
 
@@ -74,7 +74,7 @@ def wait_until(what: str, check: Any, timeout: float, interval: float = 0.5) -> 
 
 
 def session() -> dict[str, Any]:
-    (only,) = jobkernel.load_sessions()
+    (only,) = job_session.load_sessions()
     return only
 
 
@@ -88,8 +88,8 @@ def nothing_left(job: str, pids: list[int], timeout: float = 120.0) -> None:
     """No job, no launcher/watcher process, no session record (mounts and node processes: no_leftovers)."""
     wait_until(f"job {job} to end", lambda: squeue(job) == "", timeout)
     wait_until(f"processes {pids} to end", lambda: not any(alive(p) for p in pids), 30)
-    wait_until("the session record to go", lambda: jobkernel.load_sessions() == [] or
-               all(s.get("state") == "ended" for s in jobkernel.load_sessions()), 30)
+    wait_until("the session record to go", lambda: job_session.load_sessions() == [] or
+               all(s.get("state") == "ended" for s in job_session.load_sessions()), 30)
 
 
 def start(km: Any, log: Path, ready: bool = True, timeout: float = 180) -> Any:
@@ -132,7 +132,7 @@ def test_lifecycle_start_execute_interrupt_restart_shutdown(
         # The client talks to 127.0.0.1 (its connection file); the kernel listens on the node's address only.
         client = json.loads(Path(km.connection_file).read_text())
         assert client["ip"] == "127.0.0.1"
-        node = json.loads((jobkernel.sessions_dir() / f"{session()['sid']}.node.json").read_text())
+        node = json.loads((job_session.sessions_dir() / f"{session()['sid']}.node.json").read_text())
         assert node["ip"] == "10.250.0.2" and node["key"] == km.session.key.decode()
         # The client's own fields travel along (the kernel rewrites its copy of the file, so: the record).
         assert session()["connection_extra"]["kernel_name"] == client["kernel_name"] == KERNEL
@@ -172,7 +172,7 @@ def test_lifecycle_start_execute_interrupt_restart_shutdown(
     t0 = time.monotonic()
     nothing_left(job, [second, watcher], timeout=30)
     assert time.monotonic() - t0 < 20
-    assert jobkernel.load_sessions() == []
+    assert job_session.load_sessions() == []
     listed = subprocess.run([sys.executable, "-m", "hpc_kernels", "jobs", "--json"], capture_output=True,
                             text=True, timeout=60)
     rows = {r["job_id"]: r for r in json.loads(listed.stdout)}
@@ -192,8 +192,8 @@ def test_sigkill_of_the_launcher_ends_the_job(cluster: None, base_sif: Path, mak
     kc.stop_channels()
     os.killpg(launcher, signal.SIGKILL)  # what jupyter_client's hard kill does
     try:
-        nothing_left(job, [launcher, watcher], timeout=jobkernel.GRACE + 60)
-        assert jobkernel.load_sessions() == []
+        nothing_left(job, [launcher, watcher], timeout=job_session.GRACE + 60)
+        assert job_session.load_sessions() == []
     finally:
         km.cleanup_resources()
 
@@ -223,7 +223,7 @@ def test_death_of_the_jupyter_server_ends_the_job(cluster: None, base_sif: Path,
         server.kill()
         server.wait()
     wait_until("the launcher to notice its server's death", lambda: not alive(launcher), 10)
-    nothing_left(job, [launcher, watcher], timeout=jobkernel.GRACE + 60)
+    nothing_left(job, [launcher, watcher], timeout=job_session.GRACE + 60)
 
 
 def test_queued_job_abandoned_by_the_client_is_cancelled(cluster: None, base_sif: Path, make_registry: Any,
@@ -270,12 +270,12 @@ def test_time_limit_ends_the_kernel_with_a_message_and_is_not_resubmitted(
         km.start_kernel(stderr=km.test_log)
         wait_until("the refusing launcher to exit", lambda: not km.is_alive(), 30)
         assert "hpc-kernels does not submit a new job on a restart of the same kernel" in log.read_text()
-        assert [s["job_id"] for s in jobkernel.load_sessions()] == [job]
+        assert [s["job_id"] for s in job_session.load_sessions()] == [job]
     finally:
         kc.stop_channels()
         km.shutdown_kernel(now=True)
     nothing_left(job, [launcher, watcher], timeout=30)
-    assert jobkernel.load_sessions() == []  # the connection file is gone: the record went with it
+    assert job_session.load_sessions() == []  # the connection file is gone: the record went with it
 
 
 def test_gc_cancels_a_kernel_job_whose_launcher_and_watcher_are_gone(
@@ -312,7 +312,7 @@ def test_the_agent_ends_the_job_when_launcher_and_watcher_are_both_killed(
     """The dead man's switch: nothing on the login node is left to cancel; the job ends itself."""
     from jupyter_client.manager import KernelManager
 
-    from hpc_kernels import jobagent
+    from hpc_kernels.runtimes.job import agent as job_agent
 
     install(make_registry, base_sif, '{time: "10", mem: 500M}')
     km = KernelManager(kernel_name=KERNEL)
@@ -323,14 +323,14 @@ def test_the_agent_ends_the_job_when_launcher_and_watcher_are_both_killed(
     os.killpg(launcher, signal.SIGKILL)
     try:
         t0 = time.monotonic()
-        wait_until(f"job {job} to end by itself", lambda: squeue(job) == "", jobagent.GRACE + 60, interval=1)
-        assert time.monotonic() - t0 > jobagent.GRACE - 10  # it waited for a restart first
+        wait_until(f"job {job} to end by itself", lambda: squeue(job) == "", job_agent.GRACE + 60, interval=1)
+        assert time.monotonic() - t0 > job_agent.GRACE - 10  # it waited for a restart first
         out = (Path(os.environ["XDG_STATE_HOME"]) / "hpc-kernels/logs/slurm" / f"kernel-{job}.out").read_text()
-        assert f"ending (no launcher for {jobagent.GRACE:g} s)" in out
+        assert f"ending (no launcher for {job_agent.GRACE:g} s)" in out
     finally:
         km.cleanup_resources()
-        for s in jobkernel.load_sessions():
-            jobkernel.remove_session(str(s["sid"]))
+        for s in job_session.load_sessions():
+            job_session.remove_session(str(s["sid"]))
 
 
 def test_doctor_explains_a_job_slurm_would_refuse(cluster: None, base_sif: Path, make_registry: Any) -> None:
@@ -344,7 +344,7 @@ def test_doctor_explains_a_job_slurm_would_refuse(cluster: None, base_sif: Path,
     done = subprocess.run([sys.executable, "-m", "hpc_kernels", "doctor", KERNEL, "--registry", str(good)],
                           capture_output=True, text=True, timeout=120)
     assert "✓ jk slurm-job: Slurm accepts the job of kernel 'jk' (500M, 10 min): Job " in done.stdout
-    assert jobkernel.load_sessions() == []
+    assert job_session.load_sessions() == []
 
 
 def test_a_kernel_in_an_allocation_the_user_holds(cluster: None, base_sif: Path, make_registry: Any,
@@ -396,4 +396,4 @@ def test_an_allocation_that_is_not_there_is_one_message(cluster: None, base_sif:
     finally:
         kc.stop_channels()
         km.shutdown_kernel(now=True)
-    wait_until("the session record to go", lambda: jobkernel.load_sessions() == [], 30)
+    wait_until("the session record to go", lambda: job_session.load_sessions() == [], 30)

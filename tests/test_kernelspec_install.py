@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from hpc_kernels import cli, kernelspec, paths, registry
+from hpc_kernels import cli, kernelspec, paths, registry, specdirs
 from hpc_kernels.errors import HpcKernelsError, NotOursError
 
 MakeRegistry = Callable[..., Path]
@@ -66,7 +66,7 @@ def test_disk_full_on_first_install_leaves_nothing(reg: Path, tmp_path: Path, mo
 def test_disk_full_on_reinstall_keeps_the_old_kernelspec(reg: Path, tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     entry = registry.load_file(reg).get("sci")
-    target = kernelspec.Target.from_flags(str(tmp_path / "prefix"), False)
+    target = specdirs.Target.from_flags(str(tmp_path / "prefix"), False)
     dest = kernelspec.install(entry, target, reg)
     before = {p.name: p.read_bytes() for p in dest.iterdir()}
     disk_full_under(monkeypatch, tmp_path / "prefix")
@@ -89,12 +89,12 @@ def half_written_dir(kdir: Path) -> Path:
 
 
 def test_install_and_uninstall_recognise_a_half_written_kernelspec(reg: Path) -> None:
-    target = kernelspec.Target()
+    target = specdirs.Target()
     dest = half_written_dir(target.kernels_dir())
-    assert kernelspec.half_written(dest)
+    assert specdirs.half_written(dest)
     entry = registry.load_file(reg).get("sci")
     assert kernelspec.install(entry, target, reg) == dest  # used to refuse: "not written by hpc-kernels"
-    assert kernelspec.is_ours(dest)
+    assert specdirs.is_ours(dest)
     kernelspec.uninstall("sci", target)
     assert not dest.exists()
     half_written_dir(target.kernels_dir())
@@ -108,12 +108,12 @@ def test_install_and_uninstall_recognise_a_half_written_kernelspec(reg: Path) ->
     ("notes.txt", b"mine"),
 ])
 def test_what_is_not_ours_is_still_refused(reg: Path, name: str, content: bytes) -> None:
-    target = kernelspec.Target()
+    target = specdirs.Target()
     dest = target.kernels_dir() / "sci"
     dest.mkdir(parents=True)
     (dest / "kernel.json").write_bytes(b"")
     (dest / name).write_bytes(content)
-    assert not kernelspec.half_written(dest)
+    assert not specdirs.half_written(dest)
     with pytest.raises(NotOursError):
         kernelspec.install(registry.load_file(reg).get("sci"), target, reg)
     with pytest.raises(NotOursError):
@@ -122,21 +122,21 @@ def test_what_is_not_ours_is_still_refused(reg: Path, name: str, content: bytes)
 
 
 def test_leftover_temporaries_are_hidden_and_cleaned(reg: Path) -> None:
-    target = kernelspec.Target()
+    target = specdirs.Target()
     kdir = target.kernels_dir()
     entry = registry.load_file(reg).get("sci")
     kernelspec.install(entry, target, reg)
     gone = subprocess.Popen(["true"])
     gone.wait()
     host = paths.hostname()
-    dead = kdir / f"{kernelspec.STAGING_PREFIX}sci@{host}.{gone.pid}.0000"
-    live = kdir / f"{kernelspec.RETIRED_PREFIX}sci@{host}.{os.getpid()}.0000"
-    other_node = kdir / f"{kernelspec.STAGING_PREFIX}sci@elsewhere.1.0000"
+    dead = kdir / f"{specdirs.STAGING_PREFIX}sci@{host}.{gone.pid}.0000"
+    live = kdir / f"{specdirs.RETIRED_PREFIX}sci@{host}.{os.getpid()}.0000"
+    other_node = kdir / f"{specdirs.STAGING_PREFIX}sci@elsewhere.1.0000"
     for leftover in (dead, live, other_node):
         leftover.mkdir()
         (leftover / "kernel.json").write_text((kdir / "sci" / "kernel.json").read_text())
     # Never listed as kernels of ours, even with a complete kernel.json inside.
-    assert set(kernelspec.installed_ours()) == {"sci"}
+    assert set(specdirs.installed_ours()) == {"sci"}
     kernelspec.install(entry, target, reg)
     assert not dead.exists() and live.exists() and other_node.exists()  # a running install, a recent one
     os.utime(other_node, (1, 1))
@@ -147,8 +147,8 @@ def test_leftover_temporaries_are_hidden_and_cleaned(reg: Path) -> None:
 def test_install_output_is_what_jupyter_reads_and_others_can_read(reg: Path, tmp_path: Path) -> None:
     from jupyter_client.kernelspec import KernelSpecManager
 
-    dest = kernelspec.install(registry.load_file(reg).get("sci"), kernelspec.Target(), reg)
-    assert sorted(p.name for p in dest.iterdir()) == sorted(["kernel.json", *kernelspec.LOGO_FILES])
+    dest = kernelspec.install(registry.load_file(reg).get("sci"), specdirs.Target(), reg)
+    assert sorted(p.name for p in dest.iterdir()) == sorted(["kernel.json", *specdirs.LOGO_FILES])
     spec = KernelSpecManager().get_kernel_spec("sci")
     assert spec.display_name == "Science" and json.loads((dest / "kernel.json").read_text())["argv"]
     # A group's --prefix in /project: the directory and files follow the umask (jupyter_client's copy of a
@@ -156,7 +156,7 @@ def test_install_output_is_what_jupyter_reads_and_others_can_read(reg: Path, tmp
     old = os.umask(0o002)
     try:
         shared = kernelspec.install(registry.load_file(reg).get("sci"),
-                                    kernelspec.Target.from_flags(str(tmp_path / "group"), False), reg)
+                                    specdirs.Target.from_flags(str(tmp_path / "group"), False), reg)
     finally:
         os.umask(old)
     assert oct(shared.stat().st_mode & 0o777) == oct(0o775)

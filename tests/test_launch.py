@@ -13,7 +13,7 @@ import pytest
 
 from hpc_kernels.errors import HpcKernelsError
 from hpc_kernels.launchspec import LaunchSpec
-from hpc_kernels.runtimes import apptainer
+from hpc_kernels.runtimes.apptainer import cli as apptainer
 
 SPEC = LaunchSpec(
     kernel="sci", runtime="apptainer", mode="exec", image="/img/sci.sif",
@@ -156,8 +156,8 @@ def test_launch_path_needs_only_the_standard_library() -> None:
     python, *flags, script = launcher_argv()
     code = (
         "import sys; sys.path.insert(0, sys.argv[1]); "
-        "import hpc_kernels.launch, hpc_kernels.instances, hpc_kernels.containers, hpc_kernels.runtimes.apptainer; "
-        "import hpc_kernels.runtimes.docker; "
+        "import hpc_kernels.launch, hpc_kernels.runtimes.apptainer.attach, hpc_kernels.runtimes.docker.container; "
+        "import hpc_kernels.runtimes.apptainer.watcher, hpc_kernels.runtimes.podman, hpc_kernels.runtimes.job.launcher; "
         "print(' '.join(sorted({m.split('.')[0] for m in sys.modules} - set(sys.stdlib_module_names) - {'__main__'})))"
     )
     root = str(Path(script).parent.parent)
@@ -201,11 +201,11 @@ def test_helper_processes_start_isolated(tmp_path: Path) -> None:
     shadow = tmp_path / "shadow" / "hpc_kernels"
     shadow.mkdir(parents=True)
     (shadow / "__init__.py").write_text("raise ImportError('shadowed')\n")
-    argv = selfexec.module_argv("hpc_kernels.instances", "not-a-verb")
+    argv = selfexec.module_argv("hpc_kernels.runtimes.apptainer.reaper", "not-a-verb")
     assert argv[1:3] == ["-I", "-S"]
     done = subprocess.run(argv, env={**os.environ, "PYTHONPATH": str(shadow.parent)}, capture_output=True,
                           text=True, timeout=60, cwd=tmp_path)
-    assert done.returncode == 2 and "usage: python -m hpc_kernels.instances reap" in done.stderr
+    assert done.returncode == 2 and "usage: python -m hpc_kernels.runtimes.apptainer.reaper reap" in done.stderr
 
 
 # ----------------------------------------------------------------------------- values are data (security)

@@ -13,9 +13,13 @@ from typing import Any
 
 import pytest
 
-from hpc_kernels import cli, gc, instances, kernelspec, registry
+from hpc_kernels import cli, gc, kernelspec, paths, procfs, registry, specdirs
 from hpc_kernels.kernelspec import launcher_argv
 from hpc_kernels.launchspec import KernelSpecError, LaunchSpec, read_kernel_json
+from hpc_kernels.runtimes.apptainer import instance as app_instance
+from hpc_kernels.runtimes.apptainer import reaper as app_reaper
+from hpc_kernels.runtimes.apptainer import records as app_records
+from hpc_kernels.runtimes.apptainer import sweep as app_sweep
 
 MakeRegistry = Callable[..., Path]
 
@@ -84,7 +88,7 @@ def test_read_kernel_json_names_the_file(tmp_path: Path) -> None:
             read_kernel_json(str(path))
         assert str(info.value).startswith(f"the kernelspec {path} ") and expected in str(info.value)
         assert "'hpc-kernels install sci'" in str(info.value)
-        assert not kernelspec.is_ours(path.parent) or "damaged: '" in str(info.value)
+        assert not specdirs.is_ours(path.parent) or "damaged: '" in str(info.value)
 
 
 # ----------------------------------------------------------------------------- consumers
@@ -97,8 +101,8 @@ def damaged_install(make_registry: MakeRegistry, tmp_path: Path, change: dict[st
     path = make_registry(f"kernels:\n  bad:\n    image: {image}\n    mode: instance\n"
                          f"  good:\n    image: {image}\n")
     for entry in registry.load_file(path).kernels:
-        kernelspec.install(entry, kernelspec.Target(), path)
-    spec_file = kernelspec.installed_ours()["bad"] / "kernel.json"
+        kernelspec.install(entry, specdirs.Target(), path)
+    spec_file = specdirs.installed_ours()["bad"] / "kernel.json"
     data = json.loads(spec_file.read_text())
     data["metadata"]["hpc_kernels"].update(change)
     for key in [k for k, v in change.items() if v is KeyError]:
@@ -175,22 +179,22 @@ def test_show_and_list_report_it(make_registry: MakeRegistry, tmp_path: Path,
 def damaged_record(idle_timeout: Any = "abc") -> Path:
     """An instance record as an earlier version wrote it from a kernel.json with idle_timeout "abc",
     naming a live process (this test's) so that the record looks like a running instance."""
-    name = instances.Identity("u", "py", "h", "", instances.owner_tag(), "0badf00d").name
-    d = instances.instance_dir(name)
-    (d / instances.KERNELS).mkdir(parents=True)
-    me = instances.proc_ref(os.getpid())
+    name = app_instance.Identity("u", "py", "h", "", app_instance.owner_tag(), "0badf00d").name
+    d = app_instance.instance_dir(name)
+    (d / app_instance.KERNELS).mkdir(parents=True)
+    me = procfs.proc_ref(os.getpid())
     assert me is not None
-    record = instances.InstanceRecord(name, "py", "/i.sif", "u", instances.paths.hostname(), "", me.pid,
+    record = app_records.InstanceRecord(name, "py", "/i.sif", "u", paths.hostname(), "", me.pid,
                                       me.start, 1.0, 30.0, "/nonexistent/apptainer")
-    (d / instances.RECORD).write_text(json.dumps({**asdict(record), "idle_timeout": idle_timeout}))
+    (d / app_instance.RECORD).write_text(json.dumps({**asdict(record), "idle_timeout": idle_timeout}))
     return d
 
 
 def test_the_reaper_survives_a_damaged_record_and_stops_the_instance(capsys: pytest.CaptureFixture[str]) -> None:
     d = damaged_record()
-    assert instances.read_record(d) is None
-    assert "'idle_timeout' is 'abc'" in str(instances.record_problem(d))
-    assert instances.reap(d) == 0  # used to die of a TypeError, leaving the instance running forever
+    assert app_records.read_record(d) is None
+    assert "'idle_timeout' is 'abc'" in str(app_records.record_problem(d))
+    assert app_reaper.reap(d) == 0  # used to die of a TypeError, leaving the instance running forever
     out = capsys.readouterr().out
     assert f"is damaged: 'idle_timeout' is 'abc'; stopping instance {d.name}" in out
     assert not d.exists()
@@ -204,18 +208,18 @@ def test_instances_and_gc_report_a_damaged_record(capsys: pytest.CaptureFixture[
     assert "is damaged: 'idle_timeout' is 'abc'" in err and "Traceback" not in err
     assert cli.main(["instances", "--json"]) == 0
     assert "is damaged" in json.loads(capsys.readouterr().out)["problems"][0]
-    found = instances.sweep_state(dry_run=True)
+    found = app_sweep.sweep_state(dry_run=True)
     assert [(f.target, f.action) for f in found] == [(d.name, "stopped")]
     assert "is damaged: 'idle_timeout' is 'abc'; its state is removed too" in found[0].reason
     assert "restarted its reaper" not in str(found)
-    instances.sweep_state(dry_run=False)
+    app_sweep.sweep_state(dry_run=False)
     assert not d.exists()
 
 
 def test_damaged_attachments_are_skipped() -> None:
     d = damaged_record(idle_timeout=30.0)
-    (d / instances.KERNELS / "1-2.json").write_text(json.dumps(
+    (d / app_instance.KERNELS / "1-2.json").write_text(json.dumps(
         {"id": "1-2", "pid": "abc", "pid_start": 1, "connection_file": "/c.json", "attached_at": 1.0}))
-    assert instances.attachments(d) == []
-    assert instances.read_record(d) is not None
+    assert app_records.attachments(d) == []
+    assert app_records.read_record(d) is not None
 

@@ -32,8 +32,10 @@ from typing import Any
 
 import pytest
 
-from hpc_kernels import cli, instances, kernelspec, paths, registry
+from hpc_kernels import cli, kernelspec, paths, registry, specdirs
 from hpc_kernels.errors import HpcKernelsError
+from hpc_kernels.runtimes.apptainer import instance as app_instance
+from hpc_kernels.runtimes.apptainer import status as app_status
 from tests.conftest import run_cell, start_ready_kernel
 from tests.proctree import Proc, holding, kill_all, now_ticks, running, stat, tree, wait_for
 
@@ -105,7 +107,7 @@ def scene(image: Path, apptainer_bin: str, make_registry: Callable[..., Path],
             command: {command}
         """)
     for entry in registry.load_file(path).kernels:
-        kernelspec.install(entry, kernelspec.Target(), path)
+        kernelspec.install(entry, specdirs.Target(), path)
     runtime = Path(os.environ["JUPYTER_RUNTIME_DIR"])
     runtime.mkdir(parents=True, exist_ok=True)
     since = now_ticks()
@@ -123,10 +125,10 @@ def scene(image: Path, apptainer_bin: str, make_registry: Callable[..., Path],
                 with contextlib.suppress(Exception):
                     sc.km.shutdown_kernel(now=True) if sc.km.is_alive() else sc.km.cleanup_resources()
             kill_all(running(sc.started or set()))
-        for st in instances.list_instances():
+        for st in app_status.list_instances():
             with contextlib.suppress(HpcKernelsError):
-                instances.stop(st.name)
-        out = subprocess.run(["pgrep", "-f", f"hpc_kernels.instances.* reap {instances.root()}"],
+                app_status.stop(st.name)
+        out = subprocess.run(["pgrep", "-f", f"hpc_kernels.runtimes.apptainer.reaper.* reap {app_instance.root()}"],
                              capture_output=True, text=True).stdout
         kill_all([Proc(int(p), 0, "reaper") for p in out.split()])
         kill_all(holding(image, since))
@@ -227,7 +229,7 @@ def test_nothing_of_a_kernel_outlives_it(scene: dict[str, Any], image: Path, mod
         # The shared instance outlives its kernels by its idle timeout, then goes, and all it held.
         assert wait_for(lambda: not holding(image, scene["since"]), IDLE + IDLE_MARGIN), \
             holding(image, scene["since"])
-        assert wait_for(lambda: not instances.instance_dirs(), 10)
+        assert wait_for(lambda: not app_status.instance_dirs(), 10)
     assert cli_json(capsys, "gc", "--dry-run")["findings"] == []
     print(f"{mode}/{how}: the kernel's processes were gone {took:.2f} s after", file=sys.__stderr__)
 
@@ -277,9 +279,9 @@ def test_gc_sweeps_what_an_instance_left_when_its_starter_and_reaper_were_killed
 ) -> None:
     sc = start(scene, "instance")
     record_started(sc)
-    (st,) = instances.list_instances()
-    d = instances.instance_dir(st.name)
-    out = subprocess.run(["pgrep", "-f", f"hpc_kernels.instances.* reap {d}"], capture_output=True, text=True)
+    (st,) = app_status.list_instances()
+    d = app_instance.instance_dir(st.name)
+    out = subprocess.run(["pgrep", "-f", f"hpc_kernels.runtimes.apptainer.reaper.* reap {d}"], capture_output=True, text=True)
     for pid in out.stdout.split():
         os.kill(int(pid), signal.SIGKILL)
     instance_tree = tree(stat(st.pid)[2])  # type: ignore[index]  # the starter above the instance's process
@@ -300,6 +302,6 @@ def test_gc_sweeps_what_an_instance_left_when_its_starter_and_reaper_were_killed
 
     cli_json(capsys, "gc")
     assert wait_for(lambda: not running(instance_tree), 5), running(instance_tree)
-    assert not instances.instance_dirs()
+    assert not app_status.instance_dirs()
     # The kernel, attached to an instance that is gone, is an orphan gc ends too.
     assert wait_for(lambda: not running(sc.started or set()), 10), running(sc.started or set())

@@ -10,7 +10,7 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
-from hpc_kernels import cli, kernelspec
+from hpc_kernels import cli, specdirs
 
 REGISTRY = """\
 kernels:
@@ -40,7 +40,7 @@ def test_install_copies_the_logo_and_jupyter_client_lists_it(make_registry: Any,
     assert cli.main(["install", "boxed", "--registry", str(path)]) == 0
     spec_dir = isolated_home / ".local/share/jupyter/kernels/boxed"
     resources = files("hpc_kernels").joinpath("resources")
-    for name in kernelspec.LOGO_FILES:
+    for name in specdirs.LOGO_FILES:
         assert (spec_dir / name).read_bytes() == resources.joinpath(name).read_bytes()
     # What Jupyter Server turns into /kernelspecs/boxed/logo-svg.svg for the launcher.
     found = KernelSpecManager().get_all_specs()["boxed"]

@@ -20,7 +20,8 @@ import pytest
 
 from hpc_kernels import cli
 from hpc_kernels.launchspec import LaunchSpec
-from hpc_kernels.runtimes import apptainer
+from hpc_kernels.runtimes import envpolicy
+from hpc_kernels.runtimes.apptainer import cli as apptainer
 
 MARKER = "hpc-kernels test image (debian bookworm)\n"
 
@@ -65,7 +66,7 @@ def setup(make_registry: Callable[..., Path], tmp_path: Path) -> tuple[Path, dic
     (data / "input.txt").write_text("bound data\n")
     # The host's own allowlisted variables (LANG, USER...) left out: the container's variables are then ours only.
     env = {k: v for k, v in os.environ.items()
-           if not any(fnmatch.fnmatchcase(k, pattern) for pattern in apptainer.ENV_ALLOWLIST)}
+           if not any(fnmatch.fnmatchcase(k, pattern) for pattern in envpolicy.ENV_ALLOWLIST)}
     # LANG set: else Python's locale coercion adds LC_CTYPE to the environment of the CLI process.
     env.update(LANG="C.UTF-8", HPCK_DATA=str(data), HPCK_PASSED="passed through", SLURM_JOB_ID="4242", OMP_NUM_THREADS="3",
                PYTHONPATH="/leaked/pythonpath", LD_LIBRARY_PATH="/leaked/lib", HPCK_NOT_ALLOWED="leak",

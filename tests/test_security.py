@@ -17,6 +17,10 @@ import pytest
 
 from hpc_kernels import cli, modulefile, registry, slurm, templates
 from hpc_kernels.errors import HpcKernelsError, UsageError
+from hpc_kernels.runtimes.apptainer import attach as app_attach
+from hpc_kernels.runtimes.apptainer import instance as app_instance
+from hpc_kernels.runtimes.apptainer import records as app_records
+from hpc_kernels.runtimes.apptainer import status as app_status
 
 REG = """\
 defaults:
@@ -371,10 +375,11 @@ def test_another_users_lock_is_not_waited_for(tmp_path: Path, monkeypatch: pytes
 
 
 def test_an_instance_lock_someone_holds_stalls_no_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
-    from hpc_kernels import instances
+    from hpc_kernels.runtimes.apptainer import instance as app_instance
+    from hpc_kernels.runtimes.apptainer import status as app_status
 
-    monkeypatch.setattr(instances, "LOCK_TIMEOUT", 0.5, raising=False)
-    d = instances.instance_dir("hpck-held")
+    monkeypatch.setattr(app_records, "LOCK_TIMEOUT", 0.5, raising=False)
+    d = app_instance.instance_dir("hpck-held")
     d.mkdir(parents=True)
     (d / "lock").write_text("")
     holder = hold_lock(d / "lock")
@@ -382,7 +387,7 @@ def test_an_instance_lock_someone_holds_stalls_no_kernel(monkeypatch: pytest.Mon
 
     def stop() -> None:
         try:
-            instances.stop("hpck-held")
+            app_status.stop("hpck-held")
         except BaseException as exc:  # handed to the test's thread
             outcome.append(exc)
 
@@ -403,19 +408,19 @@ def test_an_instance_lock_someone_holds_stalls_no_kernel(monkeypatch: pytest.Mon
 
 def test_state_is_private_whatever_the_umask(umask_022: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
                                              make_registry: Any, builder: RecordingBuilder) -> None:
-    from hpc_kernels import instances, paths
+    from hpc_kernels import paths
     from hpc_kernels.build import orchestrator
-    from hpc_kernels.runtimes import apptainer
+    from hpc_kernels.runtimes.apptainer import cli as apptainer
 
     # An instance directory left 0755/0644 by an older version, under a 0755 state tree.
     image = tmp_path / "k.sif"
     image.write_text("image")
     spec = _instance_spec(str(image))
-    old = instances.root() / "hpck-old"
+    old = app_instance.root() / "hpck-old"
     old.mkdir(parents=True)
     (old / "lock").write_text("")
     (old / "lock").chmod(0o644)
-    for directory in (paths.state_dir(), instances.root().parent, instances.root(), old):
+    for directory in (paths.state_dir(), app_instance.root().parent, app_instance.root(), old):
         directory.chmod(0o755)
 
     class Launched(Exception):
@@ -429,16 +434,16 @@ def test_state_is_private_whatever_the_umask(umask_022: None, monkeypatch: pytes
 
     monkeypatch.setattr(apptainer, "find_binary", lambda **kw: "/opt/apptainer/bin/apptainer")
     monkeypatch.setattr(apptainer, "start_instance", start_instance)
-    monkeypatch.setattr(instances, "ensure_reaper", lambda d: False)
-    monkeypatch.setattr(instances.os, "execve", execve)
+    monkeypatch.setattr(app_attach, "ensure_reaper", lambda d: False)
+    monkeypatch.setattr(app_attach.os, "execve", execve)
     with pytest.raises(Launched):
-        instances.launch(spec, str(tmp_path / "runtime" / "kernel-1.json"))
-    (d,) = [p for p in instances.instance_dirs() if p != old]
-    for directory in (paths.state_dir(), instances.root().parent, instances.root(), d, d / instances.KERNELS):
+        app_attach.launch(spec, str(tmp_path / "runtime" / "kernel-1.json"))
+    (d,) = [p for p in app_status.instance_dirs() if p != old]
+    for directory in (paths.state_dir(), app_instance.root().parent, app_instance.root(), d, d / app_instance.KERNELS):
         assert mode(directory) == 0o700, directory
-    for file in (d / "lock", d / instances.RECORD, *(d / instances.KERNELS).glob("*.json")):
+    for file in (d / "lock", d / app_instance.RECORD, *(d / app_instance.KERNELS).glob("*.json")):
         assert mode(file) == 0o600, file
-    with instances._lock(old / "lock"):  # an older lock file of ours is tightened when taken
+    with app_records._lock(old / "lock"):  # an older lock file of ours is tightened when taken
         assert mode(old / "lock") == 0o600 and mode(old) == 0o700
 
     # A build's log, and the records of a Slurm job.

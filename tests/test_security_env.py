@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 import yaml
 
-from hpc_kernels import kernelspec, registry
+from hpc_kernels import kernelspec, registry, specdirs
 from tests.conftest import run_cell, start_ready_kernel
 
 # Characters a shell, a quoting routine or an env-file parser could treat specially, plus non-ASCII.
@@ -91,7 +91,7 @@ def values(tmp_path: Path, isolated_home: Path) -> Iterator[tuple[dict[str, str]
 def _install(make_registry: Any, name: str, extra: str, reg: dict[str, str]) -> registry.KernelEntry:
     path = make_registry(registry_text(name, extra, reg))
     entry = registry.load(path).get(name)
-    kernelspec.install(entry, kernelspec.Target())
+    kernelspec.install(entry, specdirs.Target())
     return entry
 
 

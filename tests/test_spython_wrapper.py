@@ -12,7 +12,7 @@ import pytest
 
 from hpc_kernels.build import guard as buildguard
 from hpc_kernels.errors import BuildError
-from hpc_kernels.runtimes import apptainer
+from hpc_kernels.runtimes.apptainer import builder as app_builder
 
 
 @pytest.fixture
@@ -53,7 +53,7 @@ def test_success_streams_lines_through_a_private_shim(monkeypatch: pytest.Monkey
     calls = patch_build(monkeypatch, ok)
     seen: list[str] = []
     before = __import__("os").environ["PATH"]
-    apptainer.Apptainer("/opt/x/bin/apptainer").build(recipe, tmp_path / "out.sif", ["--fakeroot"], seen.append)
+    app_builder.Apptainer("/opt/x/bin/apptainer").build(recipe, tmp_path / "out.sif", ["--fakeroot"], seen.append)
     assert seen == ["INFO: Starting build...", "INFO: Build complete"]
     call = calls[0]
     assert call["sudo"] is False and call["options"] == ["--fakeroot"] and call["stream"] is True
@@ -79,7 +79,7 @@ def test_every_failure_is_a_build_error(monkeypatch: pytest.MonkeyPatch, recipe:
                                         behaviour: Any, reason: str) -> None:
     patch_build(monkeypatch, behaviour)
     with pytest.raises(BuildError) as info:
-        apptainer.Apptainer("/usr/bin/apptainer").build(recipe, tmp_path / "out.sif", [], lambda _l: None)
+        app_builder.Apptainer("/usr/bin/apptainer").build(recipe, tmp_path / "out.sif", [], lambda _l: None)
     assert reason in str(info.value)
     if "255" in reason:
         assert "exit status 3" in info.value.log_tail

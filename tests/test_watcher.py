@@ -19,8 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from hpc_kernels import cli, gc, paths, procfs, watcher
+from hpc_kernels import cli, gc, paths, procfs
 from hpc_kernels.launchspec import LaunchSpec
+from hpc_kernels.runtimes.apptainer import execrecord as app_execrecord
+from hpc_kernels.runtimes.apptainer import sweep as app_sweep
 from tests.proctree import Proc, kill_all, running, tree, wait_for
 
 #: Stands in for Apptainer: a helper left in the session (like squashfuse_ll, without the marker), a child
@@ -93,18 +95,18 @@ def launch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable
             one.parent.kill()
             one.parent.wait()
         kill_all(running(one.started))
-    for path in watcher.record_paths():
-        record = watcher.read_record(path)
+    for path in app_execrecord.record_paths():
+        record = app_execrecord.read_record(path)
         if record and record.watcher:
             procfs.kill([record.watcher])
 
 
 def _watched() -> bool:
     """The watcher runs and has recorded the launcher's two children."""
-    paths_ = watcher.record_paths()
+    paths_ = app_execrecord.record_paths()
     if len(paths_) != 1:
         return False
-    record = watcher.read_record(paths_[0])
+    record = app_execrecord.read_record(paths_[0])
     return record is not None and record.watcher is not None and len(record.procs) == 2
 
 
@@ -112,7 +114,7 @@ def test_sigkill_of_the_launcher_leaves_nothing(launch: Callable[..., Launched])
     one = launch()
     os.kill(one.launcher, signal.SIGKILL)
     assert wait_for(lambda: not running(one.started), GONE_WITHIN), running(one.started)
-    assert wait_for(lambda: not watcher.record_paths(), GONE_WITHIN)
+    assert wait_for(lambda: not app_execrecord.record_paths(), GONE_WITHIN)
     assert "killed what it left" in (paths.log_dir() / "watcher.log").read_text()
 
 
@@ -120,7 +122,7 @@ def test_sigkill_of_the_process_group_leaves_nothing(launch: Callable[..., Launc
     one = launch()
     os.killpg(one.launcher, signal.SIGKILL)
     assert wait_for(lambda: not running(one.started), GONE_WITHIN), running(one.started)
-    assert wait_for(lambda: not watcher.record_paths(), GONE_WITHIN)
+    assert wait_for(lambda: not app_execrecord.record_paths(), GONE_WITHIN)
 
 
 def test_the_kernel_ends_when_the_process_that_started_it_dies(launch: Callable[..., Launched]) -> None:
@@ -128,7 +130,7 @@ def test_the_kernel_ends_when_the_process_that_started_it_dies(launch: Callable[
     one.parent.kill()
     one.parent.wait()
     assert wait_for(lambda: not running(one.started), GONE_WITHIN), running(one.started)
-    assert wait_for(lambda: not watcher.record_paths(), GONE_WITHIN)
+    assert wait_for(lambda: not app_execrecord.record_paths(), GONE_WITHIN)
     assert "the process that started it" in (paths.log_dir() / "watcher.log").read_text()
 
 
@@ -136,7 +138,7 @@ def test_a_kernel_started_to_outlive_its_starter_lives_on(launch: Callable[..., 
     """Without $JPY_PARENT_PID (not started by jupyter_client) a kernel does not end with its starter, as a
     host ipykernel does not; it still leaves nothing when it ends."""
     one = launch(as_jupyter=False)
-    record = watcher.read_record(watcher.record_paths()[0])
+    record = app_execrecord.read_record(app_execrecord.record_paths()[0])
     assert record is not None and record.parent is None
     one.parent.kill()
     one.parent.wait()
@@ -148,7 +150,7 @@ def test_a_kernel_started_to_outlive_its_starter_lives_on(launch: Callable[..., 
 
 def test_the_watcher_runs_detached_and_isolated(launch: Callable[..., Launched]) -> None:
     one = launch()
-    record = watcher.read_record(watcher.record_paths()[0])
+    record = app_execrecord.read_record(app_execrecord.record_paths()[0])
     assert record is not None and record.watcher is not None
     assert record.launcher.pid == one.launcher and record.session
     assert record.parent is not None and record.parent.pid == one.parent.pid
@@ -162,8 +164,8 @@ def test_the_watcher_runs_detached_and_isolated(launch: Callable[..., Launched])
 
 def test_gc_finishes_what_a_killed_watcher_left(launch: Callable[..., Launched], capsys: pytest.CaptureFixture[str]) -> None:
     one = launch()
-    (path,) = watcher.record_paths()
-    record = watcher.read_record(path)
+    (path,) = app_execrecord.record_paths()
+    record = app_execrecord.read_record(path)
     assert record is not None and record.watcher is not None
     procfs.kill([record.watcher])
     os.kill(one.launcher, signal.SIGKILL)
@@ -176,25 +178,25 @@ def test_gc_finishes_what_a_killed_watcher_left(launch: Callable[..., Launched],
     targets = {(f["sweeper"], f["target"], f["action"]) for f in dry}
     assert {("kernels", f"pid {p.pid}", "killed") for p in left} <= targets, (left, dry)
     assert ("kernels", f"fake ({record.id})", "removed its record") in targets
-    assert running(one.started) == left and watcher.record_paths() == [path]
+    assert running(one.started) == left and app_execrecord.record_paths() == [path]
 
     assert cli.main(["gc"]) == 0
     assert "killed" in capsys.readouterr().err
     assert wait_for(lambda: not running(one.started), 5), running(one.started)
-    assert watcher.record_paths() == []
+    assert app_execrecord.record_paths() == []
     assert [f for f in gc.sweep(dry_run=True) if f.sweeper == "kernels"] == []
 
 
 def test_gc_gives_a_live_kernel_whose_watcher_died_a_new_one(launch: Callable[..., Launched]) -> None:
     one = launch()
-    (path,) = watcher.record_paths()
-    record = watcher.read_record(path)
+    (path,) = app_execrecord.record_paths()
+    record = app_execrecord.read_record(path)
     assert record is not None and record.watcher is not None
     procfs.kill([record.watcher])
     assert wait_for(lambda: not record.watcher.alive(), 5)  # type: ignore[union-attr]
-    found = watcher.sweep(dry_run=False)
+    found = app_sweep.sweep_kernels(dry_run=False)
     assert [(f.sweeper, f.action) for f in found] == [("kernels", "restarted its watcher")]
-    assert wait_for(lambda: (watcher.read_record(path) or record).watcher not in (None, record.watcher), 10)
+    assert wait_for(lambda: (app_execrecord.read_record(path) or record).watcher not in (None, record.watcher), 10)
     os.kill(one.launcher, signal.SIGKILL)  # ... and the new watcher cleans up after it
     assert wait_for(lambda: not running(one.started), GONE_WITHIN), running(one.started)
 
@@ -203,29 +205,29 @@ def test_gc_gives_a_live_kernel_whose_watcher_died_a_new_one(launch: Callable[..
 
 
 def test_record_round_trip_and_damage(tmp_path: Path) -> None:
-    rec = watcher.KernelRecord(id="ab", kernel="k", image="/i.sif", launcher=procfs.ProcRef(10, 5),
+    rec = app_execrecord.KernelRecord(id="ab", kernel="k", image="/i.sif", launcher=procfs.ProcRef(10, 5),
                                session=True, parent=None, created=1.0, watcher=procfs.ProcRef(11, 6),
                                procs=((procfs.ProcRef(12, 7), "squashfuse_ll"),))
     path = str(tmp_path / "ab.json")
-    watcher.write_record(rec, path)
-    assert watcher.read_record(path) == rec
+    app_execrecord.write_record(rec, path)
+    assert app_execrecord.read_record(path) == rec
     assert os.listdir(tmp_path) == ["ab.json"]  # no temporary file left
     for bad in ({"format": 1}, {"format": 2}, [], {**rec.to_json(), "launcher": ["x", 1]},
                 {**rec.to_json(), "procs": [[1, 2]]}):
         Path(path).write_text(json.dumps(bad))
         with pytest.raises(ValueError):
-            watcher.read_record(path)
-    assert watcher.read_record(str(tmp_path / "gone.json")) is None
+            app_execrecord.read_record(path)
+    assert app_execrecord.read_record(str(tmp_path / "gone.json")) is None
 
 
 def test_gc_removes_a_damaged_record() -> None:
-    directory = Path(watcher.records_path())
+    directory = Path(app_execrecord.records_path())
     directory.mkdir(parents=True)
     (directory / "junk.json").write_text("{not json")
-    found = watcher.sweep(dry_run=True)
+    found = app_sweep.sweep_kernels(dry_run=True)
     assert [(f.target, f.action) for f in found] == [(str(directory / "junk.json"), "removed")]
     assert (directory / "junk.json").exists()
-    watcher.sweep()
+    app_sweep.sweep_kernels()
     assert not (directory / "junk.json").exists()
 
 
@@ -273,10 +275,10 @@ def test_kill_spares_a_recycled_pid() -> None:
 
 def test_marked_finds_processes_by_their_environment() -> None:
     token = os.urandom(4).hex()
-    child = subprocess.Popen(["sleep", "30"], env={**os.environ, watcher.ENV_KERNEL: token})
+    child = subprocess.Popen(["sleep", "30"], env={**os.environ, app_execrecord.ENV_KERNEL: token})
     try:
-        assert wait_for(lambda: procfs.marked(watcher.ENV_KERNEL, token) == [child.pid], 5)
-        assert procfs.marked(watcher.ENV_KERNEL, token + "x") == []
+        assert wait_for(lambda: procfs.marked(app_execrecord.ENV_KERNEL, token) == [child.pid], 5)
+        assert procfs.marked(app_execrecord.ENV_KERNEL, token + "x") == []
     finally:
         child.kill()
         child.wait()
@@ -301,7 +303,7 @@ def test_launch_path_stays_light() -> None:
     from hpc_kernels.kernelspec import launcher_argv
 
     python, *flags, script = launcher_argv()
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); import hpc_kernels.launch, hpc_kernels.watcher, "
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import hpc_kernels.launch, hpc_kernels.runtimes.apptainer.watcher, "
             "hpc_kernels.runtimes.apptainer; "
             "print(sorted({'pathlib', 'socket', 'subprocess', 'tempfile', 'typing'} & set(sys.modules)))")
     done = subprocess.run([python, *flags, "-c", code, str(Path(script).parent.parent)], capture_output=True,

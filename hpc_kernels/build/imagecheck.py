@@ -32,13 +32,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import hpc_kernels.runtimes.apptainer.cli as apptainer
 from hpc_kernels import kernelspec, paths, proc
 from hpc_kernels.build import stamps
 from hpc_kernels.errors import HpcKernelsError, RuntimeNotFoundError, ToolError
 from hpc_kernels.fsutil import atomic_write
 from hpc_kernels.model import Runtime
 from hpc_kernels.registry import KernelEntry
-from hpc_kernels.runtimes import apptainer
 from hpc_kernels.runtimes.base import ImageRunner
 
 #: The Pythons looked for, in this order, when the registry gives no command.

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+import hpc_kernels.runtimes.docker.build as docker_build
 from hpc_kernels import group, paths
 from hpc_kernels.build import imagecheck, provenance, recipe
 from hpc_kernels.build import temp as buildtemp
@@ -35,10 +36,9 @@ from hpc_kernels.fsutil import atomic_write, open_private, share_for
 from hpc_kernels.locks import LockRecord, cluster_lock
 from hpc_kernels.model import ImageStatus, Runtime
 from hpc_kernels.registry import KernelEntry
-from hpc_kernels.runtimes.apptainer import Apptainer
+from hpc_kernels.runtimes.apptainer.builder import Apptainer
 from hpc_kernels.runtimes.base import Builder
-from hpc_kernels.runtimes.docker import ContainerCLI
-from hpc_kernels.runtimes.docker import build as docker_build
+from hpc_kernels.runtimes.docker.cli import ContainerCLI
 from hpc_kernels.staging import cache, prepare
 from hpc_kernels.staging_settings import Fetch
 

@@ -19,7 +19,7 @@ from hpc_kernels.build.stamps import read_stamp
 from hpc_kernels.errors import HpcKernelsError
 from hpc_kernels.model import Runtime
 from hpc_kernels.proc import run
-from hpc_kernels.runtimes.apptainer import find_binary
+from hpc_kernels.runtimes.apptainer.cli import find_binary
 
 if TYPE_CHECKING:
     from hpc_kernels.registry import KernelEntry

@@ -17,14 +17,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import hpc_kernels.runtimes.docker.build as docker_build
 from hpc_kernels import access
 from hpc_kernels.build import recipegen
 from hpc_kernels.build.recipe import localimage_bases
 from hpc_kernels.errors import BuildError, HpcKernelsError
 from hpc_kernels.model import Runtime
 from hpc_kernels.registry import KernelEntry
-from hpc_kernels.runtimes.docker import ContainerCLI
-from hpc_kernels.runtimes.docker import build as docker_build
+from hpc_kernels.runtimes.docker.cli import ContainerCLI
 from hpc_kernels.staging import requirements
 
 DIGEST_FORMAT = "hpck-build-1"

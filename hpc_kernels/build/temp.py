@@ -34,16 +34,13 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from hpc_kernels import paths, proc, procfs
 from hpc_kernels.errors import HpcKernelsError, LockBusyError
 from hpc_kernels.fsutil import atomic_write
-from hpc_kernels.gc import Finding
+from hpc_kernels.leftovers import Leftover
 from hpc_kernels.locks import cluster_lock
-
-if TYPE_CHECKING:
-    from hpc_kernels.gc import Finding
 
 OWNER = "owner.json"
 TEMP_IMAGE = "image.sif"
@@ -305,13 +302,13 @@ def records() -> Iterator[tuple[Path, BuildTemp | None]]:
             yield entry, None
 
 
-def sweep(dry_run: bool = False) -> list[Finding]:
+def sweep(dry_run: bool = False) -> list[Leftover]:
     """``gc``: remove the work directories and temporary directories of this user's killed builds."""
-    found: list[Finding] = []
+    found: list[Leftover] = []
     for entry, temp in records():
         if temp is None:
             if _age(entry) > STALE_AFTER:
-                found.append(Finding("builds", str(entry), "removed", "an unreadable build record"))
+                found.append(Leftover("builds", str(entry), "removed", "an unreadable build record"))
                 if not dry_run:
                     with contextlib.suppress(OSError):
                         entry.unlink()
@@ -332,12 +329,12 @@ def sweep(dry_run: bool = False) -> list[Finding]:
         places = [p for p in (temp.workdir, temp.tmpdir if temp.owner.local() else None)
                   if p is not None and os.path.lexists(p)]
         for place in places:
-            found.append(Finding("builds", str(place), "removed", reason))
+            found.append(Leftover("builds", str(place), "removed", reason))
         if not places:
-            found.append(Finding("builds", str(entry), "removed", f"record of a finished build ({reason})"))
+            found.append(Leftover("builds", str(entry), "removed", f"record of a finished build ({reason})"))
         if not dry_run:
             for problem in remove(temp):
-                found.append(Finding("builds", problem.split(":", 1)[0], "left alone",
+                found.append(Leftover("builds", problem.split(":", 1)[0], "left alone",
                                      f"could not be removed: {problem.split(': ', 1)[-1]}"))
     return found
 

@@ -174,11 +174,11 @@ def stage_and_report(entry: KernelEntry, *, pull: bool, lock: bool, quiet: bool 
 def _note_outdated_kernelspec(entry: KernelEntry) -> None:
     """After a build: when the kernelspec Jupyter uses runs another command than the new image needs (the
     build found only 'python' where the kernelspec says 'python3'), say that it must be installed again."""
-    from hpc_kernels import kernelspec
+    from hpc_kernels import kernelspec, specdirs
     from hpc_kernels.launchspec import read_kernel_json
 
-    kdir = kernelspec.visible(entry.name)
-    if kdir is None or not kernelspec.is_ours(kdir):
+    kdir = specdirs.visible(entry.name)
+    if kdir is None or not specdirs.is_ours(kdir):
         return
     try:
         _data, installed = read_kernel_json(str(kdir / "kernel.json"))
@@ -186,7 +186,7 @@ def _note_outdated_kernelspec(entry: KernelEntry) -> None:
         return
     wanted = kernelspec.launch_spec(entry).command
     if installed.command != wanted:
-        update = kernelspec.command("install", entry.name, kdir) or f"hpc-kernels install {entry.name}"
+        update = specdirs.command("install", entry.name, kdir) or f"hpc-kernels install {entry.name}"
         ui.say(f"the installed kernelspec ({ui.tilde(kdir)}) runs '{installed.command[0]}', the new image needs "
                f"'{wanted[0]}': run '{update}'.", "note:", "yellow", indent="  ")
 

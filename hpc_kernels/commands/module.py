@@ -158,7 +158,7 @@ def _show(config: ModuleConfig, as_json: bool) -> int:
 
 
 def _install(config: ModuleConfig, args: argparse.Namespace) -> int:
-    from hpc_kernels import kernelspec, modulefile, registry, ui
+    from hpc_kernels import kernelspec, modulefile, registry, specdirs, ui
     from hpc_kernels.errors import UsageError
 
     if args.names and args.all:
@@ -167,7 +167,7 @@ def _install(config: ModuleConfig, args: argparse.Namespace) -> int:
     installed: list[str] = []
     if args.names or args.all:
         reg = registry.load(getattr(args, "registry", None))
-        target = kernelspec.Target(user=False, prefix=str(config.prefix))
+        target = specdirs.Target(user=False, prefix=str(config.prefix))
         chosen = reg.select(args.names, args.all)
         if args.all and not chosen:
             ui.plain_note(ui.no_kernels_note(reg))

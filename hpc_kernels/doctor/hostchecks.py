@@ -12,6 +12,7 @@ from pathlib import Path
 
 from jupyter_core.paths import jupyter_runtime_dir
 
+import hpc_kernels.runtimes.apptainer.cli as apptainer
 from hpc_kernels import paths, proc
 from hpc_kernels.doctor.base import (
     FAIL,
@@ -28,7 +29,6 @@ from hpc_kernels.doctor.base import (
 from hpc_kernels.errors import RuntimeNotFoundError, ToolError
 from hpc_kernels.model import Runtime
 from hpc_kernels.registry import KernelEntry
-from hpc_kernels.runtimes import apptainer
 
 # ----------------------------------------------------------------------------- host checks
 

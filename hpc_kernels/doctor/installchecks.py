@@ -7,7 +7,7 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from hpc_kernels import access, group, grouptree, kernelspec, proc
+from hpc_kernels import access, group, grouptree, kernelspec, proc, specdirs
 from hpc_kernels.doctor.base import FAIL, OK, WARN, Context, Finding, _last_line
 from hpc_kernels.doctor.kernelchecks import _launcher_prefix, disable_user_config_source
 from hpc_kernels.errors import ToolError
@@ -18,10 +18,10 @@ from hpc_kernels.registry import KernelEntry, Registry
 
 def check_kernelspec(entry: KernelEntry, ctx: Context) -> Finding:
     """Is the kernelspec where Jupyter looks, ours, and not hidden by JupyterHub?"""
-    found = kernelspec.visible(entry.name)
-    dirs = ", ".join(str(d) for d in kernelspec.search_dirs())
+    found = specdirs.visible(entry.name)
+    dirs = ", ".join(str(d) for d in specdirs.search_dirs())
     if found is None:
-        for spec in kernelspec.unreadable(entry.name):
+        for spec in specdirs.unreadable(entry.name):
             why = group.explain_unreadable(spec / "kernel.json")
             if why:
                 return Finding("kernelspec", FAIL, f"Jupyter does not list the kernelspec {spec}: {why}",
@@ -38,9 +38,9 @@ def check_kernelspec(entry: KernelEntry, ctx: Context) -> Finding:
                        f"run 'hpc-kernels install {entry.name}' (if you installed it with --prefix DIR, add "
                        "DIR/share/jupyter to JUPYTER_PATH: 'module load container-kernels' does that), then "
                        "restart your JupyterLab session.", entry.name)
-    hidden = [p for p in kernelspec.copies(entry.name) if p != found]
-    if not kernelspec.is_ours(found):
-        ours = [p for p in hidden if kernelspec.is_ours(p)]
+    hidden = [p for p in specdirs.copies(entry.name) if p != found]
+    if not specdirs.is_ours(found):
+        ours = [p for p in hidden if specdirs.is_ours(p)]
         mine = f"; the one hpc-kernels wrote, {ours[0]}, is hidden by it" if ours else ""
         return Finding("kernelspec", FAIL,
                        f"the kernelspec Jupyter uses for '{entry.name}' ({found}) was not written by "
@@ -55,7 +55,7 @@ def check_kernelspec(entry: KernelEntry, ctx: Context) -> Finding:
                        "and put that prefix's share/jupyter on JUPYTER_PATH "
                        "('module load container-kernels'), then restart your JupyterLab session.", entry.name)
     if hidden:
-        fixes = [kernelspec.command("uninstall", entry.name, p) if kernelspec.is_ours(p) else None
+        fixes = [specdirs.command("uninstall", entry.name, p) if specdirs.is_ours(p) else None
                  for p in hidden]
         fix = "; ".join(f"'{cmd}'" if cmd else f"remove {p} yourself" for cmd, p in zip(fixes, hidden))
         return Finding("kernelspec", WARN,

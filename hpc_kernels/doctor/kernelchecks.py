@@ -13,15 +13,16 @@ from pathlib import Path
 
 from jupyter_core.paths import jupyter_config_path
 
-from hpc_kernels import group, jobkernel, kernelspec, proc
+import hpc_kernels.runtimes.apptainer.cli as apptainer
+import hpc_kernels.runtimes.job.script as jobkernel
+from hpc_kernels import group, kernelspec, proc
 from hpc_kernels.build import imagecheck, stamps
 from hpc_kernels.doctor.base import FAIL, LEAKY_VARS, OK, WARN, Context, Finding, _last_line
 from hpc_kernels.errors import HpcKernelsError, ToolError
 from hpc_kernels.kernelspec import launch_spec
 from hpc_kernels.model import Runtime
 from hpc_kernels.registry import KernelEntry
-from hpc_kernels.runtimes import apptainer
-from hpc_kernels.runtimes.apptainer import gpu_flag
+from hpc_kernels.runtimes.apptainer.cli import gpu_flag
 
 # ----------------------------------------------------------------------------- kernel checks
 

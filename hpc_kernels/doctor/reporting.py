@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hpc_kernels import kernelspec, registry
+from hpc_kernels import registry, specdirs
 from hpc_kernels.doctor.base import FAIL, OK, WARN, Context, Finding
 from hpc_kernels.doctor.hostchecks import (
     check_build_namespaces,
@@ -88,7 +88,7 @@ def run_checks(registry: Registry | None, names: list[str] | None = None, ctx: C
             entries = [registry.get(n) for n in names]
         findings.append(Finding("registry", OK, f"{registry.path} (found via {registry.source}), "
                                                 f"{len(registry.kernels)} kernel(s)."))
-    installed = kernelspec.installed_ours()
+    installed = specdirs.installed_ours()
     runtimes = sorted({e.runtime for e in entries}) or ["apptainer"]
     fallbacks = runtime_hints(installed, {e.name for e in entries} if names else None)
     binaries: dict[str, str | None] = {}
@@ -113,7 +113,7 @@ def run_checks(registry: Registry | None, names: list[str] | None = None, ctx: C
         for name, kdir in installed.items():
             if name not in known:
                 findings += check_installed(name, kdir, None, ctx)
-    return Report(tuple(findings), tuple(str(d) for d in kernelspec.search_dirs()),
+    return Report(tuple(findings), tuple(str(d) for d in specdirs.search_dirs()),
                   str(registry.path) if registry else None)
 
 

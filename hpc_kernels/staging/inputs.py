@@ -16,7 +16,7 @@ from hpc_kernels import oci
 from hpc_kernels.fsutil import atomic_write
 from hpc_kernels.locks import locked
 from hpc_kernels.proc import run
-from hpc_kernels.runtimes.apptainer import find_binary
+from hpc_kernels.runtimes.apptainer.cli import find_binary
 from hpc_kernels.staging import requirements
 from hpc_kernels.staging.cache import (
     CACHE_FORMAT,

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from hpc_kernels import __version__, paths
 from hpc_kernels.fsutil import atomic_write, remove_tree
 from hpc_kernels.proc import run
-from hpc_kernels.runtimes.apptainer import which
+from hpc_kernels.runtimes.apptainer.cli import which
 from hpc_kernels.staging import requirements
 from hpc_kernels.staging.cache import (
     CACHE_FORMAT,

@@ -1,391 +1,82 @@
-"""The Docker/Podman adapter: one class for both CLIs (they speak the same language).
+"""Docker as a runtime: the plugin the runtime table names (Podman is this with other data: ../podman.py).
 
-It owns the exact argv of ``build``/``run``/``exec``/``rm -f``/``ps --filter label=…``/``inspect``,
-recipe conversion (Apptainer ``.def`` → Dockerfile through spython), and incremental builds whose
-input digest is recorded as an image label. Import-light: the kernel launcher uses it on every start.
+The modules, by role: :mod:`.cli` (the ``docker``/``podman`` command line), :mod:`.dockerfile` (recipe
+conversion), :mod:`.build` (their build orchestrator), :mod:`.container` (the launcher's side: one
+container per kernel, or a shared one), :mod:`.watcher` (the container watcher), :mod:`.sweep` (gc).
+Import-light: the launcher imports this package on every Docker/Podman kernel start.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import sys
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
 
-from hpc_kernels.errors import BuildError, HpcKernelsError, RuntimeNotFoundError, ToolError
-from hpc_kernels.launchspec import LaunchSpec
-from hpc_kernels.runtimes.base import ImageRunner, LineSink
+from hpc_kernels import selfexec
+from hpc_kernels.model import Mode
+from hpc_kernels.runtimes.base import Features
 
+TYPE_CHECKING = False  # why: typing is not loaded on the launcher's path (python -S)
 if TYPE_CHECKING:
+    from hpc_kernels.launchspec import LaunchSpec
     from hpc_kernels.registry import KernelEntry
+    from hpc_kernels.runtimes.base import Builder, Plan
 
-CONTAINER_RUNTIMES = ("docker", "podman")
+#: AMD GPUs in a container, the same for Docker and Podman.
+ROCM_FLAGS = ("--device", "/dev/kfd", "--device", "/dev/dri", "--group-add", "video")
 
-#: Where a per-kernel container sees its connection file (bound read-write: ipykernel rewrites it).
-CONNECTION_DST = "/run/hpc-kernels/connection.json"
-#: Where a shared container sees the directory of its kernels' connection files.
-SHARED_CONN_DIR = "/run/hpc-kernels/conn"
-
-LABEL_KERNEL = "hpc-kernels.kernel"  # every container and image we make carries it
-LABEL_ROLE = "hpc-kernels.role"  # kernel (one container per kernel) | shared
-LABEL_HOST = "hpc-kernels.host"
-LABEL_OWNER = "hpc-kernels.owner"
-LABEL_PID = "hpc-kernels.pid"  # the launcher (per-kernel containers)
-LABEL_PID_START = "hpc-kernels.pid-start"  # its start time, so a reused pid is not mistaken for it
-LABEL_CONNECTION = "hpc-kernels.connection"
-LABEL_IDLE = "hpc-kernels.idle-timeout"
-LABEL_DIGEST = "hpc-kernels.digest"  # images: digest of the build inputs
-LABEL_BUILT_AT = "hpc-kernels.built-at"
-
-#: stderr of a CLI that has no daemon/service to talk to (as opposed to "no such image").
-UNREACHABLE = ("cannot connect", "connection refused", "permission denied", "is the docker daemon running")
-#: Image tags we build ourselves (registry.py gives built kernels this default name).
-LOCAL_PREFIX = "localhost/hpc-kernels/"
-#: Bootstraps whose ``From:`` is an image name a Dockerfile ``FROM`` understands.
-CONVERTIBLE_BOOTSTRAPS = ("docker", "docker-daemon")
-
-DESKTOP_HINT = (
-    "this container runtime runs containers in a virtual machine (Docker Desktop, or Podman on "
-    "macOS/Windows) where --network=host does not reach this computer, so Jupyter could not connect "
-    "to the kernel; use Docker Engine or Podman on Linux, or an Apptainer kernel."
+FEATURES = Features(
+    modes=(Mode.EXEC.value, Mode.INSTANCE.value),
+    gpu_flags={"nvidia": ("--gpus", "all"), "rocm": ROCM_FLAGS},
+    desktop_check=True,  # Docker Desktop runs containers in a VM: --network=host would not reach us
+    binary_variable="HPC_KERNELS_DOCKER",
+    programs=("docker",),
 )
 
 
-def find_binary(runtime: str, environ: Mapping[str, str] | None = None) -> str:
-    """``$HPC_KERNELS_DOCKER``/``$HPC_KERNELS_PODMAN`` if set, else ``docker``/``podman`` on PATH."""
-    if runtime not in CONTAINER_RUNTIMES:
-        raise HpcKernelsError(f"'{runtime}' is not a Docker-compatible runtime.")
-    env = os.environ if environ is None else environ
-    var = f"HPC_KERNELS_{runtime.upper()}"
-    wanted = env.get(var) or runtime
-    found = shutil.which(wanted, path=env.get("PATH"))
-    if found:
-        return found
-    if env.get(var):
-        raise RuntimeNotFoundError(f"{var}={wanted} is not an executable program.")
-    raise RuntimeNotFoundError(
-        f"'{runtime}' was not found on PATH; install it, or set {var} to its path "
-        f"(kernels with 'runtime: {runtime}' need it)."
-    )
+class Docker:
+    """The :class:`hpc_kernels.runtimes.base.Runtime` of Docker kernels (and, subclassed, Podman's)."""
+
+    name = "docker"
+    features = FEATURES
+    sweepers = ("hpc_kernels.runtimes.docker.sweep:sweep",)
+    doctor_checks = ("runtime",)
+
+    def find_binary(self, environ: Mapping[str, str] | None = None, fallback: str = "") -> str:
+        """See :meth:`hpc_kernels.runtimes.base.Runtime.find_binary` (``fallback`` is not used: the CLI
+        talks to a daemon or service of this host)."""
+        from hpc_kernels.runtimes.docker import cli  # why: shutil; the launcher's path goes through start
+
+        return cli.find_binary(self.name, environ)
+
+    def builder(self, binary: str | None = None) -> Builder:
+        """See :meth:`hpc_kernels.runtimes.base.Runtime.builder`: the CLI itself builds."""
+        from hpc_kernels.runtimes.docker import cli  # why: builds only, not the launcher
+
+        return cli.ContainerCLI(self.name, binary)
+
+    def plan(self, spec: LaunchSpec, connection_file: str, environ: Mapping[str, str]) -> Plan:
+        """See :meth:`hpc_kernels.runtimes.base.Runtime.plan`."""
+        from hpc_kernels.runtimes.docker import container  # why: the launcher imports what it runs only
+
+        return container.plan(spec, connection_file, environ)
+
+    def start(self, spec: LaunchSpec, connection_file: str) -> int:
+        """See :meth:`hpc_kernels.runtimes.base.Runtime.start`: the watcher first (and, in mode instance,
+        the shared container), so no exit path leaks, then exec the client."""
+        from hpc_kernels.runtimes.docker import container  # why: the launcher imports what it runs only
+
+        argv, env, warnings = container.arm(spec, connection_file, os.environ)
+        return selfexec.exec_runtime(argv, env, warnings)
+
+    def image_reference(self, entry: KernelEntry) -> str:
+        """See :meth:`hpc_kernels.runtimes.base.Runtime.image_reference`: the image's name."""
+        return str(entry.container_image)
+
+    def has_records(self) -> bool:
+        """See :meth:`hpc_kernels.runtimes.base.Runtime.has_records`: a kernel of ours started here."""
+        from hpc_kernels.runtimes.docker import container  # why: gc only, not the launcher
+
+        return self.name in container.runtimes_marked()
 
 
-def user_name() -> str:
-    """The login name, safe for a container name."""
-    import getpass
-
-    try:
-        name = getpass.getuser()
-    except (KeyError, OSError):
-        name = str(os.getuid())
-    return "".join(c if c.isalnum() or c in "_.-" else "_" for c in name) or "user"
-
-
-def docker_binds(binds: Sequence[str]) -> list[str]:
-    """Registry binds (Apptainer's ``src[:dst[:opts]]``) as ``-v`` arguments (docker needs ``dst``)."""
-    args: list[str] = []
-    for bind in binds:
-        parts = os.path.expanduser(os.path.expandvars(bind)).split(":")
-        src = os.path.abspath(parts[0])
-        dst = parts[1] if len(parts) > 1 and parts[1] else src
-        opts = f":{parts[2]}" if len(parts) > 2 and parts[2] else ""
-        args += ["-v", f"{src}:{dst}{opts}"]
-    return args
-
-
-def label_args(labels: Mapping[str, str]) -> list[str]:
-    """``--label k=v`` for each label, in a stable order."""
-    args: list[str] = []
-    for key in sorted(labels):
-        args += ["--label", f"{key}={labels[key]}"]
-    return args
-
-
-def env_args(environ: Mapping[str, str]) -> list[str]:
-    """``-e NAME`` for each variable: values travel in the CLI's environment, not in ``ps`` output."""
-    args: list[str] = []
-    for key in sorted(environ):
-        args += ["-e", key]
-    return args
-
-
-@dataclass(frozen=True)
-class ContainerInfo:
-    """What ``inspect`` says about one of our containers."""
-
-    id: str
-    name: str
-    running: bool
-    labels: dict[str, str]
-    image: str
-
-
-class ContainerCLI:
-    """The ``docker`` or ``podman`` command line: argv builders (pure) and the calls that run them."""
-
-    def __init__(self, runtime: str, binary: str | None = None) -> None:
-        self.name = runtime
-        self.binary = binary or find_binary(runtime)
-
-    # ------------------------------------------------------------------ argv (pure)
-
-    def gpu_args(self, gpu: str, exists: object = os.path.exists) -> tuple[list[str], list[str]]:
-        """GPU flags for this node (decided at launch) and warnings."""
-        from hpc_kernels.runtimes.apptainer import gpu_flag
-
-        flag, warning = gpu_flag(gpu, exists)
-        warnings = [warning] if warning else []
-        if flag == "--nv":
-            if self.name == "podman":  # CDI, as the NVIDIA container toolkit sets it up for podman
-                return ["--device", "nvidia.com/gpu=all"], warnings
-            return ["--gpus", "all"], warnings
-        if flag == "--rocm":
-            return ["--device", "/dev/kfd", "--device", "/dev/dri", "--group-add", "video"], warnings
-        return [], warnings
-
-    def run_argv(
-        self, spec: LaunchSpec, connection_file: str, name: str, labels: Mapping[str, str],
-        container_env: Mapping[str, str], exists: object = os.path.exists,
-    ) -> tuple[list[str], list[str]]:
-        """``run`` of one kernel in its own container, and warnings.
-
-        ``--init``: an init as PID 1 forwards signals (Python as PID 1 ignores SIGTERM);
-        ``--rm``: the container goes when the kernel exits; signals to the client are proxied
-        to the kernel (``--sig-proxy`` is on for attached runs), so SIGINT interrupts it.
-        """
-        if ":" in connection_file or "," in connection_file:
-            raise HpcKernelsError(
-                f"the connection file path {connection_file!r} contains ':' or ',', which "
-                f"'{self.name} run -v' cannot bind; set JUPYTER_RUNTIME_DIR to a plain path.")
-        gpu, warnings = self.gpu_args(spec.gpu, exists)
-        argv = [self.binary, "run", "--rm", "--init", "--network=host", "--name", name]
-        argv += label_args(labels)
-        argv += ["-v", f"{connection_file}:{CONNECTION_DST}:rw"]
-        argv += docker_binds(spec.binds) + gpu + env_args(container_env) + list(spec.runtime_args)
-        argv.append(image_name(spec))
-        argv += [CONNECTION_DST if a == "{connection_file}" else a for a in spec.command]
-        return argv, warnings
-
-    def shared_run_argv(
-        self, spec: LaunchSpec, name: str, labels: Mapping[str, str], conn_dir: str,
-        exists: object = os.path.exists,
-    ) -> tuple[list[str], list[str]]:
-        """``run -d`` of a shared container that idles (``sleep infinity``) until kernels ``exec`` into it."""
-        gpu, warnings = self.gpu_args(spec.gpu, exists)
-        argv = [self.binary, "run", "-d", "--init", "--network=host", "--name", name]
-        argv += label_args(labels)
-        argv += ["-v", f"{conn_dir}:{SHARED_CONN_DIR}:rw"]
-        argv += docker_binds(spec.binds) + gpu + list(spec.runtime_args)
-        argv += [image_name(spec), "sleep", "infinity"]
-        return argv, warnings
-
-    def exec_argv(self, spec: LaunchSpec, name: str, connection_path: str,
-                  container_env: Mapping[str, str]) -> list[str]:
-        """``exec`` of one kernel in the shared container ``name`` (signals are not forwarded)."""
-        argv = [self.binary, "exec", *env_args(container_env), name]
-        return argv + [connection_path if a == "{connection_file}" else a for a in spec.command]
-
-    def rm_argv(self, name: str) -> list[str]:
-        """``rm -f``: kill and remove. Podman would first wait 10 s for a SIGTERM to work: ``-t 0``."""
-        return [self.binary, "rm", "-f", *(["-t", "0"] if self.name == "podman" else []), name]
-
-    def ps_argv(self, *filters: str) -> list[str]:
-        """IDs of all containers (running or not) matching every ``--filter``."""
-        argv = [self.binary, "ps", "-a", "-q", "--no-trunc"]
-        for f in filters:
-            argv += ["--filter", f]
-        return argv
-
-    def build_argv(self, dockerfile: Path, context: Path, options: Sequence[str]) -> list[str]:
-        """``build`` of a converted recipe (``options`` carry ``-t TAG`` and ``--label``s); host network,
-        as Apptainer builds have."""
-        return [self.binary, "build", "--network=host", *options, "-f", str(dockerfile), str(context)]
-
-    # ------------------------------------------------------------------ calls
-
-    def version(self) -> str:
-        """``docker --version`` / ``podman --version``."""
-        from hpc_kernels.proc import run
-
-        return run([self.binary, "--version"], timeout=30).stdout.strip()
-
-    def check_host_network(self) -> None:
-        """Fail with one sentence where ``--network=host`` cannot work (Docker Desktop, non-Linux)."""
-        if sys.platform != "linux":
-            raise HpcKernelsError(DESKTOP_HINT)
-        if self.name == "docker":
-            from hpc_kernels.proc import run
-
-            info = run([self.binary, "info", "--format", "{{.OperatingSystem}}"], check=False, timeout=30)
-            if "docker desktop" in info.stdout.lower():
-                raise HpcKernelsError(DESKTOP_HINT)
-
-    def remove(self, *names: str, timeout: float = 60) -> None:
-        """``rm -f`` containers; a container that is already gone is not an error."""
-        from hpc_kernels.proc import run
-
-        # One call per name: podman 4.3 silently stops at the first name that no longer exists.
-        for name in names:
-            run(self.rm_argv(name), check=False, timeout=timeout)
-
-    def ids(self, *filters: str) -> list[str]:
-        """IDs of containers matching the filters."""
-        from hpc_kernels.proc import run
-
-        out = run(self.ps_argv(*filters), timeout=60).stdout
-        return [line.strip() for line in out.splitlines() if line.strip()]
-
-    def inspect(self, ids: Sequence[str]) -> list[ContainerInfo]:
-        """``inspect`` of containers (ones that vanished meanwhile are skipped)."""
-        from hpc_kernels.proc import run
-
-        if not ids:
-            return []
-        res = run([self.binary, "inspect", "--type", "container", *ids], check=False, timeout=60)
-        try:
-            data = json.loads(res.stdout or "[]")
-        except ValueError:
-            return []
-        found = []
-        for item in data if isinstance(data, list) else []:
-            config = item.get("Config") or {}
-            found.append(ContainerInfo(
-                id=str(item.get("Id", "")), name=str(item.get("Name", "")).lstrip("/"),
-                running=bool((item.get("State") or {}).get("Running")),
-                labels={str(k): str(v) for k, v in (config.get("Labels") or {}).items()},
-                image=str(item.get("Image", "")),
-            ))
-        return found
-
-    def ours(self, *filters: str) -> list[ContainerInfo]:
-        """Our containers (label ``hpc-kernels.kernel``) matching more filters."""
-        return self.inspect(self.ids(f"label={LABEL_KERNEL}", *filters))
-
-    def image_labels(self, image: str) -> dict[str, str] | None:
-        """The labels of a local image, or None when it does not exist here."""
-        from hpc_kernels.proc import run
-
-        argv = [self.binary, "image", "inspect", "--format", "{{json .Config.Labels}}", image]
-        res = run(argv, check=False, timeout=60)
-        if res.returncode != 0:
-            if any(s in res.stderr.lower() for s in UNREACHABLE):
-                raise ToolError(argv, res.returncode, res.stderr, f"{self.name} is not reachable")
-            return None
-        try:
-            data = json.loads(res.stdout.strip() or "null")
-        except ValueError:
-            return {}
-        return {str(k): str(v) for k, v in (data or {}).items()}
-
-    def image_id(self, image: str) -> str | None:
-        """The ID of a local image, or None."""
-        from hpc_kernels.proc import run
-
-        res = run([self.binary, "image", "inspect", "--format", "{{.Id}}", image], check=False, timeout=60)
-        return res.stdout.strip() or None if res.returncode == 0 else None
-
-    def remove_dangling(self, image_id: str) -> None:
-        """Remove an image that no tag names any more (a superseded build); keep it if a container uses it."""
-        from hpc_kernels.proc import run
-
-        tags = run([self.binary, "image", "inspect", "--format", "{{json .RepoTags}}", image_id],
-                   check=False, timeout=60)
-        if tags.returncode == 0 and tags.stdout.strip() in ("[]", "null"):
-            run([self.binary, "rmi", image_id], check=False, timeout=120)
-
-    def build(self, recipe: Path, dest: Path, options: list[str], on_line: LineSink) -> None:
-        """The :class:`~hpc_kernels.runtimes.base.Builder` shape: convert ``recipe`` to a Dockerfile
-        written at ``dest`` and run ``build OPTIONS -f dest CONTEXT`` (options carry ``-t``/``--label``)."""
-        atomic_dockerfile(recipe, dest)
-        stream(self.build_argv(dest, recipe.parent, options), recipe.stem, on_line)
-
-    def runner(self, entry: KernelEntry, image: str) -> ImageRunner:
-        """``run --rm`` of ``image`` (name or ID) with the kernel's environment, no network, no binds."""
-        from hpc_kernels.runtimes.apptainer import container_env
-
-        def run_in(argv: Sequence[str]) -> tuple[int, str]:
-            from hpc_kernels.proc import run
-
-            spec = LaunchSpec(entry.name, entry.runtime, entry.mode, image, entry.command, env=entry.env,
-                              pass_env=entry.pass_env)
-            command = [self.binary, "run", "--rm", "--network=none", *label_args({LABEL_KERNEL: entry.name}),
-                       *env_args(container_env(spec, os.environ)), image, *argv]
-            try:
-                result = run(command, check=False, timeout=180)
-            except ToolError as exc:
-                return -1, str(exc)
-            return result.returncode, result.stderr + result.stdout
-
-        return run_in
-
-
-def image_name(spec: LaunchSpec) -> str:
-    """The container image a launch spec runs."""
-    return spec.container_image or f"{LOCAL_PREFIX}{spec.kernel}:latest"
-
-
-def stream(argv: list[str], kernel: str, on_line: LineSink) -> None:
-    """Run a build, every output line to ``on_line``; a failure becomes a BuildError with the tail."""
-    import subprocess
-
-    lines: list[str] = []
-    try:
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, text=True, errors="replace")
-    except OSError as exc:
-        raise BuildError(kernel, f"could not run {argv[0]}: {exc}") from None
-    assert proc.stdout is not None
-    with proc:
-        for raw in proc.stdout:
-            line = raw.rstrip("\n")
-            lines.append(line)
-            on_line(line)
-    if proc.returncode != 0:
-        from hpc_kernels.proc import tail
-
-        raise BuildError(kernel, f"{os.path.basename(argv[0])} build exited with code {proc.returncode}",
-                         tail("\n".join(lines)))
-
-
-def bootstrap_of(recipe: Path) -> str:
-    """The ``Bootstrap:`` of a recipe's header (lowercase, "" when absent)."""
-    for raw in recipe.read_text(encoding="utf-8", errors="replace").splitlines():
-        line = raw.strip()
-        if line.startswith("%"):
-            break
-        key, _, value = line.partition(":")
-        if key.strip().lower() == "bootstrap":
-            return value.strip().lower()
-    return ""
-
-
-def dockerfile_text(recipe: Path) -> str:
-    """The recipe converted by spython's Singularity→Docker writer."""
-    bootstrap = bootstrap_of(recipe)
-    if bootstrap not in CONVERTIBLE_BOOTSTRAPS:
-        raise BuildError(recipe.stem, f"{recipe} has 'Bootstrap: {bootstrap or '(none)'}', which a "
-                         "Dockerfile cannot start from; use 'Bootstrap: docker' with an image in 'From:' "
-                         "for docker/podman kernels")
-    try:
-        from spython.main.parse.parsers import SingularityParser
-        from spython.main.parse.writers import DockerWriter
-
-        parser = SingularityParser(str(recipe))
-        text = DockerWriter(parser.recipe).convert()
-    except SystemExit as exc:  # spython exits from inside the library on bad input
-        raise BuildError(recipe.stem, f"spython could not convert {recipe} (exit {exc.code})") from None
-    except Exception as exc:  # any parser failure means a bad recipe for the user
-        raise BuildError(recipe.stem, f"spython could not convert {recipe}: {exc}") from None
-    if not isinstance(text, str) or "FROM" not in text:
-        raise BuildError(recipe.stem, f"spython produced no Dockerfile from {recipe}")
-    return f"# Generated by hpc-kernels from {recipe.name} (spython DockerWriter)\n{text}\n"
-
-
-def atomic_dockerfile(recipe: Path, dest: Path) -> None:
-    """Write the converted Dockerfile at ``dest``."""
-    from hpc_kernels.fsutil import atomic_write
-
-    atomic_write(dest, dockerfile_text(recipe))
+RUNTIME = Docker()

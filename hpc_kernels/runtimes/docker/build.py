@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from hpc_kernels.errors import RuntimeNotFoundError, ToolError
 from hpc_kernels.proc import run
 from hpc_kernels.runtimes.base import LineSink
-from hpc_kernels.runtimes.docker import (
+from hpc_kernels.runtimes.docker.cli import (
     LABEL_BUILT_AT,
     LABEL_DIGEST,
     LABEL_KERNEL,

@@ -1,4 +1,4 @@
-"""The Apptainer/Singularity adapter: binary resolution, builds through spython, exec argv.
+"""The Apptainer/Singularity command line: binary resolution, the argv of exec and instance commands.
 
 Import-light on purpose: the kernel launcher uses :func:`exec_command` on every kernel start.
 :func:`container_command` holds the rules a kernel's container runs under, shared with ``hpc-kernels run``.
@@ -6,36 +6,22 @@ Import-light on purpose: the kernel launcher uses :func:`exec_command` on every 
 
 from __future__ import annotations
 
-import contextlib
-import fnmatch
+import json
 import os
-from collections.abc import Iterator, Mapping, Sequence
+import pwd
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from hpc_kernels.errors import BuildError, HpcKernelsError, RuntimeNotFoundError
+from hpc_kernels.errors import HpcKernelsError, RuntimeNotFoundError
 from hpc_kernels.launchspec import LaunchSpec
+from hpc_kernels.runtimes.envpolicy import container_env, is_env_name, unexportable
+from hpc_kernels.runtimes.gpu import detect
 
 # The launcher imports this module on every kernel start, with ``python -S`` where nothing is preloaded:
 # shutil, subprocess, shlex, pathlib and typing cost ~10 ms there, so they are imported where used.
-TYPE_CHECKING = False
-if TYPE_CHECKING:
-    from pathlib import Path
-
-    from hpc_kernels.registry import KernelEntry
-    from hpc_kernels.runtimes.base import ImageRunner, LineSink
-
 #: Where the connection file appears inside the container. Not under /tmp: Apptainer binds the
 #: host's /tmp, and a bind target there would be created on the (shared) host /tmp.
 CONNECTION_DST = "/run/hpc-kernels/connection.json"
-
-#: Host variables a kernel sees (besides the kernel's own env/pass_env); the rest is cleaned away
-#: so that module environments (PYTHONPATH, LD_LIBRARY_PATH, LD_PRELOAD…) do not leak in.
-ENV_ALLOWLIST = (
-    "SLURM_*", "SLURMD_NODENAME", "CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES",
-    "ROCR_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "GPU_DEVICE_ORDINAL",
-    "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS",
-    "LANG", "LANGUAGE", "LC_*", "TZ", "USER", "LOGNAME", "JPY_SESSION_NAME",
-)
 
 NOT_FOUND_HINT = (
     "neither 'apptainer' nor 'singularity' was found on PATH; load it first "
@@ -81,30 +67,20 @@ def env_prefix(binary: str) -> str:
 
 
 def _passwd_home() -> str:
-    import pwd
-
     try:
         return pwd.getpwuid(os.getuid()).pw_dir
     except KeyError:  # no passwd entry (some containers): nothing to compare with
         return ""
 
 
+#: The flag that gives a container a vendor's GPUs (see hpc_kernels.runtimes.gpu).
+GPU_FLAGS = {"nvidia": ("--nv",), "rocm": ("--rocm",)}
+
+
 def gpu_flag(gpu: str, exists: object = os.path.exists) -> tuple[str | None, str | None]:
     """The GPU flag for this node (decided at launch) and a warning when the request cannot be met."""
-    check = exists if callable(exists) else os.path.exists
-    nvidia = bool(check("/dev/nvidiactl") or check("/dev/nvidia0"))
-    amd = bool(check("/dev/kfd"))
-    if gpu == "none":
-        return None, None
-    if gpu == "nvidia":
-        return ("--nv", None) if nvidia else (None, "gpu: nvidia requested but this node has no NVIDIA device")
-    if gpu == "rocm":
-        return ("--rocm", None) if amd else (None, "gpu: rocm requested but this node has no AMD GPU (/dev/kfd)")
-    if nvidia:
-        return "--nv", None
-    if amd:
-        return "--rocm", None
-    return None, None
+    vendor, warning = detect(gpu, exists)
+    return (GPU_FLAGS[vendor][0] if vendor else None), warning
 
 
 #: Flags on every command that starts a container: ``-q`` keeps Apptainer's INFO lines (``gocryptfs not
@@ -116,40 +92,6 @@ GLOBAL_FLAGS = ("-q",)
 #: container (a notebook named ``$(touch x).ipynb`` reaches us as ``JPY_SESSION_NAME``). With ``--no-eval``
 #: (Apptainer >= 1.1, SingularityCE >= 3.10) the values are single-quoted: every byte arrives as it was.
 NO_EVAL = "--no-eval"
-
-
-def is_env_name(key: str) -> bool:
-    """True for a name a shell can export (``[A-Za-z_][A-Za-z0-9_]*``).
-
-    Apptainer turns each variable into ``export NAME=...`` in a script the container sources; one bad
-    name aborts that script and silently drops every variable after it.
-    """
-    return bool(key) and (key[0].isascii() and (key[0].isalpha() or key[0] == "_")) and all(
-        c.isascii() and (c.isalnum() or c == "_") for c in key)
-
-
-def container_env(spec: LaunchSpec, environ: Mapping[str, str]) -> dict[str, str]:
-    """The variables the kernel sees inside the container: the allowlist, pass_env, env, and fixes.
-
-    Values are carried byte for byte (the runtime is told not to evaluate them, see :data:`NO_EVAL`);
-    host variables whose *names* a shell cannot export are left out (:func:`unexportable`).
-    """
-    wanted = ENV_ALLOWLIST + spec.pass_env
-    result: dict[str, str] = {}
-    for key, value in environ.items():
-        if is_env_name(key) and any(fnmatch.fnmatchcase(key, pat) for pat in wanted):
-            result[key] = value
-    result.update(spec.env)
-    # $HOME is bound: without this, ~/.local site-packages of the host Python leak into the kernel.
-    result["PYTHONNOUSERSITE"] = "1"
-    return result
-
-
-def unexportable(spec: LaunchSpec, environ: Mapping[str, str]) -> list[str]:
-    """Warnings for host variables the kernel asked for whose names cannot be exported (left out)."""
-    wanted = ENV_ALLOWLIST + spec.pass_env
-    bad = sorted(k for k in environ if not is_env_name(k) and any(fnmatch.fnmatchcase(k, p) for p in wanted))
-    return [f"left out the host variable {k!r}: it is not a valid environment variable name" for k in bad]
 
 
 def container_command(
@@ -234,109 +176,6 @@ def run_command(
     return container_command(spec, list(command) or [spec.command[0]], binary, environ, exists=exists)
 
 
-# ----------------------------------------------------------------------------- builds
-
-
-class Apptainer:
-    """Builds images with spython, which we point at the resolved runtime through a shim."""
-
-    name = "apptainer"
-
-    def __init__(self, binary: str | None = None) -> None:
-        self.binary = binary or find_binary()
-
-    def version(self) -> str:
-        """``apptainer --version`` (e.g. ``apptainer version 1.4.5``)."""
-        from hpc_kernels.proc import run
-
-        return run([self.binary, "--version"]).stdout.strip()
-
-    def build(self, recipe: Path, dest: Path, options: list[str], on_line: LineSink) -> None:
-        """Build ``recipe`` into ``dest`` through spython; every failure becomes a BuildError."""
-        from subprocess import CalledProcessError
-
-        try:
-            from spython.main import Client
-        except ImportError as exc:  # pragma: no cover - a dependency of the package
-            raise BuildError(recipe.stem, f"spython is not importable ({exc}); reinstall hpc-kernels.") from None
-        lines: list[str] = []
-
-        def sink(line: str) -> None:
-            lines.append(line)
-            on_line(line)
-
-        with _spython_sees(self.binary), _cwd(recipe.parent):
-            try:
-                result = Client.build(
-                    recipe=str(recipe), image=str(dest), sudo=False, stream=True,
-                    options=list(options), quiet=True, force=True,
-                )
-                if not result:
-                    raise BuildError(recipe.stem, "spython did not start a build", "")
-                _image, stream = result
-                for line in stream:
-                    sink(line.rstrip("\n"))
-            except CalledProcessError as exc:
-                reason = f"apptainer build exited with code {exc.returncode}"
-                raise BuildError(recipe.stem, reason, _tail(lines)) from None
-            except SystemExit as exc:
-                # spython calls sys.exit() from inside the library on some errors.
-                raise BuildError(recipe.stem, f"spython gave up (exit {exc.code})", _tail(lines)) from None
-            except OSError as exc:
-                raise BuildError(recipe.stem, f"could not run the build: {exc}", _tail(lines)) from None
-        if not dest.exists():
-            raise BuildError(recipe.stem, "the build reported success but wrote no image", _tail(lines))
-
-    def runner(self, entry: KernelEntry, image: str) -> ImageRunner:
-        """``apptainer exec`` of the built image under the kernel's rules (no binds): see imagecheck."""
-        from hpc_kernels.build import imagecheck
-
-        return imagecheck.probe_spec_runner(entry, image, self.binary)
-
-
-def _tail(lines: list[str], n: int = 25) -> str:
-    kept = [ln for ln in lines if ln.strip()]
-    return "\n".join(kept[-n:])
-
-
-@contextlib.contextmanager
-def _cwd(path: Path) -> Iterator[None]:
-    # %files sources are relative paths; run the build beside the recipe so they resolve there.
-    old = os.getcwd()
-    os.chdir(path)
-    try:
-        yield
-    finally:
-        os.chdir(old)
-
-
-@contextlib.contextmanager
-def _spython_sees(binary: str) -> Iterator[None]:
-    """Put a private ``singularity`` shim first on PATH for this process only, during the build.
-
-    The shim runs the runtime under :mod:`hpc_kernels.build.guard`, which ties the build's processes to
-    this one (they die with it, whichever way it dies).
-    """
-    import shlex
-
-    from hpc_kernels import paths, templates
-    from hpc_kernels.build import guard as buildguard
-    from hpc_kernels.fsutil import atomic_write
-
-    shim_dir = paths.cache_dir() / "spython-bin"
-    shim = shim_dir / "singularity"
-    guard = shlex.join(buildguard.argv())
-    text = templates.render("singularity-shim.sh.tmpl", guard=guard, runtime=shlex.quote(binary))
-    if not shim.exists() or shim.read_text() != text:
-        atomic_write(shim, text, mode=0o755)
-    old = os.environ.get("PATH", "")
-    os.environ["PATH"] = f"{shim_dir}{os.pathsep}{old}"
-    try:
-        yield
-    finally:
-        os.environ["PATH"] = old
-
-
 # ----------------------------------------------------------------------------- instances
 # Shared instances (``mode: instance``): the argv and the three calls hpc_kernels.instances makes.
 # The lifecycle (naming, locking, attachments, idle stop) lives there; this is only the program.
@@ -414,8 +253,6 @@ def instance_stop_command(binary: str, name: str, force: bool = False) -> list[s
 
 def parse_instance_list(text: str) -> list[ListedInstance]:
     """Rows of ``instance list --json`` output; anything unexpected is skipped, not fatal."""
-    import json
-
     try:
         data = json.loads(text or "{}")
     except ValueError:
@@ -432,14 +269,14 @@ def parse_instance_list(text: str) -> list[ListedInstance]:
 
 def start_instance(argv: list[str], env: Mapping[str, str], timeout: float = 120.0) -> None:
     """Run an ``instance start`` argv; ToolError (with Apptainer's message) when it fails."""
-    from hpc_kernels.proc import run
+    from hpc_kernels.proc import run  # why: subprocess; shared instances only, not the exec-mode launch
 
     run(argv, env=env, timeout=timeout, message=f"could not start the Apptainer instance '{argv[-1]}'")
 
 
 def list_instances(binary: str, name: str | None = None, timeout: float = 60.0) -> list[ListedInstance]:
     """This user's instances on this host (Apptainer keeps them per host), optionally one name."""
-    from hpc_kernels.proc import run
+    from hpc_kernels.proc import run  # why: subprocess; shared instances only, not the exec-mode launch
 
     result = run(instance_list_command(binary, name), check=False, timeout=timeout)
     return parse_instance_list(result.stdout) if result.returncode == 0 else []
@@ -447,6 +284,6 @@ def list_instances(binary: str, name: str | None = None, timeout: float = 60.0) 
 
 def stop_instance(binary: str, name: str, force: bool = False, timeout: float = 60.0) -> bool:
     """Stop instance ``name``; False when Apptainer refused (e.g. it no longer exists)."""
-    from hpc_kernels.proc import run
+    from hpc_kernels.proc import run  # why: subprocess; shared instances only, not the exec-mode launch
 
     return run(instance_stop_command(binary, name, force), check=False, timeout=timeout).returncode == 0

@@ -1,5 +1,5 @@
 """The job agent: what a job kernel's Slurm job runs on the compute node
-(``python -I -S .../hpc_kernels/jobagent.py SESSION_FILE``).
+(``python -I -S .../hpc_kernels/runtimes/job/agent.py SESSION_FILE``).
 
 It listens on one port of the node's address for its launcher (on the login node), which proves it
 holds the kernel's connection key; for each launcher that attaches it starts the container kernel under
@@ -21,7 +21,9 @@ import sys
 
 if not __package__:
     # Run as a script (the job script does): put the directory holding hpc_kernels first, as launch.py does.
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    # (hpc_kernels/runtimes/job/agent.py: four levels up.)
+    _here = os.path.abspath(__file__)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(_here)))))
 
 import contextlib
 import secrets
@@ -30,18 +32,14 @@ import signal
 import socket
 import time
 
+import hpc_kernels.runtimes.apptainer.cli as apptainer
 from hpc_kernels import procfs
-from hpc_kernels.jobwire import (
-    CHANNELS,
-    DEAD_AFTER,
-    PING_INTERVAL,
-    PROTOCOL,
-    Control,
-    Loop,
-    proof_ok,
-    read_json,
-    write_json_private,
-)
+from hpc_kernels.errors import HpcKernelsError
+from hpc_kernels.launchspec import LaunchSpec
+from hpc_kernels.proc import spawn
+from hpc_kernels.runtimes.job.control import Control, read_json, write_json_private
+from hpc_kernels.runtimes.job.node import free_ports, listening, log, node_address
+from hpc_kernels.runtimes.job.wire import CHANNELS, DEAD_AFTER, PING_INTERVAL, PROTOCOL, Loop, proof_ok
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -59,57 +57,10 @@ START_TIMEOUT = 180.0
 KILL_AFTER = 5.0
 
 
-def log(text: str) -> None:
-    """A line in the job's output file (``hpc-kernels jobs`` shows its tail)."""
-    print(f"hpc-kernels agent [{time.strftime('%H:%M:%S')}]: {text}", file=sys.stderr, flush=True)
-
-
-def node_address(environ: dict[str, str]) -> str:
-    """The address of this node that the login node reaches: ``$HPC_KERNELS_NODE_ADDR``, else Slurm's
-    ``NodeAddr`` of this node (what slurmctld itself connects to), else the host name's address."""
-    override = environ.get("HPC_KERNELS_NODE_ADDR")
-    name = override or ""
-    if not name:
-        node = environ.get("SLURMD_NODENAME") or socket.gethostname()
-        from hpc_kernels.proc import run
-
-        with contextlib.suppress(Exception):
-            out = run(["scontrol", "show", "node", "-o", node], check=False, timeout=30).stdout
-            for token in out.split():
-                if token.startswith("NodeAddr="):
-                    name = token.partition("=")[2]
-        name = name or node
-    infos = socket.getaddrinfo(name, None, socket.AF_INET, socket.SOCK_STREAM)
-    return str(infos[0][4][0])
-
-
-def free_ports(address: str, count: int) -> list[int]:
-    """``count`` ports free on ``address`` now (the kernel binds them a moment later, as jupyter_client's do)."""
-    socks = []
-    try:
-        for _ in range(count):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.bind((address, 0))
-            socks.append(sock)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for sock in socks:
-            sock.close()
-
-
-def listening(address: str, port: int) -> bool:
-    """Whether something accepts connections on ``address:port``."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.settimeout(0.5)
-        return sock.connect_ex((address, port)) == 0
-
-
 class Agent:
     """One job's agent: the control listener, at most one launcher and one kernel at a time."""
 
     def __init__(self, session_file: str) -> None:
-        from hpc_kernels.launchspec import LaunchSpec
-
         session = read_json(session_file)
         if session is None:
             raise ValueError(f"cannot read the kernel session {session_file}")
@@ -273,9 +224,6 @@ class Agent:
     # ------------------------------------------------------------------ the kernel
 
     def _start_kernel(self) -> None:
-        from hpc_kernels.errors import HpcKernelsError
-        from hpc_kernels.runtimes import apptainer
-
         self._stop_kernel(wait=True)
         try:
             if not os.path.exists(self.spec.image):
@@ -297,7 +245,6 @@ class Agent:
             return
         for warning in warnings:
             self._tell({"event": "warning", "message": warning})
-        from hpc_kernels.proc import spawn
 
         self.kernels_started += 1
         log(f"starting kernel #{self.kernels_started}: {' '.join(argv)}")
@@ -334,7 +281,7 @@ class Agent:
     def _kill_leftovers(self) -> None:
         """What the kernel's session still holds once its leader (Apptainer) ended: Apptainer puts
         ``squashfuse_ll`` in a process group of its own, which a group kill misses (the exec kernels'
-        watcher does the same on a login node, hpc_kernels.watcher)."""
+        watcher does the same on a login node, hpc_kernels.runtimes.apptainer.watcher)."""
         ref, self.kernel_ref = self.kernel_ref, None
         if ref is None:
             return
@@ -374,12 +321,12 @@ EARLY: list[int] = []
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the job: ``jobagent.py SESSION_FILE``."""
+    """Entry point of the job: ``agent.py SESSION_FILE``."""
     # First of all: SIGUSR1's default action ends the process, and Slurm may send it right away.
     signal.signal(signal.SIGUSR1, lambda signum, _frame: EARLY.append(signum))
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) != 1:
-        print("usage: jobagent.py SESSION_FILE", file=sys.stderr)
+        print("usage: agent.py SESSION_FILE", file=sys.stderr)
         return 2
     try:
         agent = Agent(args[0])
