@@ -31,7 +31,7 @@ Sweeper = Callable[[bool], list[Leftover]]
 SWEEPERS: tuple[str, ...] = (
     *table.sweepers(),
     "hpc_kernels.gc:sweep_kernelspecs",
-    "hpc_kernels.buildtemp:sweep",
+    "hpc_kernels.build.temp:sweep",
 )
 
 

@@ -20,7 +20,8 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
-from hpc_kernels import __version__, group, imagecheck, paths, procfs
+from hpc_kernels import __version__, group, paths, procfs
+from hpc_kernels.build import imagecheck
 from hpc_kernels.errors import HpcKernelsError, NotOursError
 from hpc_kernels.fsutil import Share, make_dirs, remove_tree, share_for
 from hpc_kernels.launchspec import MARKER, LaunchSpec
@@ -45,7 +46,7 @@ LAUNCHER = Path(__file__).with_name("launch.py")
 
 def launch_spec(entry: KernelEntry, registry: Path | None = None) -> LaunchSpec:
     """The launcher's input for ``entry`` (its command with the Python found in the image, when the registry
-    gives none: :func:`hpc_kernels.imagecheck.kernel_command`)."""
+    gives none: :func:`hpc_kernels.build.imagecheck.kernel_command`)."""
     return LaunchSpec(
         kernel=entry.name,
         runtime=entry.runtime,
@@ -116,7 +117,7 @@ def install(entry: KernelEntry, target: Target, registry: Path | None = None,
     renamed into it, so Jupyter never sees a half-written one, whatever fails (a full disk, a quota).
 
     An image whose Python has not been found yet (given as is, or built by an older hpc-kernels) is looked
-    into first (:func:`hpc_kernels.imagecheck.probe_for_install`): one that cannot start its kernel is
+    into first (:func:`hpc_kernels.build.imagecheck.probe_for_install`): one that cannot start its kernel is
     refused with the fix, before anything is written; ``on_note`` hears when the image could not be checked.
     """
     kdir = target.kernels_dir()

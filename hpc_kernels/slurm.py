@@ -285,7 +285,7 @@ def plan_build(entries: Sequence[KernelEntry], registry: Path, options: JobOptio
     """
     if not entries:
         raise HpcKernelsError("no kernel to build in a job.")
-    from hpc_kernels import recipe
+    from hpc_kernels.build import recipe
 
     for entry in entries:  # a recipe the job's build would refuse is refused before submitting
         if entry.recipe is not None:

@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     from rich.console import Console
     from rich.progress import Progress
 
-    from hpc_kernels.build import BuildResult
+    from hpc_kernels.build.orchestrator import BuildResult
     from hpc_kernels.registry import KernelEntry
     from hpc_kernels.staging_settings import Fetch
 
@@ -52,7 +52,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Build each selected kernel; keep going after a failure and report all of them."""
-    from hpc_kernels import build, registry
+    from hpc_kernels import registry
+    from hpc_kernels.build import orchestrator, stamps
     from hpc_kernels.commands import jobs
     from hpc_kernels.errors import BuildError, HpcKernelsError
 
@@ -77,8 +78,8 @@ def run(args: argparse.Namespace) -> int:
         if not args.force and entry.buildable and not (args.lock or args.pull):
             # The no-op path, answered without a live progress display (a thread per kernel) or rich.progress.
             t0 = time.monotonic()
-            if build.image_state(entry).status == "built":
-                _record(build.BuildResult(entry.name, "up-to-date", entry.image, None, time.monotonic() - t0),
+            if stamps.image_state(entry).status == "built":
+                _record(orchestrator.BuildResult(entry.name, "up-to-date", entry.image, None, time.monotonic() - t0),
                         results, args.json)
                 continue
         # Not a terminal (a log, a pipe): no live display (it would leave a blank line behind), but every
@@ -96,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
                     ui.say(f"{name}: {msg}", "…")
 
             try:
-                result = build.build(entry, force=args.force, wait=not args.no_wait,
+                result = orchestrator.build(entry, force=args.force, wait=not args.no_wait,
                                      on_line=on_line, on_event=on_event, fetch=fetch, check=not args.no_check)
             except BuildError as exc:
                 failures.append(str(exc))
@@ -139,9 +140,9 @@ def stage_first(entry: KernelEntry, args: argparse.Namespace, *, quiet: bool = F
     if not (args.lock or args.pull or entry.staging is Staging.ALWAYS):
         return None
     if entry.staging is Staging.ALWAYS and not (args.lock or args.pull or args.force):
-        from hpc_kernels import build
+        from hpc_kernels.build import stamps
 
-        if build.image_state(entry).status == "built":
+        if stamps.image_state(entry).status == "built":
             return Fetch.STAGED  # up to date: nothing to stage (the build is a no-op)
     stage_and_report(entry, pull=args.pull, lock=args.lock, quiet=quiet)
     return Fetch.STAGED
@@ -149,7 +150,7 @@ def stage_first(entry: KernelEntry, args: argparse.Namespace, *, quiet: bool = F
 
 def stage_and_report(entry: KernelEntry, *, pull: bool, lock: bool, quiet: bool = False) -> None:
     """Stage ``entry`` (and write its lock with ``lock``), saying on stderr what was fetched."""
-    from hpc_kernels import staging
+    from hpc_kernels.staging import inputs, wheelhouse
 
     name = entry.name
 
@@ -157,7 +158,7 @@ def stage_and_report(entry: KernelEntry, *, pull: bool, lock: bool, quiet: bool 
         if not quiet:
             ui.say(f"{name}: {msg}", "…")
 
-    result = staging.stage(entry, pull=pull, fresh_lock=lock, on_event=event)
+    result = inputs.stage(entry, pull=pull, fresh_lock=lock, on_event=event)
     parts = [f"base {b.shown}@{b.digest[:19]}" for b in result.bases]
     if result.wheelhouse is not None and result.probe is not None:
         parts.append(f"{len(result.wheelhouse.wheels)} wheel(s) for Python {result.probe.python}")
@@ -165,7 +166,7 @@ def stage_and_report(entry: KernelEntry, *, pull: bool, lock: bool, quiet: bool 
     if parts and not quiet:  # nothing to stage (a local base, no packages): nothing to say
         ui.say(f"{name}: staged {', '.join(parts)} ({how}, {result.seconds:.1f} s)", "✓", "green")
     if lock:
-        path = staging.write_lock(entry, result)
+        path = wheelhouse.write_lock(entry, result)
         if not quiet:
             ui.say(f"{name}: wrote the lock {ui.tilde(path)}", "✓", "green")
 

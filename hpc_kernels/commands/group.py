@@ -10,7 +10,7 @@ HELP = "set up (or repair) a group tree in /project: one member builds and publi
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """``group`` has one action, ``init``."""
-    from hpc_kernels import group
+    from hpc_kernels import group, grouptree
 
     actions = parser.add_subparsers(dest="action", metavar="ACTION")
     actions.required = True
@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     init.add_argument("--members", choices=group.MEMBERS,
                       help="'read': only you build and publish (default); 'write': every member may, too")
     init.add_argument("--module-name", metavar="NAME",
-                      help=f"the module members load (default: {group.DEFAULT_MODULE})")
+                      help=f"the module members load (default: {grouptree.DEFAULT_MODULE})")
     init.add_argument("--json", action="store_true", help="print JSON for scripts")
 
 

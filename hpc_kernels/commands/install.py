@@ -10,7 +10,7 @@ from hpc_kernels import ui
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from hpc_kernels.group import GroupTree
+    from hpc_kernels.grouptree import GroupTree
     from hpc_kernels.registry import Registry
     from hpc_kernels.specdirs import Placement, Target
 
@@ -41,13 +41,14 @@ def run(args: argparse.Namespace) -> int:
     is written: one kernel name, one copy the user can see. With ``--user``/``--prefix``/``--sys-prefix``
     the copy is written and the output says which copy Jupyter uses.
     """
-    from hpc_kernels import build, group, kernelspec, registry, specdirs
+    from hpc_kernels import grouptree, kernelspec, registry, specdirs
+    from hpc_kernels.build import stamps
     from hpc_kernels.runtimes import table
 
     reg = registry.load(args.registry)
     entries = ui.selected(reg, args)
     explicit = bool(args.user or args.prefix or args.sys_prefix)
-    tree = group.tree_of_registry(reg.path)
+    tree = grouptree.tree_of_registry(reg.path)
     # The registry of a group tree publishes into the tree (kernelspecs and module), for every member.
     target = specdirs.Target.from_flags(str(tree.prefix) if tree and not explicit else args.prefix,
                                           args.sys_prefix)
@@ -60,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     for entry in entries:
         notes: list[str] = []
         path = kernelspec.install(entry, target, reg.origin(entry), on_note=notes.append)
-        state = build.image_state(entry).status
+        state = stamps.image_state(entry).status
         image = table.get(entry.runtime).image_reference(entry)
         done.append({"kernel": entry.name, "kernelspec": str(path), "image": image, "image_state": state})
         if not args.json:

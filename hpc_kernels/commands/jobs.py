@@ -148,7 +148,8 @@ def slurm_requested(args: argparse.Namespace) -> bool:
 
 def run_build(args: argparse.Namespace) -> int:
     """``build --slurm``: submit the build job (array), optionally the install job; print ids and logs."""
-    from hpc_kernels import build, registry, slurm
+    from hpc_kernels import registry, slurm
+    from hpc_kernels.build import stamps
     from hpc_kernels.errors import UsageError
 
     if not args.slurm:
@@ -176,7 +177,7 @@ def run_build(args: argparse.Namespace) -> int:
     unbuildable = [e.name for e in entries if not e.buildable]
     if unbuildable:
         raise UsageError(f"nothing to build for {', '.join(unbuildable)}: no 'def' recipe in {reg.path}.")
-    from hpc_kernels import recipe
+    from hpc_kernels.build import recipe
 
     for entry in entries:  # a recipe the job would refuse is refused before anything is staged or printed
         if entry.recipe is not None:
@@ -186,13 +187,13 @@ def run_build(args: argparse.Namespace) -> int:
         # Locks are written before anything else: they are inputs of the build (its digest covers them).
         _stage_for_jobs([e for e in entries if e.runtime == "apptainer"], args, staged)
     to_build = entries if args.force or args.dry_run else [
-        e for e in entries if build.image_state(e).status != "built"
+        e for e in entries if stamps.image_state(e).status != "built"
     ]
     for entry in entries:
         if entry not in to_build:
             err.print(f"[green]✓[/] {ui.esc(entry.name)}: up to date ({ui.esc(entry.image)}); no build job needed")
     # A missing %files source would fail the job after its wait in the queue: say so now.
-    missing = [m for e in to_build if e.recipe is not None for m in build.missing_inputs(e.recipe)]
+    missing = [m for e in to_build if e.recipe is not None for m in stamps.missing_inputs(e.recipe)]
     if missing:
         from hpc_kernels.errors import HpcKernelsError
 
@@ -243,14 +244,14 @@ def _stage_for_jobs(entries: list[Any], args: argparse.Namespace, staged: set[st
 
 def _print_recipes(to_build: list[Any], staged: set[str]) -> None:
     """``--dry-run``: the recipe each job task builds, derived from the kernel's (never written over)."""
-    from hpc_kernels import staging
+    from hpc_kernels.staging import prepare
 
     for entry in to_build:
         if entry.runtime != "apptainer":
             continue
         how = "from the inputs staged on this node, without network" if entry.name in staged else \
             "as its recipe says (staging: never): the job fetches what it needs"
-        text = staging.preview(entry, staged_inputs=entry.name in staged)
+        text = prepare.preview(entry, staged_inputs=entry.name in staged)
         sys.stdout.write(f"# the recipe the job builds for kernel '{entry.name}', {how}:\n{text}\n")
 
 

@@ -23,7 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Render the registry's kernels (or JSON); name the copies of a kernelspec that another copy hides."""
-    from hpc_kernels import build, provenance, registry, specdirs, ui
+    from hpc_kernels import registry, specdirs, ui
+    from hpc_kernels.build import provenance, stamps
     from hpc_kernels.runtimes import table
 
     reg = registry.load(args.registry)
@@ -34,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     base = reg.base
     theirs = _base_label(base.path) if base is not None else ""
     for entry in reg.kernels:
-        state = build.image_state(entry).status
+        state = stamps.image_state(entry).status
         image = table.get(entry.runtime).image_reference(entry)
         copies = installed.get(entry.name, [])
         overrides = str(base.path) if base is not None and entry.name in reg.overridden else None
@@ -75,9 +76,9 @@ def run(args: argparse.Namespace) -> int:
 
 def _base_label(path: Path) -> str:
     """How ``list`` names the registry another one extends: "the group" for a group tree's."""
-    from hpc_kernels import group
+    from hpc_kernels import grouptree
 
-    return "the group" if group.tree_of_registry(path) is not None else "the base"
+    return "the group" if grouptree.tree_of_registry(path) is not None else "the base"
 
 
 def _hidden_note(name: str, used: Path, hidden: Path) -> str:

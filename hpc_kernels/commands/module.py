@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from hpc_kernels.group import GroupTree
+    from hpc_kernels.grouptree import GroupTree
     from hpc_kernels.modulefile import ModuleConfig
 
 HELP = "write an Lmod modulefile ('module load container-kernels') that lists our kernels in Jupyter"
@@ -83,10 +83,10 @@ def config_from_args(args: argparse.Namespace) -> ModuleConfig:
     With a registry that extends a group's, the module loads the group's module first and puts its own
     kernels before the group's (Lmod's ``depends_on``).
     """
-    from hpc_kernels import __version__, group, modulefile
+    from hpc_kernels import __version__, grouptree, modulefile
 
     registry = _registry_path(getattr(args, "registry", None))
-    tree = group.tree_of_registry(registry)
+    tree = grouptree.tree_of_registry(registry)
     base = _base_tree(registry) if tree is None else None
     default_tree = tree.modulefiles if tree else modulefile.default_tree()
     default_prefix = tree.prefix if tree else modulefile.default_prefix()
@@ -112,7 +112,7 @@ def config_from_args(args: argparse.Namespace) -> ModuleConfig:
 
 def _base_tree(registry: Path | None) -> GroupTree | None:
     """The group tree of the registry that ``registry`` extends, if any."""
-    from hpc_kernels import group
+    from hpc_kernels import grouptree
     from hpc_kernels import registry as registry_module
     from hpc_kernels.errors import HpcKernelsError
 
@@ -122,7 +122,7 @@ def _base_tree(registry: Path | None) -> GroupTree | None:
         base = registry_module.load_file(registry).base
     except HpcKernelsError:
         return None  # 'module install NAME' reports the registry's problems when it loads it
-    return group.tree_of_registry(base.path) if base is not None else None
+    return grouptree.tree_of_registry(base.path) if base is not None else None
 
 
 def run(args: argparse.Namespace) -> int:

@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
 
         script, extra = sbatch_plan(spec, "<sid>", sessions_dir() / "<sid>.json")
         job_script = f"# submitted with: {shlex.join(['sbatch', '--parsable', *extra])}\n{script}"
-    from hpc_kernels import provenance
+    from hpc_kernels.build import provenance
 
     info = provenance.image_info(entry)
     if args.json:
@@ -121,14 +121,15 @@ def _print_image(out: Any, info: Any) -> None:
 
 
 def _recipe(entry: Any, as_json: bool) -> int:
-    from hpc_kernels import staging, ui
+    from hpc_kernels import ui
     from hpc_kernels.errors import HpcKernelsError
     from hpc_kernels.runtimes import table
+    from hpc_kernels.staging import prepare
 
     if not entry.buildable or not table.get(entry.runtime).features.staged_builds:
         raise HpcKernelsError(f"kernel '{entry.name}' has no recipe hpc-kernels builds (its image is used as is, or "
                               "its runtime builds from the 'def' Dockerfile conversion).")
-    text = staging.preview(entry)
+    text = prepare.preview(entry)
     if as_json:
         ui.print_json({"kernel": entry.name, "recipe": text})
     else:

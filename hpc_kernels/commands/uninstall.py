@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from hpc_kernels.commands.install import add_target
 
 if TYPE_CHECKING:
-    from hpc_kernels.group import GroupTree
+    from hpc_kernels.grouptree import GroupTree
 
 HELP = "remove kernelspecs that hpc-kernels installed"
 
@@ -55,11 +55,11 @@ def run(args: argparse.Namespace) -> int:
 
 def _group_tree(explicit: str | None) -> GroupTree | None:
     """The group tree of the registry in use, if it is a group's (no registry at all is fine here)."""
-    from hpc_kernels import group, registry
+    from hpc_kernels import grouptree, registry
     from hpc_kernels.errors import RegistryError
 
     try:
         path, _source = registry.locate(explicit)
     except RegistryError:
         return None
-    return group.tree_of_registry(path)
+    return grouptree.tree_of_registry(path)

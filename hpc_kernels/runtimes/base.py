@@ -43,7 +43,7 @@ else:
     Protocol = object
 
 LineSink = Callable[[str], None]
-#: Runs an argv inside an image; its exit code and output (see hpc_kernels.imagecheck).
+#: Runs an argv inside an image; its exit code and output (see hpc_kernels.build.imagecheck).
 ImageRunner = Callable[[Sequence[str]], "tuple[int, str]"]
 #: What launching a kernel would run: argv, the runtime's environment, warnings for Jupyter's log.
 Plan = tuple[list[str], dict[str, str], list[str]]
@@ -106,7 +106,7 @@ class Runtime(Protocol):
     #: ``"module:function"`` sweepers ``hpc-kernels gc`` runs, in order (no import until gc runs);
     #: each is ``fn(dry_run) -> list[Leftover]``.
     sweepers: tuple[str, ...]
-    #: Ids of ``hpc_kernels.doctor.CHECKS`` that apply to kernels of this runtime.
+    #: Ids of ``hpc_kernels.doctor.base.CHECKS`` that apply to kernels of this runtime.
     doctor_checks: tuple[str, ...]
 
     def find_binary(self, environ: Mapping[str, str] | None = None, fallback: str = "") -> str:

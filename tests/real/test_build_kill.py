@@ -89,7 +89,7 @@ def wait_for_phase(cli: subprocess.Popen[bytes], phase: str, log: Path) -> dict[
 def images_entries(project: Path) -> list[str]:
     """What the images directory holds besides build locks."""
     images = project.parent / "images"
-    return sorted(p.name for p in images.iterdir() if not p.name.endswith(".lock")) if images.is_dir() else []
+    return sorted(p.name for p in images.iterdir() if not p.name.endswith((".lock", ".build-lock"))) if images.is_dir() else []
 
 
 def leftovers(atmp: Path) -> list[str]:

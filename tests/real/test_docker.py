@@ -23,7 +23,8 @@ from typing import Any
 
 import pytest
 
-from hpc_kernels import build, kernelspec, registry, specdirs
+from hpc_kernels import kernelspec, registry, specdirs
+from hpc_kernels.build import orchestrator, stamps
 from hpc_kernels.errors import BuildError
 from hpc_kernels.runtimes.docker import container as dk_container
 from hpc_kernels.runtimes.docker import sweep as dk_sweep
@@ -301,21 +302,21 @@ def test_build_from_def_through_spython_then_noop(
     entry = registry.load(path).get(name)
     tag = str(entry.container_image)
     try:
-        assert build.image_state(entry).status == "missing"
+        assert stamps.image_state(entry).status == "missing"
         cli = CountingCLI(runtime)
-        result = build.build(entry, builder=cli)
+        result = orchestrator.build(entry, builder=cli)
         assert result.action == "built" and CountingCLI.builds == 1
         out = sh(podman, "run", "--rm", tag, "cat", "/etc/hpck-built", "/opt/payload.txt")
         assert out.returncode == 0 and "built-by-hpck" in out.stdout and "payload" in out.stdout
-        assert build.image_state(entry).status == "built"
+        assert stamps.image_state(entry).status == "built"
         image_id = sh(podman, "image", "inspect", "--format", "{{.Id}}", tag).stdout
 
-        again = build.build(entry, builder=cli)  # nothing changed: no build runs
+        again = orchestrator.build(entry, builder=cli)  # nothing changed: no build runs
         assert again.action == "up-to-date" and CountingCLI.builds == 1
         assert sh(podman, "image", "inspect", "--format", "{{.Id}}", tag).stdout == image_id
 
         (path.parent / "payload.txt").write_text("changed\n")  # a %files input changed: stale
-        assert build.image_state(entry).status == "stale"
+        assert stamps.image_state(entry).status == "stale"
     finally:
         CountingCLI.builds = 0
         sh(podman, "rmi", "-f", tag)
@@ -328,14 +329,14 @@ def test_a_built_image_that_cannot_start_its_kernel_keeps_the_old_tag(podman: st
     entry = registry.load(path).get(name)
     tag = str(entry.container_image)
     try:
-        assert build.build(entry).action == "built"
+        assert orchestrator.build(entry).action == "built"
         good = sh(podman, "image", "inspect", "--format", "{{.Id}}", tag).stdout
         # The kernel's `python3 -m ipykernel_launcher` cannot start in this one: the build fails, the tag stays.
         (path.parent / "k.def").write_text(recipe + "    rm -rf /usr/lib/python3/dist-packages/ipykernel\n")
         with pytest.raises(BuildError, match="No module named 'ipykernel'"):
-            build.build(entry)
+            orchestrator.build(entry)
         assert sh(podman, "image", "inspect", "--format", "{{.Id}}", tag).stdout == good
-        assert build.image_state(entry).status == "stale"
+        assert stamps.image_state(entry).status == "stale"
     finally:
         sh(podman, "rmi", "-f", tag)
 
@@ -391,13 +392,13 @@ def test_shared_container_moves_to_a_rebuilt_image_once_idle(
     tag = str(entry.container_image)
     version = "print(open('/etc/version').read())"
     try:
-        build.build(entry)
+        orchestrator.build(entry)
         kernelspec.install(entry, specdirs.Target())
         km1, kc1 = start(name, isolated_home)
         cleanup.append(km1)
         old_image = sh(podman, "image", "inspect", "--format", "{{.Id}}", tag).stdout.strip()
         (path.parent / "k.def").write_text(recipe.format(image=TEST_IMAGE, version="v2"))
-        assert build.build(entry).action == "built"
+        assert orchestrator.build(entry).action == "built"
         km2, kc2 = start(name, isolated_home)  # a kernel still runs in it: the container stays
         cleanup.append(km2)
         assert "v1" in run_cell(kc2, version)[1]

@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 
-from hpc_kernels import cli, doctor, registry
+from hpc_kernels import cli, registry
+from hpc_kernels.doctor import base, hostchecks, kernelchecks
 
 MakeRegistry = Callable[..., Path]
 PY3_COMMAND = '[python3, -m, ipykernel_launcher, -f, "{connection_file}"]'
@@ -132,9 +133,9 @@ def test_real_apptainer_version_is_ok(on_path: str, capsys: pytest.CaptureFixtur
 
 
 def test_parse_version() -> None:
-    assert doctor.parse_version("apptainer version 1.4.5-2") == ("apptainer", (1, 4, 5))
-    assert doctor.parse_version("singularity-ce version 4.1.0") == ("singularity-ce", (4, 1, 0))
-    assert doctor.parse_version("nonsense") is None
+    assert hostchecks.parse_version("apptainer version 1.4.5-2") == ("apptainer", (1, 4, 5))
+    assert hostchecks.parse_version("singularity-ce version 4.1.0") == ("singularity-ce", (4, 1, 0))
+    assert hostchecks.parse_version("nonsense") is None
 
 
 # ----------------------------------------------------------------------------- builds
@@ -156,8 +157,8 @@ def test_build_namespaces_disabled(make_registry: MakeRegistry, tmp_path: Path) 
     proc = tmp_path / "proc"
     (proc / "sys/user").mkdir(parents=True)
     (proc / "sys/user/max_user_namespaces").write_text("0\n")
-    ctx = doctor.Context(uid=1000, user="alice", proc_root=proc, etc_root=tmp_path / "etc")
-    finding = doctor.check_build_namespaces(ctx, recipe_registry(make_registry).kernels)
+    ctx = base.Context(uid=1000, user="alice", proc_root=proc, etc_root=tmp_path / "etc")
+    finding = hostchecks.check_build_namespaces(ctx, recipe_registry(make_registry).kernels)
     assert finding is not None and finding.status == "fail"
     assert "--slurm" in finding.fix
 
@@ -169,11 +170,11 @@ def test_fakeroot_without_subuid(make_registry: MakeRegistry, tmp_path: Path) ->
     etc.mkdir()
     (etc / "subuid").write_text("bob:100000:65536\n")
     entries = recipe_registry(make_registry, fakeroot=True).kernels
-    ctx = doctor.Context(uid=1000, user="alice", proc_root=proc, etc_root=etc)
-    finding = doctor.check_build_namespaces(ctx, entries)
+    ctx = base.Context(uid=1000, user="alice", proc_root=proc, etc_root=etc)
+    finding = hostchecks.check_build_namespaces(ctx, entries)
     assert finding is not None and finding.status == "warn" and "alice" in finding.message
     (etc / "subuid").write_text("bob:100000:65536\nalice:165536:65536\n")
-    finding = doctor.check_build_namespaces(ctx, entries)
+    finding = hostchecks.check_build_namespaces(ctx, entries)
     assert finding is not None and finding.status == "ok"
 
 
@@ -184,13 +185,13 @@ def test_subuid_file_that_is_not_utf8_is_read_not_a_traceback(make_registry: Mak
     etc.mkdir()
     # A site whose /etc/subuid holds a Latin-1 login name (byte 0xe9) on another line.
     (etc / "subuid").write_bytes(b"ren\xe9:100000:65536\nalice:165536:65536\n")
-    ctx = doctor.Context(uid=1000, user="alice", proc_root=proc, etc_root=etc)
-    finding = doctor.check_build_namespaces(ctx, recipe_registry(make_registry, fakeroot=True).kernels)
+    ctx = base.Context(uid=1000, user="alice", proc_root=proc, etc_root=etc)
+    finding = hostchecks.check_build_namespaces(ctx, recipe_registry(make_registry, fakeroot=True).kernels)
     assert finding is not None and finding.status == "ok"
 
 
 def test_build_namespaces_on_this_node(make_registry: MakeRegistry) -> None:
-    finding = doctor.check_build_namespaces(doctor.Context(), recipe_registry(make_registry).kernels)
+    finding = hostchecks.check_build_namespaces(base.Context(), recipe_registry(make_registry).kernels)
     assert finding is not None and finding.status == "ok"
 
 
@@ -199,7 +200,7 @@ def test_build_namespaces_on_this_node(make_registry: MakeRegistry) -> None:
 
 def test_image_missing_stale_and_deleted(make_registry: MakeRegistry, tmp_path: Path,
                                          capsys: pytest.CaptureFixture[str]) -> None:
-    from hpc_kernels import build
+    from hpc_kernels.build import stamps
 
     reg = recipe_registry(make_registry)
     entry = reg.kernels[0]
@@ -210,7 +211,7 @@ def test_image_missing_stale_and_deleted(make_registry: MakeRegistry, tmp_path: 
     # An image recorded as built from another version of the recipe: stale.
     entry.image.parent.mkdir(parents=True, exist_ok=True)
     entry.image.write_bytes(b"not really a sif")
-    build.stamp_path(entry.image).write_text(json.dumps({"digest": "an older recipe"}))
+    stamps.stamp_path(entry.image).write_text(json.dumps({"digest": "an older recipe"}))
     _rc, report = run_doctor(capsys, "--registry", str(reg.path), "sci")
     assert one(report, "image", "sci")["status"] == "warn"
     # A registry naming an image file that was deleted.
@@ -390,7 +391,7 @@ def test_disable_user_config_trap(make_registry: MakeRegistry, tmp_path: Path,
     etc = tmp_path / "etc"
     (etc / "jupyterhub").mkdir(parents=True)
     (etc / "jupyterhub" / "jupyterhub_config.py").write_text("c.Spawner.disable_user_config = True\n")
-    assert doctor.disable_user_config_source(doctor.Context(etc_root=etc)) == str(
+    assert kernelchecks.disable_user_config_source(base.Context(etc_root=etc)) == str(
         etc / "jupyterhub" / "jupyterhub_config.py")
 
 
@@ -482,10 +483,10 @@ def test_environment_leaks(monkeypatch: pytest.MonkeyPatch, isolated_home: Path,
 
 def test_login_node_by_name() -> None:
     for name in ("login1", "gra-login2", "narval3", "rorqual1"):
-        assert doctor.check_login_node(doctor.Context(environ={}, hostname=name)).status == "warn", name
+        assert hostchecks.check_login_node(base.Context(environ={}, hostname=name)).status == "warn", name
     for name in ("nc10101", "fc30105", "vm", "laptop"):
-        assert doctor.check_login_node(doctor.Context(environ={}, hostname=name)).status == "ok", name
-    in_job = doctor.check_login_node(doctor.Context(environ={"SLURM_JOB_ID": "42"}, hostname="login1"))
+        assert hostchecks.check_login_node(base.Context(environ={}, hostname=name)).status == "ok", name
+    in_job = hostchecks.check_login_node(base.Context(environ={"SLURM_JOB_ID": "42"}, hostname="login1"))
     assert in_job.status == "ok" and "42" in in_job.message
 
 

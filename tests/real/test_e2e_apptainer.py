@@ -241,4 +241,4 @@ def test_a_built_image_that_cannot_start_its_kernel_keeps_the_old_one(make_regis
     assert "the new image cannot start the kernel" in done.stderr
     assert "No module named 'ipykernel'" in done.stderr and "python3 -m pip install ipykernel" in done.stderr
     assert image.stat().st_mtime_ns == before
-    assert sorted(p.name for p in image.parent.iterdir()) == [".k.sif.lock", "k.sif", "k.sif.hpck.json"]
+    assert sorted(p.name for p in image.parent.iterdir()) == ["k.sif", "k.sif.hpck.json"]

@@ -575,7 +575,7 @@ def test_builds_on_the_compute_node_and_here_exclude_each_other(member: Member, 
     """The build lock across nodes (where Lustre's flock may be node-local): the maintainer's build job on the
     compute node holds it, its record says so, and the member's build on the login node waits for it, by name,
     then finds the image up to date."""
-    from hpc_kernels import fsutil, paths
+    from hpc_kernels import locks, paths
 
     done = maintainer("group", "init", str(tree_root), "--members", "write")
     assert done.returncode == 0, done.stderr
@@ -590,7 +590,7 @@ def test_builds_on_the_compute_node_and_here_exclude_each_other(member: Member, 
         deadline = time.monotonic() + 180
         record = None
         while time.monotonic() < deadline and record is None and job.poll() is None:
-            record = fsutil.LockRecord.read(lock)
+            record = locks.LockRecord.read(lock)
             time.sleep(0.2)
         assert record is not None, "the build job never took the lock"
         assert record.host != paths.hostname() and record.user == pwd.getpwuid(os.getuid()).pw_name

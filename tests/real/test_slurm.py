@@ -220,8 +220,8 @@ def test_registry_settings_reach_the_job_and_wait_timeout_gives_up(
 ) -> None:
     """The registry's slurm: settings are the job's resources; --wait-timeout gives up on a job that is
     still going (here: its build waits for the image lock this test holds), which keeps running."""
-    from hpc_kernels.build import lock_path
-    from hpc_kernels.fsutil import cluster_lock
+    from hpc_kernels.build.orchestrator import lock_path
+    from hpc_kernels.locks import cluster_lock
 
     reg = make_registry(
         """\

@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from hpc_kernels import build, registry
+from hpc_kernels import registry
+from hpc_kernels.build import orchestrator, stamps
 from hpc_kernels.errors import BuildBusyError, BuildError
 from hpc_kernels.runtimes.base import LineSink
 from tests.helpers.builders import DEF, FakeBuilder
@@ -33,7 +34,7 @@ def with_changes(entry: registry.KernelEntry, **changes: Any) -> registry.Kernel
 
 def test_recipe_inputs_follow_files_section(entry: registry.KernelEntry) -> None:
     assert entry.recipe is not None
-    sources, base = build.recipe_inputs(entry.recipe)
+    sources, base = stamps.recipe_inputs(entry.recipe)
     root = entry.recipe.parent
     assert sources == [root / "data/a.txt", root / "data/b.txt", root / "env.yml"]
     assert base == root / "base.sif"
@@ -41,56 +42,56 @@ def test_recipe_inputs_follow_files_section(entry: registry.KernelEntry) -> None
 
 def test_incremental(entry: registry.KernelEntry) -> None:
     fake = FakeBuilder()
-    assert build.image_state(entry).status == "missing"
-    assert build.build(entry, builder=fake).action == "built"
-    assert build.image_state(entry).status == "built"
-    assert build.build(entry, builder=fake).action == "up-to-date"
+    assert stamps.image_state(entry).status == "missing"
+    assert orchestrator.build(entry, builder=fake).action == "built"
+    assert stamps.image_state(entry).status == "built"
+    assert orchestrator.build(entry, builder=fake).action == "up-to-date"
     assert len(fake.calls) == 1
     assert entry.recipe is not None
     # a file copied by %files changes -> stale -> rebuilt
     (entry.recipe.parent / "data" / "b.txt").write_text("changed")
-    assert build.image_state(entry).status == "stale"
-    assert build.build(entry, builder=fake).action == "built"
+    assert stamps.image_state(entry).status == "stale"
+    assert orchestrator.build(entry, builder=fake).action == "built"
     # a new file matching the glob counts too
     (entry.recipe.parent / "data" / "c.txt").write_text("new")
-    assert build.image_state(entry).status == "stale"
-    build.build(entry, builder=fake)
+    assert stamps.image_state(entry).status == "stale"
+    orchestrator.build(entry, builder=fake)
     # build options are inputs
     zstd = with_changes(entry, compression="zstd")
-    assert build.image_state(zstd).status == "stale"
-    build.build(zstd, builder=fake)
+    assert stamps.image_state(zstd).status == "stale"
+    orchestrator.build(zstd, builder=fake)
     assert fake.calls[-1] == ["--mksquashfs-args", "-comp zstd"]
     # --force rebuilds an up-to-date image
-    assert build.build(zstd, builder=fake, force=True).action == "built"
+    assert orchestrator.build(zstd, builder=fake, force=True).action == "built"
     assert len(fake.calls) == 5
 
 
 def test_failed_build_keeps_the_good_image(entry: registry.KernelEntry) -> None:
-    build.build(entry, builder=FakeBuilder())
+    orchestrator.build(entry, builder=FakeBuilder())
     good = entry.image.read_text()
     assert entry.recipe is not None
     entry.recipe.write_text(DEF + "\n# edited\n")
     with pytest.raises(BuildError) as info:
-        build.build(entry, builder=FakeBuilder(fail=True))
+        orchestrator.build(entry, builder=FakeBuilder(fail=True))
     assert "FATAL: %post failed" in str(info.value)
     assert info.value.log_path and Path(info.value.log_path).read_text().count("FATAL") == 1
     assert entry.image.read_text() == good
     assert not list(entry.image.parent.glob(".sci.sif.tmp-*"))
     assert not list(entry.image.parent.glob(".sci.sif.build-*"))
-    assert build.image_state(entry).status == "stale"
+    assert stamps.image_state(entry).status == "stale"
 
 
 def test_leftover_temporary_of_a_killed_build_is_removed(entry: registry.KernelEntry) -> None:
     entry.image.parent.mkdir(parents=True, exist_ok=True)
     stale = entry.image.parent / ".sci.sif.tmp-999999"
     stale.write_text("half an image")
-    build.build(entry, builder=FakeBuilder())
+    orchestrator.build(entry, builder=FakeBuilder())
     assert not stale.exists()
 
 
 def _build_in_child(entry: registry.KernelEntry, wait: bool, queue: Any) -> None:
     try:
-        result = build.build(entry, builder=FakeBuilder(delay=1.5), wait=wait)
+        result = orchestrator.build(entry, builder=FakeBuilder(delay=1.5), wait=wait)
         queue.put(result.action)
     except BuildBusyError:
         queue.put("busy")
@@ -113,7 +114,7 @@ def test_concurrent_build_without_wait_reports_busy(entry: registry.KernelEntry)
     queue = ctx.Queue()
     first = ctx.Process(target=_build_in_child, args=(entry, True, queue))
     first.start()
-    lock = build.lock_path(entry.image)
+    lock = orchestrator.lock_path(entry.image)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and not (lock.exists() and lock.read_text().strip()):
         time.sleep(0.05)
@@ -126,7 +127,7 @@ def test_concurrent_build_without_wait_reports_busy(entry: registry.KernelEntry)
 
 def test_build_environment_follows_drac_advice(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
                                                entry: registry.KernelEntry) -> None:
-    from hpc_kernels import buildtemp
+    from hpc_kernels.build import temp as buildtemp
 
     monkeypatch.setenv("APPTAINER_BIND", "/project,/scratch")
     monkeypatch.setenv("SLURM_TMPDIR", str(tmp_path))
@@ -136,7 +137,7 @@ def test_build_environment_follows_drac_advice(monkeypatch: pytest.MonkeyPatch, 
     temp = buildtemp.create(entry.name, entry.image)
     # The build's private temporary directory is on the node-local disk of the job, named after the build.
     assert temp.tmpdir.parent == tmp_path and temp.tmpdir.name.startswith(f"hpck-build-{os.getuid()}-sci-")
-    with build.build_environment(temp):
+    with orchestrator.build_environment(temp):
         assert "APPTAINER_BIND" not in os.environ
         assert os.environ["APPTAINER_CACHEDIR"] == str(tmp_path / "apptainer-cache")
         assert os.environ["APPTAINER_TMPDIR"] == str(temp.tmpdir)
@@ -148,19 +149,19 @@ def test_build_environment_follows_drac_advice(monkeypatch: pytest.MonkeyPatch, 
 
 def test_entry_without_recipe_is_not_buildable(make_registry: Any) -> None:
     reg = registry.load_file(make_registry("kernels:\n  ext:\n    image: /nowhere/ext.sif\n"))
-    assert build.image_state(reg.kernels[0]).status == "external-missing"
+    assert stamps.image_state(reg.kernels[0]).status == "external-missing"
     with pytest.raises(BuildError, match="no 'def' recipe"):
-        build.build(reg.kernels[0], builder=FakeBuilder())
+        orchestrator.build(reg.kernels[0], builder=FakeBuilder())
 
 
 def test_an_image_we_did_not_build_is_never_overwritten(entry: registry.KernelEntry) -> None:
     entry.image.parent.mkdir(parents=True, exist_ok=True)
     entry.image.write_text("the user's own image")
-    assert build.image_state(entry).status == "foreign"
+    assert stamps.image_state(entry).status == "foreign"
     fake = FakeBuilder()
     for force in (False, True):
         with pytest.raises(BuildError, match="was not built by hpc-kernels"):
-            build.build(entry, builder=fake, force=force)
+            orchestrator.build(entry, builder=fake, force=force)
     assert entry.image.read_text() == "the user's own image" and fake.calls == []
 
 
@@ -171,7 +172,7 @@ def test_a_missing_files_source_is_found_before_the_build_with_its_recipe_line(e
         old.unlink()
     fake = FakeBuilder()
     with pytest.raises(BuildError) as info:
-        build.build(entry, builder=fake)
+        orchestrator.build(entry, builder=fake)
     text = str(info.value)
     # Both sources, each with the recipe's file:line; the builder (the base image pull) never ran.
     assert f"{entry.recipe}:5: %files source 'data/*.txt' does not exist" in text
@@ -179,9 +180,9 @@ def test_a_missing_files_source_is_found_before_the_build_with_its_recipe_line(e
     assert fake.calls == [] and not entry.image.exists()
     (entry.recipe.parent / "env.yml").write_text("x")
     with pytest.raises(BuildError, match=r"sci.def:5: %files source 'data/\*.txt'"):
-        build.build(entry, builder=fake)
+        orchestrator.build(entry, builder=fake)
     (entry.recipe.parent / "data" / "a.txt").write_text("a")
-    assert build.build(entry, builder=fake).action == "built"
+    assert orchestrator.build(entry, builder=fake).action == "built"
 
 
 def test_build_cli_names_the_missing_files_source(make_registry: Any, capsys: pytest.CaptureFixture[str]) -> None:
@@ -218,7 +219,7 @@ def test_a_build_that_cannot_reach_the_network_says_what_that_means(entry: regis
             raise BuildError(recipe.stem, "apptainer build exited with code 255", f"step 1\n{tail}")
 
     with pytest.raises(BuildError) as info:
-        build.build(entry, builder=Offline())
+        orchestrator.build(entry, builder=Offline())
     text = str(info.value)
     assert "\nhint: this node could not reach the network (the log says: " in text
     assert "Compute nodes of Narval and Rorqual have no internet" in text
@@ -231,12 +232,11 @@ def test_a_build_that_cannot_reach_the_network_says_what_that_means(entry: regis
 
 def test_other_build_failures_get_no_network_hint(entry: registry.KernelEntry) -> None:
     with pytest.raises(BuildError) as info:
-        build.build(entry, builder=FakeBuilder(fail=True))
+        orchestrator.build(entry, builder=FakeBuilder(fail=True))
     assert "hint:" not in str(info.value) and info.value.hint == ""
 
 
 def test_docker_builds_get_the_network_hint_too(make_registry: Any) -> None:
-    from hpc_kernels.runtimes.docker import build as docker_build
     from hpc_kernels.runtimes.docker import cli as docker
 
     class OfflineCLI(docker.ContainerCLI):
@@ -253,52 +253,53 @@ def test_docker_builds_get_the_network_hint_too(make_registry: Any) -> None:
                          {"box.def": "Bootstrap: docker\nFrom: python:3.12-slim\n"})
     entry = registry.load_file(path).kernels[0]
     with pytest.raises(BuildError, match="hint: this node could not reach the network"):
-        docker_build.build_image(entry, cli=OfflineCLI("podman", "/bin/false"))
+        orchestrator.build(entry, builder=OfflineCLI("podman", "/bin/false"))
 
 
 def test_an_image_truncated_after_its_build_is_damaged_and_rebuilt(entry: registry.KernelEntry) -> None:
     fake = FakeBuilder()
-    build.build(entry, builder=fake)
-    stamp = build.read_stamp(entry.image)
+    orchestrator.build(entry, builder=fake)
+    stamp = stamps.read_stamp(entry.image)
     assert stamp is not None and stamp["size"] == entry.image.stat().st_size
     whole = entry.image.read_bytes()
     with entry.image.open("r+b") as fh:  # what a full disk or quota leaves after a copy
         fh.truncate(len(whole) // 2)
-    assert build.image_state(entry).status == "damaged"
-    assert build.build(entry, builder=fake).action == "built" and len(fake.calls) == 2
+    assert stamps.image_state(entry).status == "damaged"
+    assert orchestrator.build(entry, builder=fake).action == "built" and len(fake.calls) == 2
 
     def same_build(data: bytes) -> bytes:  # every build has its own id (a label of the image)
         return b"\n".join(ln for ln in data.split(b"\n") if b"org.hpc-kernels.build-id" not in ln)
 
-    assert same_build(entry.image.read_bytes()) == same_build(whole) and build.image_state(entry).status == "built"
+    assert same_build(entry.image.read_bytes()) == same_build(whole) and stamps.image_state(entry).status == "built"
     # Overwritten with a file of the same size: the modification time tells.
     entry.image.write_bytes(b"x" * len(whole))
-    assert build.image_state(entry).status == "damaged"
+    assert stamps.image_state(entry).status == "damaged"
 
 
 def test_records_of_earlier_versions_without_size_are_trusted(entry: registry.KernelEntry) -> None:
     import json
 
-    build.build(entry, builder=FakeBuilder())
-    stamp = build.read_stamp(entry.image)
+    orchestrator.build(entry, builder=FakeBuilder())
+    stamp = stamps.read_stamp(entry.image)
     assert stamp is not None
     old = {k: v for k, v in stamp.items() if k not in ("size", "mtime_ns")}
-    build.stamp_path(entry.image).write_text(json.dumps(old))
+    stamps.stamp_path(entry.image).write_text(json.dumps(old))
     entry.image.write_text("changed")
-    assert build.image_state(entry).status == "built"
+    assert stamps.image_state(entry).status == "built"
 
 
 def test_list_and_doctor_show_a_damaged_image(entry: registry.KernelEntry,
                                              capsys: pytest.CaptureFixture[str]) -> None:
     import json
 
-    from hpc_kernels import cli, doctor
+    from hpc_kernels import cli
+    from hpc_kernels.doctor import kernelchecks
 
-    build.build(entry, builder=FakeBuilder())
+    orchestrator.build(entry, builder=FakeBuilder())
     entry.image.write_bytes(b"")
     registry_path = str(entry.recipe.parent / "kernels.yaml") if entry.recipe else ""
     assert cli.main(["list", "--json", "--registry", registry_path]) == 0
     assert json.loads(capsys.readouterr().out)["kernels"][0]["image_state"] == "damaged"
-    finding = doctor.check_image(entry)
+    finding = kernelchecks.check_image(entry)
     assert finding.status == "fail" and "not the file hpc-kernels built" in finding.message
     assert finding.fix == "hpc-kernels build sci"

@@ -18,7 +18,10 @@ from typing import Any
 
 import pytest
 
-from hpc_kernels import build, buildguard, buildtemp, gc, paths, procfs, registry
+from hpc_kernels import gc, paths, procfs, registry
+from hpc_kernels.build import guard as buildguard
+from hpc_kernels.build import orchestrator
+from hpc_kernels.build import temp as buildtemp
 from tests.helpers.builders import DEF, FakeBuilder
 from tests.helpers.descendants import survivors, tree, wait_until
 
@@ -79,7 +82,7 @@ def test_a_build_works_in_its_own_places_and_removes_them(entry: registry.Kernel
             assert all(p.parent.exists() for p in seen) and seen[1].is_dir()
             super().build(recipe, dest, options, on_line)
 
-    build.build(entry, builder=Recording())
+    orchestrator.build(entry, builder=Recording())
     dest, tmpdir, record = seen
     host = paths.hostname()
     assert dest.parent.name == f".sci.sif.build-{host}-{os.getpid()}" and dest.parent.parent == entry.image.parent
@@ -91,8 +94,8 @@ def test_a_build_works_in_its_own_places_and_removes_them(entry: registry.Kernel
 
 
 def test_the_next_build_sweeps_a_killed_build_of_this_host(entry: registry.KernelEntry) -> None:
-    temp = fake_temp(entry, buildtemp.Owner(paths.hostname(), dead_pid(), 12345, buildtemp.boot_id()))
-    build.build(entry, builder=FakeBuilder())
+    temp = fake_temp(entry, buildtemp.Owner(paths.hostname(), dead_pid(), 12345, procfs.boot_id()))
+    orchestrator.build(entry, builder=FakeBuilder())
     assert places(temp) == [False, False, False]
     log = next(paths.log_dir().glob("build-sci-*.log")).read_text()
     assert f"removed {temp.workdir} (left by a killed build of 'sci'" in log
@@ -110,13 +113,13 @@ def test_a_build_that_may_still_run_is_left_alone(entry: registry.KernelEntry) -
     try:
         ref = procfs.proc_ref(sleeper.pid)
         assert ref is not None
-        running = fake_temp(entry, buildtemp.Owner(paths.hostname(), sleeper.pid, ref.start, buildtemp.boot_id()))
+        running = fake_temp(entry, buildtemp.Owner(paths.hostname(), sleeper.pid, ref.start, procfs.boot_id()))
         # Another host sharing the images directory, heard from a minute ago: its pid cannot be checked here.
         elsewhere = fake_temp(entry, buildtemp.Owner("othernode", 4242, 1, "b"), heartbeat_age=60)
-        build.build(entry, builder=FakeBuilder())
+        orchestrator.build(entry, builder=FakeBuilder())
         assert places(running) == [True, True, True]
         assert elsewhere.workdir.exists() and elsewhere.index.exists()
-        assert [f for f in gc.sweep(sweepers=("hpc_kernels.buildtemp:sweep",))] == []
+        assert [f for f in gc.sweep(sweepers=("hpc_kernels.build.temp:sweep",))] == []
         assert places(running) == [True, True, True] and elsewhere.workdir.exists()
     finally:
         sleeper.kill()
@@ -125,17 +128,17 @@ def test_a_build_that_may_still_run_is_left_alone(entry: registry.KernelEntry) -
 
 def test_a_silent_build_on_another_host_is_swept_but_not_its_node_local_tmpdir(entry: registry.KernelEntry) -> None:
     temp = fake_temp(entry, buildtemp.Owner("othernode", 4242, 1, "b"), heartbeat_age=buildtemp.STALE_AFTER + 60)
-    found = gc.sweep(dry_run=True, sweepers=("hpc_kernels.buildtemp:sweep",))
+    found = gc.sweep(dry_run=True, sweepers=("hpc_kernels.build.temp:sweep",))
     assert [(f.sweeper, f.target, f.action) for f in found] == [("builds", str(temp.workdir), "removed")]
     assert "othernode" in found[0].reason and "no sign of life" in found[0].reason
     assert places(temp) == [True, True, True]  # a dry run changes nothing
-    gc.sweep(sweepers=("hpc_kernels.buildtemp:sweep",))
+    gc.sweep(sweepers=("hpc_kernels.build.temp:sweep",))
     # The tmpdir path names a directory of *that* node's disk; here it is someone else's: never touched.
     assert places(temp) == [False, True, False]
 
 
 def test_gc_sweeps_a_killed_build_of_this_host(entry: registry.KernelEntry) -> None:
-    temp = fake_temp(entry, buildtemp.Owner(paths.hostname(), dead_pid(), 1, buildtemp.boot_id()))
+    temp = fake_temp(entry, buildtemp.Owner(paths.hostname(), dead_pid(), 1, procfs.boot_id()))
     found = gc.sweep(dry_run=True)
     mine = [(f.target, f.action) for f in found if f.sweeper == "builds"]
     assert mine == [(str(temp.workdir), "removed"), (str(temp.tmpdir), "removed")]
@@ -148,7 +151,7 @@ def test_a_crafted_record_cannot_make_gc_remove_other_directories(entry: registr
     victim = tmp_path / "precious"
     victim.mkdir()
     (victim / "thesis.tex").write_text("years of work")
-    temp = fake_temp(entry, buildtemp.Owner(paths.hostname(), dead_pid(), 1, buildtemp.boot_id()))
+    temp = fake_temp(entry, buildtemp.Owner(paths.hostname(), dead_pid(), 1, procfs.boot_id()))
     for key in ("workdir", "tmpdir"):
         data = json.loads(temp.index.read_text())
         data[key] = str(victim)
@@ -162,7 +165,8 @@ def test_a_crafted_record_cannot_make_gc_remove_other_directories(entry: registr
 OWNER = textwrap.dedent("""\
     import os, subprocess, sys, time
     from pathlib import Path
-    from hpc_kernels import buildguard, buildtemp
+    from hpc_kernels.build import guard as buildguard
+    from hpc_kernels.build import temp as buildtemp
     image = Path(sys.argv[1])
     temp = buildtemp.create("sci", image)
     env = dict(os.environ, **{buildtemp.ENV_RECORD: str(temp.record)})
@@ -226,6 +230,6 @@ def test_an_unwritable_temporary_directory_is_one_sentence(entry: registry.Kerne
     monkeypatch.setenv("APPTAINER_TMPDIR", str(locked_dir / "sub"))
     if os.access(locked_dir, os.W_OK):
         pytest.skip("running as root: permissions do not stop us")
-    with pytest.raises(build.BuildError, match=r"cannot prepare the build's temporary files in .*readonly/sub"):
-        build.build(entry, builder=FakeBuilder())
+    with pytest.raises(orchestrator.BuildError, match=r"cannot prepare the build's temporary files in .*readonly/sub"):
+        orchestrator.build(entry, builder=FakeBuilder())
     assert list(buildtemp.index_dir().iterdir()) == []  # nothing half-made is left behind

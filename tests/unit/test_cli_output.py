@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 
-from hpc_kernels import build, cli, fsutil, gc, slurm
+from hpc_kernels import cli, gc, locks, slurm
+from hpc_kernels.build import orchestrator
 from hpc_kernels.runtimes.apptainer import status as app_status
 from tests.helpers.builders import FakeBuilder
 
@@ -243,7 +244,7 @@ def test_an_empty_registry_says_where_to_add_a_kernel(make_registry: Any, capsys
 
 def test_build_results_have_no_blank_lines_when_piped(reg: Path, capsys: pytest.CaptureFixture[str],
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(build, "default_builder", lambda entry: FakeBuilder())
+    monkeypatch.setattr(orchestrator, "default_builder", lambda entry: FakeBuilder())
     assert cli.main(["build", "--all", "--registry", str(reg)]) == 0
     err = capsys.readouterr().err
     lines = err.splitlines()
@@ -253,7 +254,7 @@ def test_build_results_have_no_blank_lines_when_piped(reg: Path, capsys: pytest.
 
 def test_build_progress_shows_the_whole_kernel_name(reg: Path, capsys: pytest.CaptureFixture[str],
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(build, "default_builder", lambda entry: FakeBuilder(delay=0.3))
+    monkeypatch.setattr(orchestrator, "default_builder", lambda entry: FakeBuilder(delay=0.3))
     as_terminal(monkeypatch)
     assert cli.main(["build", LONG, "--registry", str(reg)]) == 0
     _out, err = out_err(capsys)
@@ -265,12 +266,12 @@ def test_build_progress_shows_the_whole_kernel_name(reg: Path, capsys: pytest.Ca
 def test_a_build_that_waits_for_another_says_so_when_piped(reg: Path, capsys: pytest.CaptureFixture[str],
                                                            monkeypatch: pytest.MonkeyPatch,
                                                            isolated_home: Path) -> None:
-    monkeypatch.setattr(build, "default_builder", lambda entry: FakeBuilder())
-    lock = build.lock_path(isolated_home / ".local/share/hpc-kernels/images/sci.sif")
+    monkeypatch.setattr(orchestrator, "default_builder", lambda entry: FakeBuilder())
+    lock = orchestrator.lock_path(isolated_home / ".local/share/hpc-kernels/images/sci.sif")
     held, release = threading.Event(), threading.Event()
 
     def other_build() -> None:
-        with fsutil.cluster_lock(lock):
+        with locks.cluster_lock(lock):
             held.set()
             release.wait(10)
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from hpc_kernels.build import orchestrator
 from hpc_kernels.errors import BuildError, HpcKernelsError
 from hpc_kernels.launchspec import LaunchSpec
-from hpc_kernels.runtimes.docker import build as docker_build
 from hpc_kernels.runtimes.docker import cli as docker
 from hpc_kernels.runtimes.docker import container as dk_container
 from hpc_kernels.runtimes.docker import dockerfile
@@ -310,14 +310,14 @@ def test_a_new_image_that_cannot_start_its_kernel_gives_the_tag_back(tmp_path: P
     monkeypatch.setattr(cli, "runner", runner)
     tag = "localhost/hpc-kernels/k:latest"
     with pytest.raises(BuildError, match="the kernel's program 'python3' does not exist in the image"):
-        docker_build._verify_or_restore(entry, cli, tag, old_id, "sha256:new", tmp_path / "b.log", lambda _l: None)
+        orchestrator._verify_tagged(entry, cli, tag, old_id, "sha256:new", tmp_path / "b.log", lambda _l: None)
     assert ran == [["python3", "-c", "import ipykernel"]]  # the command as written: no other Python is tried
     calls = log.read_text().splitlines()
     assert calls[0] == (f"tag sha256:old {tag}" if old_id else f"rmi {tag}")
     # Fine images keep their tag.
     log.unlink()
     monkeypatch.setattr(cli, "runner", lambda _e, _i: (lambda argv: (0, "")))
-    docker_build._verify_or_restore(entry, cli, tag, old_id, "sha256:new", tmp_path / "b.log", lambda _l: None)
+    orchestrator._verify_tagged(entry, cli, tag, old_id, "sha256:new", tmp_path / "b.log", lambda _l: None)
     assert not log.exists()
 
 

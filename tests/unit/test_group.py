@@ -17,7 +17,9 @@ from typing import Any
 
 import pytest
 
-from hpc_kernels import build, cli, doctor, fsutil, group, kernelspec, modulefile, paths, registry, specdirs
+from hpc_kernels import cli, fsutil, group, grouptree, kernelspec, locks, modulefile, paths, procfs, registry, specdirs
+from hpc_kernels.build import orchestrator, stamps
+from hpc_kernels.doctor import base, installchecks, kernelchecks
 from hpc_kernels.errors import BuildBusyError, LockBusyError, NoWriteAccessError, RegistryError
 from tests.helpers.builders import FakeBuilder
 
@@ -121,16 +123,16 @@ def test_built_image_lock_and_record_in_a_group_directory(built_entry: registry.
 
     class Watching(FakeBuilder):
         def build(self, recipe: Path, dest: Path, options: list[str], on_line: Any) -> None:
-            lock = build.lock_path(built_entry.image)
+            lock = orchestrator.lock_path(built_entry.image)
             seen.append(stat.filemode(lock.stat().st_mode))
             assert paths.hostname() in dest.parent.name  # temporaries are unique across nodes
             super().build(recipe, dest, options, on_line)
             os.chmod(dest, 0o700)  # as Apptainer writes it with umask 077
 
-    assert build.build(built_entry, builder=Watching()).action == "built"
+    assert orchestrator.build(built_entry, builder=Watching()).action == "built"
     assert seen == ["-rw-r-----"]
     assert modes(built_entry.image.parent) == {"sci.sif": "-rwxr-x---", "sci.sif.hpck.json": "-rw-r-----"}
-    data = json.loads(build.stamp_path(built_entry.image).read_text())
+    data = json.loads(stamps.stamp_path(built_entry.image).read_text())
     assert data["generator"] == "hpc-kernels"
 
 
@@ -138,7 +140,7 @@ def test_built_image_lock_and_record_in_a_group_directory(built_entry: registry.
 
 
 def _hold(path: str, ready: Any, release: Any) -> None:
-    with fsutil.cluster_lock(Path(path)):
+    with locks.cluster_lock(Path(path)):
         ready.set()
         release.wait(30)
 
@@ -151,23 +153,23 @@ def test_cluster_lock_excludes_and_names_the_holder(tmp_path: Path) -> None:
     holder.start()
     try:
         assert ready.wait(10)
-        record = fsutil.LockRecord.read(lock)
+        record = locks.LockRecord.read(lock)
         assert record is not None and record.pid == holder.pid and record.host == paths.hostname()
-        with pytest.raises(LockBusyError) as caught, fsutil.cluster_lock(lock, wait=False):
+        with pytest.raises(LockBusyError) as caught, locks.cluster_lock(lock, wait=False):
             pass
         assert f"pid {holder.pid} on {paths.hostname()}, since " in str(caught.value)
         waited: list[object] = []
         release.set()
-        with fsutil.cluster_lock(lock, on_wait=waited.append) as mine:
-            assert fsutil.LockRecord.read(lock) == mine
+        with locks.cluster_lock(lock, on_wait=waited.append) as mine:
+            assert locks.LockRecord.read(lock) == mine
     finally:
         release.set()
         holder.join(10)
     assert not lock.exists() and list(tmp_path.iterdir()) == []  # nothing left: no lock, no temporary
 
 
-def _record(host: str, pid: int, start: int | None = None, token: str = "t0") -> fsutil.LockRecord:
-    return fsutil.LockRecord(host, pid, start, fsutil.boot_id(), os.getuid() + 1, "someone", time.time(), token)
+def _record(host: str, pid: int, start: int | None = None, token: str = "t0") -> locks.LockRecord:
+    return locks.LockRecord(host, pid, start, procfs.boot_id(), os.getuid() + 1, "someone", time.time(), token)
 
 
 def test_a_lock_of_a_dead_process_on_this_node_is_taken_over(tmp_path: Path) -> None:
@@ -177,20 +179,21 @@ def test_a_lock_of_a_dead_process_on_this_node_is_taken_over(tmp_path: Path) -> 
     dead.start()
     dead.join()
     lock.write_text(_record(paths.hostname(), dead.pid or 1).to_text())  # killed holder (SIGKILL: no release)
-    with fsutil.cluster_lock(lock, wait=False) as mine:
-        assert fsutil.LockRecord.read(lock) == mine
+    with locks.cluster_lock(lock, wait=False) as mine:
+        assert locks.LockRecord.read(lock) == mine
 
 
 def test_a_reused_pid_or_another_boot_is_not_the_holder(tmp_path: Path) -> None:
     lock = tmp_path / "x.lock"
-    start = fsutil.process_start(os.getppid())
-    assert start is not None
+    parent = procfs.proc_ref(os.getppid())
+    assert parent is not None
+    start = parent.start
     lock.write_text(_record(paths.hostname(), os.getppid(), start + 1).to_text())  # same pid, other process
-    with fsutil.cluster_lock(lock, wait=False):
+    with locks.cluster_lock(lock, wait=False):
         pass
     stale = _record(paths.hostname(), os.getppid(), start)
-    lock.write_text(fsutil.LockRecord(**{**stale.__dict__, "boot": "an-earlier-boot"}).to_text())
-    with fsutil.cluster_lock(lock, wait=False):
+    lock.write_text(locks.LockRecord(**{**stale.__dict__, "boot": "an-earlier-boot"}).to_text())
+    with locks.cluster_lock(lock, wait=False):
         pass
 
 
@@ -200,22 +203,22 @@ def test_a_lock_of_another_node_counts_while_its_heartbeat_is_fresh(tmp_path: Pa
     lock = tmp_path / "x.lock"
     lock.write_text(_record("cn-elsewhere", 4242).to_text())
     with pytest.raises(LockBusyError, match="held by pid 4242 of user someone on cn-elsewhere"), \
-            fsutil.cluster_lock(lock, wait=False):
+            locks.cluster_lock(lock, wait=False):
         pass
     # A process of ours waits for it (here: as long as it is fresh)...
     waited: list[object] = []
-    with pytest.raises(LockBusyError), fsutil.cluster_lock(lock, wait=False, on_wait=waited.append):
+    with pytest.raises(LockBusyError), locks.cluster_lock(lock, wait=False, on_wait=waited.append):
         pass
-    old = time.time() - fsutil.LOCK_STALE_AFTER - 5
+    old = time.time() - locks.LOCK_STALE_AFTER - 5
     os.utime(lock, (old, old))
-    with fsutil.cluster_lock(lock, wait=False) as mine:
-        assert fsutil.LockRecord.read(lock) == mine
+    with locks.cluster_lock(lock, wait=False) as mine:
+        assert locks.LockRecord.read(lock) == mine
     assert list(tmp_path.iterdir()) == []
 
 
 def test_the_heartbeat_keeps_the_lock_fresh_and_release_spares_a_lock_taken_over(tmp_path: Path) -> None:
     lock = tmp_path / "x.lock"
-    with fsutil.cluster_lock(lock, heartbeat=0.05):
+    with locks.cluster_lock(lock, heartbeat=0.05):
         old = time.time() - 1000
         os.utime(lock, (old, old))
         time.sleep(0.3)
@@ -223,16 +226,16 @@ def test_the_heartbeat_keeps_the_lock_fresh_and_release_spares_a_lock_taken_over
         # Someone decided we were dead and took the lock: ours must not remove theirs at release.
         lock.unlink()
         lock.write_text(_record("cn-other", 7).to_text())
-    theirs = fsutil.LockRecord.read(lock)
+    theirs = locks.LockRecord.read(lock)
     assert theirs is not None and (theirs.host, theirs.pid) == ("cn-other", 7)
 
 
 def test_waiting_for_another_nodes_build_names_it(built_entry: registry.KernelEntry) -> None:
-    lock = build.lock_path(built_entry.image)
+    lock = orchestrator.lock_path(built_entry.image)
     lock.write_text(_record("cn-7", 99).to_text())
     with pytest.raises(BuildBusyError, match=r"another process is building 'sci' .*: pid 99 of user someone "
                                              r"on cn-7, since"):
-        build.build(built_entry, builder=FakeBuilder(), wait=False)
+        orchestrator.build(built_entry, builder=FakeBuilder(), wait=False)
 
 
 # ----------------------------------------------------------------------------- refusing
@@ -289,7 +292,7 @@ def test_group_init_creates_the_tree_and_repairs_it(setgid_dir: Path, umask077: 
         "kernels.yaml": "-rw-r-----", "modulefiles": "drwxr-s---", "share": "drwxr-s---",
         "share/jupyter": "drwxr-s---", "share/jupyter/kernels": "drwxr-s---"}
     assert stat.filemode(root.stat().st_mode) == "drwxr-s---"
-    tree = group.find_tree(root / "images" / "x.sif")
+    tree = grouptree.find_tree(root / "images" / "x.sif")
     assert tree is not None and tree.root == root and not tree.members_write and tree.maintainer == _me()
     assert registry.load_file(root / "kernels.yaml").kernels == ()
     # Written later with umask 077 (an editor, a cp): the repair gives the group its access.
@@ -298,7 +301,7 @@ def test_group_init_creates_the_tree_and_repairs_it(setgid_dir: Path, umask077: 
     assert cli.main(["group", "init", str(root), "--members", "write"]) == 0
     got = modes(root)
     assert got["defs/x.def"] == "-rw-r-----" and got["venv/bin"] == "drwxrws---" and got["images"] == "drwxrws---"
-    tree = group.find_tree(root)
+    tree = grouptree.find_tree(root)
     assert tree is not None and tree.members_write
     assert cli.main(["group", "init", str(root)]) == 0  # the tree's choice is kept when not given again
     assert modes(root)["images"] == "drwxrws---"
@@ -313,7 +316,7 @@ def test_group_init_needs_a_group(tmp_path: Path, capsys: pytest.CaptureFixture[
 
 
 @pytest.fixture
-def tree(setgid_dir: Path, tmp_path: Path) -> group.GroupTree:
+def tree(setgid_dir: Path, tmp_path: Path) -> grouptree.GroupTree:
     done = group.init(setgid_dir / "kernels")
     image = tmp_path / "x.sif"
     image.write_bytes(b"sif")
@@ -321,7 +324,7 @@ def tree(setgid_dir: Path, tmp_path: Path) -> group.GroupTree:
     return done.tree
 
 
-def test_install_with_a_group_registry_publishes_kernelspecs_and_module(tree: group.GroupTree,
+def test_install_with_a_group_registry_publishes_kernelspecs_and_module(tree: grouptree.GroupTree,
                                                                         capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["install", "--all", "--registry", str(tree.registry)]) == 0
     err = capsys.readouterr().err
@@ -335,7 +338,7 @@ def test_install_with_a_group_registry_publishes_kernelspecs_and_module(tree: gr
     assert not (tree.prefix / "share/jupyter/kernels/sci").exists()
 
 
-def test_a_registry_extends_the_groups(tree: group.GroupTree, tmp_path: Path,
+def test_a_registry_extends_the_groups(tree: grouptree.GroupTree, tmp_path: Path,
                                        capsys: pytest.CaptureFixture[str]) -> None:
     mine = tmp_path / "mine.yaml"
     mine.write_text(f"extends: {tree.registry}\nkernels:\n  sci: {{image: {tmp_path / 'x.sif'}, display_name: "
@@ -368,7 +371,7 @@ def test_extends_mistakes_name_the_line(tmp_path: Path) -> None:
         registry.load_file(a)
 
 
-def test_a_members_module_loads_the_groups_first(tree: group.GroupTree, tmp_path: Path,
+def test_a_members_module_loads_the_groups_first(tree: grouptree.GroupTree, tmp_path: Path,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
     mine = tmp_path / "mine.yaml"
     mine.write_text(f"extends: {tree.registry}\nkernels:\n  own: {{image: {tmp_path / 'x.sif'}}}\n")
@@ -386,35 +389,35 @@ def test_a_members_module_loads_the_groups_first(tree: group.GroupTree, tmp_path
 # ----------------------------------------------------------------------------- doctor and states
 
 
-def test_doctor_group_check_says_how_to_load_the_module(tree: group.GroupTree,
+def test_doctor_group_check_says_how_to_load_the_module(tree: grouptree.GroupTree,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     reg = registry.load_file(tree.registry)
-    found = doctor.check_group(reg, doctor.Context(environ={}))
+    found = installchecks.check_group(reg, base.Context(environ={}))
     assert [f.status for f in found] == ["warn"]
     assert found[0].fix.startswith(f"module use {tree.modulefiles} && module load container-kernels")
     env = {"JUPYTER_PATH": str(tree.prefix / "share/jupyter"), "MODULEPATH": str(tree.modulefiles)}
-    assert [f.status for f in doctor.check_group(reg, doctor.Context(environ=env))] == ["ok"]
+    assert [f.status for f in installchecks.check_group(reg, base.Context(environ=env))] == ["ok"]
     (tree.root / "defs/private.def").write_text("x")
     os.chmod(tree.root / "defs/private.def", 0o600)
-    found = doctor.check_group(reg, doctor.Context(environ=env))
+    found = installchecks.check_group(reg, base.Context(environ=env))
     assert found[0].status == "warn" and "1 entries of it are not readable by the group" in found[0].message
     assert f"'hpc-kernels group init {tree.root}'" in found[0].fix
 
 
 @needs_non_root
 def test_an_image_this_user_cannot_read_is_unreadable_not_a_traceback(built_entry: registry.KernelEntry) -> None:
-    build.build(built_entry, builder=FakeBuilder())
+    orchestrator.build(built_entry, builder=FakeBuilder())
     os.chmod(built_entry.image, 0o000)
     try:
-        assert build.image_state(built_entry).status == "unreadable"
-        finding = doctor.check_image(built_entry)
+        assert stamps.image_state(built_entry).status == "unreadable"
+        finding = kernelchecks.check_image(built_entry)
         assert finding.status == "fail" and "it is yours, but its mode does not allow that" in finding.message
     finally:
         os.chmod(built_entry.image, 0o750)
     assert built_entry.recipe is not None
     os.chmod(built_entry.recipe, 0o000)
     try:
-        assert build.image_state(built_entry).status == "unchecked"
+        assert stamps.image_state(built_entry).status == "unchecked"
     finally:
         os.chmod(built_entry.recipe, 0o644)
 
@@ -441,10 +444,10 @@ def test_group_marker_values_are_plain_names(setgid_dir: Path, capsys: pytest.Ca
     assert cli.main(["group", "init", str(setgid_dir / "k"), "--module-name", "bad name"]) == 2
     assert "--module-name 'bad name' must be" in capsys.readouterr().err
     done = group.init(setgid_dir / "k")
-    marker = done.tree.root / group.MARKER
+    marker = done.tree.root / grouptree.MARKER
     data = json.loads(marker.read_text())
     marker.write_text(json.dumps({**data, "maintainer": "evil\x1b[2J", "module": "x\ny"}))
-    tree = group.find_tree(done.tree.root)
+    tree = grouptree.find_tree(done.tree.root)
     assert tree is not None and tree.maintainer == _me() and tree.module_name == "container-kernels"
 
 

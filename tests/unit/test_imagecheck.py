@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 
-from hpc_kernels import build, cli, imagecheck, kernelspec, registry, specdirs
+from hpc_kernels import cli, kernelspec, registry, specdirs
+from hpc_kernels.build import imagecheck, orchestrator, stamps
 from hpc_kernels.errors import BuildError, HpcKernelsError
 from tests.helpers.builders import DEF, FakeBuilder
 
@@ -50,8 +51,8 @@ def test_the_default_command_is_python3_until_an_image_says_otherwise(entry: reg
 def test_a_build_finds_the_python_with_ipykernel_and_the_kernelspec_uses_it(
         entry: registry.KernelEntry, programs: dict[str, str], found: str) -> None:
     fake = FakeBuilder(programs=programs)
-    build.build(entry, builder=fake)
-    stamp = build.read_stamp(entry.image)
+    orchestrator.build(entry, builder=fake)
+    stamp = stamps.read_stamp(entry.image)
     assert stamp is not None and stamp["program"] == found and stamp["program_check"] == "import ipykernel"
     assert all(argv[1:] == ["-c", "import ipykernel"] for argv in fake.ran)
     kernelspec.install(entry, specdirs.Target())
@@ -65,17 +66,17 @@ def test_a_build_finds_the_python_with_ipykernel_and_the_kernelspec_uses_it(
 ])
 def test_a_built_image_that_cannot_start_its_kernel_is_a_failed_build(
         entry: registry.KernelEntry, programs: dict[str, str], reason: str, fix: str) -> None:
-    build.build(entry, builder=FakeBuilder())
+    orchestrator.build(entry, builder=FakeBuilder())
     good = entry.image.read_text()
-    stamp = build.read_stamp(entry.image)
+    stamp = stamps.read_stamp(entry.image)
     assert entry.recipe is not None
     entry.recipe.write_text(DEF + "\n# edited\n")
     with pytest.raises(BuildError) as info:
-        build.build(entry, builder=FakeBuilder(programs=programs))
+        orchestrator.build(entry, builder=FakeBuilder(programs=programs))
     message = str(info.value)
     assert reason in message and fix in message and "set 'command:' of kernel 'sci'" in message
     assert "the previous image, if any, is kept" in message and info.value.log_path
-    assert entry.image.read_text() == good and build.read_stamp(entry.image) == stamp
+    assert entry.image.read_text() == good and stamps.read_stamp(entry.image) == stamp
     assert sorted(p.name for p in entry.image.parent.iterdir()) == ["sci.sif", "sci.sif.hpck.json"]
 
 
@@ -84,10 +85,10 @@ def test_a_given_command_is_checked_as_given(make_registry: Any) -> None:
                                 "    command: [R, --slave, -e, 'IRkernel::main()', --args, '{connection_file}']\n")
     assert entry.command_given
     fake = FakeBuilder(programs={"sh": "ok"})
-    build.build(entry, builder=fake)
+    orchestrator.build(entry, builder=fake)
     # The program's name is an argument of a fixed script, never part of it.
     assert fake.ran == [["sh", "-c", 'command -v "$1"', "sh", "R"]]
-    assert build.read_stamp(entry.image)["program"] == "R"  # type: ignore[index]
+    assert stamps.read_stamp(entry.image)["program"] == "R"  # type: ignore[index]
     assert imagecheck.kernel_command(entry) == entry.command
 
     class NoR(FakeBuilder):
@@ -95,16 +96,16 @@ def test_a_given_command_is_checked_as_given(make_registry: Any) -> None:
             return lambda argv: (1, "")  # `command -v R` finds nothing
 
     with pytest.raises(BuildError, match="the kernel's program 'R' does not exist in the image"):
-        build.build(entry, builder=NoR(), force=True)
+        orchestrator.build(entry, builder=NoR(), force=True)
 
 
 def test_a_given_python_command_must_import_its_module(make_registry: Any) -> None:
     entry = load(make_registry, "    def: sci.def\n    command: [python, -m, ipykernel_launcher, -f, '{connection_file}']\n")
     with pytest.raises(BuildError, match="the kernel's program 'python' does not exist in the image"):
-        build.build(entry, builder=FakeBuilder(programs={"python3": "ok"}))
+        orchestrator.build(entry, builder=FakeBuilder(programs={"python3": "ok"}))
     with pytest.raises(BuildError, match="'python -c \"import ipykernel\"' fails in the image"):
-        build.build(entry, builder=FakeBuilder(programs={"python": NO_IPYKERNEL}))
-    build.build(entry, builder=FakeBuilder(programs={"python": "ok"}))
+        orchestrator.build(entry, builder=FakeBuilder(programs={"python": NO_IPYKERNEL}))
+    orchestrator.build(entry, builder=FakeBuilder(programs={"python": "ok"}))
 
 
 def test_a_container_that_does_not_start_fails_the_build(entry: registry.KernelEntry) -> None:
@@ -113,15 +114,15 @@ def test_a_container_that_does_not_start_fails_the_build(entry: registry.KernelE
             return lambda argv: (255, "FATAL:   could not open image: image format not recognized")
 
     with pytest.raises(BuildError, match=r"could not be started to check it.*image format not recognized"):
-        build.build(entry, builder=Broken())
+        orchestrator.build(entry, builder=Broken())
     assert not entry.image.exists()
 
 
 def test_only_a_python_we_would_have_found_is_taken_from_a_record(entry: registry.KernelEntry) -> None:
-    build.build(entry, builder=FakeBuilder(programs={"python": "ok"}))
-    stamp = json.loads(build.stamp_path(entry.image).read_text())
+    orchestrator.build(entry, builder=FakeBuilder(programs={"python": "ok"}))
+    stamp = json.loads(stamps.stamp_path(entry.image).read_text())
     stamp["program"] = "/tmp/evil"
-    build.stamp_path(entry.image).write_text(json.dumps(stamp))
+    stamps.stamp_path(entry.image).write_text(json.dumps(stamp))
     assert imagecheck.kernel_command(entry) == registry.DEFAULT_COMMAND
 
 
@@ -218,12 +219,12 @@ def test_no_check_builds_an_image_that_is_not_a_kernel(entry: registry.KernelEnt
                                                         capsys: pytest.CaptureFixture[str]) -> None:
     """`build --no-check`: for an image this node cannot run (a GPU, a bind source, another architecture)."""
     fake = FakeBuilder(programs={})
-    monkeypatch.setattr(build, "default_builder", lambda _entry: fake)
+    monkeypatch.setattr(orchestrator, "default_builder", lambda _entry: fake)
     reg = str(entry.image.parent.parent / "kernels.yaml")
     assert cli.main(["build", "sci", "--registry", reg]) == 1
     assert "the image has no Python" in capsys.readouterr().err and not entry.image.exists()
     assert cli.main(["build", "sci", "--no-check", "--registry", reg]) == 0
-    stamp = build.read_stamp(entry.image)
+    stamp = stamps.read_stamp(entry.image)
     assert stamp is not None and "program" not in stamp and fake.ran == [["python3", "-c", "import ipykernel"],
                                                                           ["python", "-c", "import ipykernel"]]
     assert imagecheck.kernel_command(entry) == registry.DEFAULT_COMMAND

@@ -26,7 +26,7 @@ EXEC_BUDGET = frozenset({
 })
 #: Shared Apptainer instances: the exec path's modules (but the watcher's), and the instance's own.
 INSTANCE_BUDGET = (EXEC_BUDGET - {"hpc_kernels.runtimes.apptainer.execrecord", "hpc_kernels.runtimes.apptainer.watcher"}) | {
-    "hpc_kernels.fsutil", "hpc_kernels.runtimes.apptainer.attach", "hpc_kernels.runtimes.apptainer.instance",
+    "hpc_kernels.fsutil", "hpc_kernels.locks", "hpc_kernels.runtimes.apptainer.attach", "hpc_kernels.runtimes.apptainer.instance",
     "hpc_kernels.runtimes.apptainer.records", "hpc_kernels.runtimes.apptainer.reaper",
     "hpc_kernels.runtimes.apptainer.status",
 }
@@ -34,7 +34,7 @@ INSTANCE_BUDGET = (EXEC_BUDGET - {"hpc_kernels.runtimes.apptainer.execrecord", "
 #: writes per-user state: fsutil).
 CONTAINER_BUDGET = frozenset({
     "hpc_kernels", "hpc_kernels.errors", "hpc_kernels.launch", "hpc_kernels.launchspec", "hpc_kernels.model",
-    "hpc_kernels.proc", "hpc_kernels.fsutil",
+    "hpc_kernels.proc", "hpc_kernels.fsutil", "hpc_kernels.locks",
     "hpc_kernels.paths", "hpc_kernels.procfs", "hpc_kernels.selfexec", "hpc_kernels.runtimes",
     "hpc_kernels.runtimes.table", "hpc_kernels.runtimes.base", "hpc_kernels.runtimes.envpolicy",
     "hpc_kernels.runtimes.gpu", "hpc_kernels.runtimes.parent", "hpc_kernels.runtimes.docker",

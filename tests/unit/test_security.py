@@ -151,7 +151,7 @@ def markup_registry(make_registry: Any, monkeypatch: pytest.MonkeyPatch) -> Path
 
 def test_user_text_is_printed_literally(markup_registry: Path, capsys: pytest.CaptureFixture[str],
                                        tmp_path: Path) -> None:
-    from hpc_kernels import build
+    from hpc_kernels.build import stamps
 
     reg = str(markup_registry)
     prefix = str(tmp_path / "pfx [/x]")
@@ -169,7 +169,7 @@ def test_user_text_is_printed_literally(markup_registry: Path, capsys: pytest.Ca
     entry = registry.load(markup_registry).kernels[0]
     entry.image.parent.mkdir(parents=True)
     entry.image.write_text("image")
-    build.stamp_path(entry.image).write_text(json.dumps({"digest": build.input_digest(entry)}))
+    stamps.stamp_path(entry.image).write_text(json.dumps({"digest": stamps.input_digest(entry)}))
     assert cli.main(["build", "one", "--registry", reg]) == 0
     assert f"one: up to date ({entry.image})" in capsys.readouterr().err
 
@@ -194,14 +194,14 @@ def test_show_and_doctor_print_user_text_literally(markup_registry: Path, capsys
 def test_build_progress_shows_log_lines_as_text(markup_registry: Path, capsys: pytest.CaptureFixture[str],
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """A build's output lines are shown in the progress display: '[/x]' there must not crash it."""
-    from hpc_kernels import build
+    from hpc_kernels.build import orchestrator
 
     def fake_build(entry: Any, **kw: Any) -> Any:
         kw["on_line"]("copying [/x] [cuda/12.2]")
         kw["on_event"]("step [/y]")
         raise HpcKernelsError("building kernel 'one' failed: [/z] gone")
 
-    monkeypatch.setattr(build, "build", fake_build)
+    monkeypatch.setattr(orchestrator, "build", fake_build)
     assert cli.main(["build", "one", "--registry", str(markup_registry)]) == 1
     assert "hpc-kernels: error: building kernel 'one' failed: [/z] gone" in capsys.readouterr().err
 
@@ -225,10 +225,10 @@ def test_jobs_table_prints_reasons_and_paths_literally(capsys: pytest.CaptureFix
 
 @pytest.fixture
 def builder(monkeypatch: pytest.MonkeyPatch) -> RecordingBuilder:
-    from hpc_kernels import build
+    from hpc_kernels.build import orchestrator
 
     fake = RecordingBuilder()
-    monkeypatch.setattr(build, "default_builder", lambda entry: fake)
+    monkeypatch.setattr(orchestrator, "default_builder", lambda entry: fake)
     return fake
 
 
@@ -279,12 +279,12 @@ def test_a_directory_is_a_base_only_when_it_is_a_sandbox(make_registry: Any, bui
 
 
 def test_complete_headers_build(make_registry: Any, builder: RecordingBuilder) -> None:
-    from hpc_kernels import build, recipe
+    from hpc_kernels.build import orchestrator, recipe
 
     path = make_registry(REG, {"one.def": "# Bootstrap: localimage in a comment\nBootstrap: docker\n"
                                           "From: python:3.12-slim  # the base\n%post\n    true\n"})
     entry = registry.load(path).kernels[0]
-    assert build.build(entry).action == "built" and len(builder.calls) == 1
+    assert orchestrator.build(entry).action == "built" and len(builder.calls) == 1
     stage, = recipe.stages((path.parent / "one.def").read_text())
     assert stage.get("from") == "python:3.12-slim" and stage.line_of("from") == 3
     shipped = Path(__file__).parents[2] / "defs" / "science.def"
@@ -316,7 +316,7 @@ def hold_lock(path: Path) -> subprocess.Popen[str]:
 
 def test_a_lock_held_elsewhere_is_reported_within_a_bounded_time(tmp_path: Path) -> None:
     from hpc_kernels.errors import LockBusyError
-    from hpc_kernels.fsutil import locked
+    from hpc_kernels.locks import locked
 
     path = tmp_path / "lock"
     path.write_text("")
@@ -335,20 +335,20 @@ def test_a_lock_held_elsewhere_is_reported_within_a_bounded_time(tmp_path: Path)
 
 
 def test_another_users_lock_is_not_waited_for(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from hpc_kernels import fsutil
+    from hpc_kernels import locks
     from hpc_kernels.errors import LockBusyError
 
     path = tmp_path / "lock"
     path.write_text("")
     holder = hold_lock(path)
-    real = fsutil.lock_holder
+    real = locks.lock_holder
     seen = real(os.open(path, os.O_RDONLY))
     assert seen is not None and seen.pid == holder.pid and seen.uid == os.getuid()
     # As if the holder were another user's process: no wait at all, even without a time limit.
-    monkeypatch.setattr(fsutil, "lock_holder", lambda fd: fsutil.LockHolder(holder.pid, os.getuid() + 1))
+    monkeypatch.setattr(locks, "lock_holder", lambda fd: locks.LockHolder(holder.pid, os.getuid() + 1))
     try:
         start = time.monotonic()
-        with pytest.raises(LockBusyError, match="held by another user's process"), fsutil.locked(path):
+        with pytest.raises(LockBusyError, match="held by another user's process"), locks.locked(path):
             pass
         assert time.monotonic() - start < 5
     finally:
@@ -390,7 +390,8 @@ def test_an_instance_lock_someone_holds_stalls_no_kernel(monkeypatch: pytest.Mon
 
 def test_state_is_private_whatever_the_umask(umask_022: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
                                              make_registry: Any, builder: RecordingBuilder) -> None:
-    from hpc_kernels import build, paths
+    from hpc_kernels import paths
+    from hpc_kernels.build import orchestrator
     from hpc_kernels.runtimes.apptainer import cli as apptainer
 
     # An instance directory left 0755/0644 by an older version, under a 0755 state tree.
@@ -430,7 +431,7 @@ def test_state_is_private_whatever_the_umask(umask_022: None, monkeypatch: pytes
     # A build's log, and the records of a Slurm job.
     path = make_registry(REG, DEF)
     entry = registry.load(path).kernels[0]
-    log = build.build(entry).log_path
+    log = orchestrator.build(entry).log_path
     assert log is not None and mode(log) == 0o600 and mode(log.parent) == 0o700
 
     class FakeSlurm:

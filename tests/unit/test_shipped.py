@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hpc_kernels import build, registry
+from hpc_kernels import registry
+from hpc_kernels.build import stamps
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -13,7 +14,7 @@ def test_example_registry_and_recipe() -> None:
     reg = registry.load_file(ROOT / "kernels.yaml")
     (science,) = reg.kernels
     assert science.recipe == ROOT / "defs" / "science.def"
-    sources, base = build.recipe_inputs(science.recipe)
+    sources, base = stamps.recipe_inputs(science.recipe)
     assert sources == [ROOT / "defs" / "science-requirements.txt"] and base is None
     assert "ipykernel" in sources[0].read_text()
     from spython.main.parse.parsers import SingularityParser

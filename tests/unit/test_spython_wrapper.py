@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from hpc_kernels import buildguard
+from hpc_kernels.build import guard as buildguard
 from hpc_kernels.errors import BuildError
 from hpc_kernels.runtimes.apptainer import builder as app_builder
 

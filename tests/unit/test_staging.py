@@ -17,8 +17,11 @@ from typing import Any
 
 import pytest
 
-from hpc_kernels import build, cli, oci, recipegen, registry, requirements, staging
+from hpc_kernels import cli, oci, registry
+from hpc_kernels.build import orchestrator, recipegen, stamps
+from hpc_kernels.build.derive import derive
 from hpc_kernels.errors import BuildError, RegistryError
+from hpc_kernels.staging import cache, inputs, needs, requirements, wheelhouse
 from hpc_kernels.staging_settings import Fetch, Staging
 from tests.helpers.builders import FakeBuilder
 
@@ -71,7 +74,7 @@ def test_staging_default_and_kernel_override(make_registry: Any) -> None:
                          "  b:\n    python: \"3.11\"\n    staging: always\n")
     a, b = registry.load_file(path).kernels
     assert (a.staging, b.staging) == (Staging.NEVER, Staging.ALWAYS)
-    assert staging.default_fetch(a) is Fetch.NETWORK and staging.default_fetch(b) is Fetch.STAGE
+    assert cache.default_fetch(a) is Fetch.NETWORK and cache.default_fetch(b) is Fetch.STAGE
 
 
 def test_base_can_be_a_reference_or_a_local_image(make_registry: Any) -> None:
@@ -246,7 +249,7 @@ def test_a_hand_edited_lock_header_cannot_reach_paths_or_recipes(tmp_path: Path)
 def test_the_shipped_recipe_needs_its_base_and_its_requirements(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = ROOT / "kernels.yaml"
     (entry,) = [e for e in registry.load_file(path).kernels if e.name == "science"]
-    need = staging.needs(entry)
+    need = needs.needs(entry)
     assert [str(r.ref) for r in need.remote] == ["docker://docker.io/library/python:3.12-slim"]
     # %post's `pip install -r /build/requirements.txt` is mapped back through %files to the file on this node.
     assert [r.path for r in need.post] == [ROOT / "defs" / "science-requirements.txt"]
@@ -261,7 +264,7 @@ def test_post_pip_lines_and_network_commands_are_found(make_registry: Any) -> No
                  "    pip3 install -r /elsewhere.txt\n",
         "reqs/a.txt": "six\n",
     })
-    need = staging.needs(registry.load_file(path).kernels[0])
+    need = needs.needs(registry.load_file(path).kernels[0])
     assert [r.path for r in need.post] == [path.parent / "reqs" / "a.txt"]
     assert need.post_specs == ("numpy==2.0", "scipy>=1")
     assert need.notes == (f"{path.parent / 'k.def'}:6: %post runs 'apt-get', which needs the network",
@@ -274,8 +277,8 @@ def test_build_steps_that_download_cannot_be_staged(make_registry: Any) -> None:
                          {"k.def": "Bootstrap: debootstrap\nMirrorURL: http://deb.debian.org/debian\n"
                                    "OSVersion: bookworm\n"})
     entry = registry.load_file(path).kernels[0]
-    with pytest.raises(staging.StagingError) as info:
-        staging.stage(entry)
+    with pytest.raises(cache.StagingError) as info:
+        inputs.stage(entry)
     assert str(info.value) == (
         f"{path.parent / 'k.def'}:1: 'Bootstrap: debootstrap' downloads Debian packages during the build, which "
         "hpc-kernels cannot stage for a build without network: start from an image (Bootstrap: docker or "
@@ -315,7 +318,7 @@ def test_a_staged_base_becomes_a_local_image_and_relative_paths_absolute(tmp_pat
     wheels = tmp_path / "cache dir" / "wheels" / "k1"
     how = recipegen.Derivation((("org.hpc-kernels.version", "9"),), bases={0: sif}, offline=True, wheels=wheels,
                                install=recipegen.Install(True, wheels, recipegen.INSTALL_FILE, tmp_path / "pip.whl"))
-    text = recipegen.derive(src, how)
+    text = derive(src, how)
     lines = text.splitlines()
     assert lines[:4] == [f"# Derived by hpc-kernels from {tmp_path / 'k.def'}; that recipe is never written over.",
                          "# my recipe", "Bootstrap: localimage", f"From: {sif}"]
@@ -334,7 +337,7 @@ def test_a_staged_base_becomes_a_local_image_and_relative_paths_absolute(tmp_pat
 def test_without_staging_a_registry_base_is_pinned_to_its_digest(tmp_path: Path) -> None:
     src = recipegen.Source(DEF, tmp_path / "k.def", tmp_path, "k.def")
     how = recipegen.Derivation((), pins={0: "quay.io/org/base@sha256:" + "c" * 64})
-    text = recipegen.derive(src, how)
+    text = derive(src, how)
     assert "Bootstrap: docker\nFrom: quay.io/org/base@sha256:" + "c" * 64 + "\nIncludeCmd: yes" in text
     assert "PIP_NO_INDEX" not in text and "Registry:" not in text
 
@@ -344,7 +347,7 @@ def test_an_image_without_a_shell_gets_no_post_section_of_ours(tmp_path: Path) -
     text = "Bootstrap: scratch\n%files\n    payload.txt /payload.txt\n"
     src = recipegen.Source(text, tmp_path / "k.def", tmp_path, "k.def")
     for offline in (False, True):
-        derived = recipegen.derive(src, recipegen.Derivation((("org.hpc-kernels.version", "9"),), offline=offline,
+        derived = derive(src, recipegen.Derivation((("org.hpc-kernels.version", "9"),), offline=offline,
                                                              wheels=tmp_path / "wheels"))
         assert "%post" not in derived and "/.hpck" not in derived
         assert derived.endswith("%labels\n    org.hpc-kernels.version 9\n")
@@ -353,7 +356,7 @@ def test_an_image_without_a_shell_gets_no_post_section_of_ours(tmp_path: Path) -
 def test_values_that_would_break_a_recipe_are_refused(tmp_path: Path) -> None:
     src = recipegen.Source("Bootstrap: docker\nFrom: x:1\n", None, tmp_path, "gen")
     with pytest.raises(recipegen.RecipeGenError, match="cannot be written into a recipe header"):
-        recipegen.derive(src, recipegen.Derivation((), bases={0: Path("/a#b.sif")}))
+        derive(src, recipegen.Derivation((), bases={0: Path("/a#b.sif")}))
     with pytest.raises(recipegen.RecipeGenError, match="holds a quote"):
         recipegen.quote_path('/x"y', "wheelhouse")
 
@@ -366,10 +369,10 @@ def test_every_build_labels_its_image_and_the_record_keeps_them(make_registry: A
                          {"k.def": "Bootstrap: scratch\n%post\n    true\n"})
     entry = registry.load_file(path).kernels[0]
     fake = FakeBuilder()
-    build.build(entry, builder=fake)
+    orchestrator.build(entry, builder=fake)
     (built,) = fake.recipes
     assert (path.parent / "k.def").read_text() == "Bootstrap: scratch\n%post\n    true\n"  # never written over
-    stamp = build.read_stamp(entry.image)
+    stamp = stamps.read_stamp(entry.image)
     assert stamp is not None
     labels = stamp["labels"]
     assert isinstance(labels, dict)
@@ -386,16 +389,16 @@ def test_the_requirement_file_is_an_input_of_the_build(make_registry: Any) -> No
                          "    requirements: req.txt\n", {"b.sif": "sif", "req.txt": "six\n"})
     entry = registry.load_file(path).kernels[0]
     fake = FakeBuilder()
-    build.build(entry, builder=fake)
+    orchestrator.build(entry, builder=fake)
     assert "-r /.hpck/req/requirements.txt" in fake.recipes[0]
-    assert build.image_state(entry).status == "built"
+    assert stamps.image_state(entry).status == "built"
     (path.parent / "req.txt").write_text("six==1.16.0\n")
-    assert build.image_state(entry).status == "stale"
-    build.build(entry, builder=fake)
-    assert build.image_state(entry).status == "built"
+    assert stamps.image_state(entry).status == "stale"
+    orchestrator.build(entry, builder=fake)
+    assert stamps.image_state(entry).status == "built"
     (path.parent / "kernels.locks").mkdir()
     (path.parent / "kernels.locks" / "k.txt").write_text(requirements.LOCK_MARK + "\nsix==1.16.0\n")
-    assert build.image_state(entry).status == "stale"  # a lock, once written, is an input too
+    assert stamps.image_state(entry).status == "stale"  # a lock, once written, is an input too
 
 
 def test_a_staged_build_without_staged_inputs_names_what_is_missing(make_registry: Any) -> None:
@@ -404,7 +407,7 @@ def test_a_staged_build_without_staged_inputs_names_what_is_missing(make_registr
     entry = registry.load_file(path).kernels[0]
     fake = FakeBuilder()
     with pytest.raises(BuildError) as info:
-        build.build(entry, builder=fake, fetch=Fetch.STAGED)
+        orchestrator.build(entry, builder=fake, fetch=Fetch.STAGED)
     assert str(info.value) == (
         "building kernel 'k' failed: kernel 'k' builds from staged inputs only (no network here), and the base image "
         f"docker://127.0.0.1:9/hpck/debian:1 ({path.parent / 'k.def'}:2) is not in the staging cache: stage it on a "
@@ -441,8 +444,8 @@ def test_show_prints_what_the_image_says_and_list_its_build_id(make_registry: An
     path = make_registry("defaults:\n  images_dir: images\nkernels:\n  k:\n    def: k.def\n",
                          {"k.def": "Bootstrap: scratch\n"})
     entry = registry.load_file(path).kernels[0]
-    build.build(entry, builder=FakeBuilder())
-    stamp = build.read_stamp(entry.image) or {}
+    orchestrator.build(entry, builder=FakeBuilder())
+    stamp = stamps.read_stamp(entry.image) or {}
     monkeypatch.setenv("PATH", "/nonexistent")  # no apptainer: the build record's copy of the labels
     assert cli.main(["show", "k", "--registry", str(path)]) == 0
     out = capsys.readouterr().out
@@ -471,28 +474,28 @@ def test_show_recipe_prints_the_generated_recipe(make_registry: Any, capsys: pyt
 # ----------------------------------------------------------------------------- pip's failures
 
 
-PROBE = staging.Probe("3.11.2", "cpython", "x86_64", "glibc", "2.36", True, False, "/usr/bin/python3")
+PROBE = cache.Probe("3.11.2", "cpython", "x86_64", "glibc", "2.36", True, False, "/usr/bin/python3")
 
 
 def test_platform_tags_follow_the_image_libc() -> None:
     tags = PROBE.platforms()
     assert tags[0] == "manylinux_2_36_x86_64" and tags[-2:] == ["manylinux_2_17_x86_64", "manylinux2014_x86_64"]
-    musl = staging.Probe("3.12.1", "cpython", "aarch64", "musl", "", False, True, "/usr/bin/python3")
+    musl = cache.Probe("3.12.1", "cpython", "aarch64", "musl", "", False, True, "/usr/bin/python3")
     assert musl.platforms() == ["musllinux_1_2_aarch64", "musllinux_1_1_aarch64"]
 
 
 def test_a_package_pip_cannot_find_is_named_at_its_line(make_registry: Any) -> None:
     path = make_registry("kernels:\n  k:\n    python: \"3.11\"\n    requirements: req.txt\n",
                          {"req.txt": "six\n\nnumpy==9.9  # too new\n"})
-    need = staging.needs(registry.load_file(path).kernels[0])
+    need = needs.needs(registry.load_file(path).kernels[0])
     output = ("ERROR: Could not find a version that satisfies the requirement numpy==9.9 (from versions: 1.26.4, "
               "2.0.0)\nERROR: No matching distribution found for numpy==9.9\n")
-    assert staging.pip_failure(output, need, PROBE, "k") == (
+    assert wheelhouse.pip_failure(output, need, PROBE, "k") == (
         f"kernel 'k': {path.parent / 'req.txt'}:3: pip found no wheel of 'numpy==9.9' for Python 3.11 on "
         "manylinux_2_36_x86_64 (versions with wheels: 1.26.4, 2.0.0): check the name and version; packages "
         "published only as source cannot be staged.")
     conflict = ("    The user requested six==1.16.0\n    The user requested six==1.17.0\n"
                 "ERROR: ResolutionImpossible: for help visit https://pip.pypa.io\n")
-    assert staging.pip_failure(conflict, need, PROBE, "k").startswith(
+    assert wheelhouse.pip_failure(conflict, need, PROBE, "k").startswith(
         "kernel 'k': the requirements contradict each other for Python 3.11 on manylinux_2_36_x86_64 (The user "
         "requested six==1.16.0 The user requested six==1.17.0): loosen or fix the pins.")

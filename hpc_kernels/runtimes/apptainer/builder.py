@@ -14,7 +14,9 @@ from pathlib import Path
 from subprocess import CalledProcessError
 from typing import TYPE_CHECKING
 
-from hpc_kernels import buildguard, imagecheck, paths, templates
+from hpc_kernels import paths, templates
+from hpc_kernels.build import guard as buildguard
+from hpc_kernels.build import imagecheck
 from hpc_kernels.errors import BuildError
 from hpc_kernels.fsutil import atomic_write
 from hpc_kernels.proc import run
@@ -96,7 +98,7 @@ def _cwd(path: Path) -> Iterator[None]:
 def _spython_sees(binary: str) -> Iterator[None]:
     """Put a private ``singularity`` shim first on PATH for this process only, during the build.
 
-    The shim runs the runtime under :mod:`hpc_kernels.buildguard`, which ties the build's processes to
+    The shim runs the runtime under :mod:`hpc_kernels.build.guard`, which ties the build's processes to
     this one (they die with it, whichever way it dies).
     """
     shim_dir = paths.cache_dir() / "spython-bin"

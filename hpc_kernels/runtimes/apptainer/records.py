@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from hpc_kernels import procfs
-from hpc_kernels.fsutil import locked
+from hpc_kernels.locks import locked
 from hpc_kernels.procfs import ProcRef
 from hpc_kernels.runtimes.apptainer.instance import (
     ENV_ATTACHMENT,
@@ -247,7 +247,7 @@ def forget(d: Path) -> None:
 def _lock(path: Path, blocking: bool = True) -> contextlib.AbstractContextManager[bool]:
     """An instance's lock: it survives gc removing and recreating the state directory, lives in a
     private directory (another user cannot take it), and is not waited for longer than
-    :data:`LOCK_TIMEOUT` (see :func:`hpc_kernels.fsutil.locked`)."""
+    :data:`LOCK_TIMEOUT` (see :func:`hpc_kernels.locks.locked`)."""
     return locked(path, blocking, timeout=LOCK_TIMEOUT, private=True)
 
 

@@ -28,8 +28,9 @@ from pathlib import Path
 
 from hpc_kernels import paths, procfs, selfexec
 from hpc_kernels.errors import HpcKernelsError
-from hpc_kernels.fsutil import locked, open_private, private_dir
+from hpc_kernels.fsutil import open_private, private_dir
 from hpc_kernels.launchspec import LaunchSpec
+from hpc_kernels.locks import locked
 from hpc_kernels.model import Mode
 from hpc_kernels.proc import run
 from hpc_kernels.runtimes.base import Plan
@@ -56,7 +57,7 @@ from hpc_kernels.runtimes.parent import parent_arg
 LABEL_STATE_DIR = "hpc-kernels.state-dir"
 LABEL_CONFIG = "hpc-kernels.config"
 #: The longest a process of ours holds a shared container's lock (starting it takes up to 300 s),
-#: plus a margin: a longer wait means a stuck process (see hpc_kernels.fsutil.locked).
+#: plus a margin: a longer wait means a stuck process (see hpc_kernels.locks.locked).
 LOCK_TIMEOUT = 360.0
 
 

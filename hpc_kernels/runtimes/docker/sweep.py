@@ -9,8 +9,8 @@ from pathlib import Path
 
 from hpc_kernels import paths, procfs
 from hpc_kernels.errors import RuntimeNotFoundError, ToolError
-from hpc_kernels.fsutil import locked
 from hpc_kernels.leftovers import Leftover, in_use
+from hpc_kernels.locks import locked
 from hpc_kernels.runtimes.docker.cli import (
     LABEL_HOST,
     LABEL_IDLE,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from hpc_kernels import procfs
 from hpc_kernels.errors import HpcKernelsError, RuntimeNotFoundError, ToolError
-from hpc_kernels.fsutil import locked
+from hpc_kernels.locks import locked
 from hpc_kernels.proc import run
 from hpc_kernels.runtimes.docker.cli import (
     SHARED_CONN_DIR,

@@ -11,7 +11,7 @@ A build of ``IMAGE`` works in two places of its own:
   unpacks the root file system: hundreds of MB; an unprivileged build cannot work on NFS/Lustre).
 
 An *index* entry in the per-host state directory (``hosts/HOST/builds/``) names both, so ``gc`` finds
-them without a registry. While a build runs, its guard (:mod:`hpc_kernels.buildguard`) touches
+them without a registry. While a build runs, its guard (:mod:`hpc_kernels.build.guard`) touches
 ``owner.json`` every :data:`HEARTBEAT` seconds.
 
 A build is *stale* (its files may go) when: on this host, its owner process is gone (pid and start time,
@@ -23,20 +23,24 @@ image's lock; ``gc`` sweeps every index entry of this user.
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import glob
 import json
 import os
 import re
+import shutil
 import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from hpc_kernels import paths, procfs
-
-if TYPE_CHECKING:
-    from hpc_kernels.leftovers import Leftover as Finding
+from hpc_kernels import paths, proc, procfs
+from hpc_kernels.errors import HpcKernelsError, LockBusyError
+from hpc_kernels.fsutil import atomic_write
+from hpc_kernels.leftovers import Leftover
+from hpc_kernels.locks import cluster_lock
 
 OWNER = "owner.json"
 TEMP_IMAGE = "image.sif"
@@ -52,14 +56,6 @@ STALE_AFTER = 15 * 60.0
 _SAFE = re.compile(r"[^A-Za-z0-9._-]")
 
 
-def boot_id() -> str:
-    """This boot's id: a pid and start time mean the same process only within one boot."""
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return ""
-
-
 @dataclass(frozen=True)
 class Owner:
     """The process that runs a build, pinned so that a reused pid or a reboot never passes for it."""
@@ -73,7 +69,7 @@ class Owner:
     def me(cls) -> Owner:
         """This process."""
         ref = procfs.proc_ref(os.getpid())
-        return cls(paths.hostname(), os.getpid(), ref.start if ref else 0, boot_id())
+        return cls(paths.hostname(), os.getpid(), ref.start if ref else 0, procfs.boot_id())
 
     def local(self) -> bool:
         """True when the owner ran on this host."""
@@ -81,7 +77,7 @@ class Owner:
 
     def alive(self) -> bool:
         """On this host: the very same process still runs. (Callers judge other hosts by heartbeat.)"""
-        return self.local() and self.boot == boot_id() and procfs.ProcRef(self.pid, self.start).alive()
+        return self.local() and self.boot == procfs.boot_id() and procfs.ProcRef(self.pid, self.start).alive()
 
 
 @dataclass(frozen=True)
@@ -155,7 +151,6 @@ def index_dir(host: str | None = None) -> Path:
 def create(kernel: str, image: Path) -> BuildTemp:
     """Make the places of a new build of ``image`` by this process: index entry first (so ``gc`` can
     find whatever follows), then the work directory with owner.json, then the private tmpdir."""
-    from hpc_kernels.fsutil import atomic_write
 
     owner = Owner.me()
     tag = _SAFE.sub("_", f"{owner.host}-{owner.pid}")
@@ -202,8 +197,6 @@ def remove_tree(path: Path) -> None:
     directory they cannot write. ``unshare --map-root-user --map-auto`` (util-linux >= 2.38) enters such
     a namespace to remove them, as Apptainer itself would.
     """
-    import shutil
-
     if not os.path.lexists(path):
         return
     if path.is_symlink() or not path.is_dir():
@@ -216,9 +209,6 @@ def remove_tree(path: Path) -> None:
         error = exc
     unshare = shutil.which("unshare")
     if unshare:
-        from hpc_kernels import proc
-        from hpc_kernels.errors import HpcKernelsError
-
         with contextlib.suppress(HpcKernelsError):
             proc.run([unshare, "--map-root-user", "--map-auto", "rm", "-rf", "--", str(path)], check=False,
                      timeout=600)
@@ -251,7 +241,7 @@ def stale_reason(temp: BuildTemp, now: float | None = None) -> str | None:
 
 def image_lock(image: Path) -> Path:
     """The lock that serialises builds of ``image`` on every node and for every user of a group (build.py
-    holds it as a :func:`~hpc_kernels.fsutil.cluster_lock`)."""
+    holds it as a :func:`~hpc_kernels.locks.cluster_lock`)."""
     return image.parent / f".{image.name}.build-lock"
 
 
@@ -291,8 +281,6 @@ def sweep_image(image: Path) -> list[str]:
 
 def glob_escape(name: str) -> str:
     """``name`` with glob metacharacters escaped."""
-    import glob
-
     return glob.escape(name)
 
 
@@ -314,17 +302,13 @@ def records() -> Iterator[tuple[Path, BuildTemp | None]]:
             yield entry, None
 
 
-def sweep(dry_run: bool = False) -> list[Finding]:
+def sweep(dry_run: bool = False) -> list[Leftover]:
     """``gc``: remove the work directories and temporary directories of this user's killed builds."""
-    from hpc_kernels.errors import LockBusyError
-    from hpc_kernels.fsutil import cluster_lock
-    from hpc_kernels.leftovers import Leftover as Finding
-
-    found: list[Finding] = []
+    found: list[Leftover] = []
     for entry, temp in records():
         if temp is None:
             if _age(entry) > STALE_AFTER:
-                found.append(Finding("builds", str(entry), "removed", "an unreadable build record"))
+                found.append(Leftover("builds", str(entry), "removed", "an unreadable build record"))
                 if not dry_run:
                     with contextlib.suppress(OSError):
                         entry.unlink()
@@ -345,12 +329,12 @@ def sweep(dry_run: bool = False) -> list[Finding]:
         places = [p for p in (temp.workdir, temp.tmpdir if temp.owner.local() else None)
                   if p is not None and os.path.lexists(p)]
         for place in places:
-            found.append(Finding("builds", str(place), "removed", reason))
+            found.append(Leftover("builds", str(place), "removed", reason))
         if not places:
-            found.append(Finding("builds", str(entry), "removed", f"record of a finished build ({reason})"))
+            found.append(Leftover("builds", str(entry), "removed", f"record of a finished build ({reason})"))
         if not dry_run:
             for problem in remove(temp):
-                found.append(Finding("builds", problem.split(":", 1)[0], "left alone",
+                found.append(Leftover("builds", problem.split(":", 1)[0], "left alone",
                                      f"could not be removed: {problem.split(': ', 1)[-1]}"))
     return found
 
@@ -363,8 +347,6 @@ def cancel(temp: BuildTemp) -> None:
 
 def guard_busy(temp: BuildTemp) -> bool:
     """True while the guard of ``temp`` runs: it holds ``guard.lock`` in the private tmpdir meanwhile."""
-    import fcntl
-
     try:
         fd = os.open(temp.tmpdir / GUARD_LOCK, os.O_RDWR)  # never created here: only the guard makes it
     except OSError:

@@ -13,11 +13,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from hpc_kernels.build.derive import FREEZE
+from hpc_kernels.build.recipegen import Label
+from hpc_kernels.build.stamps import read_stamp
 from hpc_kernels.errors import HpcKernelsError
+from hpc_kernels.model import Runtime
+from hpc_kernels.proc import run
+from hpc_kernels.runtimes.apptainer.cli import find_binary
 
 if TYPE_CHECKING:
     from hpc_kernels.registry import KernelEntry
-    from hpc_kernels.staging import Prepared
+    from hpc_kernels.staging.prepare import Prepared
 
 LABEL_PREFIX = "org.hpc-kernels."
 
@@ -30,8 +36,6 @@ def new_build_id(digest: str) -> str:
 def image_labels(image: Path, timeout: float = 60.0) -> dict[str, str] | None:
     """The labels of a SIF (``apptainer inspect --labels --json``: reads the SIF's metadata, starts nothing);
     None when Apptainer is absent or cannot read it."""
-    from hpc_kernels.proc import run
-    from hpc_kernels.runtimes.apptainer.cli import find_binary
 
     try:
         done = run([find_binary(), "inspect", "--labels", "--json", str(image)], check=False, timeout=timeout)
@@ -46,8 +50,6 @@ def image_labels(image: Path, timeout: float = 60.0) -> dict[str, str] | None:
 
 def record_fields(prepared: Prepared, image: Path) -> dict[str, Any]:
     """The build record's copy of what the new image says about itself (its labels, read back from it)."""
-    from hpc_kernels.recipegen import Label
-
     labels = image_labels(image) or {}
     ours = {k: v for k, v in labels.items() if k.startswith(LABEL_PREFIX)} or dict(prepared.labels)
     packages = ours.get(Label.PACKAGES.value)
@@ -64,9 +66,6 @@ def record_fields(prepared: Prepared, image: Path) -> dict[str, Any]:
 def packages_in(image: Path, pythons: tuple[str, ...] = ("python3", "python")) -> list[str] | None:
     """The packages the image's Python sees, asked of the image (``apptainer exec``): for an image whose recipe
     has no %post (no shell to write the label with). None when it has no Python."""
-    from hpc_kernels.proc import run
-    from hpc_kernels.recipegen import FREEZE, Label
-    from hpc_kernels.runtimes.apptainer.cli import find_binary
 
     for python in pythons:
         try:
@@ -101,10 +100,8 @@ class ImageInfo:
 def image_info(entry: KernelEntry, *, read_image: bool = True) -> ImageInfo | None:
     """The labels of ``entry``'s image (from the image itself when Apptainer can read them, else from the build
     record); None when there is no image built by hpc-kernels."""
-    from hpc_kernels.build import read_stamp
-    from hpc_kernels.recipegen import Label
 
-    if entry.runtime != "apptainer" or not entry.image.is_file():
+    if entry.runtime != Runtime.APPTAINER or not entry.image.is_file():
         return None
     stamp = read_stamp(entry.image) or {}
     labels = image_labels(entry.image) if read_image else None
@@ -128,9 +125,7 @@ def image_info(entry: KernelEntry, *, read_image: bool = True) -> ImageInfo | No
 
 def build_id(entry: KernelEntry) -> str | None:
     """The id of the build that made ``entry``'s image, from its record (no process: ``list`` asks for all)."""
-    from hpc_kernels.build import read_stamp
-
-    if entry.runtime != "apptainer":
+    if entry.runtime != Runtime.APPTAINER:
         return None
     stamp = read_stamp(entry.image) or {}
     value = stamp.get("build_id")

@@ -32,8 +32,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from hpc_kernels import paths
-from hpc_kernels.errors import HpcKernelsError
+import hpc_kernels.runtimes.apptainer.cli as apptainer
+from hpc_kernels import kernelspec, paths, proc
+from hpc_kernels.build import stamps
+from hpc_kernels.errors import HpcKernelsError, RuntimeNotFoundError, ToolError
+from hpc_kernels.fsutil import atomic_write
+from hpc_kernels.model import Runtime
 from hpc_kernels.registry import KernelEntry
 from hpc_kernels.runtimes.base import ImageRunner
 
@@ -181,9 +185,6 @@ def probe_spec_runner(entry: KernelEntry, image: str, binary: str, timeout: floa
     """A :data:`Runner` for Apptainer: ``image`` run under ``entry``'s rules (a kernel's Python may live in a
     bound directory), without the binds whose source this node lacks (a build node may have no /scratch),
     GPU or extra runtime arguments."""
-    import hpc_kernels.runtimes.apptainer.cli as apptainer
-    from hpc_kernels import kernelspec, proc
-    from hpc_kernels.errors import ToolError
 
     present = tuple(b for b in entry.binds if _source_here(b))
     spec = dataclasses.replace(kernelspec.launch_spec(entry), image=image, binds=present, gpu="none",
@@ -224,10 +225,8 @@ def _identity(image: Path) -> dict[str, object] | None:
 
 def recorded(entry: KernelEntry) -> Probe | None:
     """What a probe of ``entry``'s current image found: from the build record, else the probe cache."""
-    from hpc_kernels import build
-
     found: list[dict[str, object]] = []
-    stamp = build.read_stamp(entry.image) if entry.recipe is not None else None
+    stamp = stamps.read_stamp(entry.image) if entry.recipe is not None else None
     if stamp:
         found.append(stamp)
     identity = _identity(entry.image)
@@ -248,8 +247,6 @@ def recorded(entry: KernelEntry) -> Probe | None:
 
 def remember(entry: KernelEntry, found: Probe) -> None:
     """Cache what a probe of ``entry``'s image (one we did not build now) found."""
-    from hpc_kernels.fsutil import atomic_write
-
     identity = _identity(entry.image)
     if identity is not None:
         atomic_write(_cache_file(entry.image), json.dumps({**identity, **found.record()}, indent=1) + "\n")
@@ -257,7 +254,7 @@ def remember(entry: KernelEntry, found: Probe) -> None:
 
 def kernel_command(entry: KernelEntry) -> tuple[str, ...]:
     """The kernel's command: the registry's, or the default with the Python found in the image."""
-    if entry.command_given or entry.runtime != "apptainer":
+    if entry.command_given or entry.runtime != Runtime.APPTAINER:
         return entry.command
     found = recorded(entry)
     return (found.program, *entry.command[1:]) if found else entry.command
@@ -265,7 +262,7 @@ def kernel_command(entry: KernelEntry) -> tuple[str, ...]:
 
 def needs_probe(entry: KernelEntry) -> bool:
     """True when ``entry``'s image exists and its Python has not been found yet."""
-    return (entry.runtime == "apptainer" and not entry.command_given and entry.image.exists()
+    return (entry.runtime == Runtime.APPTAINER and not entry.command_given and entry.image.exists()
             and recorded(entry) is None)
 
 
@@ -278,8 +275,6 @@ def probe_for_install(entry: KernelEntry) -> tuple[Probe | None, str]:
     """
     if not needs_probe(entry):
         return recorded(entry), ""
-    import hpc_kernels.runtimes.apptainer.cli as apptainer
-    from hpc_kernels.errors import RuntimeNotFoundError
 
     unchecked = f"the kernel runs '{entry.command[0]}'"
     try:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hpc_kernels.errors import HpcKernelsError
+from hpc_kernels.group import explain_unreadable
 
 #: Apptainer's bootstrap agents (internal/pkg/build/conveyorPacker.go) and the header keys each one
 #: cannot do without. (zypper can take its mirror from a SLE product; arch and scratch need nothing.)
@@ -122,8 +123,6 @@ def check(path: Path, text: str | None = None) -> list[Stage]:
         try:
             text = path.read_text(encoding="utf-8", errors="replace")
         except PermissionError as exc:  # a group's recipe: say who can fix it
-            from hpc_kernels.group import explain_unreadable
-
             why = explain_unreadable(path)
             raise RecipeError(f"cannot read the recipe {path}: {why or f'{exc.strerror}.'}") from None
         except OSError as exc:

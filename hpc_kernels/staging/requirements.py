@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hpc_kernels.errors import HpcKernelsError
+from hpc_kernels.registry import decode_text
 
 #: Where a line came from: the file and its 1-based line.
 Origin = tuple[Path, int]
@@ -139,8 +140,6 @@ def _joined(lines: list[str]) -> str:
 
 
 def _text(path: Path) -> str:
-    from hpc_kernels.registry import decode_text
-
     try:
         data = path.read_bytes()
     except OSError as exc:
@@ -233,7 +232,7 @@ def _relative(base: Path, value: str) -> Path:
 def _load_pyproject(path: Path) -> Requirements:
     text = _text(path)
     try:
-        import tomllib  # type: ignore[import-not-found,unused-ignore]
+        import tomllib  # type: ignore[import-not-found,unused-ignore]  # why: only pyproject.toml files need it
     except ImportError:  # pragma: no cover - Python < 3.11
         import tomli as tomllib  # type: ignore[import-not-found,no-redef,unused-ignore]
     try:
@@ -270,7 +269,7 @@ def python_conflict(reqs: Requirements, python: str) -> str | None:
                 f"Python {python}: resolve it again for {python}, or use a base with Python {reqs.python}.")
     if reqs.requires_python:
         try:
-            from packaging.specifiers import InvalidSpecifier, SpecifierSet
+            from packaging.specifiers import InvalidSpecifier, SpecifierSet  # why: only a lock's Python needs it
         except ImportError:  # pragma: no cover - a dependency of the package
             return None
         try:

@@ -13,10 +13,10 @@ Apptainer's temporary directory. The guard:
 * every :data:`POLL` seconds looks at its owner: when the hpc-kernels process is gone (pid and start
   time), or has cancelled the build (removed ``owner.json``), it SIGKILLs every process below it; when the
   owner is gone it also removes the build's temporary places (a live owner does that itself);
-* touches ``owner.json`` every :data:`hpc_kernels.buildtemp.HEARTBEAT` seconds (builds on other hosts
+* touches ``owner.json`` every :data:`hpc_kernels.build.temp.HEARTBEAT` seconds (builds on other hosts
   judge a work directory's staleness by it), and holds ``guard.lock`` in the private tmpdir while it runs.
 
-Run as ``python -I -S .../hpc_kernels/buildguard.py RUNTIME ARGS...``, like the kernel launcher (``-I``: no
+Run as ``python -I -S .../hpc_kernels/build/guard.py RUNTIME ARGS...``, like the kernel launcher (``-I``: no
 PYTHONPATH of a module environment can shadow us; ``-S``: no ``site``). Without ``$HPC_KERNELS_BUILD_RECORD``
 (spython's ``singularity --version``) it simply becomes the runtime.
 """
@@ -28,9 +28,10 @@ import sys
 
 if not __package__:
     # Run as a script (``-I`` leaves the script's directory off sys.path): find our own package.
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import contextlib
+import ctypes
 import fcntl
 import signal
 import subprocess
@@ -38,7 +39,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hpc_kernels import buildtemp, procfs
+from hpc_kernels import procfs
+from hpc_kernels.build import temp as buildtemp
 
 POLL = 0.2
 PR_SET_PDEATHSIG = 1
@@ -48,8 +50,6 @@ PR_SET_CHILD_SUBREAPER = 36
 def _prctl(option: int, value: int) -> bool:
     """``prctl(option, value)``; False where it is not available (not Linux) or refused."""
     try:
-        import ctypes
-
         libc = ctypes.CDLL(None, use_errno=True)
         return bool(libc.prctl(option, value, 0, 0, 0) == 0)
     except (OSError, AttributeError):
@@ -101,7 +101,7 @@ def guard(argv: list[str], temp: buildtemp.BuildTemp) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, on_signal)
-    boot = buildtemp.boot_id()
+    boot = procfs.boot_id()
 
     owner = procfs.ProcRef(temp.owner.pid, temp.owner.start)
 
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def argv() -> list[str]:
-    """How the ``singularity`` shim starts the guard: ``python -I -S /abs/path/of/hpc_kernels/buildguard.py``."""
+    """How the ``singularity`` shim starts the guard: ``python -I -S /abs/path/of/hpc_kernels/build/guard.py``."""
     return [sys.executable, "-I", "-S", os.path.abspath(__file__)]
 
 
