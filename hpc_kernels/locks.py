@@ -218,6 +218,15 @@ def _holder_alive(record: LockRecord) -> bool:
     return record.start is None or start == record.start
 
 
+def dead_local_holder(path: Path) -> LockRecord | None:
+    """The record of the cluster lock ``path`` when its holder ran on this host and is gone (a killed
+    process left the file: the next taker removes it, and so does ``gc``); None otherwise."""
+    holder = LockRecord.read(path)
+    if holder is None or holder.host != paths.hostname() or _holder_alive(holder):
+        return None
+    return holder
+
+
 @contextlib.contextmanager
 def cluster_lock(path: Path, *, wait: bool = True, on_wait: Callable[[LockRecord | None], None] | None = None,
                  stale_after: float = LOCK_STALE_AFTER, heartbeat: float = LOCK_HEARTBEAT) -> Iterator[LockRecord]:

@@ -40,7 +40,7 @@ from hpc_kernels import paths, proc, procfs
 from hpc_kernels.errors import HpcKernelsError, LockBusyError
 from hpc_kernels.fsutil import atomic_write
 from hpc_kernels.leftovers import Leftover
-from hpc_kernels.locks import cluster_lock
+from hpc_kernels.locks import cluster_lock, dead_local_holder
 
 OWNER = "owner.json"
 TEMP_IMAGE = "image.sif"
@@ -336,6 +336,25 @@ def sweep(dry_run: bool = False) -> list[Leftover]:
             for problem in remove(temp):
                 found.append(Leftover("builds", problem.split(":", 1)[0], "left alone",
                                      f"could not be removed: {problem.split(': ', 1)[-1]}"))
+        found += _sweep_lock(temp, dry_run)
+    return found
+
+
+def _sweep_lock(temp: BuildTemp, dry_run: bool) -> list[Leftover]:
+    """The image's build lock, when the killed build of ``temp`` (or another dead process of this host)
+    still holds it: taking the lock over and releasing it removes the file, as the next build would."""
+    lock = image_lock(temp.image)
+    holder = dead_local_holder(lock) if temp.image.parent.is_dir() else None
+    if holder is None:
+        return []
+    found = [Leftover("builds", str(lock), "removed", f"a build lock left by pid {holder.pid} on {holder.host}, "
+                      "which is gone")]
+    if not dry_run:
+        try:
+            with cluster_lock(lock, wait=False):
+                pass
+        except (LockBusyError, OSError):  # taken by a new build meanwhile, or not ours to write: leave it
+            return []
     return found
 
 

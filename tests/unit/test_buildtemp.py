@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from hpc_kernels import gc, paths, procfs, registry
+from hpc_kernels import gc, locks, paths, procfs, registry
 from hpc_kernels.build import guard as buildguard
 from hpc_kernels.build import orchestrator
 from hpc_kernels.build import temp as buildtemp
@@ -145,6 +145,25 @@ def test_gc_sweeps_a_killed_build_of_this_host(entry: registry.KernelEntry) -> N
     assert places(temp) == [True, True, True]
     gc.sweep()
     assert places(temp) == [False, False, False]
+
+
+def test_gc_removes_the_build_lock_a_killed_build_left_but_not_a_live_one(entry: registry.KernelEntry) -> None:
+    """Before: a SIGKILLed build's ``.IMAGE.build-lock`` stayed in the images directory until the next build."""
+    pid = dead_pid()
+    temp = fake_temp(entry, buildtemp.Owner(paths.hostname(), pid, 1, procfs.boot_id()))
+    lock = buildtemp.image_lock(entry.image)
+    dead = locks.LockRecord(paths.hostname(), pid, 1, procfs.boot_id(), os.getuid(), "me", time.time(), "t0k")
+    lock.write_text(dead.to_text())
+    found = [(f.target, f.action) for f in gc.sweep(dry_run=True) if f.sweeper == "builds"]
+    assert (str(lock), "removed") in found and lock.exists()
+    gc.sweep()
+    assert not lock.exists() and places(temp) == [False, False, False]
+    # A lock whose holder lives (this process) is not a leftover, whoever's build record is swept.
+    temp = fake_temp(entry, buildtemp.Owner(paths.hostname(), dead_pid(), 1, procfs.boot_id()))
+    with locks.cluster_lock(lock, wait=False):
+        found = [(f.target, f.action) for f in gc.sweep() if f.sweeper == "builds"]
+        assert str(lock) not in [target for target, _ in found] and lock.exists()
+    assert not lock.exists() and places(temp) == [False, False, False]
 
 
 def test_a_crafted_record_cannot_make_gc_remove_other_directories(entry: registry.KernelEntry, tmp_path: Path) -> None:
