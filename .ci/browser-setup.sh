@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# browser-setup.sh - what the browser tests (tests/test_browser.py) need, on Debian 12 as root:
+# browser-setup.sh - what the browser tests (tests/real/test_browser.py) need, on Debian 12 as root:
 #   * Debian's own chromium + chromium-driver (apt; headless, no sandbox: see the test's flags),
 #   * the Python packages jupyterlab and playwright in the CURRENT python (python3 -m pip, or
 #     $HPCK_PYTHON). Playwright only *drives* /usr/bin/chromium: we never run `playwright install`,

@@ -64,12 +64,12 @@ def make_registry(root: Path, n: int, sif: Path) -> Path:
 
 def stamp_all(registry: Path) -> None:
     """Build every kernel with :class:`FakeBuilder` through ``hpc_kernels.build`` (real stamps)."""
-    from hpc_kernels import build
     from hpc_kernels import registry as reg_mod
+    from hpc_kernels.build import orchestrator
 
     for entry in reg_mod.load_file(registry).kernels:
         entry.image.parent.mkdir(parents=True, exist_ok=True)
-        build.build(entry, builder=FakeBuilder(), check=False)  # a placeholder is no image to look into
+        orchestrator.build(entry, builder=FakeBuilder(), check=False)  # a placeholder is no image to look into
 
 
 def fake_runtime_path(work: Path) -> tuple[Path, Path]:

@@ -63,7 +63,7 @@ def _start(name: str) -> float:
 
 def _wait_job_gone(timeout: float = 60) -> None:
     """The next round starts on an idle cluster: the previous kernel's job has ended."""
-    from hpc_kernels import jobkernel
+    import hpc_kernels.runtimes.job.session as jobkernel
 
     deadline = time.monotonic() + timeout
     while jobkernel.load_sessions() and time.monotonic() < deadline:
@@ -98,7 +98,7 @@ def bench_jobkernel(cfg: Config) -> list[Row]:
 def _relay_rows(cfg: Config) -> list[Row]:
     from jupyter_client.blocking.client import BlockingKernelClient
 
-    from hpc_kernels import jobkernel
+    import hpc_kernels.runtimes.job.session as jobkernel
 
     k = Kernel(JOB)
     try:

@@ -47,8 +47,8 @@ PASS_COMMAND = ["python3", "-c", "pass", "{connection_file}"]
 
 
 def instance_mode_available() -> bool:
-    """Instance mode is implemented on this branch (``hpc_kernels.instances`` exists)."""
-    return importlib.util.find_spec("hpc_kernels.instances") is not None
+    """Instance mode is implemented on this branch (``hpc_kernels.runtimes.apptainer.attach`` exists)."""
+    return importlib.util.find_spec("hpc_kernels.runtimes.apptainer.attach") is not None
 
 
 def kernels_dir() -> Path:

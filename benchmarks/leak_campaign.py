@@ -8,10 +8,10 @@ Ends, rotated:
   kill-process-group  SIGKILL of the kernel's whole process group (jupyter_client's hard kill);
   client-dies         SIGKILL of the client process that started the kernel, which never shuts it down
                       (a JupyterHub session reaching its time limit, a crashed Jupyter server).
-After every cycle, everything tests/leaks.py tracks (processes, starters, squashfuse, FUSE mounts,
+After every cycle, everything tests/helpers/leaks.py tracks (processes, starters, squashfuse, FUSE mounts,
 instances, containers, jobs, build temporaries) must be back to what it was before the campaign.
 Run it as an unprivileged user (squashfuse, user namespaces, rootless Podman): that is what DRAC users get.
-The CI test (tests/test_leak_campaign.py) runs one cycle per end and mode; this command runs as many as asked
+The CI test (tests/real/test_leak_campaign.py) runs one cycle per end and mode; this command runs as many as asked
 and prints the counts per mode and end. Exit status 1 when anything was left.
 """
 
@@ -162,7 +162,7 @@ def _stderr(proc: subprocess.Popen[str]) -> str:
 def campaign(modes: Sequence[str], cycles: int, root: Path, sif: str, settle: float = 30.0,
              log: object = None) -> dict[tuple[str, str], list[str]]:
     """Run ``cycles`` cycles of each end for each mode; returns, per (mode, end), what each cycle left."""
-    from tests import leaks
+    from tests.helpers import leaks
 
     env = workspace_env(root)
     install(root, env, modes, sif)

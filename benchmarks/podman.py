@@ -190,7 +190,7 @@ def bench_podman(cfg: Config) -> list[Row]:
     docker_kernel = f"{tag}-dockercli"
     try:
         docker_cli()
-        # --quick proves the benchmark works: the docker CLI's kernels are tested in test_docker_podman.py.
+        # --quick proves the benchmark works: the docker CLI's kernels are tested in tests/real/test_docker.py.
         docker_why = "not run with --quick" if cfg.quick else ""
     except NotAvailable as exc:
         docker_why = str(exc)

@@ -47,7 +47,8 @@ def bench_staging(cfg: Config) -> list[Row]:
     """Cold and warm staging of one kernel, and the CLI with and without staging."""
     import os
 
-    from hpc_kernels import registry, staging
+    from hpc_kernels import registry
+    from hpc_kernels.staging import cache, inputs
 
     apptainer_binary(dict(os.environ))  # the image's Python is asked of the image
     if not cfg.sif.is_file():
@@ -56,8 +57,8 @@ def bench_staging(cfg: Config) -> list[Row]:
     entry = next(e for e in registry.load_file(path).kernels if e.name == "staged")
     t0 = time.perf_counter()
     try:
-        first = staging.stage(entry)
-    except staging.StagingError as exc:
+        first = inputs.stage(entry)
+    except cache.StagingError as exc:
         raise NotAvailable(f"cannot stage here: {exc}") from None
     cold = time.perf_counter() - t0
     rows = [Row("staging", "first build (cold cache)", cold, "s", 1, "",
@@ -66,7 +67,7 @@ def bench_staging(cfg: Config) -> list[Row]:
     fetched: set[str] = set()
     for _ in range(max(cfg.reps, 3)):
         t0 = time.perf_counter()
-        again = staging.stage(entry)
+        again = inputs.stage(entry)
         warm.append(time.perf_counter() - t0)
         fetched.update(again.fetched)
     value = median(warm)

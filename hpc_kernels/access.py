@@ -7,7 +7,9 @@ of a research group whom to ask, or what to ask for.
 
 from __future__ import annotations
 
+import grp
 import os
+import pwd
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +20,6 @@ ACL_XATTR = "system.posix_acl_access"
 
 def user_name(uid: int) -> str:
     """The login name of ``uid`` (``uid N`` when it has none)."""
-    import pwd
-
     try:
         return pwd.getpwuid(uid).pw_name
     except KeyError:
@@ -28,8 +28,6 @@ def user_name(uid: int) -> str:
 
 def group_name(gid: int) -> str:
     """The name of group ``gid`` (``gid N`` when it has none)."""
-    import grp
-
     try:
         return grp.getgrgid(gid).gr_name
     except KeyError:
@@ -43,9 +41,6 @@ def in_group(gid: int) -> bool:
 
 def listed_in_group(gid: int, user: str | None = None) -> bool:
     """True when the group database lists the user in ``gid`` (membership a new login would give)."""
-    import grp
-    import pwd
-
     user = user or user_name(os.getuid())
     try:
         if user in grp.getgrgid(gid).gr_mem:

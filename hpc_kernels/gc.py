@@ -1,43 +1,37 @@
 """``hpc-kernels gc``: a list of sweepers, each finding (and removing) one kind of leftover.
 
-A sweeper is ``fn(dry_run: bool) -> list[Finding]``, named in :data:`SWEEPERS` as
-``"module:function"`` so that the list costs no import until ``gc`` runs; another runtime adds its
-own sweeper by appending one entry here.
+A sweeper is ``fn(dry_run: bool) -> list[Leftover]``, named as ``"module:function"`` so that the list
+costs no import until it runs: each runtime of :mod:`hpc_kernels.runtimes.table` names its own
+(``Runtime.sweepers``), and :data:`SWEEPERS` adds those of no runtime (kernelspecs, build temporaries).
 
-A sweeper runs a container program only when :func:`in_use` says a kernel uses it: asking Podman
+A sweeper runs a container program only when :func:`hpc_kernels.leftovers.in_use` says a kernel uses it: asking Podman
 whether containers of ours exist starts its machinery (``~/.config/cni``, a ``/run/user/UID`` tree, a
 ``catatonit`` process left running) on a cluster where every kernel is Apptainer's.
 """
 
 from __future__ import annotations
 
-import contextvars
 import importlib
+import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from pathlib import Path
 
+from hpc_kernels import access, leftovers, specdirs
+from hpc_kernels import registry as registry_module
+from hpc_kernels.errors import HpcKernelsError
+from hpc_kernels.fsutil import remove_tree
+from hpc_kernels.launchspec import KernelSpecError, read_kernel_json
+from hpc_kernels.leftovers import Leftover
+from hpc_kernels.runtimes import table
 
-@dataclass(frozen=True)
-class Finding:
-    """One leftover a sweeper found, and what it did (or would do, with ``dry_run``)."""
+Sweeper = Callable[[bool], list[Leftover]]
 
-    sweeper: str
-    target: str
-    action: str
-    reason: str
-
-
-Sweeper = Callable[[bool], list[Finding]]
-
-#: Run in this order: instance state first, so processes of instances it just forgot count as orphans.
+#: Run in this order: the runtimes' own (Apptainer's instance state first, so processes of instances it
+#: just forgot count as orphans), then those of no runtime.
 SWEEPERS: tuple[str, ...] = (
-    "hpc_kernels.instances:sweep_state",
-    "hpc_kernels.instances:sweep_orphans",
-    "hpc_kernels.watcher:sweep",
+    *table.sweepers(),
     "hpc_kernels.gc:sweep_kernelspecs",
-    "hpc_kernels.containers:sweep",
-    "hpc_kernels.jobkernel:sweep",
-    "hpc_kernels.buildtemp:sweep",
+    "hpc_kernels.build.temp:sweep",
 )
 
 
@@ -48,46 +42,28 @@ def resolve(name: str) -> Sweeper:
     return fn
 
 
-#: The runtimes in use during one :func:`sweep` (computed once, read by every sweeper).
-_IN_USE: contextvars.ContextVar[frozenset[str] | None] = contextvars.ContextVar("hpck_gc_in_use", default=None)
-
-
-def sweep(dry_run: bool = False, sweepers: tuple[str, ...] = SWEEPERS, registry: str | None = None) -> list[Finding]:
+def sweep(dry_run: bool = False, sweepers: tuple[str, ...] = SWEEPERS, registry: str | None = None) -> list[Leftover]:
     """Run every sweeper; their findings, in order. ``registry`` (``--registry``) adds its kernels'
     runtimes to those in use (see :func:`runtimes_in_use`)."""
-    token = _IN_USE.set(runtimes_in_use(registry))
-    try:
-        found: list[Finding] = []
+    with leftovers.runtimes_in_use(runtimes_in_use(registry)):
+        found: list[Leftover] = []
         for name in sweepers:
             found += resolve(name)(dry_run)
         return found
-    finally:
-        _IN_USE.reset(token)
-
-
-def in_use(runtime: str) -> bool:
-    """May a sweeper run ``runtime`` (apptainer, docker, podman)? Only when a kernel uses it."""
-    known = _IN_USE.get()
-    return runtime in (known if known is not None else runtimes_in_use())
 
 
 def runtimes_in_use(registry: str | None = None) -> frozenset[str]:
     """The runtimes a kernel of this user uses: named by an installed kernelspec of ours, by the registry
     (``registry``, else the usual search; a registry that cannot be loaded is ignored unless named), or
     by records of ours (instance state; the mark a Docker/Podman kernel leaves when it starts)."""
-    from hpc_kernels import containers, instances, kernelspec
-    from hpc_kernels import registry as registry_module
-    from hpc_kernels.errors import HpcKernelsError
-    from hpc_kernels.launchspec import read_kernel_json
-
     found: set[str] = set()
-    for kdir in kernelspec.search_dirs():
+    for kdir in specdirs.search_dirs():
         try:
             children = sorted(kdir.iterdir())
         except OSError:  # missing, or a directory this user may not read (a group's)
             continue
         for child in children:
-            if kernelspec.is_ours(child):
+            if specdirs.is_ours(child):
                 try:
                     found.add(read_kernel_json(str(child / "kernel.json"))[1].runtime)
                 except (OSError, ValueError):
@@ -97,48 +73,37 @@ def runtimes_in_use(registry: str | None = None) -> frozenset[str]:
     except HpcKernelsError:
         if registry is not None:
             raise
-    if instances.root().is_dir():
-        found.add("apptainer")
-    found.update(containers.runtimes_marked())
+    found.update(runtime.name for runtime in table.every() if runtime.has_records())
     return frozenset(found)
 
 
-def sweep_kernelspecs(dry_run: bool = False) -> list[Finding]:
-    """Remove our Apptainer kernelspecs whose image file no longer exists (others are not ours to judge)."""
-    import os
-
-    from hpc_kernels import kernelspec
-    from hpc_kernels.fsutil import remove_tree
-    from hpc_kernels.launchspec import KernelSpecError, read_kernel_json
-
-    found: list[Finding] = []
-    for name, kdir in sorted(kernelspec.installed_ours().items()):
+def sweep_kernelspecs(dry_run: bool = False) -> list[Leftover]:
+    """Remove our kernelspecs whose image file no longer exists (Apptainer's: a container runtime's images
+    are not ours to judge)."""
+    found: list[Leftover] = []
+    for name, kdir in sorted(specdirs.installed_ours().items()):
         try:
             _data, spec = read_kernel_json(str(kdir / "kernel.json"))
         except KernelSpecError as exc:
             # Damaged (hand-edited, half-written): say so and leave it; 'hpc-kernels install' repairs it.
-            found.append(Finding("kernelspecs", name, "left alone", str(exc)))
+            found.append(Leftover("kernelspecs", name, "left alone", str(exc)))
             continue
         except OSError as exc:
-            found.append(Finding("kernelspecs", name, "left alone",
+            found.append(Leftover("kernelspecs", name, "left alone",
                                  f"cannot read {kdir / 'kernel.json'}: {exc.strerror or exc}"))
             continue
-        if spec.runtime != "apptainer" or os.path.exists(spec.image):
+        if not table.get(spec.runtime).features.image_is_file or os.path.exists(spec.image):
             continue
-        from pathlib import Path
-
-        from hpc_kernels import access
-
         if access.blocker(Path(spec.image)) is not None:  # it may well exist: we may not look (a group's)
-            found.append(Finding("kernelspecs", name, "left alone",
+            found.append(Leftover("kernelspecs", name, "left alone",
                                  f"cannot tell whether its image {spec.image} exists: a directory on its way is "
                                  "closed to you"))
             continue
         if not os.access(kdir.parent, os.W_OK):
-            found.append(Finding("kernelspecs", name, "left alone",
+            found.append(Leftover("kernelspecs", name, "left alone",
                                  f"image {spec.image} is gone, but {kdir} is not writable"))
             continue
-        found.append(Finding("kernelspecs", name, "removed", f"its image {spec.image} is gone"))
-        if not dry_run and kernelspec.is_ours(kdir):
+        found.append(Leftover("kernelspecs", name, "removed", f"its image {spec.image} is gone"))
+        if not dry_run and specdirs.is_ours(kdir):
             remove_tree(kdir)
     return found

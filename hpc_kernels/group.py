@@ -17,9 +17,9 @@ write is refused before anything changes, with who can (:func:`ensure_writable`)
 
 from __future__ import annotations
 
+import grp
 import json
 import os
-import re
 import stat
 import sys
 import time
@@ -27,15 +27,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hpc_kernels import __version__
+import hpc_kernels
+from hpc_kernels import access, fsutil
 from hpc_kernels.errors import HpcKernelsError, NoWriteAccessError, UsageError
+from hpc_kernels.grouptree import _PLAIN_RE, DEFAULT_MODULE, MARKER, GroupTree, find_tree
 
-MARKER = ".hpc-kernels-group.json"
-#: User and module names as the marker may hold them (no white space, quotes or control characters).
-_PLAIN_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+@-]*$")
-FORMAT = 1
 MEMBERS = ("read", "write")
-DEFAULT_MODULE = "container-kernels"
 #: What ``group init`` creates inside the tree (the kernelspec and module directories are made by
 #: ``install`` and ``module install`` too; creating them now gives them the tree's mode from the start).
 SUBDIRS = ("defs", "images", "share/jupyter/kernels", "modulefiles")
@@ -54,103 +51,12 @@ kernels: {{}}
 """
 
 
-@dataclass(frozen=True)
-class GroupTree:
-    """A group tree: where it is, its group, who maintains it, and whether members may write."""
-
-    root: Path
-    group: str
-    gid: int
-    members_write: bool
-    maintainer: str
-    module_name: str = DEFAULT_MODULE
-    created_at: float = 0.0
-
-    @property
-    def registry(self) -> Path:
-        """The group's ``kernels.yaml``."""
-        return self.root / "kernels.yaml"
-
-    @property
-    def prefix(self) -> Path:
-        """The Jupyter prefix of the group's kernelspecs (``share/jupyter/kernels`` under it)."""
-        return self.root
-
-    @property
-    def modulefiles(self) -> Path:
-        """The modulefile tree members ``module use``."""
-        return self.root / "modulefiles"
-
-    @property
-    def mode(self) -> int:
-        """The mode of the tree's directories."""
-        return 0o2770 if self.members_write else 0o2750
-
-    def to_json(self) -> dict[str, Any]:
-        """The marker's content (and ``group init --json``)."""
-        return {"generator": "hpc-kernels", "format": FORMAT, "root": str(self.root), "group": self.group,
-                "members": "write" if self.members_write else "read", "maintainer": self.maintainer,
-                "module": self.module_name, "created_at": self.created_at, "version": __version__}
-
-
-def find_tree(path: Path) -> GroupTree | None:
-    """The group tree ``path`` lies in (the nearest directory up from it with the marker), or None."""
-    here = Path(os.path.abspath(path))
-    for directory in [here, *here.parents]:
-        marker = directory / MARKER
-        if os.path.isfile(marker):
-            return _read_marker(directory)
-        if os.path.lexists(marker):  # there, but this user may not read it: still that tree
-            return _from_stat(directory)
-    return None
-
-
-def _read_marker(root: Path) -> GroupTree:
-    from hpc_kernels import access
-
-    try:
-        data = json.loads((root / MARKER).read_text(encoding="utf-8"))
-        if not isinstance(data, dict) or data.get("generator") != "hpc-kernels":
-            raise ValueError("not ours")
-        st = os.stat(root)
-        maintainer = str(data.get("maintainer") or access.user_name(st.st_uid))
-        module = str(data.get("module") or DEFAULT_MODULE)
-        # Printed in messages and written into modulefiles: plain names only, else what the directory says.
-        if not (_PLAIN_RE.match(maintainer) and _PLAIN_RE.match(module)):
-            raise ValueError("not plain names")
-        return GroupTree(root, access.group_name(st.st_gid), st.st_gid, data.get("members") == "write",
-                         maintainer, module, float(data.get("created_at") or 0.0))
-    except (OSError, ValueError, TypeError):
-        return _from_stat(root)
-
-
-def _from_stat(root: Path) -> GroupTree:
-    """A tree whose marker cannot be read: what its directory says."""
-    from hpc_kernels import access
-
-    try:
-        st = os.stat(root)
-    except OSError:
-        return GroupTree(root, "?", -1, False, "its owner")
-    return GroupTree(root, access.group_name(st.st_gid), st.st_gid, bool(st.st_mode & 0o020),
-                     access.user_name(st.st_uid))
-
-
-def tree_of_registry(registry: Path | None) -> GroupTree | None:
-    """The group tree whose registry ``registry`` is (a registry file inside a tree), or None."""
-    if registry is None:
-        return None
-    return find_tree(registry.parent)
-
-
 # ----------------------------------------------------------------------------- refusing members
 
 
 def ensure_writable(path: Path, doing: str, hint: str = "") -> None:
     """Raise :class:`NoWriteAccessError` (nothing written yet) when this user cannot create or replace
     files in ``path`` (or the nearest directory of it that exists): one sentence saying who can."""
-    from hpc_kernels import access, fsutil
-
     top = fsutil.existing_ancestor(path)
     if not os.path.isdir(top):
         return  # a file where a directory should be: the write itself reports it
@@ -170,8 +76,6 @@ def ensure_writable(path: Path, doing: str, hint: str = "") -> None:
 
 def explain_unreadable(path: Path, want: int = os.R_OK) -> str | None:
     """:func:`hpc_kernels.access.explain` with the repair command of the group tree ``path`` is in."""
-    from hpc_kernels import access
-
     tree = find_tree(path)
     repair = f"'hpc-kernels group init {tree.root}' repairs the modes of the tree" if tree else ""
     return access.explain(path, want, repair=repair)
@@ -183,8 +87,6 @@ def explain_unreadable(path: Path, want: int = os.R_OK) -> str | None:
 def publish_inputs(paths: list[Path]) -> None:
     """Give the group read access to files of ours in a group tree that members' commands read (the
     registry, recipes, ``%files`` sources): a maintainer's editor with umask 077 writes them 0600."""
-    from hpc_kernels import fsutil
-
     for path in paths:
         share = fsutil.share_for(path.parent)
         if share is None or find_tree(path) is None:
@@ -216,8 +118,6 @@ def init(root: Path, group: str | None = None, members: str | None = None,
          module_name: str | None = None) -> InitResult:
     """Create the group tree ``root`` (or repair an existing one): directories and files of ours get the
     tree's group and modes, a starter registry is written when there is none."""
-    from hpc_kernels import access, fsutil
-
     root = Path(os.path.abspath(root))
     parent = root.parent
     if not parent.is_dir():
@@ -272,8 +172,6 @@ def init(root: Path, group: str | None = None, members: str | None = None,
 
 
 def _choose_group(root: Path, group: str | None) -> int:
-    import grp
-
     if group:
         try:
             return grp.getgrnam(group).gr_gid
@@ -324,8 +222,6 @@ def _repair(root: Path, share: Any) -> tuple[list[Path], list[Path]]:
 
 def _program_warnings(tree: GroupTree) -> list[str]:
     """Kernelspecs run this Python and this package: members must be able to reach both."""
-    import hpc_kernels
-
     warnings = []
     for what, path in (("the Python that runs hpc-kernels", Path(sys.executable)),
                        ("the hpc_kernels package", Path(hpc_kernels.__file__).parent)):

@@ -30,7 +30,7 @@ JOB = "job"  # a kernel's `job:` mapping
 INTERRUPT_MODES = ("signal", "message")
 COMPRESSIONS = ("gzip", "lz4", "zstd", "xz", "lzo")
 #: The kernel's command when the registry gives none; the Python is the one found in the image
-#: (python3, else python: hpc_kernels.imagecheck), python3 until an image has been looked into.
+#: (python3, else python: hpc_kernels.build.imagecheck), python3 until an image has been looked into.
 DEFAULT_COMMAND = ("python3", "-m", "ipykernel_launcher", "-f", "{connection_file}")
 DEFAULT_IDLE_TIMEOUT = 300.0
 #: lz4 squashfs: kernels start in ~0.8x the time of gzip (Apptainer's default), images ~+40 %

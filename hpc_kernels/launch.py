@@ -3,7 +3,7 @@
 
 It reads the launch spec from kernel.json, resolves the runtime *on this node, now* (apptainer,
 else singularity), picks GPU flags for the devices present, cleans the environment, starts the
-kernel's watcher (hpc_kernels.watcher, or the container watcher / instance reaper of the other modes)
+kernel's watcher (through the runtime table: the runtime's watcher, container watcher or instance reaper)
 and ``exec``s the runtime, so jupyter_client's signals and kills reach it directly.
 Imports stay minimal (the standard library and hpc_kernels only, never jupyter_core, yaml or rich):
 this runs on every kernel start.
@@ -25,60 +25,22 @@ from collections.abc import Sequence
 from hpc_kernels.errors import HpcKernelsError
 from hpc_kernels.launchspec import KernelSpecError, read_kernel_json
 from hpc_kernels.model import LaunchSpec
+from hpc_kernels.runtimes import table
 
 
 def plan(spec: LaunchSpec, connection_file: str) -> tuple[list[str], dict[str, str], list[str]]:
     """The command, environment and warnings that launching ``spec`` would use (exec modes)."""
-    if spec.runtime in ("docker", "podman"):
-        from hpc_kernels import containers
-
-        return containers.describe(spec, connection_file)
-    if spec.runtime == "apptainer" and spec.mode == "instance":
-        from hpc_kernels import instances
-
-        return instances.describe(spec, connection_file)
-    if spec.runtime == "apptainer":
-        from hpc_kernels.runtimes import apptainer
-
-        binary = apptainer.find_binary(fallback=spec.runtime_hint)
-        return apptainer.exec_command(spec, connection_file, binary, os.environ)
-    raise HpcKernelsError(f"runtime '{spec.runtime}' cannot be launched by this version of hpc-kernels.")
+    return table.get(spec.runtime).plan(spec, connection_file, os.environ)
 
 
 def launch(spec: LaunchSpec, connection_file: str) -> int:
-    """Start the kernel for ``spec``; returns only on error (or for supervised modes)."""
-    if spec.job is not None:
-        # A job kernel: the kernel runs in a Slurm allocation of its own; we relay to it (not a hot path:
-        # the job's queueing dominates).
-        from hpc_kernels import jobkernel
+    """Start the kernel for ``spec``; returns only on error (or for supervised modes).
 
-        return jobkernel.launch(spec, connection_file)
-    if spec.runtime == "apptainer" and not os.path.exists(spec.image):
-        raise HpcKernelsError(
-            f"the image of kernel '{spec.kernel}' is missing ({spec.image}); build it with "
-            f"'hpc-kernels build {spec.kernel}'."
-        )
-    if spec.runtime in ("docker", "podman"):
-        # Starts a watcher first (and the shared container in mode instance): no exit path leaks.
-        from hpc_kernels import containers
-
-        argv, env, warnings = containers.prepare(spec, connection_file)
-    elif spec.mode == "instance":
-        from hpc_kernels import instances
-
-        return int(instances.launch(spec, connection_file))
-    else:
-        argv, env, warnings = plan(spec, connection_file)
-        if spec.runtime == "apptainer":
-            # A watcher ends the kernel when Jupyter dies and kills what Apptainer leaves on a SIGKILL.
-            from hpc_kernels import watcher
-
-            env, more = watcher.arm(spec, env, argv[0])
-            warnings += more
-    for warning in warnings:
-        print(f"hpc-kernels: warning: {warning}", file=sys.stderr)
-    os.execve(argv[0], argv, env)
-    return 1  # pragma: no cover - execve does not return
+    The runtime table imports the one runtime the kernel uses (a job kernel: the Slurm job runtime, which
+    relays to the kernel in its own allocation), whose ``start`` arms the kernel's watcher and ``exec``s.
+    """
+    runtime = table.job() if spec.job is not None else table.get(spec.runtime)
+    return runtime.start(spec, connection_file)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -102,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"hpc-kernels: {exc}", file=sys.stderr)
     except OSError as exc:
         # Not the kernel spec's fault (it was read): most often our state directory (a read-only home).
-        from hpc_kernels.paths import unwritable_hint
+        from hpc_kernels.paths import unwritable_hint  # why: the error path only
 
         where = f" ({exc.filename})" if exc.filename else ""
         reason = unwritable_hint(exc) or f"{exc.strerror or exc}{where}."

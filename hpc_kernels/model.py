@@ -211,7 +211,7 @@ class LaunchSpec:
     #: The runtime found when the kernelspec was installed: used when the server's PATH has none
     #: (a JupyterHub session where `module load apptainer` was not done).
     runtime_hint: str = ""
-    #: Set for a job kernel: the kernel runs in a Slurm allocation of its own (hpc_kernels.jobkernel).
+    #: Set for a job kernel: the kernel runs in a Slurm allocation of its own (hpc_kernels.runtimes.job).
     job: JobRequest | None = None
 
     def to_json(self) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hpc_kernels import group, kernelspec, templates
+from hpc_kernels import group, specdirs, templates
 from hpc_kernels.errors import NotOursError
 from hpc_kernels.fsutil import atomic_write
 from hpc_kernels.modulefile_lua import ModuleConfig, any_relative, render_modulefile, render_wrapper, use_relative
@@ -149,4 +149,4 @@ def our_kernelspecs(config: ModuleConfig) -> list[str]:
     kdir = config.jupyter_path / "kernels"
     if not kdir.is_dir():
         return []
-    return sorted(child.name for child in kdir.iterdir() if kernelspec.is_ours(child))
+    return sorted(child.name for child in kdir.iterdir() if specdirs.is_ours(child))

@@ -22,7 +22,7 @@ def _xdg(var: str, fallback: str) -> str:
 
 
 def _path(text: str) -> Path:
-    from pathlib import Path
+    from pathlib import Path  # why: not at module level, the launcher imports this module on every start
 
     return Path(text)
 
@@ -78,7 +78,7 @@ def private(path: Path) -> Path:
     """``path``, a directory under :func:`state_dir` or :func:`cache_dir`, created 0700 with every
     directory from that top down to it private (ones created 0755 by older versions are tightened):
     per-user state no other user can read, or lock to stall our kernels."""
-    from hpc_kernels.fsutil import private_dir
+    from hpc_kernels.fsutil import private_dir  # why: the launcher imports this module; fsutil is not for it
 
     for top in (state_dir(), cache_dir()):
         if path == top or top in path.parents:
@@ -104,7 +104,7 @@ def unwritable_hint(exc: OSError) -> str | None:
     With ``$HOME`` read-only (a full or broken home quota), a kernel fails on the state directory; saying
     "cannot write FILE" alone hides that the fix is the directory, or ``HPC_KERNELS_STATE``.
     """
-    from pathlib import Path  # not at module level: the launcher imports this module on every start
+    from pathlib import Path  # why: not at module level, the launcher imports this module on every start
 
     if not exc.filename:
         return None

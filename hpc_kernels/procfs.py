@@ -93,6 +93,16 @@ def start_of(pid: int) -> str:
     return str(ref.start) if ref else ""
 
 
+def boot_id() -> str:
+    """This boot's id ("" where /proc does not say): a pid and start time mean the same process only within
+    one boot."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as fh:
+            return fh.read().strip()
+    except OSError:
+        return ""
+
+
 def pids() -> Iterator[int]:
     """Every pid in /proc but our own."""
     me = os.getpid()

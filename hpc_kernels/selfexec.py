@@ -46,3 +46,12 @@ def spawn_detached(argv: list[str], log: str) -> None:
         os.waitpid(pid, 0)
     finally:
         os.close(out)
+
+
+def exec_runtime(argv: list[str], env: dict[str, str], warnings: list[str]) -> int:
+    """The launcher's last step: the warnings to Jupyter's log, then ``execve`` the runtime, which becomes
+    the kernel's process (Jupyter's signals and kills reach it directly). Returns only if exec fails."""
+    for warning in warnings:
+        print(f"hpc-kernels: warning: {warning}", file=sys.stderr)
+    os.execve(argv[0], argv, env)
+    return 1  # pragma: no cover - execve does not return

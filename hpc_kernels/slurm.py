@@ -19,7 +19,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from hpc_kernels import __version__, paths, recipe, templates
+from hpc_kernels import __version__, paths, templates
+from hpc_kernels.build import recipe
 from hpc_kernels.errors import HpcKernelsError
 from hpc_kernels.model import JOB_RECORD_FORMAT, NO_FLAGS, JobKind, KernelEntry, SlurmFlags
 from hpc_kernels.slurm_settings import (
@@ -35,7 +36,7 @@ DEFAULT_MODULES = ("apptainer",)
 #: The install job only writes a kernel.json.
 INSTALL_TIME = "0:10:00"
 INSTALL_MEM = "1G"
-#: The format of our job records (job kernels write theirs with it too: hpc_kernels.jobkernel).
+#: The format of our job records (job kernels write theirs with it too: hpc_kernels.runtimes.job).
 RECORD_FORMAT = JOB_RECORD_FORMAT
 
 

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from rich.console import Console
     from rich.progress import Progress
 
-    from hpc_kernels.build import BuildResult
+    from hpc_kernels.build.orchestrator import BuildResult
     from hpc_kernels.model import Fetch, KernelEntry
 
 HELP = "build kernel images from their .def recipes (only when the inputs changed)"
@@ -52,7 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Build each selected kernel; keep going after a failure and report all of them."""
-    from hpc_kernels import build, registry  # why: builds and the registry (YAML) load only when `build` runs
+    # why: builds and the registry (YAML) load only when `build` runs.
+    from hpc_kernels import registry
+    from hpc_kernels.build import orchestrator, stamps
 
     if build_slurm.slurm_requested(args):
         return build_slurm.run(args, stage=stage_and_report)
@@ -75,8 +77,8 @@ def run(args: argparse.Namespace) -> int:
         if not args.force and entry.buildable and not (args.lock or args.pull):
             # The no-op path, answered without a live progress display (a thread per kernel) or rich.progress.
             t0 = time.monotonic()
-            if build.image_state(entry).status == "built":
-                _record(build.BuildResult(entry.name, "up-to-date", entry.image, None, time.monotonic() - t0),
+            if stamps.image_state(entry).status == "built":
+                _record(orchestrator.BuildResult(entry.name, "up-to-date", entry.image, None, time.monotonic() - t0),
                         results, args.json)
                 continue
         # Not a terminal (a log, a pipe): no live display (it would leave a blank line behind), but every
@@ -94,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
                     ui.say(f"{name}: {msg}", "…")
 
             try:
-                result = build.build(entry, force=args.force, wait=not args.no_wait,
+                result = orchestrator.build(entry, force=args.force, wait=not args.no_wait,
                                      on_line=on_line, on_event=on_event, fetch=fetch, check=not args.no_check)
             except BuildError as exc:
                 failures.append(str(exc))
@@ -133,9 +135,9 @@ def stage_first(entry: KernelEntry, args: argparse.Namespace, *, quiet: bool = F
     if not (args.lock or args.pull or entry.staging is Staging.ALWAYS):
         return None
     if entry.staging is Staging.ALWAYS and not (args.lock or args.pull or args.force):
-        from hpc_kernels import build  # why: as in run()
+        from hpc_kernels.build import stamps  # why: as in run()
 
-        if build.image_state(entry).status == "built":
+        if stamps.image_state(entry).status == "built":
             return Fetch.STAGED  # up to date: nothing to stage (the build is a no-op)
     stage_and_report(entry, pull=args.pull, lock=args.lock, quiet=quiet)
     return Fetch.STAGED
@@ -143,7 +145,7 @@ def stage_first(entry: KernelEntry, args: argparse.Namespace, *, quiet: bool = F
 
 def stage_and_report(entry: KernelEntry, *, pull: bool, lock: bool, quiet: bool = False) -> None:
     """Stage ``entry`` (and write its lock with ``lock``), saying on stderr what was fetched."""
-    from hpc_kernels import staging  # why: staging (~1100 lines) loads only when a kernel is staged
+    from hpc_kernels.staging import inputs, wheelhouse  # why: staging (~1100 lines) loads only when a kernel is staged
 
     name = entry.name
 
@@ -151,7 +153,7 @@ def stage_and_report(entry: KernelEntry, *, pull: bool, lock: bool, quiet: bool 
         if not quiet:
             ui.say(f"{name}: {msg}", "…")
 
-    result = staging.stage(entry, pull=pull, fresh_lock=lock, on_event=event)
+    result = inputs.stage(entry, pull=pull, fresh_lock=lock, on_event=event)
     parts = [f"base {b.shown}@{b.digest[:19]}" for b in result.bases]
     if result.wheelhouse is not None and result.probe is not None:
         parts.append(f"{len(result.wheelhouse.wheels)} wheel(s) for Python {result.probe.python}")
@@ -159,7 +161,7 @@ def stage_and_report(entry: KernelEntry, *, pull: bool, lock: bool, quiet: bool 
     if parts and not quiet:  # nothing to stage (a local base, no packages): nothing to say
         ui.say(f"{name}: staged {', '.join(parts)} ({how}, {result.seconds:.1f} s)", "✓", "green")
     if lock:
-        path = staging.write_lock(entry, result)
+        path = wheelhouse.write_lock(entry, result)
         if not quiet:
             ui.say(f"{name}: wrote the lock {ui.tilde(path)}", "✓", "green")
 
@@ -168,11 +170,11 @@ def _note_outdated_kernelspec(entry: KernelEntry) -> None:
     """After a build: when the kernelspec Jupyter uses runs another command than the new image needs (the
     build found only 'python' where the kernelspec says 'python3'), say that it must be installed again."""
     # why: kernelspec loads only after a build.
-    from hpc_kernels import kernelspec
+    from hpc_kernels import kernelspec, specdirs
     from hpc_kernels.launchspec import read_kernel_json
 
-    kdir = kernelspec.visible(entry.name)
-    if kdir is None or not kernelspec.is_ours(kdir):
+    kdir = specdirs.visible(entry.name)
+    if kdir is None or not specdirs.is_ours(kdir):
         return
     try:
         _data, installed = read_kernel_json(str(kdir / "kernel.json"))
@@ -180,7 +182,7 @@ def _note_outdated_kernelspec(entry: KernelEntry) -> None:
         return
     wanted = kernelspec.launch_spec(entry).command
     if installed.command != wanted:
-        update = kernelspec.command("install", entry.name, kdir) or f"hpc-kernels install {entry.name}"
+        update = specdirs.command("install", entry.name, kdir) or f"hpc-kernels install {entry.name}"
         ui.say(f"the installed kernelspec ({ui.tilde(kdir)}) runs '{installed.command[0]}', the new image needs "
                f"'{wanted[0]}': run '{update}'.", "note:", "yellow", indent="  ")
 

@@ -64,7 +64,8 @@ def run(args: argparse.Namespace, stage: Stager) -> int:
     """``build --slurm``: submit the build job (array), optionally the install job; print ids and logs.
     ``stage(entry, pull=, lock=)`` stages one kernel on this node (``build``'s own, with its messages)."""
     # why: the CLI imports command modules at start; the registry (YAML), builds and Slurm load only here.
-    from hpc_kernels import build, recipe, registry, slurm, slurm_submit
+    from hpc_kernels import registry, slurm, slurm_submit
+    from hpc_kernels.build import recipe, stamps
 
     if not args.slurm:
         given = [f"--{n.replace('_', '-')}" for n in SLURM_ONLY
@@ -99,13 +100,13 @@ def run(args: argparse.Namespace, stage: Stager) -> int:
         # Locks are written before anything else: they are inputs of the build (its digest covers them).
         _stage_for_jobs([e for e in entries if e.runtime == Runtime.APPTAINER], args, staged, stage)
     to_build = entries if args.force or args.dry_run else [
-        e for e in entries if build.image_state(e).status != "built"
+        e for e in entries if stamps.image_state(e).status != "built"
     ]
     for entry in entries:
         if entry not in to_build:
             err.print(f"[green]✓[/] {ui.esc(entry.name)}: up to date ({ui.esc(entry.image)}); no build job needed")
     # A missing %files source would fail the job after its wait in the queue: say so now.
-    missing = [m for e in to_build if e.recipe is not None for m in build.missing_inputs(e.recipe)]
+    missing = [m for e in to_build if e.recipe is not None for m in stamps.missing_inputs(e.recipe)]
     if missing:
         detail = missing[0] if len(missing) == 1 else \
             "recipes copy files that do not exist:\n" + "\n".join(f"  {m}" for m in missing)
@@ -138,7 +139,7 @@ def run(args: argparse.Namespace, stage: Stager) -> int:
 def submit_time_apptainer_dir() -> str:
     """The directory of the Apptainer found now (a PATH fallback for the job), or ""."""
     # why: the Apptainer adapter (and what it imports) loads only when a job is planned.
-    from hpc_kernels.runtimes.apptainer import find_binary
+    from hpc_kernels.runtimes.apptainer.cli import find_binary
 
     try:
         return str(Path(find_binary()).parent)
@@ -160,14 +161,14 @@ def _stage_for_jobs(entries: list[KernelEntry], args: argparse.Namespace, staged
 
 def _print_recipes(to_build: list[KernelEntry], staged: set[str]) -> None:
     """``--dry-run``: the recipe each job task builds, derived from the kernel's (never written over)."""
-    from hpc_kernels import staging  # why: staging (~1100 lines) loads only for a dry run
+    from hpc_kernels.staging import prepare  # why: staging (~1100 lines) loads only for a dry run
 
     for entry in to_build:
         if entry.runtime != Runtime.APPTAINER:
             continue
         how = "from the inputs staged on this node, without network" if entry.name in staged else \
             "as its recipe says (staging: never): the job fetches what it needs"
-        text = staging.preview(entry, staged_inputs=entry.name in staged)
+        text = prepare.preview(entry, staged_inputs=entry.name in staged)
         sys.stdout.write(f"# the recipe the job builds for kernel '{entry.name}', {how}:\n{text}\n")
 
 

@@ -16,24 +16,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the checks; exit 1 when any of them failed."""
-    from hpc_kernels import doctor, ui
+    # why: commands import what they run when they run (the CLI's start stays light)
+    from hpc_kernels import ui
+    from hpc_kernels.doctor import base, reporting
 
-    registry, problem = doctor.load_registry(args.registry)
+    registry, problem = reporting.load_registry(args.registry)
     if args.names and registry is None:
         from hpc_kernels.errors import HpcKernelsError
 
         raise HpcKernelsError(problem or "no registry found.")
-    report = doctor.run_checks(registry, list(args.names), registry_problem=problem)
+    report = reporting.run_checks(registry, list(args.names), registry_problem=problem)
     if args.json:
         ui.print_json(report.to_json())
         return 1 if report.failed else 0
     out = ui.console()
-    marks = {doctor.OK: "[green]✓[/]", doctor.WARN: "[yellow]![/]", doctor.FAIL: "[red]✗[/]"}
+    marks = {base.OK: "[green]✓[/]", base.WARN: "[yellow]![/]", base.FAIL: "[red]✗[/]"}
     for finding in report.findings:
         who = f"[bold]{ui.esc(finding.kernel)}[/] " if finding.kernel else ""
         out.print(f"{marks[finding.status]} {who}[dim]{finding.check}:[/] ", end="")
         out.print(finding.message, markup=False)
-        if finding.fix and finding.status != doctor.OK:
+        if finding.fix and finding.status != base.OK:
             out.print("    [cyan]fix:[/] ", end="")
             out.print(finding.fix, markup=False)
     counts = report.to_json()["counts"]

@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-#: Past-tense actions of the sweepers (gc.Finding.action) and what --dry-run says instead.
+#: Past-tense actions of the sweepers (leftovers.Leftover.action) and what --dry-run says instead.
 _PLANNED = {"removed": "would remove", "restarted": "would restart", "stopped": "would stop",
             "killed": "would kill", "left": "would leave", "cancelled": "would cancel"}
 

@@ -6,7 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
-from hpc_kernels import group, ui
+from hpc_kernels import group, grouptree, ui
 
 HELP = "set up (or repair) a group tree in /project: one member builds and publishes, the whole group uses"
 
@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     init.add_argument("--members", choices=group.MEMBERS,
                       help="'read': only you build and publish (default); 'write': every member may, too")
     init.add_argument("--module-name", metavar="NAME",
-                      help=f"the module members load (default: {group.DEFAULT_MODULE})")
+                      help=f"the module members load (default: {grouptree.DEFAULT_MODULE})")
     init.add_argument("--json", action="store_true", help="print JSON for scripts")
 
 

@@ -10,9 +10,9 @@ from hpc_kernels import ui
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from hpc_kernels.group import GroupTree
-    from hpc_kernels.kernelspec import Placement, Target
+    from hpc_kernels.grouptree import GroupTree
     from hpc_kernels.registry import Registry
+    from hpc_kernels.specdirs import Placement, Target
 
 HELP = "install Jupyter kernelspecs so the kernels appear in the JupyterLab kernel menu"
 
@@ -41,16 +41,18 @@ def run(args: argparse.Namespace) -> int:
     is written: one kernel name, one copy the user can see. With ``--user``/``--prefix``/``--sys-prefix``
     the copy is written and the output says which copy Jupyter uses.
     """
-    from hpc_kernels import build, group, kernelspec, registry
+    from hpc_kernels import grouptree, kernelspec, registry, specdirs
+    from hpc_kernels.build import stamps
+    from hpc_kernels.runtimes import table
 
     reg = registry.load(args.registry)
     entries = ui.selected(reg, args)
     explicit = bool(args.user or args.prefix or args.sys_prefix)
-    tree = group.tree_of_registry(reg.path)
+    tree = grouptree.tree_of_registry(reg.path)
     # The registry of a group tree publishes into the tree (kernelspecs and module), for every member.
-    target = kernelspec.Target.from_flags(str(tree.prefix) if tree and not explicit else args.prefix,
+    target = specdirs.Target.from_flags(str(tree.prefix) if tree and not explicit else args.prefix,
                                           args.sys_prefix)
-    places = kernelspec.placements([entry.name for entry in entries], target)
+    places = specdirs.placements([entry.name for entry in entries], target)
     if not explicit:
         for entry in entries:
             if places[entry.name].ahead:
@@ -59,8 +61,8 @@ def run(args: argparse.Namespace) -> int:
     for entry in entries:
         notes: list[str] = []
         path = kernelspec.install(entry, target, reg.origin(entry), on_note=notes.append)
-        state = build.image_state(entry).status
-        image = str(entry.image) if entry.runtime == "apptainer" else str(entry.container_image)
+        state = stamps.image_state(entry).status
+        image = table.get(entry.runtime).image_reference(entry)
         done.append({"kernel": entry.name, "kernelspec": str(path), "image": image, "image_state": state})
         if not args.json:
             shown = kernelspec.display_name(entry)
@@ -120,7 +122,7 @@ def _differs(path: Path, text: str) -> bool:
 
 def _hidden_error(name: str, first: Path, target: Target, reg: Registry | None = None) -> Exception:
     """Refusing a copy Jupyter would not use: which copy it uses instead, and the two ways on."""
-    from hpc_kernels import kernelspec
+    from hpc_kernels import specdirs
     from hpc_kernels.errors import HpcKernelsError
 
     where = target.kernels_dir()
@@ -130,12 +132,12 @@ def _hidden_error(name: str, first: Path, target: Target, reg: Registry | None =
             "on Jupyter's search path (the group's module); to put yours first, publish your kernels as a module "
             "that loads the group's before them: 'hpc-kernels module install --all', then 'module load "
             "my-kernels' (or pass --user to install the hidden copy anyway).")
-    if not kernelspec.is_ours(first):
+    if not specdirs.is_ours(first):
         return HpcKernelsError(
             f"a kernelspec '{name}' in {where} would be hidden: Jupyter uses the '{name}' in {first}, which "
             "hpc-kernels did not write; rename the kernel in the registry (or pass --user to install the "
             "hidden copy anyway).")
-    update = kernelspec.command("install", name, first)
+    update = specdirs.command("install", name, first)
     how = f"update that one with '{update}'" if update else "update that one"
     return HpcKernelsError(
         f"a kernelspec '{name}' in {where} would be hidden: Jupyter uses the copy in {first} (it comes first "
@@ -145,7 +147,7 @@ def _hidden_error(name: str, first: Path, target: Target, reg: Registry | None =
 
 def _say_placement(name: str, path: Path, place: Placement) -> None:
     """Notes on a copy Jupyter will not use, or on copies this one hides."""
-    from hpc_kernels import kernelspec
+    from hpc_kernels import specdirs
 
     if not place.on_path:
         now = f" (for now it uses the '{name}' in {ui.tilde(place.ahead[0])})" if place.ahead else ""
@@ -155,6 +157,6 @@ def _say_placement(name: str, path: Path, place: Placement) -> None:
         ui.say(f"Jupyter uses the '{name}' in {ui.tilde(place.ahead[0])}, which comes first on its search "
                f"path: this copy is hidden while that one is there.", "!", "yellow", indent="  ")
     for hidden in place.behind:
-        remove = kernelspec.command("uninstall", name, hidden)
+        remove = specdirs.command("uninstall", name, hidden)
         how = f": '{remove}' removes it" if remove else ""
         ui.say(f"this copy hides the '{name}' in {ui.tilde(hidden)}{how}.", "note:", "yellow", indent="  ")

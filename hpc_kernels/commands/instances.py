@@ -16,7 +16,8 @@ def run(args: argparse.Namespace) -> int:
     """This node's instances, one per row, names whole (``stop`` needs them); or JSON."""
     import time
 
-    from hpc_kernels import instances, paths, ui
+    import hpc_kernels.runtimes.apptainer.status as instances
+    from hpc_kernels import paths, ui
 
     now = time.time()
     found = instances.list_instances()

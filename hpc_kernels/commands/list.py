@@ -23,18 +23,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Render the registry's kernels (or JSON); name the copies of a kernelspec that another copy hides."""
-    from hpc_kernels import build, kernelspec, provenance, registry, ui
+    from hpc_kernels import registry, specdirs, ui
+    from hpc_kernels.build import provenance, stamps
+    from hpc_kernels.runtimes import table
 
     reg = registry.load(args.registry)
-    installed = kernelspec.installed_ours_all()
+    installed = specdirs.installed_ours_all()
     rows: list[dict[str, object]] = []
     cells: list[list[ui.CellLike]] = []
     notes: list[str] = []
     base = reg.base
     theirs = _base_label(base.path) if base is not None else ""
     for entry in reg.kernels:
-        state = build.image_state(entry).status
-        image = str(entry.image) if entry.runtime == "apptainer" else entry.container_image
+        state = stamps.image_state(entry).status
+        image = table.get(entry.runtime).image_reference(entry)
         copies = installed.get(entry.name, [])
         overrides = str(base.path) if base is not None and entry.name in reg.overridden else None
         build_id = provenance.build_id(entry) if state not in ("missing", "external", "external-missing") else None
@@ -74,16 +76,16 @@ def run(args: argparse.Namespace) -> int:
 
 def _base_label(path: Path) -> str:
     """How ``list`` names the registry another one extends: "the group" for a group tree's."""
-    from hpc_kernels import group
+    from hpc_kernels import grouptree
 
-    return "the group" if group.tree_of_registry(path) is not None else "the base"
+    return "the group" if grouptree.tree_of_registry(path) is not None else "the base"
 
 
 def _hidden_note(name: str, used: Path, hidden: Path) -> str:
     """A copy of a kernelspec that Jupyter does not use, because another one comes first on its search path."""
-    from hpc_kernels import kernelspec, ui
+    from hpc_kernels import specdirs, ui
 
-    remove = kernelspec.command("uninstall", name, hidden)
+    remove = specdirs.command("uninstall", name, hidden)
     how = f"; '{remove}' removes it" if remove else ""
     return (f"'{name}' is also installed in {ui.tilde(hidden)}, hidden by the copy in {ui.tilde(used)} "
             f"(Jupyter uses the first on its search path){how}.")

@@ -8,11 +8,11 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from hpc_kernels import __version__, group, modulefile_lua, ui
+from hpc_kernels import __version__, grouptree, modulefile_lua, ui
 from hpc_kernels.errors import HpcKernelsError, RegistryError, UsageError
 
 if TYPE_CHECKING:
-    from hpc_kernels.group import GroupTree
+    from hpc_kernels.grouptree import GroupTree
     from hpc_kernels.modulefile_lua import ModuleConfig
 
 HELP = "write an Lmod modulefile ('module load container-kernels') that lists our kernels in Jupyter"
@@ -84,7 +84,7 @@ def config_from_args(args: argparse.Namespace) -> ModuleConfig:
     kernels before the group's (Lmod's ``depends_on``).
     """
     registry = _registry_path(getattr(args, "registry", None))
-    tree = group.tree_of_registry(registry)
+    tree = grouptree.tree_of_registry(registry)
     base = _base_tree(registry) if tree is None else None
     default_tree = tree.modulefiles if tree else modulefile_lua.default_tree()
     default_prefix = tree.prefix if tree else modulefile_lua.default_prefix()
@@ -118,7 +118,7 @@ def _base_tree(registry: Path | None) -> GroupTree | None:
         base = registry_module.load_file(registry).base
     except HpcKernelsError:
         return None  # 'module install NAME' reports the registry's problems when it loads it
-    return group.tree_of_registry(base.path) if base is not None else None
+    return grouptree.tree_of_registry(base.path) if base is not None else None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -155,7 +155,7 @@ def _show(config: ModuleConfig, as_json: bool) -> int:
 
 def _install(config: ModuleConfig, args: argparse.Namespace) -> int:
     # why: kernelspec, modulefile and the registry (YAML) load only when the command runs.
-    from hpc_kernels import kernelspec, modulefile, registry
+    from hpc_kernels import kernelspec, modulefile, registry, specdirs
 
     if args.names and args.all:
         raise UsageError("give kernel names or --all, not both.")
@@ -163,7 +163,7 @@ def _install(config: ModuleConfig, args: argparse.Namespace) -> int:
     installed: list[str] = []
     if args.names or args.all:
         reg = registry.load(getattr(args, "registry", None))
-        target = kernelspec.Target(user=False, prefix=str(config.prefix))
+        target = specdirs.Target(user=False, prefix=str(config.prefix))
         chosen = reg.select(args.names, args.all)
         if args.all and not chosen:
             ui.plain_note(ui.no_kernels_note(reg))

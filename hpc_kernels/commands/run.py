@@ -32,8 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def check_supported(entry: KernelEntry) -> None:
     """Refuse, in one sentence, kernels whose container ``run`` cannot start yet."""
     from hpc_kernels.errors import HpcKernelsError
+    from hpc_kernels.runtimes import table
 
-    if entry.runtime != "apptainer":
+    if not table.get(entry.runtime).features.runs_commands:
         raise HpcKernelsError(
             f"'hpc-kernels run' is not supported for kernel '{entry.name}' yet: it uses runtime "
             f"'{entry.runtime}', and run only starts Apptainer containers; use '{entry.runtime} run' yourself."
@@ -43,11 +44,11 @@ def check_supported(entry: KernelEntry) -> None:
 def installed_runtime_hint(name: str) -> str:
     """The runtime the kernelspec Jupyter uses for ``name`` recorded at install time (the launcher's last
     resort when none is on PATH), or ""."""
-    from hpc_kernels import kernelspec
+    from hpc_kernels import specdirs
     from hpc_kernels.launchspec import read_kernel_json
 
-    kdir = kernelspec.visible(name)
-    if kdir is None or not kernelspec.is_ours(kdir):
+    kdir = specdirs.visible(name)
+    if kdir is None or not specdirs.is_ours(kdir):
         return ""
     try:
         _data, spec = read_kernel_json(str(kdir / "kernel.json"))
@@ -62,9 +63,9 @@ def run(args: argparse.Namespace) -> int:
     import shlex
     import sys
 
+    import hpc_kernels.runtimes.apptainer.cli as apptainer
     from hpc_kernels import kernelspec, registry
     from hpc_kernels.errors import HpcKernelsError
-    from hpc_kernels.runtimes import apptainer
 
     command = list(args.command)
     if command[:1] == ["--"]:  # argparse versions differ on whether REMAINDER keeps the '--'

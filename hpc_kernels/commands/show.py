@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     import json
     import shlex
 
-    from hpc_kernels import kernelspec, launch, registry, ui
+    from hpc_kernels import kernelspec, launch, registry, specdirs, ui
     from hpc_kernels.errors import HpcKernelsError
     from hpc_kernels.launchspec import read_kernel_json
 
@@ -47,14 +47,14 @@ def run(args: argparse.Namespace) -> int:
     entry = reg.get(args.name)
     if args.recipe:
         return _recipe(entry, args.json)
-    installed = kernelspec.installed_ours().get(entry.name)
+    installed = specdirs.installed_ours().get(entry.name)
     if installed:
         try:
             data, spec = read_kernel_json(str(installed / "kernel.json"))
         except ValueError as exc:  # launchspec.KernelSpecError: a damaged kernel.json, one sentence
             raise HpcKernelsError(str(exc)) from None
     else:
-        dest = kernelspec.Target().kernels_dir() / entry.name / "kernel.json"
+        dest = specdirs.Target().kernels_dir() / entry.name / "kernel.json"
         data = kernelspec.kernel_json(entry, dest, reg.path)
         spec = kernelspec.launch_spec(entry, reg.path)
     try:
@@ -65,11 +65,12 @@ def run(args: argparse.Namespace) -> int:
         command, warnings, problem = None, [], str(exc)
     job_script: str | None = None
     if spec.job is not None:  # a job kernel: the container command runs in its Slurm job, on the job's node
-        from hpc_kernels import jobkernel
+        from hpc_kernels.runtimes.job.script import sbatch_plan
+        from hpc_kernels.runtimes.job.session import sessions_dir
 
-        script, extra = jobkernel.sbatch_plan(spec, "<sid>", jobkernel.sessions_dir() / "<sid>.json")
+        script, extra = sbatch_plan(spec, "<sid>", sessions_dir() / "<sid>.json")
         job_script = f"# submitted with: {shlex.join(['sbatch', '--parsable', *extra])}\n{script}"
-    from hpc_kernels import provenance
+    from hpc_kernels.build import provenance
 
     info = provenance.image_info(entry)
     if args.json:
@@ -120,13 +121,15 @@ def _print_image(out: Any, info: Any) -> None:
 
 
 def _recipe(entry: Any, as_json: bool) -> int:
-    from hpc_kernels import staging, ui
+    from hpc_kernels import ui
     from hpc_kernels.errors import HpcKernelsError
+    from hpc_kernels.runtimes import table
+    from hpc_kernels.staging import prepare
 
-    if not entry.buildable or entry.runtime != "apptainer":
+    if not entry.buildable or not table.get(entry.runtime).features.staged_builds:
         raise HpcKernelsError(f"kernel '{entry.name}' has no recipe hpc-kernels builds (its image is used as is, or "
                               "its runtime builds from the 'def' Dockerfile conversion).")
-    text = staging.preview(entry)
+    text = prepare.preview(entry)
     if as_json:
         ui.print_json({"kernel": entry.name, "recipe": text})
     else:

@@ -17,7 +17,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Stop the selected instances."""
-    from hpc_kernels import instances, ui
+    import hpc_kernels.runtimes.apptainer.status as instances
+    from hpc_kernels import ui
     from hpc_kernels.errors import UsageError
 
     if not args.names and not args.all:

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from hpc_kernels.commands.install import add_target
 
 if TYPE_CHECKING:
-    from hpc_kernels.group import GroupTree
+    from hpc_kernels.grouptree import GroupTree
 
 HELP = "remove kernelspecs that hpc-kernels installed"
 
@@ -22,19 +22,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Remove the named kernelspecs (or all of ours) from the target dir; say what Jupyter still shows."""
-    from hpc_kernels import kernelspec, ui
+    from hpc_kernels import kernelspec, specdirs, ui
     from hpc_kernels.errors import UsageError
 
-    target = kernelspec.Target.from_flags(args.prefix, args.sys_prefix)
+    target = specdirs.Target.from_flags(args.prefix, args.sys_prefix)
     if not (args.user or args.prefix or args.sys_prefix):
         tree = _group_tree(args.registry)
         if tree is not None:  # the registry of a group tree: its kernelspecs are the tree's
-            target = kernelspec.Target.from_flags(str(tree.prefix), False)
+            target = specdirs.Target.from_flags(str(tree.prefix), False)
     names = list(args.names)
     kdir = target.kernels_dir()
     if args.all:
         names += [p.name for p in sorted(kdir.iterdir())
-                  if kernelspec.is_ours(p) or kernelspec.half_written(p)] if kdir.is_dir() else []
+                  if specdirs.is_ours(p) or specdirs.half_written(p)] if kdir.is_dir() else []
         if not names:
             ui.say(f"nothing to remove: no kernelspecs of hpc-kernels in {ui.tilde(kdir)}.")
             return 0
@@ -43,9 +43,9 @@ def run(args: argparse.Namespace) -> int:
     for name in dict.fromkeys(names):
         path = kernelspec.uninstall(name, target)
         ui.say(f"removed kernelspec '{name}' ({ui.tilde(path)})", "✓", "green")
-        remaining = kernelspec.copies(name)
+        remaining = specdirs.copies(name)
         if remaining:
-            remove = kernelspec.command("uninstall", name, remaining[0]) if kernelspec.is_ours(remaining[0]) \
+            remove = specdirs.command("uninstall", name, remaining[0]) if specdirs.is_ours(remaining[0]) \
                 else None
             how = f" ('{remove}' removes it)" if remove else ""
             ui.say(f"'{name}' is still in Jupyter's kernel menu: it now uses the copy in "
@@ -55,11 +55,11 @@ def run(args: argparse.Namespace) -> int:
 
 def _group_tree(explicit: str | None) -> GroupTree | None:
     """The group tree of the registry in use, if it is a group's (no registry at all is fine here)."""
-    from hpc_kernels import group, registry
+    from hpc_kernels import grouptree, registry
     from hpc_kernels.errors import RegistryError
 
     try:
         path, _source = registry.locate(explicit)
     except RegistryError:
         return None
-    return group.tree_of_registry(path)
+    return grouptree.tree_of_registry(path)
