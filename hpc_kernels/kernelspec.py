@@ -47,23 +47,8 @@ LAUNCHER = Path(__file__).with_name("launch.py")
 def launch_spec(entry: KernelEntry, registry: Path | None = None) -> LaunchSpec:
     """The launcher's input for ``entry`` (its command with the Python found in the image, when the registry
     gives none: :func:`hpc_kernels.build.imagecheck.kernel_command`)."""
-    return LaunchSpec(
-        kernel=entry.name,
-        runtime=entry.runtime,
-        mode=entry.mode,
-        image=str(entry.image),
-        command=imagecheck.kernel_command(entry),
-        binds=entry.binds,
-        env=entry.env,
-        pass_env=entry.pass_env,
-        gpu=entry.gpu,
-        runtime_args=entry.runtime_args,
-        idle_timeout=entry.idle_timeout,
-        container_image=entry.container_image,
-        registry=str(registry) if registry else "",
-        runtime_hint=_runtime_hint(entry.runtime),
-        job=entry.job,
-    )
+    return entry.launch_spec(command=imagecheck.kernel_command(entry), registry=str(registry) if registry else "",
+                             runtime_hint=_runtime_hint(entry.runtime))
 
 
 def _runtime_hint(runtime: str) -> str:

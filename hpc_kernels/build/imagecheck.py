@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Literal
 
 import hpc_kernels.runtimes.apptainer.cli as apptainer
-from hpc_kernels import kernelspec, paths, proc
+from hpc_kernels import paths, proc
 from hpc_kernels.build import stamps
 from hpc_kernels.errors import HpcKernelsError, RuntimeNotFoundError, ToolError
 from hpc_kernels.fsutil import atomic_write
@@ -186,8 +186,8 @@ def probe_spec_runner(entry: KernelEntry, image: str, binary: str, timeout: floa
     GPU or extra runtime arguments."""
 
     present = tuple(b for b in entry.binds if _source_here(b))
-    spec = dataclasses.replace(kernelspec.launch_spec(entry), image=image, binds=present, gpu="none",
-                               runtime_args=())
+    # The spec's command is not used: the probe runs its own argv (``container_command``).
+    spec = dataclasses.replace(entry.launch_spec(), image=image, binds=present, gpu="none", runtime_args=())
 
     def run(argv: Sequence[str]) -> tuple[int, str]:
         command, env, _warnings = apptainer.container_command(spec, list(argv), binary, os.environ)

@@ -19,6 +19,7 @@ from hpc_kernels.model import LaunchSpec
 #: What an Apptainer exec-mode kernel start imports of hpc_kernels (up to the exec of the runtime).
 EXEC_BUDGET = frozenset({
     "hpc_kernels", "hpc_kernels.errors", "hpc_kernels.launch", "hpc_kernels.launchspec", "hpc_kernels.model",
+    "hpc_kernels.model.words", "hpc_kernels.model.launch",
     "hpc_kernels.paths", "hpc_kernels.procfs", "hpc_kernels.selfexec", "hpc_kernels.runtimes",
     "hpc_kernels.runtimes.table", "hpc_kernels.runtimes.base", "hpc_kernels.runtimes.envpolicy",
     "hpc_kernels.runtimes.gpu", "hpc_kernels.runtimes.apptainer", "hpc_kernels.runtimes.apptainer.cli",
@@ -34,6 +35,7 @@ INSTANCE_BUDGET = (EXEC_BUDGET - {"hpc_kernels.runtimes.apptainer.execrecord", "
 #: writes per-user state: fsutil).
 CONTAINER_BUDGET = frozenset({
     "hpc_kernels", "hpc_kernels.errors", "hpc_kernels.launch", "hpc_kernels.launchspec", "hpc_kernels.model",
+    "hpc_kernels.model.words", "hpc_kernels.model.launch",
     "hpc_kernels.proc", "hpc_kernels.fsutil", "hpc_kernels.locks",
     "hpc_kernels.paths", "hpc_kernels.procfs", "hpc_kernels.selfexec", "hpc_kernels.runtimes",
     "hpc_kernels.runtimes.table", "hpc_kernels.runtimes.base", "hpc_kernels.runtimes.envpolicy",
