@@ -177,8 +177,9 @@ def run_command(
 
 
 # ----------------------------------------------------------------------------- instances
-# Shared instances (``mode: instance``): the argv and the three calls hpc_kernels.instances makes.
-# The lifecycle (naming, locking, attachments, idle stop) lives there; this is only the program.
+# Shared instances (``mode: instance``): the argv and the three calls the instance mode makes
+# (runtimes/apptainer/attach.py, records.py, status.py).
+# The lifecycle (naming, locking, attachments, idle stop) lives in those modules; this is only the program.
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,7 @@ def launcher_alive(info: ContainerInfo) -> bool:
 
 def sweep(dry_run: bool = False) -> list[Leftover]:
     """The ``hpc-kernels gc`` sweeper for Docker/Podman containers (see :func:`sweep_containers`); only
-    the runtimes a kernel uses are asked (:func:`hpc_kernels.in_use`)."""
+    the runtimes a kernel uses are asked (:func:`hpc_kernels.leftovers.in_use`)."""
     reason = "per-kernel container whose launcher is gone, or shared container idle past its timeout"
     action = "would remove" if dry_run else "removed"
     runtimes = [r for r in ("podman", "docker") if in_use(r)]
