@@ -89,6 +89,13 @@ def run(args: argparse.Namespace) -> int:
         ours = [f"{k}={v}" for k, v in sorted(env.items()) if k.startswith(prefix)]
         print(shlex.join([*ours, *argv]))
         return 0
+    # A watcher, as for an exec kernel but not tied to a Jupyter process: when the command is killed
+    # (SIGKILL, a job's time limit), what Apptainer leaves (squashfuse_ll, the command's children) goes too.
+    from hpc_kernels.runtimes.apptainer import watcher  # why: only a real run needs it, not --dry-run
+
+    env, more = watcher.arm(spec, env, argv[0], watch_parent=False)
+    for warning in more:
+        print(f"hpc-kernels: warning: {warning}", file=sys.stderr)
     sys.stdout.flush()
     sys.stderr.flush()
     # Become the runtime, as the kernel launcher does: the command's exit code is ours.

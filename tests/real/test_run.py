@@ -22,6 +22,7 @@ from hpc_kernels import cli
 from hpc_kernels.model import LaunchSpec
 from hpc_kernels.runtimes import envpolicy
 from hpc_kernels.runtimes.apptainer import cli as apptainer
+from tests.helpers.proctree import holding, now_ticks, running, tree, wait_for
 
 MARKER = "hpc-kernels test image (debian bookworm)\n"
 
@@ -167,6 +168,30 @@ def test_exit_code_environment_binds_and_stdin(make_registry: Callable[..., Path
     # No command: the kernel's interpreter, reading a script from stdin (as in a batch job's heredoc).
     done = cli_run(reg, env, tmp_path, stdin="import sys; print(sys.version_info[:2]); sys.exit(3)\n")
     assert (done.returncode, done.stdout) == (3, "(3, 11)\n"), done.stderr
+
+
+@pytest.mark.apptainer
+def test_a_killed_run_leaves_nothing(make_registry: Callable[..., Path], base_sif: Path, apptainer_bin: str,
+                                     setup: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
+    """Before: SIGKILL of a running ``hpc-kernels run`` (a job's time limit, a kill) left Apptainer's
+    ``squashfuse_ll`` and the command itself running, reparented to PID 1, holding the image."""
+    _data, env = setup
+    env["PATH"] = f"{Path(apptainer_bin).parent}{os.pathsep}{env['PATH']}"
+    path = make_registry(REGISTRY.format(image=base_sif))
+    since = now_ticks()
+    # Not a session of its own: as in a batch script, whose session the watcher must not touch.
+    run = subprocess.Popen([sys.executable, "-m", "hpc_kernels", "run", "--registry", str(path), "sci", "--",
+                            "sleep", "300"], env=env, cwd=tmp_path, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+    try:
+        assert wait_for(lambda: any(p.comm == "sleep" for p in tree(run.pid)), 60), "the command never started"
+        started = tree(run.pid) | set(holding(base_sif, since))
+        assert any(p.comm.startswith("squashfuse") for p in started) or os.geteuid() == 0, started
+    finally:
+        run.kill()
+        run.wait()
+    assert wait_for(lambda: not running(started) and not holding(base_sif, since), 15), \
+        f"left after SIGKILL of 'hpc-kernels run': {running(started)}, holding the image: {holding(base_sif, since)}"
 
 
 @pytest.mark.apptainer

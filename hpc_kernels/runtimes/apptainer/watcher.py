@@ -56,19 +56,23 @@ if TYPE_CHECKING:
 # ----------------------------------------------------------------------------- the launcher's side
 
 
-def arm(spec: LaunchSpec, env: Mapping[str, str], binary: str) -> tuple[dict[str, str], list[str]]:
+def arm(spec: LaunchSpec, env: Mapping[str, str], binary: str, *,
+        watch_parent: bool = True) -> tuple[dict[str, str], list[str]]:
     """Record this launcher's kernel and start its watcher; the runtime environment with the kernel's
     marker added, and warnings (the kernel still starts when it cannot be watched).
 
     Called by the launcher right before it ``exec``s ``binary``: on the hot path, so stdlib only, no
-    subprocess, one fork.
+    subprocess, one fork. ``hpc-kernels run`` calls it too, with ``watch_parent=False``: a batch command
+    must not end with the process that started it, but what Apptainer leaves when it is killed
+    (``squashfuse_ll``, the command's processes) must still go.
     """
     me = procfs.proc_ref(os.getpid())
     if me is None:  # pragma: no cover - no /proc
         return dict(env), ["no /proc: this kernel's processes cannot be watched"]
     kid = os.urandom(8).hex()
     record = KernelRecord(id=kid, kernel=spec.kernel, image=spec.image, launcher=me,
-                          session=os.getsid(0) == me.pid, parent=procfs.jupyter_parent(), created=time.time())
+                          session=os.getsid(0) == me.pid,
+                          parent=procfs.jupyter_parent() if watch_parent else None, created=time.time())
     directory = records_path()
     path = os.path.join(directory, f"{kid}.json")
     try:
