@@ -218,6 +218,22 @@ def _holder_alive(record: LockRecord) -> bool:
     return record.start is None or start == record.start
 
 
+def flock_held(path: Path) -> bool:
+    """True while some process holds the ``flock`` on ``path``; creates nothing (a file that cannot be
+    opened — gone, or its directory going away — has no holder we could see)."""
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing drops a lock we may have taken
+    return False
+
+
 def dead_local_holder(path: Path) -> LockRecord | None:
     """The record of the cluster lock ``path`` when its holder ran on this host and is gone (a killed
     process left the file: the next taker removes it, and so does ``gc``); None otherwise."""

@@ -23,7 +23,6 @@ image's lock; ``gc`` sweeps every index entry of this user.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import glob
 import json
 import os
@@ -40,7 +39,7 @@ from hpc_kernels import paths, proc, procfs
 from hpc_kernels.errors import HpcKernelsError, LockBusyError
 from hpc_kernels.fsutil import atomic_write
 from hpc_kernels.leftovers import Leftover
-from hpc_kernels.locks import cluster_lock, dead_local_holder
+from hpc_kernels.locks import cluster_lock, dead_local_holder, flock_held
 
 OWNER = "owner.json"
 TEMP_IMAGE = "image.sif"
@@ -365,18 +364,9 @@ def cancel(temp: BuildTemp) -> None:
 
 
 def guard_busy(temp: BuildTemp) -> bool:
-    """True while the guard of ``temp`` runs: it holds ``guard.lock`` in the private tmpdir meanwhile."""
-    try:
-        fd = os.open(temp.tmpdir / GUARD_LOCK, os.O_RDWR)  # never created here: only the guard makes it
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)  # closing drops a lock we may have taken
-    return False
+    """True while the guard of ``temp`` runs: it holds ``guard.lock`` in the private tmpdir meanwhile (never
+    created here: only the guard makes it)."""
+    return flock_held(temp.tmpdir / GUARD_LOCK)
 
 
 def wait_for_guard(temp: BuildTemp, timeout: float = 15.0) -> bool:

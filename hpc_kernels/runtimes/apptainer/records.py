@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import signal
@@ -15,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from hpc_kernels import procfs
-from hpc_kernels.locks import locked
+from hpc_kernels.locks import flock_held, locked
 from hpc_kernels.procfs import ProcRef
 from hpc_kernels.runtimes.apptainer.instance import (
     ENV_ATTACHMENT,
@@ -253,14 +252,4 @@ def _lock(path: Path, blocking: bool = True) -> contextlib.AbstractContextManage
 
 def reaper_running(d: Path) -> bool:
     """True when a reaper holds ``d/reaper.lock`` (creates nothing: ``d`` may be going away)."""
-    try:
-        fd = os.open(d / "reaper.lock", os.O_RDWR)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False
+    return flock_held(d / "reaper.lock")
