@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import hpc_kernels
-from hpc_kernels import access, fsutil
+from hpc_kernels import access, fsutil, grouptree
 from hpc_kernels.errors import HpcKernelsError, NoWriteAccessError, UsageError
 from hpc_kernels.grouptree import _PLAIN_RE, DEFAULT_MODULE, MARKER, GroupTree, find_tree
 
@@ -194,29 +194,21 @@ def _repair(root: Path, share: Any) -> tuple[list[Path], list[Path]]:
     repaired: list[Path] = []
     others: list[Path] = []
     uid = os.getuid()
-    for directory, dirs, files in os.walk(root):
-        for name in [*dirs, *files]:
-            path = Path(directory) / name
-            try:
-                st = os.lstat(path)
-            except OSError:
-                continue
-            if stat.S_ISLNK(st.st_mode):
-                continue
-            if st.st_uid != uid:
-                others.append(path)
-                continue
-            mode = stat.S_IMODE(st.st_mode)
-            if stat.S_ISDIR(st.st_mode):
-                wanted = (mode & 0o700) | 0o700 | share.dir_mode()
-            elif stat.S_ISREG(st.st_mode):
-                wanted = share.file_mode(mode)
-            else:
-                continue
-            if mode != wanted or st.st_gid != share.gid:
-                share.own(path)
-                os.chmod(path, wanted)
-                repaired.append(path)
+    for path, st in grouptree.entries(root):
+        if st.st_uid != uid:
+            others.append(path)
+            continue
+        mode = stat.S_IMODE(st.st_mode)
+        if stat.S_ISDIR(st.st_mode):
+            wanted = (mode & 0o700) | 0o700 | share.dir_mode()
+        elif stat.S_ISREG(st.st_mode):
+            wanted = share.file_mode(mode)
+        else:
+            continue
+        if mode != wanted or st.st_gid != share.gid:
+            share.own(path)
+            os.chmod(path, wanted)
+            repaired.append(path)
     return repaired, others
 
 

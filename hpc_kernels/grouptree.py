@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -109,3 +111,18 @@ def tree_of_registry(registry: Path | None) -> GroupTree | None:
     if registry is None:
         return None
     return find_tree(registry.parent)
+
+
+def entries(root: Path) -> Iterator[tuple[Path, os.stat_result]]:
+    """Every directory and file under ``root`` with its ``lstat``, top-down; symbolic links (never followed:
+    they may point out of the tree) and entries that vanish meanwhile are left out."""
+    for directory, dirs, files in os.walk(root):
+        for name in [*dirs, *files]:
+            path = Path(directory) / name
+            try:
+                st = os.lstat(path)
+            except OSError:
+                continue
+            if not stat.S_ISLNK(st.st_mode):
+                yield path, st
+

@@ -142,23 +142,13 @@ _CLOSED_SCAN_LIMIT = 50000
 def _closed_entries(tree: Any) -> list[Path]:
     """Entries of the tree the group cannot read (directories: enter); world-writable ones too."""
     closed: list[Path] = []
-    seen = 0
-    for directory, dirs, files in os.walk(tree.root):
-        for name in [*dirs, *files]:
-            seen += 1
-            path = Path(directory) / name
-            try:
-                st = os.lstat(path)
-            except OSError:
-                continue
-            if stat.S_ISLNK(st.st_mode):
-                continue
-            need = 0o050 if stat.S_ISDIR(st.st_mode) else 0o040
-            if st.st_mode & 0o002 or (st.st_gid == tree.gid and st.st_mode & need != need) or \
-                    (st.st_gid != tree.gid and st.st_mode & (need >> 3) != need >> 3):
-                closed.append(path)
+    for seen, (path, st) in enumerate(grouptree.entries(tree.root)):
         if seen > _CLOSED_SCAN_LIMIT:
             break
+        need = 0o050 if stat.S_ISDIR(st.st_mode) else 0o040
+        if st.st_mode & 0o002 or (st.st_gid == tree.gid and st.st_mode & need != need) or \
+                (st.st_gid != tree.gid and st.st_mode & (need >> 3) != need >> 3):
+            closed.append(path)
     return closed
 
 

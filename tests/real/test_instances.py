@@ -28,6 +28,7 @@ from hpc_kernels.runtimes.apptainer import instance as app_instance
 from hpc_kernels.runtimes.apptainer import records as app_records
 from hpc_kernels.runtimes.apptainer import status as app_status
 from hpc_kernels.runtimes.apptainer import sweep as app_sweep
+from tests.helpers.proctree import wait_for
 
 pytestmark = pytest.mark.apptainer
 
@@ -40,14 +41,6 @@ READY_TIMEOUT = 120.0
 # ----------------------------------------------------------------------------- helpers
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.2) -> bool:
-    """Poll ``predicate`` until true or ``timeout`` seconds passed; its last value."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
 
 
 def apptainer_names(binary: str) -> set[str]:
